@@ -1,0 +1,300 @@
+"""Records shared by the socket-event parsers, and the columnar set the correlator reads.
+
+Every parser yields :class:`SocketObservation` records (one kind per yield, never
+printing); :class:`ObservationSet` packs any number of them into numpy columns with
+interned strings so a million observations cost tens of megabytes, not gigabytes.
+
+Times: ``ts``/``end_ts`` are epoch seconds in the clock of the device that logged them
+(the phone for strace, netstat and frida; whatever the CSV says for CSV labels).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+
+SOURCES: tuple[str, ...] = ("strace", "frida", "netstat", "pcapdroid", "csv")
+"""Sources in order of trust: when several agree, the first one is reported."""
+KINDS: tuple[str, ...] = ("connect", "send", "recv", "accept", "listen", "snapshot", "close")
+SOURCE_CODE = {s: i for i, s in enumerate(SOURCES)}
+KIND_CODE = {k: i for i, k in enumerate(KINDS)}
+
+# Socket ids for parsers that have no natural one (strace and frida sockets); netstat
+# uses the kernel inode. One process-wide counter keeps ids of different logs distinct.
+_SOCK_IDS = itertools.count(1)
+
+
+def new_sock_id() -> int:
+    """A socket id no other parsed socket has (in this process)."""
+    return next(_SOCK_IDS)
+
+
+@dataclass(frozen=True, slots=True)
+class Syscall:
+    """One system call from an strace log (an ``<unfinished ...>`` call already joined
+    with its ``<... resumed>`` half, timed at its entry)."""
+
+    ts: float  # epoch seconds (NaN when the log has no timestamps)
+    pid: int  # the thread id strace printed (-1 when the log has none)
+    name: str
+    args: str  # argument text between the parentheses, as strace printed it
+    retval: int | None  # None for "?" or a call that never returned in the log
+    errno: str | None = None  # "EINPROGRESS", ...
+    ret_decor: str | None = None  # -yy decoration of the returned fd: "TCP:[...]"
+
+
+@dataclass(frozen=True, slots=True)
+class SocketObservation:
+    """What one source saw of one socket at one time (or over ``[ts, end_ts]``)."""
+
+    ts: float
+    source: str  # one of SOURCES
+    proto: int  # 6 TCP, 17 UDP, 0 unknown (a socket opened before tracing, no -yy)
+    local_ip: str | None  # None when unknown or a wildcard
+    local_port: int | None  # None when unknown
+    remote_ip: str | None
+    remote_port: int | None
+    kind: str  # one of KINDS
+    pid: int | None = None
+    uid: int | None = None
+    process: str | None = None
+    label: str | None = None  # the package
+    sublabel: str | None = None  # e.g. the process "pkg:service"
+    end_ts: float | None = None  # end of a lifetime or a CSV range
+    sock: int | None = None  # socket identity within its source (inode for netstat)
+    labeling_type: str | None = None  # only from CSV labels that carry one
+
+
+@lru_cache(maxsize=65536)
+def norm_ip(text: str | None) -> str | None:
+    """Canonical text of an address: IPv4-mapped IPv6 becomes IPv4, wildcards become None.
+
+    Unparsable text is returned unchanged (stripped of brackets) so it still matches itself.
+    """
+    if not text:
+        return None
+    t = text.strip().strip("[]")
+    if "%" in t:  # scope id: fe80::1%wlan0
+        t = t.split("%", 1)[0]
+    try:
+        a = ipaddress.ip_address(t)
+    except ValueError:
+        return t
+    if a.version == 6 and a.ipv4_mapped is not None:
+        a = a.ipv4_mapped
+    if a.is_unspecified:
+        return None
+    return str(a)
+
+
+@dataclass
+class ObservationSet:
+    """Many :class:`SocketObservation` as numpy columns; strings are codes into ``strings``.
+
+    Code -1 means None in every int column (ports, pid, uid and string codes); ``end_ts``
+    is NaN when the observation is a single instant.
+    """
+
+    ts: np.ndarray  # float64
+    end_ts: np.ndarray  # float64
+    proto: np.ndarray  # uint8
+    local_ip: np.ndarray  # int32 string code
+    local_port: np.ndarray  # int32
+    remote_ip: np.ndarray  # int32 string code
+    remote_port: np.ndarray  # int32
+    kind: np.ndarray  # uint8 KIND_CODE
+    source: np.ndarray  # uint8 SOURCE_CODE
+    pid: np.ndarray  # int32
+    uid: np.ndarray  # int32
+    process: np.ndarray  # int32 string code
+    label: np.ndarray  # int32 string code
+    sublabel: np.ndarray  # int32 string code
+    labeling_type: np.ndarray  # int32 string code
+    sock: np.ndarray  # int64 (-1: none)
+    strings: list[str] = field(default_factory=list)
+
+    _COLS = ("ts", "end_ts", "proto", "local_ip", "local_port", "remote_ip", "remote_port",
+             "kind", "source", "pid", "uid", "process", "label", "sublabel",
+             "labeling_type", "sock")
+    _DTYPES = (np.float64, np.float64, np.uint8, np.int32, np.int32, np.int32, np.int32,
+               np.uint8, np.uint8, np.int32, np.int32, np.int32, np.int32, np.int32,
+               np.int32, np.int64)
+
+    def __len__(self) -> int:
+        return int(len(self.ts))
+
+    @classmethod
+    def empty(cls) -> ObservationSet:
+        return cls(*(np.zeros(0, dtype=d) for d in cls._DTYPES), strings=[])
+
+    @classmethod
+    def from_observations(cls, observations: Iterable[SocketObservation]) -> ObservationSet:
+        """Pack observations (any iterable, consumed once) into columns."""
+        strings: list[str] = []
+        index: dict[str, int] = {}
+
+        def code(s: str | None) -> int:
+            if s is None:
+                return -1
+            c = index.get(s)
+            if c is None:
+                c = index[s] = len(strings)
+                strings.append(s)
+            return c
+
+        nan = float("nan")
+        rows: list[tuple] = []
+        append = rows.append
+        for o in observations:
+            append((
+                o.ts, nan if o.end_ts is None else o.end_ts, o.proto, code(o.local_ip),
+                -1 if o.local_port is None else o.local_port, code(o.remote_ip),
+                -1 if o.remote_port is None else o.remote_port, KIND_CODE[o.kind],
+                SOURCE_CODE[o.source], -1 if o.pid is None else o.pid,
+                -1 if o.uid is None else o.uid, code(o.process), code(o.label),
+                code(o.sublabel), code(o.labeling_type), -1 if o.sock is None else o.sock,
+            ))
+        if not rows:
+            return cls.empty()
+        cols = list(zip(*rows))
+        arrays = [np.asarray(c, dtype=d) for c, d in zip(cols, cls._DTYPES)]
+        return cls(*arrays, strings=strings)
+
+    @classmethod
+    def concat(cls, sets: Iterable[ObservationSet]) -> ObservationSet:
+        """One set holding the rows of several (string codes re-mapped)."""
+        sets = [s for s in sets if len(s)]
+        if not sets:
+            return cls.empty()
+        strings: list[str] = []
+        index: dict[str, int] = {}
+        remaps = []
+        for s in sets:
+            m = np.empty(len(s.strings) + 1, dtype=np.int32)
+            m[-1] = -1  # code -1 indexes the last slot and stays -1
+            for i, t in enumerate(s.strings):
+                c = index.get(t)
+                if c is None:
+                    c = index[t] = len(strings)
+                    strings.append(t)
+                m[i] = c
+            remaps.append(m)
+        out = {}
+        for name in cls._COLS:
+            parts = []
+            for s, m in zip(sets, remaps):
+                col = getattr(s, name)
+                if name in ("local_ip", "remote_ip", "process", "label", "sublabel",
+                            "labeling_type"):
+                    col = m[col]
+                parts.append(col)
+            out[name] = np.concatenate(parts)
+        return cls(**out, strings=strings)
+
+    def code_of(self, s: str) -> int:
+        """The code of a string, adding it to the table when new."""
+        try:
+            return self.strings.index(s)
+        except ValueError:
+            self.strings.append(s)
+            return len(self.strings) - 1
+
+    def string(self, code: int) -> str | None:
+        return None if code < 0 else self.strings[code]
+
+    def with_uid_map(self, uid_map: dict[int, tuple[str, ...]] | dict[int, str]) -> ObservationSet:
+        """Fill the label of rows that only know a uid, from a uid -> package(s) map.
+
+        A uid shared by several packages gets the packages joined by ``|``, which the
+        correlator treats as ambiguous, never as one of them.
+        """
+        if not len(self) or not uid_map:
+            return self
+        label = self.label.copy()
+        strings = list(self.strings)
+        index = {s: i for i, s in enumerate(strings)}
+        need = (label < 0) & (self.uid >= 0)
+        for uid in np.unique(self.uid[need]):
+            pk = uid_map.get(int(uid))
+            if not pk:
+                continue
+            text = pk if isinstance(pk, str) else "|".join(sorted(pk))
+            c = index.get(text)
+            if c is None:
+                c = index[text] = len(strings)
+                strings.append(text)
+            label[need & (self.uid == uid)] = c
+        out = {name: getattr(self, name) for name in self._COLS}
+        out["label"] = label
+        return ObservationSet(**out, strings=strings)
+
+    def to_observations(self) -> list[SocketObservation]:
+        """Rows back as records (for tests and small sets)."""
+        s = self.string
+        out = []
+        for i in range(len(self)):
+            lp, rp = int(self.local_port[i]), int(self.remote_port[i])
+            et = float(self.end_ts[i])
+            out.append(SocketObservation(
+                ts=float(self.ts[i]), source=SOURCES[self.source[i]], proto=int(self.proto[i]),
+                local_ip=s(int(self.local_ip[i])), local_port=None if lp < 0 else lp,
+                remote_ip=s(int(self.remote_ip[i])), remote_port=None if rp < 0 else rp,
+                kind=KINDS[self.kind[i]], pid=None if self.pid[i] < 0 else int(self.pid[i]),
+                uid=None if self.uid[i] < 0 else int(self.uid[i]),
+                process=s(int(self.process[i])), label=s(int(self.label[i])),
+                sublabel=s(int(self.sublabel[i])), end_ts=None if et != et else et,
+                sock=None if self.sock[i] < 0 else int(self.sock[i]),
+                labeling_type=s(int(self.labeling_type[i])),
+            ))
+        return out
+
+
+@dataclass
+class ParseStats:
+    """What a parser read: lines, records made, lines skipped by reason, other notes."""
+
+    lines: int = 0
+    parsed: int = 0  # lines that gave a record (syscall, table row, event)
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> lines
+    other: dict[str, int] = field(default_factory=dict)  # harmless non-records (signals, exits)
+    warnings: list[str] = field(default_factory=list)
+
+    def skip(self, reason: str, n: int = 1) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + n
+
+    def note(self, what: str, n: int = 1) -> None:
+        self.other[what] = self.other.get(what, 0) + n
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def merge(self, other: ParseStats) -> None:
+        self.lines += other.lines
+        self.parsed += other.parsed
+        for k, v in other.skipped.items():
+            self.skip(k, v)
+        for k, v in other.other.items():
+            self.note(k, v)
+        self.warnings.extend(other.warnings)
+
+    def summary(self) -> str:
+        """One line for a user: what was read and what was skipped, by reason."""
+        msg = f"{self.lines} lines read, {self.parsed} parsed"
+        if self.skipped:
+            parts = ", ".join(f"{v} {k}" for k, v in sorted(self.skipped.items()))
+            msg += f", {self.n_skipped} skipped ({parts})"
+        return msg
+
+
+def split_process(name: str | None) -> tuple[str | None, str | None]:
+    """``"pkg:service"`` -> (``"pkg"``, ``"pkg:service"``); ``"pkg"`` -> (``"pkg"``, ``"pkg"``)."""
+    if not name:
+        return None, None
+    name = name.strip()
+    return name.split(":", 1)[0], name

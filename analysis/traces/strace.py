@@ -1,0 +1,554 @@
+"""strace logs to :class:`Syscall` and :class:`SocketObservation` records.
+
+Understood shapes (any mix of them in one file):
+
+* our launcher's ``strace -f -ttt -yy -e trace=%network,close -o FILE``: lines start
+  with the thread id, then epoch seconds;
+* ``[pid N]`` prefixes (``-f`` without ``-o``; the first thread has no prefix);
+* ``-ff`` per-thread files ``PREFIX.<pid>`` (no pid on the line; the file suffix is it);
+* ``-tt``/``-t`` time of day (needs the day: ``date=``, from the run manifest or
+  ``--date``; midnight wrap is followed), ``-ttt`` epoch seconds, no time at all;
+* ``-T`` durations, ``-y``/``-yy`` fd decorations (``3<TCP:[a:p->b:q]>``, ``UDPv6:[...]``,
+  ``TCP:[inode]``) or none;
+* ``<unfinished ...>`` joined with ``<... name resumed>`` per pid, timed at the entry.
+
+Damaged lines never stop a parse: :class:`ParseStats` counts them by reason
+(``garbage``, ``truncated last line``, ``unmatched resumed``, ...).
+
+The launcher writes one log per traced process, named ``strace.<pid>.<procname>.log``;
+:func:`process_from_filename` reads that name. File descriptors are tracked per log
+(threads share their process's fd table), unfinished calls per thread.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import heapq
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from analysis.errors import BadInputError, ParseError
+from analysis.traces.model import (
+    ParseStats,
+    SocketObservation,
+    Syscall,
+    new_sock_id,
+    norm_ip,
+    split_process,
+)
+
+# Prefix: optional pid ("123 " or "[pid 123] "), optional time ("1.5 " / "12:00:01.5 ").
+_PREFIX = r"(?:(\d+) +|\[pid +(\d+)\] +)?(?:(\d+\.\d+|\d\d?:\d\d:\d\d(?:\.\d+)?) +)?"
+# A complete call: the greedy args stop at the last ") = " of the line.
+_RE_FULL = re.compile(
+    _PREFIX + r"([a-z_][a-z0-9_]*)\((.*)\) += (-?\d+|\?|0x[0-9a-fA-F]+)(?:<(\S*)>)?"
+    r"(?: (E[A-Z0-9_]+)(?: \([^)]*\))?)?(?: \(.*?\))?(?: <\d+\.\d+>)?\s*$"
+)
+_RE_UNFINISHED = re.compile(_PREFIX + r"([a-z_][a-z0-9_]*)\((.*?) *<unfinished \.\.\.>\s*$")
+_RE_RESUMED = re.compile(
+    _PREFIX + r"<\.\.\. ([a-z_][a-z0-9_]*) resumed> ?(.*) += (-?\d+|\?|0x[0-9a-fA-F]+)"
+    r"(?:<(\S*)>)?(?: (E[A-Z0-9_]+)(?: \([^)]*\))?)?(?: \(.*?\))?(?: <\d+\.\d+>)?\s*$"
+)
+_RE_OTHER = re.compile(_PREFIX + r"(?:---|\+\+\+|strace: )")
+_RE_LAUNCHER_NAME = re.compile(r"^strace\.(\d+)\.(.+)\.log$")
+
+NAN = float("nan")
+
+
+def process_from_filename(path: str | os.PathLike[str]) -> tuple[int, str] | None:
+    """(pid, process name) from our launcher's ``strace.<pid>.<procname>.log``, else None."""
+    m = _RE_LAUNCHER_NAME.match(Path(path).name)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+class _Clock:
+    """Turns strace's time text into epoch seconds (time-of-day needs a date)."""
+
+    __slots__ = ("day0", "tz", "last_sod", "day_shift", "path")
+
+    def __init__(self, date: str | _dt.date | None, utc_offset: float, path: str | None):
+        self.path = path
+        self.day0: float | None = None
+        if date is not None:
+            d = _dt.date.fromisoformat(date) if isinstance(date, str) else date
+            midnight = _dt.datetime(d.year, d.month, d.day, tzinfo=_dt.timezone.utc)
+            self.day0 = midnight.timestamp() - utc_offset
+        self.last_sod = -1.0
+        self.day_shift = 0.0
+
+    def tod(self, text: str) -> float:
+        if self.day0 is None:
+            raise BadInputError(
+                f"{self.path or '<input>'}: strace log has time of day (-tt) but no date",
+                "give the run's date (--date YYYY-MM-DD, or a run manifest)",
+            )
+        h, m, s = text.split(":")
+        sod = int(h) * 3600 + int(m) * 60 + float(s)
+        if sod < self.last_sod - 43200:  # the log crossed midnight
+            self.day_shift += 86400.0
+        self.last_sod = sod
+        return self.day0 + self.day_shift + sod
+
+
+def _lines_of(source: str | os.PathLike[str] | Iterable[str]) -> tuple[Iterable[str], str | None]:
+    if isinstance(source, (str, os.PathLike)):
+        p = Path(source)
+        try:
+            fh = open(p, encoding="utf-8", errors="replace")  # noqa: SIM115 - closed by the generator
+        except OSError as e:
+            raise ParseError(p, None, f"cannot read strace log: {e.strerror or e}") from None
+        return _closing_lines(fh), str(p)
+    return source, None
+
+
+def _closing_lines(fh) -> Iterator[str]:
+    with fh:
+        yield from fh
+
+
+def ff_files(prefix: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """The ``-ff`` per-thread files ``PREFIX.<pid>`` (sorted by pid)."""
+    p = Path(prefix)
+    out = []
+    if p.parent.is_dir():
+        for q in p.parent.iterdir():
+            if q.name.startswith(p.name + "."):
+                tail = q.name[len(p.name) + 1:]
+                if tail.isdigit():
+                    out.append((int(tail), q))
+    return sorted(out)
+
+
+def iter_syscalls(
+    source: str | os.PathLike[str] | Iterable[str],
+    date: str | _dt.date | None = None,
+    stats: ParseStats | None = None,
+    *,
+    utc_offset: float = 0.0,
+    pid: int | None = None,
+) -> Iterator[Syscall]:
+    """Syscalls of one strace log (a path, or lines), lazily; damaged lines are counted.
+
+    A path that does not exist but has ``-ff`` siblings ``PATH.<pid>`` reads those,
+    merged by time. ``pid`` is the thread id for lines that carry none (``-ff``); the
+    time-of-day shapes need ``date`` (and ``utc_offset``, seconds east of UTC).
+    """
+    st = stats if stats is not None else ParseStats()
+    if isinstance(source, (str, os.PathLike)) and not Path(source).exists():
+        parts = ff_files(source)
+        if not parts:
+            raise ParseError(source, None, "no such strace log (nor -ff files PATH.<pid>)")
+        iters = [iter_syscalls(q, date, st, utc_offset=utc_offset, pid=p) for p, q in parts]
+        yield from heapq.merge(*iters, key=lambda c: c.ts)
+        return
+    lines, path = _lines_of(source)
+    yield from _parse(lines, path, date, utc_offset, -1 if pid is None else pid, st)
+
+
+def _ret(text: str) -> int | None:
+    if text == "?":
+        return None
+    return int(text, 16) if text.startswith("0x") else int(text)
+
+
+def _parse(lines: Iterable[str], path: str | None, date, utc_offset: float, default_pid: int,
+           st: ParseStats) -> Iterator[Syscall]:
+    clock = _Clock(date, utc_offset, path)
+    pending: dict[int, tuple[float, str, str]] = {}  # pid -> (ts, name, args) of an unfinished call
+    full = _RE_FULL.match
+    unfinished = _RE_UNFINISHED.match
+    resumed = _RE_RESUMED.match
+    other = _RE_OTHER.match
+    n = 0
+    parsed = 0
+    last_ok = True
+    last_line = ""
+    for line in lines:
+        n += 1
+        m = full(line)
+        if m is not None:
+            pa, pb, t, name, args, ret, decor, err = m.groups()
+            if t is None:
+                ts = NAN
+            elif ":" in t:
+                ts = clock.tod(t)
+            else:
+                ts = float(t)
+            parsed += 1
+            yield Syscall(ts, int(pa or pb) if (pa or pb) else default_pid, name, args,
+                          _ret(ret), err, decor)
+            last_ok = True
+            continue
+        last_line = line
+        if "<unfinished" in line:
+            m = unfinished(line)
+            if m is not None:
+                pa, pb, t, name, args = m.groups()
+                p = int(pa or pb) if (pa or pb) else default_pid
+                ts = NAN if t is None else (clock.tod(t) if ":" in t else float(t))
+                if p in pending:
+                    st.skip("unfinished call never resumed")
+                pending[p] = (ts, name, args)
+                parsed += 1
+                last_ok = True
+                continue
+        elif "resumed>" in line:
+            m = resumed(line)
+            if m is not None:
+                pa, pb, t, name, rest, ret, decor, err = m.groups()
+                p = int(pa or pb) if (pa or pb) else default_pid
+                head = pending.pop(p, None)
+                if head is None or head[1] != name:
+                    if head is not None:
+                        pending[p] = head
+                    st.skip("unmatched resumed")
+                    last_ok = True
+                    continue
+                # Old strace prints "<... socket resumed> = 3" without the ")".
+                if rest.endswith(")"):
+                    rest = rest[:-1]
+                args = head[2] + rest if rest else head[2]
+                parsed += 1
+                yield Syscall(head[0], p, name, args, _ret(ret), err, decor)
+                last_ok = True
+                continue
+        if other(line) is not None and ("---" in line or "+++" in line or "strace: " in line):
+            st.note("signals and exits")
+            last_ok = True
+            continue
+        if not line.strip():
+            st.note("blank lines")
+            last_ok = True
+            continue
+        st.skip("garbage")
+        last_ok = False
+    # A log cut mid-write leaves a last line without its newline that does not parse.
+    if not last_ok and last_line and not last_line.endswith("\n"):
+        st.skipped["garbage"] -= 1
+        if not st.skipped["garbage"]:
+            del st.skipped["garbage"]
+        st.skip("truncated last line")
+    for p, (ts, name, args) in pending.items():
+        st.note("unfinished at end of log")
+        yield Syscall(ts, p, name, args, None, None, None)
+    st.lines += n
+    st.parsed += parsed
+
+
+# --------------------------------------------------------------------------- sockets
+
+_RE_DECOR = re.compile(r"^\s*(-?\d+)(?:<([A-Za-z0-9]+):\[(.*)\]>|<[^>]*>)?")
+_RE_SA_INET = re.compile(
+    r"sa_family=AF_INET, sin_port=htons\((\d+)\), sin_addr=inet_addr\(\"([^\"]*)\"\)"
+)
+_RE_SA_INET6 = re.compile(
+    r"sa_family=AF_INET6, sin6_port=htons\((\d+)\)[^}]*?inet_pton\(AF_INET6, \"([^\"]*)\""
+)
+_RE_SA_ANY = re.compile(r"sa_family=(AF_[A-Z0-9]+)")
+
+_INET_CALLS = frozenset((
+    "socket", "connect", "bind", "listen", "sendto", "sendmsg", "sendmmsg", "recvfrom",
+    "recvmsg", "recvmmsg", "getsockname", "getpeername", "accept", "accept4", "close",
+    "dup", "dup2", "dup3", "fcntl", "fcntl64", "write", "read", "writev", "readv",
+))
+# connect() results after which no packet can have left.
+_CONNECT_NO_EFFECT = frozenset(("EBADF", "ENOTSOCK", "EINVAL", "EAFNOSUPPORT", "EFAULT",
+                                "EACCES", "EPERM", "EADDRNOTAVAIL", "ENETUNREACH", "EISCONN"))
+_DECOR_PROTO = {"TCP": 6, "TCPv6": 6, "UDP": 17, "UDPv6": 17, "UDPLITE": 17, "UDPLITEv6": 17}
+
+
+@dataclass(slots=True)
+class _Sock:
+    sock: int
+    proto: int | None  # 6/17; None when the fd is a socket of unknown type
+    local_ip: str | None = None
+    local_port: int | None = None
+    remote_ip: str | None = None
+    remote_port: int | None = None
+    inet: bool = True  # False for AF_UNIX, netlink, ...
+
+
+def _endpoint(text: str) -> tuple[str | None, int | None]:
+    """``1.2.3.4:80`` / ``[::1]:80`` -> (ip, port)."""
+    if text.startswith("["):
+        ip, _, port = text[1:].rpartition("]:")
+    else:
+        ip, _, port = text.rpartition(":")
+    if not port.isdigit():
+        return None, None
+    return norm_ip(ip), int(port)
+
+
+def _sockaddr(args: str) -> tuple[str | None, int | None] | None:
+    """The first inet sockaddr in an argument text: (ip, port); None when there is none."""
+    if "sa_family=AF_INET" not in args:
+        return None
+    m = _RE_SA_INET.search(args)
+    m6 = _RE_SA_INET6.search(args)
+    if m is None and m6 is None:
+        return None
+    if m is None or (m6 is not None and m6.start() < m.start()):
+        m = m6
+    assert m is not None
+    return norm_ip(m.group(2)), int(m.group(1))
+
+
+def _all_sockaddrs(args: str) -> list[tuple[str | None, int]]:
+    out = [(norm_ip(m.group(2)), int(m.group(1)), m.start()) for m in _RE_SA_INET.finditer(args)]
+    out += [(norm_ip(m.group(2)), int(m.group(1)), m.start()) for m in _RE_SA_INET6.finditer(args)]
+    out.sort(key=lambda x: x[2])
+    return [(ip, port) for ip, port, _ in out]
+
+
+class _Tracker:
+    """fd -> socket state of one process, turning syscalls into observations."""
+
+    def __init__(self, process: str | None, label: str | None, sublabel: str | None,
+                 uid: int | None, st: ParseStats) -> None:
+        self.fds: dict[int, _Sock] = {}
+        self.process = process
+        self.label = label
+        self.sublabel = sublabel
+        self.uid = uid
+        self.st = st
+
+    def _obs(self, c: Syscall, s: _Sock, kind: str, remote: tuple[str | None, int | None] | None = None
+             ) -> SocketObservation | None:
+        rip, rport = remote if remote is not None else (s.remote_ip, s.remote_port)
+        if s.local_port is None and rport is None:
+            return None
+        return SocketObservation(
+            c.ts, "strace", s.proto or 0, s.local_ip, s.local_port, rip, rport, kind, c.pid,
+            self.uid, self.process, self.label, self.sublabel, None, s.sock,
+        )
+
+    def _fd(self, c: Syscall) -> tuple[int, _Sock | None]:
+        """The first argument's fd and its state, updated from a -yy decoration."""
+        m = _RE_DECOR.match(c.args)
+        if m is None:
+            return -1, None
+        fd = int(m.group(1))
+        s = self.fds.get(fd)
+        kind = m.group(2)
+        if kind is not None:
+            proto = _DECOR_PROTO.get(kind)
+            if proto is None:  # UNIX, NETLINK, ...
+                if s is None or s.inet:
+                    s = self.fds[fd] = _Sock(new_sock_id(), None, inet=False)
+                return fd, s
+            if s is None or not s.inet:
+                s = self.fds[fd] = _Sock(new_sock_id(), proto)
+            elif s.proto is None:
+                s.proto = proto
+            self._apply_decor(s, m.group(3))
+        return fd, s
+
+    @staticmethod
+    def _apply_decor(s: _Sock, inner: str) -> None:
+        if not inner or inner.isdigit():  # only the inode: not bound or connected yet
+            return
+        local, sep, remote = inner.partition("->")
+        ip, port = _endpoint(local)
+        if port:
+            s.local_port = port
+            if ip is not None:
+                s.local_ip = ip
+        if sep:
+            ip, port = _endpoint(remote)
+            if port:
+                s.remote_ip, s.remote_port = ip, port
+
+    def _new(self, fd: int, decor: str | None, proto: int | None, inet: bool) -> _Sock:
+        s = _Sock(new_sock_id(), proto, inet=inet)
+        if decor:
+            kind, _, inner = decor.partition(":")
+            p = _DECOR_PROTO.get(kind)
+            if p is not None:
+                s.proto, s.inet = p, True
+                self._apply_decor(s, inner.strip("[]") if inner.startswith("[") else inner)
+        self.fds[fd] = s
+        return s
+
+    def feed(self, c: Syscall) -> Iterator[SocketObservation]:
+        name = c.name
+        if name == "socket":
+            if c.retval is None or c.retval < 0:
+                return
+            a = c.args
+            inet = a.startswith(("AF_INET", "PF_INET"))
+            proto = 6 if "SOCK_STREAM" in a else 17 if "SOCK_DGRAM" in a else None
+            if inet and proto is None:
+                inet = False  # raw sockets and friends
+            self._new(c.retval, c.ret_decor, proto, inet)
+            return
+        if name in ("accept", "accept4"):
+            if c.retval is None or c.retval < 0:
+                return
+            _, ls = self._fd(c)
+            if ls is not None and not ls.inet:
+                return
+            s = self._new(c.retval, c.ret_decor, ls.proto if ls else 6, True)
+            if s.local_port is None and ls is not None:
+                s.local_ip, s.local_port = ls.local_ip, ls.local_port
+            sa = _sockaddr(c.args)
+            if sa is not None:
+                s.remote_ip, s.remote_port = sa
+            o = self._obs(c, s, "accept")
+            if o is not None:
+                yield o
+            return
+        if name in ("dup", "dup2", "dup3", "fcntl", "fcntl64"):
+            if c.retval is None or c.retval < 0:
+                return
+            if name.startswith("fcntl") and "F_DUPFD" not in c.args:
+                return
+            fd, s = self._fd(c)
+            if s is not None and c.retval != fd:
+                self.fds[c.retval] = s
+            return
+        fd, s = self._fd(c)
+        if name == "close":
+            if s is not None:
+                del self.fds[fd]
+                if s.inet:
+                    o = self._obs(c, s, "close")
+                    if o is not None:
+                        yield o
+            return
+        if s is None:
+            if fd < 0:
+                return
+            sa = _sockaddr(c.args)
+            if sa is None:
+                return
+            # A socket opened before tracing began, without -yy: its type is unknown.
+            s = self.fds[fd] = _Sock(new_sock_id(), None)
+        if not s.inet:
+            return
+        ok = c.retval is not None and c.retval >= 0
+        if name == "connect":
+            if c.errno in _CONNECT_NO_EFFECT:
+                return
+            if "sa_family=AF_UNSPEC" in c.args:  # UDP disconnect
+                s.remote_ip = s.remote_port = None
+                return
+            sa = _sockaddr(c.args)
+            if sa is None:
+                return
+            s.remote_ip, s.remote_port = sa
+            o = self._obs(c, s, "connect")
+            if o is not None:
+                yield o
+        elif name in ("sendto", "sendmsg", "sendmmsg", "write", "writev"):
+            if not ok and c.retval is not None:
+                return
+            yield from self._traffic(c, s, "send", name == "sendmmsg")
+        elif name in ("recvfrom", "recvmsg", "recvmmsg", "read", "readv"):
+            if not ok:
+                return
+            yield from self._traffic(c, s, "recv", name == "recvmmsg")
+        elif name == "bind":
+            if ok:
+                sa = _sockaddr(c.args)
+                if sa is not None and sa[1]:
+                    s.local_port = sa[1]
+                    if sa[0] is not None:
+                        s.local_ip = sa[0]
+        elif name == "listen":
+            if ok:
+                o = self._obs(c, s, "listen")
+                if o is not None:
+                    yield o
+        elif name in ("getsockname", "getpeername"):
+            if not ok:
+                return
+            sa = _sockaddr(c.args)
+            if sa is None:
+                return
+            if name == "getsockname":
+                if sa[1]:
+                    s.local_port = sa[1]
+                if sa[0] is not None:
+                    s.local_ip = sa[0]
+            else:
+                s.remote_ip, s.remote_port = sa
+            o = self._obs(c, s, "snapshot")
+            if o is not None:
+                yield o
+
+    def _traffic(self, c: Syscall, s: _Sock, kind: str, many: bool) -> Iterator[SocketObservation]:
+        if many:
+            addrs = _all_sockaddrs(c.args)
+            for a in dict.fromkeys(addrs):
+                o = self._obs(c, s, kind, a)
+                if o is not None:
+                    yield o
+            if addrs:
+                return
+        else:
+            sa = _sockaddr(c.args)
+            if sa is not None:
+                o = self._obs(c, s, kind, sa)
+                if o is not None:
+                    yield o
+                return
+        o = self._obs(c, s, kind)
+        if o is not None:
+            yield o
+
+
+def iter_socket_observations(
+    source: str | os.PathLike[str] | Iterable[str] | Iterable[Syscall],
+    *,
+    process: str | None = None,
+    uid: int | None = None,
+    date: str | _dt.date | None = None,
+    utc_offset: float = 0.0,
+    stats: ParseStats | None = None,
+) -> Iterator[SocketObservation]:
+    """Socket observations of one process's strace log (path, lines, or syscalls).
+
+    ``process`` names the traced process (``pkg`` or ``pkg:service``) and gives the
+    label; by default it comes from the launcher's file name ``strace.<pid>.<procname>.log``.
+    """
+    if process is None and isinstance(source, (str, os.PathLike)):
+        got = process_from_filename(source)
+        if got is not None:
+            process = got[1]
+    label, sublabel = split_process(process)
+    tracker = _Tracker(process, label, sublabel, uid, stats if stats is not None else ParseStats())
+    if isinstance(source, (str, os.PathLike)):
+        calls: Iterable[Syscall] = iter_syscalls(source, date, tracker.st, utc_offset=utc_offset)
+    else:
+        it = iter(source)
+        first = next(it, None)
+        if first is None:
+            return
+        chained = _chain(first, it)
+        calls = chained if isinstance(first, Syscall) else iter_syscalls(
+            chained, date, tracker.st, utc_offset=utc_offset)  # type: ignore[arg-type]
+    feed = tracker.feed
+    wanted = _INET_CALLS
+    for c in calls:
+        if c.name in wanted:
+            yield from feed(c)
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def iter_run_strace_logs(
+    paths: Iterable[str | os.PathLike[str]],
+    *,
+    date: str | _dt.date | None = None,
+    utc_offset: float = 0.0,
+    stats: ParseStats | None = None,
+) -> Iterator[SocketObservation]:
+    """Observations of several launcher logs (each names its process), one after another."""
+    for p in paths:
+        yield from iter_socket_observations(p, date=date, utc_offset=utc_offset, stats=stats)
