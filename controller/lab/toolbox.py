@@ -1,0 +1,473 @@
+"""A virtual phone's identity (``PhoneConfig``) and its Android-like shell (``Toolbox``).
+
+The toolbox prepares a phone's state directory::
+
+    state.json            props, packages, running apps, foreground app, screens, settings,
+                          battery, clock offset (read and written by the shims and the lab's
+                          simulated apps; see ``toolbox_runtime``)
+    input_events.jsonl    one line per ``input`` command
+    bin/                  generated shims: getprop, pm, am, input, uiautomator, dumpsys, ...
+    fs/data/local/tmp     the phone's /data (so also /data/local/tmp)
+    fs/storage/emulated/0 the phone's /sdcard
+    enter.sh, rootfs/     the private mount namespace a root-run shell command lives in
+
+and turns a shell command line into the argv that runs it: a real ``/bin/sh -c`` whose
+PATH starts with ``bin/``, inside the phone's network namespace when one is given.
+
+When the host process is root, each command runs in a private mount namespace
+(``unshare -m``) whose root is a tmpfs of bind mounts of the host's top-level
+directories plus the phone's ``/data``, ``/sdcard`` and ``/storage``, so device paths
+work exactly as on Android.  Without root there is no mount namespace: the sync service
+still maps those paths into ``fs/``, the toolbox shims map them too, and the command
+line itself gets its ``/data/local/tmp`` and ``/sdcard`` prefixes rewritten (best
+effort; a path built at run time by the command escapes the rewriting).  A network
+namespace always needs root and raises ``RootRequired`` without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+
+from controller.errors import ConfigError, RootRequired
+from controller.lab import toolbox_runtime as rt
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class PackageInfo(BaseModel):
+    """One installed app as the package manager reports it."""
+
+    uid: int = Field(description="Linux uid of the app (10000 + app id for apps).")
+    version_code: int = Field(default=1, description="versionCode from the manifest.")
+    version_name: str = Field(default="1.0", description="versionName from the manifest.")
+    label: str = Field(default="", description="The launcher label, shown on the app's screen.")
+    activity: str | None = Field(
+        default=None, description="Fully qualified launcher activity (None: not launchable)."
+    )
+    system: bool = Field(default=False, description="Part of the system image (pm list -s).")
+
+
+class PhoneConfig(BaseModel):
+    """The identity of one virtual phone: what getprop, pm and the adb banner report."""
+
+    serial: str = Field(description="ro.serialno, the phone's hardware serial.")
+    model: str = Field(description="ro.product.model, e.g. SM-G991B.")
+    manufacturer: str = Field(description="ro.product.manufacturer, e.g. samsung.")
+    brand: str = Field(default="", description="ro.product.brand (defaults to the manufacturer).")
+    product_name: str = Field(description="ro.product.name, e.g. o1sxeea.")
+    device: str = Field(description="ro.product.device, e.g. o1s.")
+    android_release: str = Field(description="ro.build.version.release, e.g. 14.")
+    sdk: int = Field(description="ro.build.version.sdk, e.g. 34.")
+    abi: str = Field(default="arm64-v8a", description="ro.product.cpu.abi.")
+    fingerprint: str = Field(description="ro.build.fingerprint.")
+    security_patch: str = Field(
+        default="2024-05-01", description="ro.build.version.security_patch."
+    )
+    clock_offset_s: float = Field(
+        default=0.0, description="Seconds the phone's clock runs ahead (+) or behind (-) the host."
+    )
+    packages: dict[str, PackageInfo] = Field(default_factory=dict, description="Installed apps.")
+    battery_level: int = Field(default=80, ge=0, le=100, description="Battery level in percent.")
+    display_width: int = Field(default=1080, description="Screen width in pixels.")
+    display_height: int = Field(default=2400, description="Screen height in pixels.")
+    timezone: str = Field(default="Europe/Rome", description="persist.sys.timezone.")
+    extra_props: dict[str, str] = Field(default_factory=dict, description="More getprop values.")
+
+    def props(self) -> dict[str, str]:
+        """Every system property the phone's getprop reports."""
+        brand = self.brand or self.manufacturer
+        props = {
+            "ro.serialno": self.serial,
+            "ro.boot.serialno": self.serial,
+            "ro.product.model": self.model,
+            "ro.product.manufacturer": self.manufacturer,
+            "ro.product.brand": brand,
+            "ro.product.name": self.product_name,
+            "ro.product.device": self.device,
+            "ro.product.board": self.device,
+            "ro.product.system.model": self.model,
+            "ro.product.vendor.model": self.model,
+            "ro.build.version.release": self.android_release,
+            "ro.build.version.sdk": str(self.sdk),
+            "ro.build.version.security_patch": self.security_patch,
+            "ro.build.fingerprint": self.fingerprint,
+            "ro.build.type": "user",
+            "ro.build.tags": "release-keys",
+            "ro.build.id": self.fingerprint.split("/")[3]
+            if self.fingerprint.count("/") >= 4
+            else "",
+            "ro.product.cpu.abi": self.abi,
+            "ro.product.cpu.abilist": f"{self.abi},armeabi-v7a,armeabi"
+            if self.abi == "arm64-v8a"
+            else self.abi,
+            "ro.product.cpu.abilist64": self.abi if "64" in self.abi else "",
+            "ro.debuggable": "0",
+            "ro.secure": "1",
+            "ro.adb.secure": "1",
+            "ro.boot.verifiedbootstate": "orange",
+            "ro.hardware": self.device,
+            "persist.sys.timezone": self.timezone,
+            "persist.sys.usb.config": "mtp,adb",
+            "sys.boot_completed": "1",
+            "dev.bootcomplete": "1",
+            "init.svc.adbd": "running",
+            "service.adb.tcp.port": "5555",
+            "gsm.operator.alpha": "",
+            "wifi.interface": "wlan0",
+        }
+        props.update(self.extra_props)
+        return props
+
+    def banner(self, features: list[str]) -> str:
+        """The CNXN banner adbd sends: ``device::ro.product.name=...;...;features=...``."""
+        return (
+            f"device::ro.product.name={self.product_name};ro.product.model={self.model};"
+            f"ro.product.device={self.device};features={','.join(features)}"
+        )
+
+    def initial_state(self) -> dict[str, Any]:
+        """The state file of a freshly booted phone with this identity."""
+        return {
+            "schema_version": rt.SCHEMA_VERSION,
+            "serial": self.serial,
+            "props": self.props(),
+            "packages": {name: p.model_dump() for name, p in sorted(self.packages.items())},
+            "running": {},
+            "foreground": None,
+            "screens": {},
+            "settings": {
+                "global": {
+                    "adb_enabled": "1",
+                    "airplane_mode_on": "0",
+                    "wifi_on": "1",
+                    "stay_on_while_plugged_in": "0",
+                    "auto_time": "0",
+                },
+                "secure": {"android_id": hashlib.sha256(self.serial.encode()).hexdigest()[:16]},
+                "system": {
+                    "screen_brightness": "128",
+                    "screen_brightness_mode": "0",
+                    "screen_off_timeout": "600000",
+                },
+            },
+            "battery": {
+                "level": self.battery_level,
+                "usb_powered": True,
+                "ac_powered": False,
+                "status": 2,
+            },
+            "display": {"width": self.display_width, "height": self.display_height, "density": 420},
+            "clock_offset_s": self.clock_offset_s,
+            "next_pid": 21000 + (sum(self.serial.encode()) % 500) * 7,
+        }
+
+
+def _messengers(uids: dict[str, int]) -> dict[str, PackageInfo]:
+    system = {
+        "android": PackageInfo(
+            uid=1000, version_code=34, version_name="14", system=True, label="Android System"
+        ),
+        "com.android.shell": PackageInfo(
+            uid=2000, version_code=34, version_name="14", system=True, label="Shell"
+        ),
+        "com.android.systemui": PackageInfo(
+            uid=10146, version_code=34, version_name="14", system=True, label="System UI"
+        ),
+    }
+    apps = {
+        "org.thoughtcrime.securesms": PackageInfo(
+            uid=uids["signal"],
+            version_code=1413,
+            version_name="7.8.1",
+            label="Signal",
+            activity="org.thoughtcrime.securesms.RoutingActivity",
+        ),
+        "org.telegram.messenger": PackageInfo(
+            uid=uids["telegram"],
+            version_code=47362,
+            version_name="10.13.4",
+            label="Telegram",
+            activity="org.telegram.ui.LaunchActivity",
+        ),
+        "com.whatsapp": PackageInfo(
+            uid=uids["whatsapp"],
+            version_code=241175001,
+            version_name="2.24.11.75",
+            label="WhatsApp",
+            activity="com.whatsapp.home.ui.HomeActivity",
+        ),
+        "com.google.android.gms": PackageInfo(
+            uid=uids["gms"],
+            version_code=241915038,
+            version_name="24.19.15",
+            system=True,
+            label="Google Play services",
+        ),
+        "com.android.chrome": PackageInfo(
+            uid=uids["chrome"],
+            version_code=636717833,
+            version_name="124.0.6367.178",
+            system=True,
+            label="Chrome",
+            activity="com.google.android.apps.chrome.Main",
+        ),
+    }
+    return {**system, **apps}
+
+
+def samsung_s21(serial: str = "R5CR10ABCDE", clock_offset_s: float = 2.375) -> PhoneConfig:
+    """A Samsung Galaxy S21 (SM-G991B, Android 14, arm64-v8a) with the three messengers."""
+    return PhoneConfig(
+        serial=serial,
+        model="SM-G991B",
+        manufacturer="samsung",
+        brand="samsung",
+        product_name="o1sxeea",
+        device="o1s",
+        android_release="14",
+        sdk=34,
+        fingerprint="samsung/o1sxeea/o1s:14/UP1A.231005.007/G991BXXSBGXE2:user/release-keys",
+        security_patch="2024-05-01",
+        clock_offset_s=clock_offset_s,
+        battery_level=87,
+        display_width=1080,
+        display_height=2400,
+        packages=_messengers(
+            {"signal": 10263, "telegram": 10251, "whatsapp": 10234, "gms": 10141, "chrome": 10157}
+        ),
+    )
+
+
+def xiaomi_poco_x3_pro(serial: str = "7c8a9b1d", clock_offset_s: float = -1.625) -> PhoneConfig:
+    """A Xiaomi Poco X3 Pro (M2102J20SG, Android 13, arm64-v8a) with the three messengers."""
+    return PhoneConfig(
+        serial=serial,
+        model="M2102J20SG",
+        manufacturer="Xiaomi",
+        brand="POCO",
+        product_name="vayu_global",
+        device="vayu",
+        android_release="13",
+        sdk=33,
+        fingerprint="POCO/vayu_global/vayu:13/RKQ1.200826.002/V14.0.3.0.TJUMIXM:user/release-keys",
+        security_patch="2023-10-01",
+        clock_offset_s=clock_offset_s,
+        battery_level=64,
+        display_width=1080,
+        display_height=2400,
+        packages=_messengers(
+            {"signal": 10288, "telegram": 10276, "whatsapp": 10219, "gms": 10152, "chrome": 10171}
+        ),
+    )
+
+
+PRESETS = {
+    "samsung-sm-g991b": samsung_s21,
+    "xiaomi-m2102j20sg": xiaomi_poco_x3_pro,
+}
+
+
+def load_phone_config(path: str | os.PathLike[str]) -> PhoneConfig:
+    """Read a PhoneConfig from a YAML or JSON file (``preset: NAME`` plus overrides works too)."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read phone config: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML/JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: a phone config must be a mapping")
+    preset = raw.pop("preset", None)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(
+                f"{p}: preset: unknown phone {preset!r}",
+                hint="known: " + ", ".join(sorted(PRESETS)),
+            )
+        raw = {**PRESETS[preset]().model_dump(), **raw}
+    try:
+        return PhoneConfig.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(x) for x in first["loc"])
+        raise ConfigError(f"{p}: {field}: {first['msg']}") from exc
+
+
+ENTER_SH = r"""#!/bin/sh
+# Run one command line in a private mount namespace whose root is a tmpfs of bind mounts
+# of the host's top-level entries plus the phone's /data, /storage and /sdcard.
+# Usage (as root, under unshare -m --propagation private): enter.sh STATE_DIR COMMAND
+set -e
+S=$1
+R="$S/rootfs"
+mount -t tmpfs -o mode=0755,size=1m flowtruth-rootfs "$R"
+for e in /*; do
+    n=${e#/}
+    case $n in data|sdcard|storage|'*') continue ;; esac
+    if [ -L "$e" ]; then
+        ln -s "$(readlink "$e")" "$R/$n"
+    elif [ -d "$e" ]; then
+        mkdir "$R/$n"
+        mount --rbind "$e" "$R/$n"
+    else
+        : > "$R/$n"
+        mount --bind "$e" "$R/$n"
+    fi
+done
+mkdir "$R/data" "$R/storage" "$R/sdcard"
+mount --bind "$S/fs/data" "$R/data"
+mount --bind "$S/fs/storage" "$R/storage"
+mount --bind "$S/fs/storage/emulated/0" "$R/sdcard"
+set +e
+exec chroot "$R" /bin/sh -c "$2"
+"""
+
+SHIM = """#!{python} -S
+import sys
+sys.path.insert(0, {repo!r})
+from controller.lab.toolbox_runtime import run_tool
+sys.exit(run_tool({name!r}, sys.argv[1:]))
+"""
+
+_REWRITE = re.compile(r"(?<![\w/.])(/data/local/tmp|/sdcard|/storage/emulated/0)(?=/|\b|$)")
+
+
+class Toolbox:
+    """One phone's shell: its state directory, shims, and the argv a command line runs as."""
+
+    def __init__(
+        self,
+        config: PhoneConfig,
+        state_dir: str | os.PathLike[str],
+        netns: str | None = None,
+        use_mount_namespace: bool | None = None,
+    ) -> None:
+        self.config = config
+        self.state_dir = Path(state_dir).resolve()
+        self.netns = netns
+        is_root = os.geteuid() == 0
+        if netns is not None and not is_root:
+            raise RootRequired(
+                f"entering network namespace {netns!r} needs root",
+                hint="run the lab as root, or start adbd without a namespace",
+            )
+        self.use_mount_namespace = is_root if use_mount_namespace is None else use_mount_namespace
+        if self.use_mount_namespace and not is_root:
+            raise RootRequired("a private mount namespace for the phone's shell needs root")
+
+    @property
+    def bin_dir(self) -> Path:
+        return self.state_dir / "bin"
+
+    def fs_path(self, device_path: str) -> Path:
+        """Where a device path lives on the host (``/sdcard``, ``/storage``, ``/data`` move)."""
+        norm = os.path.normpath("/" + device_path.lstrip("/")) if device_path else "/"
+        for prefix, target in (
+            ("/sdcard", "fs/storage/emulated/0"),
+            ("/storage", "fs/storage"),
+            ("/data", "fs/data"),
+        ):
+            if norm == prefix or norm.startswith(prefix + "/"):
+                return self.state_dir / target / norm[len(prefix) :].lstrip("/")
+        return Path(norm)
+
+    def prepare(self, reset: bool = False) -> None:
+        """Create the state directory, the state file (unless present) and the shims."""
+        for sub in (
+            "bin",
+            "rootfs",
+            "fs/data/local/tmp",
+            "fs/data/data",
+            "fs/storage/emulated/0/Download",
+        ):
+            (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(self.state_dir / "fs/data/local/tmp", 0o771)
+        state_file = Path(rt.state_path(self.state_dir))
+        if reset or not state_file.exists():
+            rt.write_state(self.state_dir, self.config.initial_state())
+        else:
+
+            def refresh(state: dict[str, Any]) -> None:
+                state["props"] = self.config.props()
+                state["clock_offset_s"] = self.config.clock_offset_s
+
+            rt.update_state(self.state_dir, refresh)
+        (self.state_dir / rt.INPUT_LOG).touch()
+        python = sys.executable
+        for name in rt.TOOLS:
+            shim = self.bin_dir / name
+            shim.write_text(SHIM.format(python=python, repo=str(REPO_ROOT), name=name))
+            shim.chmod(0o755)
+        enter = self.state_dir / "enter.sh"
+        enter.write_text(ENTER_SH)
+        enter.chmod(0o755)
+
+    def environment(self) -> dict[str, str]:
+        """The environment of a shell command, as adbd gives it on Android (plus our keys)."""
+        host_path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        tmp = (
+            "/data/local/tmp" if self.use_mount_namespace else str(self.fs_path("/data/local/tmp"))
+        )
+        env = {
+            "PATH": f"{self.bin_dir}:{host_path}",
+            "HOME": "/",
+            "USER": "shell",
+            "SHELL": "/bin/sh",
+            "HOSTNAME": "localhost",
+            "TMPDIR": tmp,
+            "ANDROID_DATA": "/data",
+            "ANDROID_ROOT": "/system",
+            "ANDROID_STORAGE": "/storage",
+            "EXTERNAL_STORAGE": "/sdcard",
+            "LANG": "C.UTF-8",
+            rt.STATE_ENV: str(self.state_dir),
+            rt.UID_ENV: "2000",
+            "FLOWTRUTH_MOUNTNS": "1" if self.use_mount_namespace else "0",
+        }
+        return env
+
+    def rewrite(self, command: str) -> str:
+        """Without a mount namespace, point device paths in a command line at the phone's tree."""
+        if self.use_mount_namespace:
+            return command
+        return _REWRITE.sub(lambda m: shlex.quote(str(self.fs_path(m.group(1)))), command)
+
+    def argv(self, command: str) -> list[str]:
+        """The argv that runs ``command`` (a device shell command line) for this phone."""
+        if self.use_mount_namespace:
+            argv = [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "/bin/sh",
+                str(self.state_dir / "enter.sh"),
+                str(self.state_dir),
+                command,
+            ]
+        else:
+            argv = ["/bin/sh", "-c", self.rewrite(command)]
+        if self.netns is not None:
+            argv = ["ip", "netns", "exec", self.netns, *argv]
+        return argv
+
+    def remove(self) -> None:
+        """Delete the state directory (the phone is gone)."""
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+def dump_config(config: PhoneConfig) -> str:
+    """A phone config as JSON text (what ``--config`` accepts)."""
+    return json.dumps(config.model_dump(), indent=2)

@@ -1,0 +1,865 @@
+"""The Android-like toolbox a virtual phone's shell runs: getprop, pm, am, input, ...
+
+This module is imported by the small generated shims in a phone's toolbox directory,
+so it uses the standard library only (a shim must start in a few milliseconds).  Every
+tool reads or updates the phone's JSON state file, whose path the shell passes in the
+``FLOWTRUTH_PHONE_STATE`` environment variable; the lab's simulated apps watch the same
+file (``read_state`` / ``update_state`` are their API).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TextIO
+
+STATE_ENV = "FLOWTRUTH_PHONE_STATE"
+UID_ENV = "FLOWTRUTH_UID"
+STATE_FILE = "state.json"
+INPUT_LOG = "input_events.jsonl"
+SCHEMA_VERSION = 1
+
+SHELL_ID = (
+    "uid=2000(shell) gid=2000(shell) groups=2000(shell),1004(input),1007(log),1011(adb),"
+    "1015(sdcard_rw),1028(sdcard_r),1078(ext_data_rw),1079(ext_obb_rw),3001(net_bt_admin),"
+    "3002(net_bt),3003(inet),3006(net_bw_stats),3009(readproc),3011(uhid),3012(readtracefs) "
+    "context=u:r:shell:s0"
+)
+ROOT_ID = "uid=0(root) gid=0(root) groups=0(root) context=u:r:magisk:s0"
+
+TOOLS = (
+    "getprop",
+    "setprop",
+    "pm",
+    "cmd",
+    "am",
+    "input",
+    "uiautomator",
+    "dumpsys",
+    "settings",
+    "su",
+    "id",
+    "whoami",
+    "pidof",
+    "date",
+    "wm",
+)
+
+
+# --------------------------------------------------------------------------- state file
+
+
+def state_path(state_dir: str | os.PathLike[str]) -> str:
+    """The JSON state file of the phone whose state directory is ``state_dir``."""
+    return os.path.join(os.fspath(state_dir), STATE_FILE)
+
+
+@contextlib.contextmanager
+def _locked(state_dir: str, exclusive: bool) -> Iterator[None]:
+    with open(os.path.join(state_dir, "state.lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def read_state(state_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read the phone's state (a consistent snapshot, under a shared lock)."""
+    state_dir = os.fspath(state_dir)
+    with _locked(state_dir, exclusive=False), open(state_path(state_dir), encoding="utf-8") as f:
+        data: dict[str, Any] = json.load(f)
+    return data
+
+
+def write_state(state_dir: str | os.PathLike[str], state: dict[str, Any]) -> None:
+    """Replace the phone's state atomically."""
+    state_dir = os.fspath(state_dir)
+    with _locked(state_dir, exclusive=True):
+        _write_unlocked(state_dir, state)
+
+
+def _write_unlocked(state_dir: str, state: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".state.", dir=state_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(state, f, indent=1, sort_keys=True)
+        os.replace(tmp, state_path(state_dir))
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def update_state(state_dir: str | os.PathLike[str], change: Callable[[dict[str, Any]], Any]) -> Any:
+    """Apply ``change`` to the state under an exclusive lock and save it; returns its result."""
+    state_dir = os.fspath(state_dir)
+    with _locked(state_dir, exclusive=True):
+        with open(state_path(state_dir), encoding="utf-8") as f:
+            state = json.load(f)
+        result = change(state)
+        _write_unlocked(state_dir, state)
+    return result
+
+
+def device_time(state: dict[str, Any]) -> float:
+    """The phone's wall clock: the host's clock plus the phone's offset."""
+    return time.time() + float(state.get("clock_offset_s", 0.0))
+
+
+def append_input_event(state_dir: str, state: dict[str, Any], kind: str, args: list[str]) -> None:
+    """Append one ``input`` event (device and host time) to the phone's input log."""
+    record = {
+        "device_time": device_time(state),
+        "host_time": time.time(),
+        "kind": kind,
+        "args": args,
+    }
+    with _locked(state_dir, exclusive=True):
+        with open(os.path.join(state_dir, INPUT_LOG), "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# --------------------------------------------------------------------------- screens
+
+
+def _attr(value: str) -> str:
+    return (
+        value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+    )
+
+
+def make_node(
+    cls: str,
+    package: str,
+    bounds: tuple[int, int, int, int],
+    *,
+    text: str = "",
+    resource_id: str = "",
+    content_desc: str = "",
+    clickable: bool = False,
+    focused: bool = False,
+    children: list[str] | None = None,
+    index: int = 0,
+) -> str:
+    """One ``<node>`` of a uiautomator hierarchy, with the attributes uiautomator writes."""
+    x1, y1, x2, y2 = bounds
+    attrs = [
+        ("index", str(index)),
+        ("text", text),
+        ("resource-id", resource_id),
+        ("class", cls),
+        ("package", package),
+        ("content-desc", content_desc),
+        ("checkable", "false"),
+        ("checked", "false"),
+        ("clickable", "true" if clickable else "false"),
+        ("enabled", "true"),
+        ("focusable", "true" if clickable else "false"),
+        ("focused", "true" if focused else "false"),
+        ("scrollable", "false"),
+        ("long-clickable", "false"),
+        ("password", "false"),
+        ("selected", "false"),
+        ("bounds", f"[{x1},{y1}][{x2},{y2}]"),
+    ]
+    head = "<node " + " ".join(f'{k}="{_attr(v)}"' for k, v in attrs)
+    if not children:
+        return head + " />"
+    return head + ">" + "".join(children) + "</node>"
+
+
+def make_hierarchy(nodes: list[str], rotation: int = 0) -> str:
+    """A complete uiautomator dump document (one line, as the real tool writes it)."""
+    return (
+        "<?xml version='1.0' encoding='UTF-8' standalone='yes' ?>"
+        f'<hierarchy rotation="{rotation}">' + "".join(nodes) + "</hierarchy>"
+    )
+
+
+def default_screen(state: dict[str, Any], package: str | None) -> str:
+    """The screen shown when the simulated app has not published one: its title bar."""
+    w = int(state.get("display", {}).get("width", 1080))
+    h = int(state.get("display", {}).get("height", 2400))
+    pkg = package or "com.android.launcher3"
+    label = state.get("packages", {}).get(pkg, {}).get("label") or pkg
+    title = make_node(
+        "android.widget.TextView",
+        pkg,
+        (42, 140, w - 42, 230),
+        text=label,
+        index=0,
+        resource_id=f"{pkg}:id/title",
+    )
+    content = make_node(
+        "android.widget.FrameLayout",
+        pkg,
+        (0, 96, w, h),
+        resource_id="android:id/content",
+        children=[title],
+    )
+    root = make_node("android.widget.FrameLayout", pkg, (0, 0, w, h), children=[content])
+    return make_hierarchy([root])
+
+
+# --------------------------------------------------------------------------- tools
+
+
+class Tool:
+    """The context a tool runs in: the state directory, argv and output streams."""
+
+    def __init__(self, state_dir: str, args: list[str], out: TextIO, err: TextIO) -> None:
+        self.state_dir = state_dir
+        self.args = args
+        self.out = out
+        self.err = err
+
+    @property
+    def is_root(self) -> bool:
+        return os.environ.get(UID_ENV, "2000") == "0"
+
+    def state(self) -> dict[str, Any]:
+        return read_state(self.state_dir)
+
+    def update(self, change: Callable[[dict[str, Any]], Any]) -> Any:
+        return update_state(self.state_dir, change)
+
+
+def tool_getprop(t: Tool) -> int:
+    props: dict[str, str] = t.state().get("props", {})
+    args = [a for a in t.args if not a.startswith("-")]
+    if not args:
+        for key in sorted(props):
+            print(f"[{key}]: [{props[key]}]", file=t.out)
+        return 0
+    default = args[1] if len(args) > 1 else ""
+    print(props.get(args[0], default), file=t.out)
+    return 0
+
+
+def tool_setprop(t: Tool) -> int:
+    if len(t.args) != 2:
+        print("usage: setprop NAME VALUE", file=t.err)
+        return 1
+    key, value = t.args
+    if key.startswith("ro.") and not t.is_root:
+        print(f"Failed to set property '{key}' to '{value}'.", file=t.err)
+        return 1
+
+    def change(s: dict[str, Any]) -> None:
+        s.setdefault("props", {})[key] = value
+
+    t.update(change)
+    return 0
+
+
+def _apk_path(name: str) -> str:
+    return f"/data/app/~~flowtruthLab==/{name}-flowtruth==/base.apk"
+
+
+def tool_pm(t: Tool) -> int:
+    args = list(t.args)
+    if not args:
+        print("usage: pm [list|path|dump] ...", file=t.err)
+        return 1
+    packages: dict[str, dict[str, Any]] = t.state().get("packages", {})
+    verb = args.pop(0)
+    if verb == "list" and args and args[0] == "packages":
+        args.pop(0)
+        flags = {a for a in args if a.startswith("-")}
+        words = [a for a in args if not a.startswith("-")]
+        for name in sorted(packages):
+            info = packages[name]
+            if words and words[0] not in name:
+                continue
+            if "-3" in flags and info.get("system"):
+                continue
+            if "-s" in flags and not info.get("system"):
+                continue
+            line = "package:"
+            if "-f" in flags:
+                line += _apk_path(name) + "="
+            line += name
+            if "--show-versioncode" in flags:
+                line += f" versionCode:{info.get('version_code', 0)}"
+            if "-U" in flags:
+                line += f" uid:{info['uid']}"
+            print(line, file=t.out)
+        return 0
+    if verb == "path" and args:
+        if args[-1] not in packages:
+            return 1
+        print("package:" + _apk_path(args[-1]), file=t.out)
+        return 0
+    if verb in ("clear", "grant", "revoke", "disable-user", "enable") and args:
+        if args[-1] not in packages:
+            print(f"Error: package {args[-1]} not found", file=t.err)
+            return 1
+        if verb == "clear":
+            print("Success", file=t.out)
+        return 0
+    print(f"Unknown command: {verb}", file=t.err)
+    return 1
+
+
+def _dumpsys_package(t: Tool, name: str) -> int:
+    info = t.state().get("packages", {}).get(name)
+    if info is None:
+        return 0
+    print("Packages:", file=t.out)
+    print(f"  Package [{name}] (flowtruth):", file=t.out)
+    print(f"    userId={info['uid']}", file=t.out)
+    print(f"    codePath={os.path.dirname(_apk_path(name))}", file=t.out)
+    print(f"    versionCode={info.get('version_code', 0)} minSdk=24 targetSdk=34", file=t.out)
+    print(f"    versionName={info.get('version_name', '')}", file=t.out)
+    flags = "SYSTEM HAS_CODE" if info.get("system") else "HAS_CODE ALLOW_CLEAR_USER_DATA"
+    print(f"    pkgFlags=[ {flags} ]", file=t.out)
+    print("    firstInstallTime=2024-01-01 12:00:00", file=t.out)
+    print("    lastUpdateTime=2024-06-01 12:00:00", file=t.out)
+    return 0
+
+
+def _launch_activity(info: dict[str, Any], name: str) -> str:
+    return str(info.get("activity") or f"{name}.MainActivity")
+
+
+def _short_component(package: str, activity: str) -> str:
+    if activity.startswith(package + "."):
+        return f"{package}/{activity[len(package) :]}"
+    return f"{package}/{activity}"
+
+
+def _resolve_component(component: str) -> tuple[str, str]:
+    package, _, activity = component.partition("/")
+    if activity.startswith("."):
+        activity = package + activity
+    return package, activity
+
+
+def tool_am(t: Tool) -> int:
+    args = list(t.args)
+    if not args:
+        print("usage: am [start|force-stop|kill] ...", file=t.err)
+        return 1
+    verb = args.pop(0)
+    if verb in ("start", "start-activity"):
+        return _am_start(t, args)
+    if verb in ("force-stop", "kill", "stop-app"):
+        if not args:
+            print(f"Error: no package specified for {verb}", file=t.err)
+            return 1
+        package = args[-1]
+
+        def stop(s: dict[str, Any]) -> None:
+            s.setdefault("running", {}).pop(package, None)
+            fg = s.get("foreground")
+            if fg and fg.get("package") == package:
+                s["foreground"] = None
+
+        t.update(stop)
+        return 0
+    print(f"Error: unknown command '{verb}'", file=t.err)
+    return 1
+
+
+def _am_start(t: Tool, args: list[str]) -> int:
+    wait = False
+    component = None
+    extras: list[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "-W":
+            wait = True
+        elif a == "-n" and i + 1 < len(args):
+            component = args[i + 1]
+            i += 1
+        elif a in ("-a", "-c", "-d", "-t", "--user") and i + 1 < len(args):
+            extras.append(f"{a} {args[i + 1]}")
+            i += 1
+        elif a in ("-S", "-D", "-N", "--activity-clear-task"):
+            pass
+        elif not a.startswith("-") and "/" in a:
+            component = a
+        i += 1
+    if component is None:
+        print("Error: Activity not started, no component given (-n pkg/.Activity)", file=t.err)
+        return 1
+    package, activity = _resolve_component(component)
+    short = _short_component(package, activity)
+    print(f"Starting: Intent {{ cmp={short} }}", file=t.out)
+    started = time.monotonic()
+
+    def start(s: dict[str, Any]) -> str:
+        if package not in s.get("packages", {}):
+            return "missing"
+        running = s.setdefault("running", {})
+        fg = s.get("foreground") or {}
+        if fg.get("package") == package and fg.get("activity") == activity:
+            return "top"
+        launch = "HOT" if package in running else "COLD"
+        if package not in running:
+            pid = int(s.get("next_pid", 20000))
+            s["next_pid"] = pid + 7
+            running[package] = {"pid": pid, "started_at": device_time(s)}
+        running[package]["activity"] = activity
+        s["foreground"] = {"package": package, "activity": activity, "since": device_time(s)}
+        return launch
+
+    outcome = t.update(start)
+    if outcome == "missing":
+        print("Error type 3", file=t.out)
+        print(f"Error: Activity class {{{short}}} does not exist.", file=t.out)
+        return 0
+    if outcome == "top":
+        print(
+            "Warning: Activity not started, intent has been delivered to currently running "
+            "top-most instance.",
+            file=t.out,
+        )
+    if wait:
+        # A cold start of a real messenger takes a few hundred milliseconds.
+        if outcome == "COLD":
+            time.sleep(0.05)
+        total = int((time.monotonic() - started) * 1000) + (380 if outcome == "COLD" else 90)
+        print("Status: ok", file=t.out)
+        print(f"LaunchState: {outcome if outcome != 'top' else 'UNKNOWN (0)'}", file=t.out)
+        print(f"Activity: {short}", file=t.out)
+        if outcome != "top":
+            print(f"TotalTime: {total}", file=t.out)
+        print(f"WaitTime: {total + 4}", file=t.out)
+        print("Complete", file=t.out)
+    return 0
+
+
+KEYCODES = {
+    "HOME": 3,
+    "BACK": 4,
+    "CALL": 5,
+    "ENDCALL": 6,
+    "DPAD_UP": 19,
+    "DPAD_DOWN": 20,
+    "DPAD_LEFT": 21,
+    "DPAD_RIGHT": 22,
+    "DPAD_CENTER": 23,
+    "VOLUME_UP": 24,
+    "VOLUME_DOWN": 25,
+    "POWER": 26,
+    "CAMERA": 27,
+    "TAB": 61,
+    "SPACE": 62,
+    "ENTER": 66,
+    "DEL": 67,
+    "MENU": 82,
+    "SEARCH": 84,
+    "MEDIA_PLAY_PAUSE": 85,
+    "VOLUME_MUTE": 164,
+    "APP_SWITCH": 187,
+    "WAKEUP": 224,
+    "SLEEP": 223,
+}
+
+_INPUT_SOURCES = {
+    "keyboard",
+    "mouse",
+    "joystick",
+    "touchnavigation",
+    "touchpad",
+    "trackball",
+    "stylus",
+    "dpad",
+    "gesture",
+    "touchscreen",
+    "gamepad",
+    "rotaryencoder",
+}
+
+_INPUT_ARITY = {"tap": 2, "swipe": 4, "draganddrop": 4, "press": 0, "roll": 2}
+
+
+def tool_input(t: Tool) -> int:
+    args = list(t.args)
+    if args and args[0] in _INPUT_SOURCES:
+        args.pop(0)
+    if args[:1] == ["-d"] and len(args) > 1:
+        args = args[2:]
+    if not args:
+        print("Usage: input [<source>] [-d DISPLAY_ID] <command> [<arg>...]", file=t.err)
+        return 1
+    kind, rest = args[0], args[1:]
+    if kind in _INPUT_ARITY:
+        need = _INPUT_ARITY[kind]
+        try:
+            [float(x) for x in rest[: need + 1]]
+        except ValueError:
+            print(f"Error: Invalid arguments for command: {kind}", file=t.err)
+            return 1
+        if len(rest) < need:
+            print(f"Error: Invalid arguments for command: {kind}", file=t.err)
+            return 1
+    elif kind == "text":
+        if not rest:
+            print("Error: Invalid arguments for command: text", file=t.err)
+            return 1
+        rest = [" ".join(rest).replace("%s", " ")]
+    elif kind in ("keyevent", "keycombination"):
+        codes = [a for a in rest if not a.startswith("--")]
+        if not codes:
+            print(f"Error: Invalid arguments for command: {kind}", file=t.err)
+            return 1
+        resolved: list[str] = []
+        for c in codes:
+            name = c.upper().removeprefix("KEYCODE_")
+            if c.isdigit():
+                resolved.append(c)
+            elif name in KEYCODES:
+                resolved.append(f"KEYCODE_{name}")
+            else:
+                print(f"Error: Invalid arguments for command: {kind}", file=t.err)
+                return 1
+        rest = resolved
+    else:
+        print(f"Error: Unknown command: {kind}", file=t.err)
+        return 1
+    append_input_event(t.state_dir, t.state(), kind, rest)
+    return 0
+
+
+def _map_device_path(state_dir: str, path: str) -> str:
+    """Map /sdcard and /data paths into the phone's file tree when no mount namespace is used."""
+    if os.environ.get("FLOWTRUTH_MOUNTNS") == "1":
+        return path
+    from_root = os.path.normpath(path)
+    for prefix, target in (
+        ("/sdcard", "fs/storage/emulated/0"),
+        ("/storage", "fs/storage"),
+        ("/data", "fs/data"),
+    ):
+        if from_root == prefix or from_root.startswith(prefix + "/"):
+            return os.path.join(state_dir, target) + from_root[len(prefix) :]
+    return path
+
+
+def tool_uiautomator(t: Tool) -> int:
+    args = list(t.args)
+    if not args or args[0] != "dump":
+        print("Usage: uiautomator <subcommand> [options]", file=t.err)
+        print("Available subcommands: dump, events, runtest", file=t.err)
+        return 1
+    targets = [a for a in args[1:] if not a.startswith("--")]
+    target = targets[0] if targets else "/sdcard/window_dump.xml"
+    state = t.state()
+    fg = (state.get("foreground") or {}).get("package")
+    xml = state.get("screens", {}).get(fg or "") or default_screen(state, fg)
+    if target in ("/dev/tty", "/dev/stdout"):
+        t.out.write(xml)
+        t.out.write("\nUI hierchary dumped to: " + target + "\n")
+        return 0
+    real = _map_device_path(t.state_dir, target)
+    try:
+        os.makedirs(os.path.dirname(real) or ".", exist_ok=True)
+        with open(real, "w", encoding="utf-8") as f:
+            f.write(xml)
+    except OSError as exc:
+        print(f"ERROR: could not write {target}: {exc.strerror}", file=t.err)
+        return 1
+    print(f"UI hierchary dumped to: {target}", file=t.out)
+    return 0
+
+
+def tool_dumpsys(t: Tool) -> int:
+    args = list(t.args)
+    service = args[0] if args else ""
+    state = t.state()
+    if service == "battery":
+        b = state.get("battery", {})
+        level = int(b.get("level", 80))
+        lines = [
+            "Current Battery Service state:",
+            f"  AC powered: {str(b.get('ac_powered', False)).lower()}",
+            f"  USB powered: {str(b.get('usb_powered', True)).lower()}",
+            f"  Wireless powered: {str(b.get('wireless_powered', False)).lower()}",
+            "  Dock powered: false",
+            "  Max charging current: 500000",
+            "  Max charging voltage: 5000000",
+            f"  Charge counter: {level * 38000}",
+            f"  status: {int(b.get('status', 2))}",
+            "  health: 2",
+            "  present: true",
+            f"  level: {level}",
+            "  scale: 100",
+            f"  voltage: {int(b.get('voltage_mv', 4123))}",
+            f"  temperature: {int(b.get('temperature_dc', 285))}",
+            "  technology: Li-ion",
+        ]
+        print("\n".join(lines), file=t.out)
+        return 0
+    if service == "package" and len(args) > 1:
+        return _dumpsys_package(t, args[1])
+    if service == "window":
+        fg = state.get("foreground")
+        if fg:
+            comp = _short_component(fg["package"], fg["activity"])
+            print(f"  mCurrentFocus=Window{{8c1f2a u0 {comp}}}", file=t.out)
+            print(f"  mFocusedApp=ActivityRecord{{5d3e8b u0 {comp} t42}}", file=t.out)
+        else:
+            print("  mCurrentFocus=null", file=t.out)
+        return 0
+    if service == "activity" and args[1:2] == ["top"]:
+        for pkg, info in sorted(state.get("running", {}).items()):
+            comp = _short_component(pkg, info.get("activity", pkg + ".MainActivity"))
+            print(f"TASK {pkg} id=42 userId=0", file=t.out)
+            print(f"  ACTIVITY {comp} 7c2d1e pid={info['pid']}", file=t.out)
+        return 0
+    if service == "activity" and args[1:2] == ["activities"]:
+        fg = state.get("foreground")
+        if fg:
+            comp = _short_component(fg["package"], fg["activity"])
+            print(f"  mResumedActivity: ActivityRecord{{5d3e8b u0 {comp} t42}}", file=t.out)
+        return 0
+    if service == "power":
+        print("  mWakefulness=Awake", file=t.out)
+        print("  Display Power: state=ON", file=t.out)
+        return 0
+    if service == "":
+        print("Currently running services:", file=t.out)
+        for name in ("activity", "battery", "package", "power", "window"):
+            print(f"  {name}", file=t.out)
+        return 0
+    print(f"Can't find service: {service}", file=t.err)
+    return 0
+
+
+def tool_settings(t: Tool) -> int:
+    args = [a for a in t.args if a not in ("--user", "current", "0")]
+    if len(args) < 2 or args[1] not in ("global", "secure", "system"):
+        print("usage:  settings [--user <USER_ID> | current] get namespace key", file=t.err)
+        return 1
+    verb, namespace = args[0], args[1]
+    if verb == "get" and len(args) == 3:
+        value = t.state().get("settings", {}).get(namespace, {}).get(args[2])
+        print("null" if value is None else value, file=t.out)
+        return 0
+    if verb == "put" and len(args) >= 4:
+        key, value = args[2], args[3]
+
+        def put(s: dict[str, Any]) -> None:
+            s.setdefault("settings", {}).setdefault(namespace, {})[key] = value
+
+        t.update(put)
+        return 0
+    if verb == "delete" and len(args) == 3:
+
+        def delete(s: dict[str, Any]) -> None:
+            s.setdefault("settings", {}).setdefault(namespace, {}).pop(args[2], None)
+
+        t.update(delete)
+        return 0
+    if verb == "list" and len(args) == 2:
+        values = t.state().get("settings", {}).get(namespace, {})
+        for key in sorted(values):
+            print(f"{key}={values[key]}", file=t.out)
+        return 0
+    print("usage:  settings [--user <USER_ID> | current] get namespace key", file=t.err)
+    return 1
+
+
+def tool_id(t: Tool) -> int:
+    print(ROOT_ID if t.is_root else SHELL_ID, file=t.out)
+    return 0
+
+
+def tool_whoami(t: Tool) -> int:
+    print("root" if t.is_root else "shell", file=t.out)
+    return 0
+
+
+def _netns_of(pid: str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+
+
+def tool_pidof(t: Tool) -> int:
+    names = [a for a in t.args if not a.startswith("-")]
+    if not names:
+        return 1
+    pids: list[int] = []
+    running = t.state().get("running", {})
+    for name in names:
+        if name in running:
+            pids.append(int(running[name]["pid"]))
+    own_ns = _netns_of("self")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in pids:
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv0 = f.read().split(b"\0", 1)[0].decode(errors="replace")
+            with open(f"/proc/{entry}/comm", encoding="utf-8", errors="replace") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        if any(n in (comm, argv0, os.path.basename(argv0)) for n in names):
+            if _netns_of(entry) == own_ns and int(entry) != os.getpid():
+                pids.append(int(entry))
+    if not pids:
+        return 1
+    print(" ".join(str(p) for p in sorted(set(pids), reverse=True)), file=t.out)
+    return 0
+
+
+def tool_date(t: Tool) -> int:
+    args = list(t.args)
+    if any(
+        a in ("-d", "--date", "-r", "--reference") or a.startswith(("--date=", "-d")) for a in args
+    ):
+        return subprocess.call(["/bin/date", *args])
+    if any(a in ("-s", "--set") or a.startswith("--set=") for a in args):
+        print("date: cannot set date: Operation not permitted", file=t.err)
+        return 1
+    now = device_time(t.state())
+    t.out.flush()
+    return subprocess.call(["/bin/date", "-d", f"@{now:.9f}", *args])
+
+
+def tool_wm(t: Tool) -> int:
+    display = t.state().get("display", {})
+    if t.args[:1] == ["size"]:
+        print(
+            f"Physical size: {display.get('width', 1080)}x{display.get('height', 2400)}", file=t.out
+        )
+        return 0
+    if t.args[:1] == ["density"]:
+        print(f"Physical density: {display.get('density', 420)}", file=t.out)
+        return 0
+    print("usage: wm [size|density]", file=t.err)
+    return 1
+
+
+def tool_cmd(t: Tool) -> int:
+    args = list(t.args)
+    if not args:
+        print("cmd: No service specified; use -l to list all running services.", file=t.err)
+        return 20
+    service, t.args = args[0], args[1:]
+    if service == "package":
+        return tool_pm(t)
+    if service == "activity":
+        return tool_am(t)
+    if service == "settings":
+        return tool_settings(t)
+    if service == "input":
+        return tool_input(t)
+    print(f"cmd: Can't find service: {service}", file=t.err)
+    return 20
+
+
+def tool_su(t: Tool) -> int:
+    """Magisk-style ``su``: ``su -c CMD``, ``su 0 CMD...``, or a root shell reading stdin."""
+    args = list(t.args)
+    command: str | None = None
+    shell = "/bin/sh"
+    rest: list[str] = []
+    while args:
+        a = args.pop(0)
+        if a in ("-c", "--command") and args:
+            command = args.pop(0)
+        elif a.startswith("--command="):
+            command = a.split("=", 1)[1]
+        elif a in ("-s", "--shell") and args:
+            shell = args.pop(0)
+        elif a in (
+            "-",
+            "-l",
+            "--login",
+            "-m",
+            "-p",
+            "--preserve-environment",
+            "-mm",
+            "-M",
+            "--mount-master",
+        ):
+            continue
+        elif a in ("-v", "--version"):
+            print("26.4:MAGISK", file=t.out)
+            return 0
+        elif a == "-V":
+            print("26400", file=t.out)
+            return 0
+        elif a.startswith("-") and not rest:
+            print(f"su: invalid option -- {a.lstrip('-')}", file=t.err)
+            return 2
+        else:
+            rest.append(a)
+            rest.extend(args)
+            break
+    if rest and rest[0] in ("0", "root"):
+        rest.pop(0)
+    elif rest and rest[0].isdigit():
+        print("su: only root (uid 0) is supported on this lab phone", file=t.err)
+        return 1
+    env = dict(os.environ)
+    env[UID_ENV] = "0"
+    env["USER"] = "root"
+    env["HOME"] = "/data"
+    t.out.flush()
+    t.err.flush()
+    if command is not None:
+        argv = [shell, "-c", command]
+    elif rest:
+        argv = rest
+    else:
+        argv = [shell]
+    try:
+        os.execvpe(argv[0], argv, env)
+    except OSError as exc:
+        print(f"su: {argv[0]}: {exc.strerror}", file=t.err)
+        return 127
+    return 0
+
+
+HANDLERS: dict[str, Callable[[Tool], int]] = {
+    "getprop": tool_getprop,
+    "setprop": tool_setprop,
+    "pm": tool_pm,
+    "cmd": tool_cmd,
+    "am": tool_am,
+    "input": tool_input,
+    "uiautomator": tool_uiautomator,
+    "dumpsys": tool_dumpsys,
+    "settings": tool_settings,
+    "su": tool_su,
+    "id": tool_id,
+    "whoami": tool_whoami,
+    "pidof": tool_pidof,
+    "date": tool_date,
+    "wm": tool_wm,
+}
+
+
+def run_tool(name: str, args: list[str]) -> int:
+    """Run one toolbox command the way a shim invokes it; returns the exit status."""
+    state_dir = os.environ.get(STATE_ENV)
+    if not state_dir or not os.path.exists(state_path(state_dir)):
+        print(f"{name}: phone state not found (is {STATE_ENV} set?)", file=sys.stderr)
+        return 1
+    handler = HANDLERS.get(name)
+    if handler is None:
+        print(f"{name}: inaccessible or not found", file=sys.stderr)
+        return 127
+    try:
+        return handler(Tool(state_dir, args, sys.stdout, sys.stderr))
+    except BrokenPipeError:
+        return 141
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 1
