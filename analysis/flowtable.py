@@ -165,19 +165,18 @@ class FlowTable:
         return addr_to_str(self.flows["dst_addr"][i], int(self.flows["ip_version"][i]))
 
     def ip_strings(self) -> tuple[list[str], list[str]]:
-        """Text addresses of every flow's src and dst (cached per distinct address)."""
-        cache: dict[tuple[int, bytes], str] = {}
-        out: tuple[list[str], list[str]] = ([], [])
-        ver = self.flows["ip_version"]
-        for col, dest in (("src_addr", out[0]), ("dst_addr", out[1])):
-            arr = self.flows[col]
-            for i in range(len(self)):
-                key = (int(ver[i]), arr[i].tobytes())
-                s = cache.get(key)
-                if s is None:
-                    s = cache[key] = addr_to_str(key[1], key[0])
-                dest.append(s)
-        return out
+        """Text addresses of every flow's src and dst (each distinct address formatted once)."""
+        n = len(self)
+        if n == 0:
+            return [], []
+        ver = self.flows["ip_version"].astype(np.uint8).reshape(n, 1)
+        both = np.concatenate([np.hstack([ver, self.flows["src_addr"]]),
+                               np.hstack([ver, self.flows["dst_addr"]])])
+        keys = np.ascontiguousarray(both).view(np.dtype((np.void, 17))).ravel()
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        text = [addr_to_str(u.tobytes()[1:], u.tobytes()[0]) for u in uniq]
+        names = np.array(text, dtype=object)[inverse.ravel()]
+        return names[:n].tolist(), names[n:].tolist()
 
     def packet_slice(self, i: int) -> slice:
         return slice(int(self.pkt_offsets[i]), int(self.pkt_offsets[i + 1]))
