@@ -1,0 +1,190 @@
+"""Pure renderers: one :class:`ApConfig` in, config text or argv lists out.
+
+Nothing here touches the system; golden-file tests pin the output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from ap_setup.config import ApConfig
+from controller.errors import ApError
+
+HEADER = "# Rendered by flowtruth from the AP config; edit the config, not this file."
+NFT_TABLE = "flowtruth"
+IPT_FORWARD = "FT-FORWARD"
+IPT_POSTROUTING = "FT-POSTROUTING"
+
+
+def render_hostapd(cfg: ApConfig) -> str:
+    """hostapd.conf: WPA2-PSK (CCMP), SSID, band and channel, regulatory domain, 802.11n/ac."""
+    if cfg.passphrase is None:
+        raise ApError("no WPA2 passphrase in the AP config", hint="use cfg.with_passphrase()")
+    five = cfg.band == "5"
+    lines = [
+        HEADER,
+        f"interface={cfg.interface}",
+        "driver=nl80211",
+        f"ctrl_interface={cfg.work_dir / 'hostapd-ctrl'}",
+        "ctrl_interface_group=0",
+        f"ssid={cfg.ssid}",
+        "utf8_ssid=1",
+    ]
+    if cfg.country_code:
+        lines += [f"country_code={cfg.country_code}", "ieee80211d=1"]
+    lines += [
+        f"hw_mode={'a' if five else 'g'}",
+        f"channel={cfg.channel}",
+        "beacon_int=100",
+        "wmm_enabled=1",
+    ]
+    if cfg.ieee80211n:
+        lines.append("ieee80211n=1")
+    if five and cfg.ieee80211ac:
+        lines += ["ieee80211ac=1", "vht_oper_chwidth=0"]
+    lines += [
+        "auth_algs=1",
+        "ignore_broadcast_ssid=0",
+        "macaddr_acl=0",
+        "wpa=2",
+        "wpa_key_mgmt=WPA-PSK",
+        "rsn_pairwise=CCMP",
+        f"wpa_passphrase={cfg.passphrase}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_dnsmasq(cfg: ApConfig) -> str:
+    """dnsmasq.conf: DHCP and DNS on the AP interface only, a static lease per phone."""
+    net = cfg.address.network
+    start, end = cfg.pool
+    work = cfg.work_dir
+    lines = [
+        HEADER,
+        f"interface={cfg.interface}",
+        "except-interface=lo",
+        "bind-interfaces",
+        f"listen-address={cfg.address.ip}",
+        "no-resolv",
+        "no-hosts",
+        "no-poll",
+        "domain-needed",
+        "bogus-priv",
+        "cache-size=1000",
+    ]
+    lines += [f"server={ip}" for ip in cfg.upstream_dns]
+    lines += [f"address=/{h.name}/{h.ip}" for h in cfg.dns_hosts]
+    lines += [
+        "dhcp-authoritative",
+        f"dhcp-range={start},{end},{net.netmask},{cfg.lease_time}",
+        f"dhcp-option=option:router,{cfg.address.ip}",
+        f"dhcp-option=option:dns-server,{cfg.address.ip}",
+    ]
+    lines += [f"dhcp-host={lease.mac},{lease.ip},{lease.name}" for lease in cfg.static_leases]
+    if cfg.ipv6_ra:
+        lines += ["enable-ra", f"dhcp-range=::,constructor:{cfg.interface},ra-stateless"]
+    lines += [
+        f"dhcp-leasefile={work / 'dnsmasq.leases'}",
+        "log-dhcp",
+        "log-queries",
+        f"log-facility={work / 'dnsmasq.log'}",
+        "pid-file=",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+NatFamily = Literal["inet", "ip"]
+
+
+def nft_tables(nat_family: NatFamily = "inet") -> list[str]:
+    """The tables :func:`render_nft` creates, as ``family name`` (what teardown deletes)."""
+    tables = [f"inet {NFT_TABLE}"]
+    if nat_family == "ip":
+        tables.append(f"ip {NFT_TABLE}")
+    return tables
+
+
+def render_nft(cfg: ApConfig, nat_family: NatFamily = "inet") -> str:
+    """An ``nft -f`` script for forwarding and masquerading, in dedicated tables only.
+
+    ``nat_family="ip"`` puts NAT into ``ip flowtruth`` for kernels without inet NAT
+    (before 5.2). The script first deletes its own tables, so it is idempotent.
+    """
+    ap = f'"{cfg.interface}"'
+    out_match = f'oifname "{cfg.uplink}"' if cfg.uplink else f"oifname != {ap}"
+    in_match = f'iifname "{cfg.uplink}"' if cfg.uplink else f"iifname != {ap}"
+    lines = ["#!/usr/sbin/nft -f", HEADER]
+    for table in nft_tables(nat_family):
+        lines += [f"table {table} {{}}", f"delete table {table}"]
+    forward = [
+        "    chain forward {",
+        "        type filter hook forward priority filter; policy accept;",
+        f"        iifname {ap} {out_match} accept",
+        f"        {in_match} oifname {ap} ct state established,related accept",
+        f"        {in_match} oifname {ap} drop",
+        "    }",
+    ]
+    nat = [
+        "    chain postrouting {",
+        "        type nat hook postrouting priority srcnat; policy accept;",
+        f"        ip saddr {cfg.address.network} {out_match} masquerade",
+        "    }",
+    ]
+    lines.append(f"table inet {NFT_TABLE} {{")
+    lines += forward
+    if nat_family == "inet":
+        lines += nat
+    lines.append("}")
+    if nat_family == "ip":
+        lines += [f"table ip {NFT_TABLE} {{", *nat, "}"]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class IptablesPlan:
+    """iptables argv lists that set NAT up, and those that undo exactly that."""
+
+    up: list[list[str]]
+    down: list[list[str]]
+
+
+def render_iptables(cfg: ApConfig, binary: str = "iptables") -> IptablesPlan:
+    """The iptables fallback: dedicated chains jumped to from FORWARD and POSTROUTING."""
+    ipt = [binary, "-w"]
+    out = ["-o", cfg.uplink] if cfg.uplink else ["!", "-o", cfg.interface]
+    inn = ["-i", cfg.uplink] if cfg.uplink else ["!", "-i", cfg.interface]
+    src = str(cfg.address.network)
+    up = [
+        [*ipt, "-t", "nat", "-N", IPT_POSTROUTING],
+        [*ipt, "-t", "nat", "-A", IPT_POSTROUTING, "-s", src, *out, "-j", "MASQUERADE"],
+        [*ipt, "-t", "nat", "-I", "POSTROUTING", "1", "-j", IPT_POSTROUTING],
+        [*ipt, "-t", "filter", "-N", IPT_FORWARD],
+        [*ipt, "-t", "filter", "-A", IPT_FORWARD, "-i", cfg.interface, *out, "-j", "ACCEPT"],
+        [*ipt, "-t", "filter", "-A", IPT_FORWARD, *inn, "-o", cfg.interface,
+         "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"],
+        [*ipt, "-t", "filter", "-A", IPT_FORWARD, *inn, "-o", cfg.interface, "-j", "DROP"],
+        [*ipt, "-t", "filter", "-I", "FORWARD", "1", "-j", IPT_FORWARD],
+    ]  # fmt: skip
+    down = [
+        [*ipt, "-t", "filter", "-D", "FORWARD", "-j", IPT_FORWARD],
+        [*ipt, "-t", "filter", "-F", IPT_FORWARD],
+        [*ipt, "-t", "filter", "-X", IPT_FORWARD],
+        [*ipt, "-t", "nat", "-D", "POSTROUTING", "-j", IPT_POSTROUTING],
+        [*ipt, "-t", "nat", "-F", IPT_POSTROUTING],
+        [*ipt, "-t", "nat", "-X", IPT_POSTROUTING],
+    ]
+    return IptablesPlan(up=up, down=down)
+
+
+def nm_dropin_path(cfg: ApConfig) -> Path:
+    """Where the NetworkManager drop-in for this interface goes."""
+    return cfg.nm_conf_dir / f"99-flowtruth-{cfg.interface}.conf"
+
+
+def render_nm_unmanaged(cfg: ApConfig) -> str:
+    """A NetworkManager conf.d drop-in that leaves the AP interface unmanaged."""
+    return "\n".join(
+        [HEADER, "[keyfile]", f"unmanaged-devices+=interface-name:{cfg.interface}"]
+    ) + "\n"

@@ -1,0 +1,128 @@
+"""The AP state file: everything ``ap up`` changed, so ``ap down`` can restore it.
+
+Each change is recorded *before* it is made and the file is rewritten atomically,
+so after a crash at any point ``ap down`` restores what was there before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from controller.errors import ApError
+
+STATE_SCHEMA_VERSION = 1
+
+
+class ProcessRecord(BaseModel):
+    """A daemon we started: enough to find it again (pid plus its kernel start time)."""
+
+    model_config = ConfigDict(extra="ignore", use_attribute_docstrings=True)
+
+    name: str
+    """hostapd, dnsmasq or capture."""
+    pid: int
+    """Process id (global: namespaces share the pid space here)."""
+    starttime: int | None = None
+    """Field 22 of /proc/PID/stat, so a recycled pid is not mistaken for ours."""
+    argv: list[str]
+    """The command line as started."""
+    log: str
+    """File receiving its stdout and stderr."""
+
+
+class ApState(BaseModel):
+    """What ``ap up`` changed; ``ap down`` undoes exactly this, in reverse."""
+
+    model_config = ConfigDict(extra="ignore", use_attribute_docstrings=True)
+
+    schema_version: int = STATE_SCHEMA_VERSION
+    """Version of this file's layout."""
+    status: Literal["starting", "up", "stopping"] = "starting"
+    """Where the bring-up or teardown got to."""
+    created_at: str = ""
+    """UTC time of ``ap up``."""
+    interface: str
+    """The AP interface."""
+    netns: str | None = None
+    """Namespace every command ran in."""
+    work_dir: str
+    """Rendered configs, logs and leases."""
+    ssid: str | None = None
+    """SSID announced (None without a radio)."""
+    passphrase: str | None = None
+    """The WPA2 passphrase in use (this file is mode 0600)."""
+    rfkill_unblocked: bool = False
+    """We ran ``rfkill unblock wifi`` (not undone: blocking the radio again is rarely wanted)."""
+    nm_managed_before: bool | None = None
+    """NetworkManager managed the interface before (None: NetworkManager not involved)."""
+    nm_dropin: str | None = None
+    """Path of the NetworkManager drop-in we wrote."""
+    nm_dropin_previous: str | None = None
+    """Content of a file that was at that path before (None: there was none)."""
+    link_was_up: bool | None = None
+    """The interface's admin state before (None: untouched)."""
+    address_added: str | None = None
+    """The address we added to the interface (None: it was already there)."""
+    offloads_before: dict[str, bool] = {}
+    """ethtool feature name -> was on, for each feature we switched off."""
+    sysctl_before: dict[str, str] = {}
+    """sysctl key -> value before we changed it."""
+    firewall: Literal["nft", "iptables"] | None = None
+    """NAT backend in use."""
+    nft_tables: list[str] = []
+    """nftables tables we created (``family name``)."""
+    iptables_down: list[list[str]] = []
+    """argv lists that remove the iptables chains we added."""
+    iptables_new_tables: list[str] = []
+    """nftables tables (``family name``) that iptables-nft created for our chains."""
+    processes: dict[str, ProcessRecord] = {}
+    """Daemons we started, by name."""
+    capture_dir: str | None = None
+    """Where the capture started with ``ap up --capture`` writes."""
+
+    def save(self, path: Path) -> None:
+        """Write atomically (temp file, fsync, rename), mode 0600."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.created_at:
+            self.created_at = datetime.now(UTC).isoformat(timespec="seconds")
+        data = self.model_dump_json(indent=2)
+        fd, tmp = tempfile.mkstemp(prefix=".state-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(data + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: Path) -> ApState | None:
+        """The state at ``path``, or None when there is no file (nothing is up)."""
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        try:
+            data = json.loads(raw)
+            if data.get("schema_version") != STATE_SCHEMA_VERSION:
+                raise ApError(
+                    f"{path}: state file has schema_version {data.get('schema_version')!r}, "
+                    f"expected {STATE_SCHEMA_VERSION}",
+                    hint="tear down with the flowtruth version that brought the AP up",
+                )
+            return cls.model_validate(data)
+        except (ValueError, ValidationError) as err:
+            raise ApError(
+                f"{path}: state file is damaged: {str(err).splitlines()[0]}",
+                hint="inspect it by hand; remove it only after checking nft/sysctl/ethtool",
+            ) from None

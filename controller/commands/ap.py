@@ -1,0 +1,154 @@
+"""``flowtruth ap up|down|status|check``: the access point from the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+
+if TYPE_CHECKING:
+    from ap_setup.config import ApConfig
+    from ap_setup.lifecycle import ApStepFinished
+
+ConfigOpt = Annotated[
+    Optional[Path],  # noqa: UP045 - typer needs Optional at runtime on 3.11
+    typer.Option("--config", "-c", help="AP config file (YAML or TOML); defaults apply without one."),
+]
+InterfaceOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--interface", "-i", help="AP interface; overrides the config file."),
+]
+
+
+def load(config: Path | None, interface: str | None = None) -> ApConfig:
+    """The AP config from ``config`` (or the defaults), with CLI overrides applied."""
+    from ap_setup.config import ApConfig, config_from_mapping, load_config
+
+    cfg = load_config(config) if config else ApConfig()
+    if interface:
+        data = cfg.model_dump()
+        data["interface"] = interface
+        cfg = config_from_mapping(data, "--interface")
+    return cfg
+
+
+def _print_step(event: ApStepFinished) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False).print(f"[green]•[/] {event.step}: {event.detail}")
+
+
+def up(
+    config: ConfigOpt = None,
+    interface: InterfaceOpt = None,
+    capture: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--capture", help="Also start a packet capture into this directory."),
+    ] = None,
+) -> None:
+    """Bring the access point up: radio, addressing, offloads off, NAT, hostapd, dnsmasq."""
+    from ap_setup.lifecycle import ap_up
+
+    cfg = load(config, interface)
+    state = ap_up(cfg, sink=_print_step, capture_dir=capture)
+    if state.ssid:
+        typer.echo(f"SSID {state.ssid!r}  passphrase {state.passphrase}")
+    typer.echo(f"AP up on {state.interface}; state in {cfg.state_path}")
+
+
+def down(config: ConfigOpt = None, interface: InterfaceOpt = None) -> None:
+    """Tear the access point down and restore what was there before (idempotent)."""
+    from ap_setup.lifecycle import ap_down
+
+    cfg = load(config, interface)
+    state = ap_down(cfg.state_path, sink=_print_step)
+    typer.echo("nothing was up" if state is None else f"AP on {state.interface} is down")
+
+
+def status(config: ConfigOpt = None, interface: InterfaceOpt = None) -> None:
+    """Show daemons, clients (MAC, IP, lease name) and capture state."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ap_setup.lifecycle import ap_status
+
+    cfg = load(config, interface)
+    st = ap_status(cfg)
+    console = Console(highlight=False, soft_wrap=True)
+    if st.state is None:
+        console.print(f"AP on {cfg.interface}: down (no state file at {cfg.state_path})")
+        return
+    console.print(f"AP on {st.state.interface}: {st.state.status}"
+                  + (f" in namespace {st.state.netns}" if st.state.netns else ""))  # fmt: skip
+    for name, alive in st.daemons.items():
+        console.print(f"  {name}: {'[green]running[/]' if alive else '[red]not running[/]'}")
+    table = Table("MAC", "IP", "lease name", title="clients")
+    for c in st.clients:
+        table.add_row(c.mac, c.ip, c.name or "-")
+    console.print(table)
+    if st.state.capture_dir:
+        total = sum(p.stat().st_size for p in st.capture_files if p.exists())
+        running = st.daemons.get("capture", False)
+        console.print(
+            f"capture: {'running' if running else 'stopped'}, {len(st.capture_files)} files, "
+            f"{total} bytes in {st.state.capture_dir}"
+        )
+    else:
+        console.print("capture: none started with the AP")
+
+
+def check(config: ConfigOpt = None, interface: InterfaceOpt = None) -> None:
+    """Preflight: each missing or wrong thing on its own line with the fix; exit 1 if any."""
+    from rich.console import Console
+
+    from ap_setup.check import checks_passed, run_checks
+
+    cfg = load(config, interface)
+    results = run_checks(cfg)
+    console = Console(highlight=False, soft_wrap=True)
+    for r in results:
+        if r.ok:
+            console.print(f"[green]ok  [/] {r.name}: {r.message}")
+        else:
+            mark = "[red]FAIL[/]" if r.blocking else "[yellow]warn[/]"
+            console.print(f"{mark} {r.name}: {r.message}\n       fix: {r.fix}")
+    if not checks_passed(results):
+        failed = sum(1 for r in results if not r.ok and r.blocking)
+        console.print(f"{failed} problem(s) must be fixed before `flowtruth ap up`.")
+        raise SystemExit(1)
+    console.print("ready for `flowtruth ap up`.")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``ap`` command group."""
+    ap = typer.Typer(help="The Wi-Fi access point the phones join, and its capture.", no_args_is_help=True)
+    ap.command("up")(up)
+    ap.command("down")(down)
+    ap.command("status")(status)
+    ap.command("check")(check)
+    app.add_typer(ap, name="ap")
+
+
+def standalone(command: str, argv: list[str]) -> None:
+    """Entry of the ``ap_setup/ap-up`` and ``ap-down`` scripts: one command, same code path."""
+    import sys
+
+    import click
+
+    from analysis.errors import FlowtruthError
+
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command(command)({"up": up, "down": down, "status": status, "check": check}[command])
+
+    try:
+        code = app(args=list(argv), prog_name=f"ap-{command}", standalone_mode=False)
+    except FlowtruthError as err:
+        sys.stderr.write(f"ap-{command}: error: {err.one_line()}\n")
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except click.exceptions.ClickException as err:
+        err.show()
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)

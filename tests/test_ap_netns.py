@@ -1,0 +1,368 @@
+"""The AP through the real pieces: dnsmasq, nft/iptables, sysctl, tcpdump in namespaces.
+
+Three namespaces per test: ``ftap-*`` (the AP, a veth instead of a radio),
+``ftcl-*`` (a phone) and ``ftnet-*`` (the internet). Nothing outside them is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ap_setup.capture import Capture, iter_frames, qa_capture
+from ap_setup.config import ApConfig, CaptureConfig
+from ap_setup.lifecycle import ap_down, ap_status, ap_up
+from ap_setup.runner import SubprocessRunner
+from ap_setup.state import ApState
+from controller.errors import ApError
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+NEEDED = ["ip", "nft", "dnsmasq", "tcpdump", "busybox", "sysctl", "ethtool"]
+
+
+def _skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    missing = [b for b in NEEDED if shutil.which(b) is None]
+    if missing:
+        return f"missing programs: {', '.join(missing)}"
+    probe = f"ftprobe-{secrets.token_hex(3)}"
+    if subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode != 0:
+        return "cannot create network namespaces here"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+SKIP = _skip_reason()
+if SKIP:
+    pytestmark.append(pytest.mark.skip(reason=SKIP))
+
+CLIENT_MAC = "02:00:5e:10:00:01"
+LEASE_IP = "192.168.77.10"
+
+
+def sh(*argv: str, check: bool = True, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    """Run a test helper command; failures show their stderr."""
+    res = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} -> {res.returncode}: {res.stderr or res.stdout}")
+    return res
+
+
+def in_ns(ns: str, *argv: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return sh("ip", "netns", "exec", ns, *argv, **kw)  # type: ignore[arg-type]
+
+
+@dataclass
+class Lab:
+    ap: str
+    client: str
+    net: str
+    tmp: Path
+
+    def config(self, **over: object) -> ApConfig:
+        data: dict[str, object] = {
+            "interface": "ftw0",
+            "uplink": "ftu0",
+            "netns": self.ap,
+            "radio": False,
+            "address": "192.168.77.1/24",
+            "static_leases": [{"mac": CLIENT_MAC, "ip": LEASE_IP, "name": "pixel-7"}],
+            "dns_hosts": [{"name": "lab.flowtruth.test", "ip": "10.77.0.2"}],
+            "upstream_dns": ["10.77.0.2"],
+            "state_dir": str(self.tmp / "state"),
+            "nm_conf_dir": str(self.tmp / "nm"),
+        }
+        data.update(over)
+        return ApConfig.model_validate(data)
+
+
+def _kill_ns_pids(ns: str) -> None:
+    res = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+    for pid in res.stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    """AP, client and internet namespaces joined by veth pairs; all removed afterwards."""
+    tag = secrets.token_hex(3)
+    lab = Lab(f"ftap-{tag}", f"ftcl-{tag}", f"ftnet-{tag}", tmp_path)
+    created: list[str] = []
+    try:
+        for ns in (lab.ap, lab.client, lab.net):
+            sh("ip", "netns", "add", ns)
+            created.append(ns)
+            in_ns(ns, "ip", "link", "set", "lo", "up")
+        # Created directly inside the namespaces: the host's interfaces are never touched.
+        sh("ip", "-n", lab.ap, "link", "add", "ftw0", "type", "veth", "peer", "name", "ftc0", "netns", lab.client)
+        sh("ip", "-n", lab.ap, "link", "add", "ftu0", "type", "veth", "peer", "name", "ftn0", "netns", lab.net)
+        in_ns(lab.client, "ip", "link", "set", "ftc0", "address", CLIENT_MAC)
+        # A phone's Wi-Fi never hands over super-frames; make the client veth behave alike.
+        in_ns(lab.client, "ethtool", "-K", "ftc0", "tso", "off", "gso", "off", "gro", "off", check=False)
+        in_ns(lab.client, "ip", "link", "set", "ftc0", "up")
+        in_ns(lab.ap, "ip", "addr", "add", "10.77.0.1/24", "dev", "ftu0")
+        in_ns(lab.ap, "ip", "link", "set", "ftu0", "up")
+        in_ns(lab.ap, "ip", "route", "add", "default", "via", "10.77.0.2")
+        in_ns(lab.net, "ip", "addr", "add", "10.77.0.2/24", "dev", "ftn0")
+        in_ns(lab.net, "ip", "link", "set", "ftn0", "up")
+        yield lab
+    finally:
+        for ns in created:
+            _kill_ns_pids(ns)
+        for ns in created:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def snapshot(lab: Lab) -> dict[str, str]:
+    """Everything ``ap down`` must restore, as text dumps."""
+    keys = ["net.ipv4.ip_forward", "net.ipv6.conf.ftw0.disable_ipv6"]
+    return {
+        "nft": in_ns(lab.ap, "nft", "list", "ruleset").stdout,
+        "iptables": "\n".join(
+            ln
+            for ln in in_ns(lab.ap, "iptables-save", check=False).stdout.splitlines()
+            if not ln.startswith("#")
+        ),
+        "sysctl": in_ns(lab.ap, "sysctl", *keys).stdout,
+        "ethtool": in_ns(lab.ap, "ethtool", "-k", "ftw0").stdout,
+        "addr": in_ns(lab.ap, "ip", "-br", "addr", "show", "dev", "ftw0").stdout,
+    }
+
+
+def dhcp_client(lab: Lab) -> dict[str, str]:
+    """busybox udhcpc in the client namespace; returns what the server handed out."""
+    out = lab.tmp / "lease.env"
+    script = lab.tmp / "udhcpc.sh"
+    script.write_text(
+        "#!/bin/sh\n"
+        'case "$1" in bound|renew)\n'
+        '  ip addr add "$ip/$subnet" dev "$interface"\n'
+        '  [ -n "$router" ] && ip route add default via "$router" dev "$interface"\n'
+        f'  printf "ip=%s\\nrouter=%s\\ndns=%s\\n" "$ip" "$router" "$dns" > {out}\n'
+        ";; esac\n"
+    )
+    script.chmod(0o755)
+    in_ns(lab.client, "busybox", "udhcpc", "-i", "ftc0", "-f", "-q", "-n", "-t", "5", "-T", "1",
+          "-s", str(script), timeout=30)  # fmt: skip
+    return dict(line.split("=", 1) for line in out.read_text().splitlines())
+
+
+@pytest.fixture
+def tcp_server(lab: Lab) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """A TCP server in the internet namespace: prints the peer address, sends N bytes."""
+    nbytes = 3_500_000
+    code = (
+        "import socket,sys\n"
+        "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        "s.bind(('10.77.0.2', 8080)); s.listen(1); print('ready', flush=True)\n"
+        "c, a = s.accept(); print(a[0], flush=True)\n"
+        f"c.sendall(b'x' * {nbytes}); c.close()\n"
+    )
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", lab.net, sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield proc, nbytes
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def fetch(lab: Lab, nbytes: int) -> int:
+    code = (
+        "import socket\n"
+        "c=socket.create_connection(('10.77.0.2', 8080), timeout=5); n=0\n"
+        "while (d := c.recv(65536)): n += len(d)\n"
+        "print(n)\n"
+    )
+    return int(in_ns(lab.client, sys.executable, "-c", code, timeout=30).stdout)
+
+
+def test_ap_up_serves_dhcp_dns_and_nat_then_down_restores(lab: Lab, tcp_server) -> None:
+    before = snapshot(lab)
+    cfg = lab.config()
+    events = []
+    state = ap_up(cfg, sink=events.append)
+    assert state.status == "up"
+    assert [e.step for e in events][-1] == "up"
+    assert json.loads(cfg.state_path.read_text())["sysctl_before"]["net.ipv4.ip_forward"] == "0"
+    during = snapshot(lab)
+    assert "table inet flowtruth" in during["nft"]
+    assert "1" in in_ns(lab.ap, "sysctl", "-n", "net.ipv4.ip_forward").stdout
+    assert "generic-receive-offload: off" in during["ethtool"]
+
+    # DHCP: the static lease for the client's MAC, with the AP as router and DNS.
+    lease = dhcp_client(lab)
+    assert lease == {"ip": LEASE_IP, "router": "192.168.77.1", "dns": "192.168.77.1"}
+    st = ap_status(cfg)
+    assert st.up and st.daemons == {"dnsmasq": True}
+    assert [(c.mac, c.ip, c.name) for c in st.clients] == [(CLIENT_MAC, LEASE_IP, "pixel-7")]
+
+    # DNS: a configured name answers from dnsmasq on the AP address.
+    ans = in_ns(lab.client, "busybox", "nslookup", "lab.flowtruth.test", "192.168.77.1")
+    assert "10.77.0.2" in ans.stdout.split("lab.flowtruth.test", 1)[1]
+
+    # NAT: the server sees the AP's uplink address, not the phone's.
+    proc, nbytes = tcp_server
+    assert fetch(lab, nbytes) == nbytes
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "10.77.0.1"
+
+    assert ap_down(cfg.state_path) is not None
+    assert not cfg.state_path.exists()
+    assert snapshot(lab) == before
+    assert ap_down(cfg.state_path) is None  # idempotent
+
+
+def test_iptables_fallback_restores_exactly(lab: Lab, tcp_server) -> None:
+    if shutil.which("iptables") is None:
+        pytest.skip("iptables not installed")
+    before = snapshot(lab)
+    cfg = lab.config(firewall="iptables")
+    ap_up(cfg)
+    assert "FT-POSTROUTING" in in_ns(lab.ap, "iptables-save").stdout
+    dhcp_client(lab)
+    proc, nbytes = tcp_server
+    assert fetch(lab, nbytes) == nbytes
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "10.77.0.1"
+    ap_down(cfg.state_path)
+    assert snapshot(lab) == before
+
+
+def test_down_after_crash_restores_from_state_file(lab: Lab, monkeypatch) -> None:
+    before = snapshot(lab)
+    cfg = lab.config()
+    import ap_setup.lifecycle as lifecycle
+
+    # A crash in the middle of bring-up: the NAT step dies and no undo runs.
+    real_run = SubprocessRunner.run
+
+    def dying_run(self, argv, **kw):
+        if list(argv[:2]) == ["nft", "-f"]:
+            real_run(self, argv, **kw)
+            raise KeyboardInterrupt
+        return real_run(self, argv, **kw)
+
+    monkeypatch.setattr(SubprocessRunner, "run", dying_run)
+    monkeypatch.setattr(lifecycle, "ap_down", lambda *a, **k: None)
+    with pytest.raises(KeyboardInterrupt):
+        ap_up(cfg)
+    monkeypatch.undo()
+    assert ApState.load(cfg.state_path).status == "starting"
+    assert snapshot(lab) != before
+    with pytest.raises(ApError, match="already up"):
+        ap_up(cfg)
+    ap_down(cfg.state_path)
+    assert snapshot(lab) == before
+
+    # A crash while up: dnsmasq killed, the controller gone; down still restores.
+    state = ap_up(cfg)
+    os.kill(state.processes["dnsmasq"].pid, signal.SIGKILL)
+    time.sleep(0.2)
+    assert ap_status(cfg).daemons == {"dnsmasq": False}
+    ap_down(cfg.state_path)
+    assert snapshot(lab) == before
+
+
+def test_failed_start_undoes_everything(lab: Lab) -> None:
+    before = snapshot(lab)
+    # Another DNS server already holds port 53 on the AP address: dnsmasq cannot start.
+    in_ns(lab.ap, "ip", "addr", "add", "192.168.77.1/24", "dev", "ftw0")
+    blocker = subprocess.Popen(
+        ["ip", "netns", "exec", lab.ap, sys.executable, "-c",
+         "import socket,time; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM);"
+         "s.bind(('192.168.77.1', 53)); print('ok', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert blocker.stdout is not None and blocker.stdout.readline().strip() == "ok"
+        before = snapshot(lab)
+        with pytest.raises(ApError, match="dnsmasq exited"):
+            ap_up(lab.config())
+        assert snapshot(lab) == before
+        assert not lab.config().state_path.exists()
+    finally:
+        blocker.kill()
+        blocker.wait()
+
+
+def test_capture_rotation_holds_every_packet(lab: Lab, tcp_server) -> None:
+    cfg = lab.config(capture={"ring_file_mb": 1, "snaplen": 0})
+    out = lab.tmp / "run"
+    ap_up(cfg, capture_dir=out)
+    dhcp_client(lab)
+    proc, nbytes = tcp_server
+    assert fetch(lab, nbytes) == nbytes
+    time.sleep(0.3)
+    ap_down(cfg.state_path)
+    stats = json.loads((out / "capture-stats.json").read_text())
+    files = Capture(cfg.capture, "ftw0", out, SubprocessRunner()).files()
+    assert len(files) >= 3, files
+    assert stats["packets_dropped_by_kernel"] == 0
+    payload = 0
+    count = 0
+    for path in files:
+        for _lt, _ts, buf in iter_frames(path):
+            count += 1
+            import dpkt
+
+            eth = dpkt.ethernet.Ethernet(buf)
+            if isinstance(eth.data, dpkt.ip.IP) and isinstance(eth.data.data, dpkt.tcp.TCP):
+                if eth.data.data.sport == 8080:
+                    payload += len(eth.data.data.data)
+    assert count == stats["packets_captured"]
+    assert payload == nbytes  # every downstream byte, across all rotated files
+    qa = qa_capture(files, mtu=1500, stats=stats)
+    assert qa.ok, qa.problems
+    assert qa.packets == count and qa.max_ip_length <= 1500
+
+
+def test_capture_filter_and_time_rotation(lab: Lab, tcp_server) -> None:
+    """A per-device filter keeps only the phone's packets; -G rotates by time."""
+    cfg = lab.config()
+    ap_up(cfg)
+    dhcp_client(lab)
+    settings = CaptureConfig(macs=[CLIENT_MAC], rotate_seconds=1, snaplen=96)
+    cap = Capture(settings, "ftw0", lab.tmp / "cap", SubprocessRunner(lab.ap))
+    try:
+        cap.start()
+        # Traffic from another MAC on the AP link, which the filter must drop.
+        in_ns(lab.ap, "busybox", "ping", "-c", "2", "-W", "1", "-I", "ftw0", "192.168.77.250", check=False)
+        proc, nbytes = tcp_server
+        assert fetch(lab, nbytes) == nbytes
+        time.sleep(2.2)
+        in_ns(lab.client, "busybox", "ping", "-c", "1", "192.168.77.1")
+    finally:
+        stats = cap.stop()
+        ap_down(cfg.state_path)
+    files = cap.files()
+    assert len(files) >= 2
+    assert stats["packets_captured"] > 0
+    macs = set()
+    n = 0
+    for path in files:
+        for _lt, _ts, buf in iter_frames(path):
+            n += 1
+            assert len(buf) <= 96
+            macs.add((buf[0:6].hex(":"), buf[6:12].hex(":")))
+    assert n == stats["packets_captured"]
+    assert all(CLIENT_MAC in pair for pair in macs)
