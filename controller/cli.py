@@ -17,6 +17,7 @@ from analysis.errors import FlowtruthError
 
 COMMAND_MODULES = [
     "controller.commands.flows",
+    "controller.commands.ap",
 ]
 
 app = typer.Typer(
