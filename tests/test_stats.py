@@ -228,3 +228,31 @@ def test_sample_packet_length_stats_from_series_when_untruncated() -> None:
         headers = meta["BF_IP_packet_bytes"] - meta["BF_L4_payload_bytes"]
         assert headers / meta["BF_num_packets"] >= 28  # at least IPv4 + UDP
         assert pl["max"] >= payload.max() + 28
+
+
+def _c_fast_path():  # the lead's compiled kernel, when it is built
+    try:
+        from analysis import _fast
+    except Exception as err:  # AnalysisError when not built, OSError on a bad .so
+        pytest.skip(f"C fast path not available: {err}")
+    return _fast
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(flows())
+def test_c_fast_path_agrees_with_numba_kernel(spec: list[dict]) -> None:
+    fast = _c_fast_path()
+    table = make_flowtable(spec)
+    args = (table.packets["pkt_ts_ns"], table.packets["pkt_dir"], table.packets["pkt_ip_len"],
+            table.pkt_offsets)
+    np.testing.assert_allclose(fast.features(*args), flow_feature_matrix(*args), rtol=1e-9,
+                               atol=1e-12, equal_nan=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(packet_lengths)
+def test_c_fast_path_stats_agree(values: list[float]) -> None:
+    fast = _c_fast_path()
+    x = np.array(values, dtype=np.float64)
+    np.testing.assert_allclose(fast.stats(x), mirage_stats(x), rtol=1e-9, atol=1e-12,
+                               equal_nan=True)
