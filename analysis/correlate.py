@@ -491,17 +491,24 @@ def correlate(
         parts.append((f[ok], iv[ok]))
     pb = _Pairs.cat(parts)
     rb = _resolve(pb.f, pb.iv, lt, n, is_pkg)
-    # One connect() makes one TCP connection: a lifetime claimed by two SYN flows means
-    # something else also talked to that endpoint, so neither flow is certain.
+    # One connect() makes one TCP connection. When more SYN flows compete for a flow's
+    # connect() lifetimes than there are such lifetimes, something untraced also talked
+    # to that endpoint then, so none of the competing flows is certain.
     if len(pb.f):
         claimed = np.isfinite(connect[pb.iv]) & flows.has_syn[pb.f]
         if claimed.any():
-            ivs, cnt = np.unique(pb.iv[claimed], return_counts=True)
-            shared = np.zeros(lt.n, dtype=bool)
-            shared[ivs[cnt > 1]] = True
-            doubt = np.zeros(n, dtype=bool)
-            doubt[pb.f[claimed & shared[pb.iv]]] = True
+            cf, civ = pb.f[claimed], pb.iv[claimed]
+            per_iv = np.bincount(civ, minlength=lt.n)  # flows claiming each lifetime
+            per_f = np.bincount(cf, minlength=n)  # lifetimes each flow may be
+            worst = np.zeros(n, dtype=np.int64)
+            np.maximum.at(worst, cf, per_iv[civ])
+            doubt = worst > per_f
             rb["ndist"][doubt & (rb["ndist"] == 1)] = 2
+            remote_doubt = int(doubt.sum())
+        else:
+            remote_doubt = 0
+    else:
+        remote_doubt = 0
 
     # Assemble.
     out_label = np.full(n, UNKNOWN, dtype=object)
@@ -583,6 +590,7 @@ def correlate(
         "most_common": n_fallback,
         "stages": stage_counts,
         "tightened": tightened,
+        "remote_competing": remote_doubt,
         "strace_netstat": {"both": int(both_mask.sum()), "agree": agree,
                            "disagree": int(both_mask.sum()) - agree},
         "clock": {**clock, "offset_used": offset, "tolerance": tolerance,

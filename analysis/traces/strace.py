@@ -47,7 +47,7 @@ _RE_FULL = re.compile(
     _PREFIX + r"([a-z_][a-z0-9_]*)\((.*)\) += (-?\d+|\?|0x[0-9a-fA-F]+)(?:<(\S*)>)?"
     r"(?: (E[A-Z0-9_]+)(?: \([^)]*\))?)?(?: \(.*?\))?(?: <\d+\.\d+>)?\s*$"
 )
-_RE_UNFINISHED = re.compile(_PREFIX + r"([a-z_][a-z0-9_]*)\((.*?) *<unfinished \.\.\.>\s*$")
+_RE_UNFINISHED = re.compile(_PREFIX + r"([a-z_][a-z0-9_]*)\((.*?)<unfinished \.\.\.>\s*$")
 _RE_RESUMED = re.compile(
     _PREFIX + r"<\.\.\. ([a-z_][a-z0-9_]*) resumed> ?(.*) += (-?\d+|\?|0x[0-9a-fA-F]+)"
     r"(?:<(\S*)>)?(?: (E[A-Z0-9_]+)(?: \([^)]*\))?)?(?: \(.*?\))?(?: <\d+\.\d+>)?\s*$"
@@ -210,7 +210,8 @@ def _parse(lines: Iterable[str], path: str | None, date, utc_offset: float, defa
                 # Old strace prints "<... socket resumed> = 3" without the ")".
                 if rest.endswith(")"):
                     rest = rest[:-1]
-                args = head[2] + rest if rest else head[2]
+                h, r = head[2].rstrip(), rest.lstrip()
+                args = h + (" " if r and h.endswith(",") else "") + r
                 parsed += 1
                 yield Syscall(head[0], p, name, args, _ret(ret), err, decor)
                 last_ok = True
