@@ -243,6 +243,32 @@ def test_stdin_reaches_the_command(server, samsung):
     assert r.returncode == 0 and r.stdout == "HELLO PHONE\n"
 
 
+def test_exec_service_is_raw_stdout_only(server, samsung):
+    adbd, _ = samsung
+    r = server.adb("-s", adbd.address, "exec-out", "printf 'a\\0b'; echo noise >&2")
+    assert r.returncode == 0 and r.stdout == "a\0b"
+
+
+def test_tcp_service_reaches_ports_on_the_phone(samsung):
+    _, d = samsung
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def echo_once() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(b"echo:" + conn.recv(100))
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            done = pool.submit(echo_once)
+            sock = d.create_connection(adbutils.Network.TCP, port)
+            with sock:
+                sock.settimeout(5)
+                sock.sendall(b"ping")
+                assert sock.recv(100) == b"echo:ping"
+            done.result(timeout=5)
+
+
 # --------------------------------------------------------------------------- identity
 
 

@@ -47,6 +47,7 @@ A_VERSION = 0x01000001
 MAX_PAYLOAD_V1 = 4 * 1024
 MAX_PAYLOAD = 1024 * 1024
 SYNC_DATA_MAX = 64 * 1024
+HANDSHAKE_TIMEOUT_S = 30.0
 HEADER = struct.Struct("<6I")
 
 FEATURES = [
@@ -230,18 +231,23 @@ class Connection:
         if length > max(self.max_payload, MAX_PAYLOAD_V1):
             raise ProtocolError(f"payload of {length} bytes exceeds {self.max_payload}")
         data = await self.reader.readexactly(length) if length else b""
-        if self.version < A_VERSION_SKIP_CHECKSUM and crc != checksum(data):
+        # Legacy peers sum the payload; 0 means "not computed", which newer hosts send.
+        if self.version < A_VERSION_SKIP_CHECKSUM and crc not in (0, checksum(data)):
             raise ProtocolError("payload checksum mismatch")
         return Message(command, arg0, arg1, data)
 
     async def serve(self) -> None:
         peer = self.writer.get_extra_info("peername")
         try:
+            # A peer that never completes the handshake is not an adb server: drop it.
+            await self.handle(await asyncio.wait_for(self.read_message(), HANDSHAKE_TIMEOUT_S))
             while True:
                 msg = await self.read_message()
                 await self.handle(msg)
         except (asyncio.IncompleteReadError, ConnectionError):
             log.debug("adb connection from %s closed", peer)
+        except TimeoutError:
+            log.warning("dropping adb connection from %s: no handshake", peer)
         except ProtocolError as exc:
             log.warning("dropping adb connection from %s: %s", peer, exc)
         finally:

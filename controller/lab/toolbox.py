@@ -320,10 +320,10 @@ for e in /*; do
         ln -s "$(readlink "$e")" "$R/$n"
     elif [ -d "$e" ]; then
         mkdir "$R/$n"
-        mount --rbind "$e" "$R/$n"
+        mount --rbind "$e" "$R/$n" 2>/dev/null || rmdir "$R/$n"
     else
         : > "$R/$n"
-        mount --bind "$e" "$R/$n"
+        mount --bind "$e" "$R/$n" 2>/dev/null || rm -f "$R/$n"
     fi
 done
 mkdir "$R/data" "$R/storage" "$R/sdcard"
