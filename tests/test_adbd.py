@@ -527,6 +527,67 @@ def test_garbage_connections_do_not_take_the_server_down(samsung):
     assert d.shell("echo alive") == "alive"
 
 
+class RawHost:
+    """A minimal host side of the wire protocol, to check what the adbd puts on the wire."""
+
+    def __init__(self, port: int, max_payload: int = 4096) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.send(Message(Command.CNXN, A_VERSION, max_payload, b"host::\0"), legacy=True)
+        banner = self.recv()
+        assert banner.command == Command.CNXN and banner.arg1 == max_payload
+
+    def send(self, msg: Message, legacy: bool = False) -> None:
+        self.sock.sendall(encode_message(msg, with_checksum=legacy))
+
+    def recv(self, timeout: float = 5) -> Message:
+        self.sock.settimeout(timeout)
+        command, arg0, arg1, length, _, _ = HEADER.unpack(_recv_exactly(self.sock, HEADER.size))
+        return Message(command, arg0, arg1, _recv_exactly(self.sock, length))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_streams_follow_adb_flow_control(samsung):
+    adbd, _ = samsung
+    host = RawHost(adbd.port, max_payload=4096)
+    try:
+        host.send(Message(Command.OPEN, 41, 0, b"no-such-service:\0"))
+        refused = host.recv()
+        assert (refused.command, refused.arg0, refused.arg1) == (Command.CLSE, 0, 41)
+
+        host.send(Message(Command.OPEN, 42, 0, b"shell:head -c 20000 /dev/zero\0"))
+        okay = host.recv()
+        assert okay.command == Command.OKAY and okay.arg1 == 42 and okay.arg0 != 0
+        ours = okay.arg0
+        first = host.recv()
+        assert (first.command, first.arg0, first.arg1) == (Command.WRTE, ours, 42)
+        assert len(first.data) <= 4096
+        with pytest.raises(TimeoutError):  # nothing more until we acknowledge
+            host.recv(timeout=0.5)
+        received = len(first.data)
+        while True:
+            host.send(Message(Command.OKAY, 42, ours))
+            msg = host.recv()
+            if msg.command == Command.CLSE:
+                assert (msg.arg0, msg.arg1) == (ours, 42)
+                break
+            assert msg.command == Command.WRTE and len(msg.data) <= 4096
+            received += len(msg.data)
+        assert received == 20000
+    finally:
+        host.close()
+
+
+def test_many_commands_share_one_connection(samsung):
+    _, d = samsung
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(
+            pool.map(lambda i: d.shell2(f"sleep 0.2; echo {i}; exit {i}", v2=True), range(8))
+        )
+    assert [(r.stdout, r.returncode) for r in results] == [(f"{i}\n", i) for i in range(8)]
+
+
 def _spawn_adbd(args: list[str]) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
         args,
