@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from analysis.flowtable import DIRECTIONS, METRICS, STAT_NAMES, FlowTable, stat_column
 from analysis.stats import flow_feature_matrix, mirage_stats, mirage_stats_into
-from tests.factories import make_flowtable, reference_flow_stats, reference_stats
+from tests.factories import make_flowtable, reference_stats
 
 scipy_stats = pytest.importorskip("scipy.stats", reason="scipy (dev dependency) not installed")
 
@@ -27,7 +27,6 @@ def scipy_reference(x: np.ndarray) -> np.ndarray:
     """The 17 statistics with numpy/scipy, MIRAGE's fall-backs applied (spec §2.3)."""
     if len(x) == 0:
         return np.full(17, np.nan)
-    med = np.median(x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         sk = float(scipy_stats.skew(x, bias=False))
