@@ -25,7 +25,7 @@
 # Stops cleanly after the current block on SIGTERM or SIGINT or when STOPFILE exists;
 # exit 0. Exit 2: bad arguments or OUTFILE not writable; 3: MAX_BYTES reached.
 # Start it detached (nohup/setsid) when the adb shell that starts it may close.
-# POSIX sh with toybox/busybox applets only.
+# POSIX sh with toybox/busybox applets only (date cat sleep rm, adjtimex if present).
 
 set -u
 
@@ -89,7 +89,8 @@ fi
 
 # --- output -----------------------------------------------------------------------------
 rm -f "$STOPFILE"
-if ! : >"$OUT" 2>/dev/null; then
+# (true, not ":": a failed redirection on a special builtin ends a POSIX shell)
+if ! true 2>/dev/null >"$OUT"; then
     echo "netstat_poller: cannot write $OUT" >&2
     exit 2
 fi

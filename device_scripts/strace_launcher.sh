@@ -34,7 +34,8 @@
 # its tracees). Exit 0 after a stop; 2 on bad arguments.
 # Start it detached (nohup/setsid) when the adb shell that starts it may close; never
 # SIGKILL the launcher itself, or its stracers are left running.
-# POSIX sh with toybox/busybox applets only; every value is quoted.
+# POSIX sh with toybox/busybox applets only (pidof grep xargs echo sed mkdir mv rm sleep
+# kill); every value is quoted.
 
 set -u
 
@@ -90,9 +91,11 @@ alive() {
     [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
 }
 
-# argv[0] of a process (empty if it is gone).
+# argv[0] of a process (empty if it is gone). xargs -0 rather than tr, which some toybox
+# builds lack; a package's argv[0] has no blanks.
 argv0() {
-    tr '\000' '\n' 2>/dev/null <"/proc/$1/cmdline" | head -n 1
+    a=$(xargs -0 echo 2>/dev/null <"/proc/$1/cmdline")
+    printf '%s\n' "${a%% *}"
 }
 
 # Candidate pids: the main process and the "PACKAGE:*" ones, unverified.
@@ -141,7 +144,7 @@ write_pidsfile() {
 
 start_trace() {
     pid=$1
-    name=$(printf '%s' "$2" | tr -c 'A-Za-z0-9._:-' '_')
+    name=$(printf '%s\n' "$2" | sed 's/[^A-Za-z0-9._:-]/_/g')
     out="$OUTDIR/strace.$pid.$name.log"
     "$STRACE" -f -ttt -yy -s 32 -A -e trace=%network,close,dup,dup2,dup3 -e signal=none \
         -o "$out" -p "$pid" </dev/null &
