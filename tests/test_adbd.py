@@ -26,7 +26,7 @@ from pathlib import Path
 import adbutils
 import pytest
 
-from controller.errors import ConfigError
+from controller.errors import ConfigError, LabError
 from controller.lab import toolbox_runtime as rt
 from controller.lab.adbd import (
     A_VERSION,
@@ -670,6 +670,21 @@ def test_adbd_entry_point_stops_cleanly_on_sigterm(server, workdir):
         assert proc.wait(timeout=10) == 0
         proc.communicate()
         server.adb("disconnect", address)
+
+
+def test_known_failures_are_one_line_errors(samsung, workdir):
+    adbd, _ = samsung
+    with pytest.raises(LabError, match="cannot listen"):
+        EmulatedAdbd(xiaomi_poco_x3_pro(), "127.0.0.1", adbd.port).start()
+    missing = subprocess.run(
+        [sys.executable, "-m", "controller.lab.adbd", "--config", str(workdir / "nope.yaml")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("adbd: ") and "Traceback" not in missing.stderr
 
 
 # --------------------------------------------------------------------------- config, non-root

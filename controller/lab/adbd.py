@@ -26,6 +26,7 @@ import ctypes
 import enum
 import logging
 import os
+import shutil
 import signal
 import stat
 import struct
@@ -714,6 +715,7 @@ class EmulatedAdbd:
         port: int = 0,
         state_dir: str | os.PathLike[str] | None = None,
         netns: str | None = None,
+        use_mount_namespace: bool | None = None,
     ) -> None:
         self.config = config
         self.host = host
@@ -721,7 +723,14 @@ class EmulatedAdbd:
         self._own_state_dir = state_dir is None
         if state_dir is None:
             state_dir = tempfile.mkdtemp(prefix=f"flowtruth-phone-{config.serial}-")
-        self.toolbox = Toolbox(config, state_dir, netns=netns)
+        try:
+            self.toolbox = Toolbox(
+                config, state_dir, netns=netns, use_mount_namespace=use_mount_namespace
+            )
+        except BaseException:
+            if self._own_state_dir:
+                shutil.rmtree(state_dir, ignore_errors=True)
+            raise
         self.state_dir = self.toolbox.state_dir
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -809,6 +818,8 @@ class EmulatedAdbd:
         if failure:
             self._thread.join()
             self._thread = None
+            if self._own_state_dir:
+                self.toolbox.remove()
             exc = failure[0]
             raise LabError(
                 f"emulated adbd for {self.config.serial} cannot listen on "
@@ -848,6 +859,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", help="the phone's state directory (default: a temp dir)")
     parser.add_argument("--serial", help="override the config's serial")
     parser.add_argument("--netns", help="run shell commands in this network namespace")
+    parser.add_argument(
+        "--no-mount-ns",
+        action="store_true",
+        help="no private mount namespace per command (device paths are rewritten instead)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -859,7 +875,14 @@ def main(argv: list[str] | None = None) -> int:
         config = load_phone_config(args.config) if args.config else PRESETS[args.preset]()
         if args.serial:
             config = config.model_copy(update={"serial": args.serial})
-        adbd = EmulatedAdbd(config, args.host, args.port, args.state_dir, netns=args.netns)
+        adbd = EmulatedAdbd(
+            config,
+            args.host,
+            args.port,
+            args.state_dir,
+            netns=args.netns,
+            use_mount_namespace=False if args.no_mount_ns else None,
+        )
         stop = threading.Event()
         for signo in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signo, lambda *_: stop.set())
