@@ -48,6 +48,22 @@ class Syscall:
     ret_decor: str | None = None  # -yy decoration of the returned fd: "TCP:[...]"
 
 
+def _fast_init(cls: type):  # noqa: ANN202
+    """A positional constructor for a frozen slotted dataclass that skips the frozen
+    ``__init__``'s per-field ``object.__setattr__`` (3x faster; parsers make millions)."""
+    names = cls.__slots__  # type: ignore[attr-defined]
+    env = {f"s{i}": cls.__dict__[n].__set__ for i, n in enumerate(names)}
+    env.update(new=object.__new__, cls=cls)
+    params = ", ".join(f"a{i}" for i in range(len(names)))
+    body = "; ".join(f"s{i}(o, a{i})" for i in range(len(names)))
+    exec(f"def make({params}):\n    o = new(cls); {body}\n    return o", env)  # noqa: S102
+    return env["make"]
+
+
+make_syscall = _fast_init(Syscall)
+"""``make_syscall(ts, pid, name, args, retval, errno, ret_decor)`` -> :class:`Syscall`."""
+
+
 @dataclass(frozen=True, slots=True)
 class SocketObservation:
     """What one source saw of one socket at one time (or over ``[ts, end_ts]``)."""
@@ -68,6 +84,10 @@ class SocketObservation:
     end_ts: float | None = None  # end of a lifetime or a CSV range
     sock: int | None = None  # socket identity within its source (inode for netstat)
     labeling_type: str | None = None  # only from CSV labels that carry one
+
+
+make_observation = _fast_init(SocketObservation)
+"""Positional constructor of :class:`SocketObservation` (all 16 fields, in order)."""
 
 
 @lru_cache(maxsize=65536)

@@ -35,6 +35,8 @@ from analysis.traces.model import (
     ParseStats,
     SocketObservation,
     Syscall,
+    make_observation,
+    make_syscall,
     new_sock_id,
     norm_ip,
     split_process,
@@ -166,8 +168,38 @@ def _parse(lines: Iterable[str], path: str | None, date, utc_offset: float, defa
     parsed = 0
     last_ok = True
     last_line = ""
+    mk = make_syscall
     for line in lines:
         n += 1
+        # Fast path for the usual "PID TS name(args) = ret" line: plain string methods;
+        # anything unusual falls through to the regexes below.
+        head, sep, tail = line.partition("(")
+        if sep:
+            args, sep, rest = tail.rpartition(") = ")
+            if sep:
+                hp = head.split()
+                if len(hp) == 3 and hp[0].isdigit() and hp[2].isidentifier() \
+                        and ":" not in hp[1]:
+                    tok, _, more = rest.rstrip().partition(" ")
+                    decor = None
+                    if "<" in tok:
+                        tok, _, decor = tok.partition("<")
+                        decor = decor[:-1]
+                        if "<" in more and not more.startswith("<"):
+                            tok = ""  # a decoration with a space: let the regex decide
+                    try:
+                        ts = float(hp[1])
+                        ret = int(tok)
+                    except ValueError:
+                        pass
+                    else:
+                        err = None
+                        if ret < 0 and more[:1] == "E":
+                            err = more.split(" ", 1)[0].rstrip()
+                        parsed += 1
+                        yield mk(ts, int(hp[0]), hp[2], args, ret, err, decor)
+                        last_ok = True
+                        continue
         m = full(line)
         if m is not None:
             pa, pb, t, name, args, ret, decor, err = m.groups()
@@ -178,8 +210,8 @@ def _parse(lines: Iterable[str], path: str | None, date, utc_offset: float, defa
             else:
                 ts = float(t)
             parsed += 1
-            yield Syscall(ts, int(pa or pb) if (pa or pb) else default_pid, name, args,
-                          _ret(ret), err, decor)
+            yield mk(ts, int(pa or pb) if (pa or pb) else default_pid, name, args,
+                     _ret(ret), err, decor)
             last_ok = True
             continue
         last_line = line
@@ -213,7 +245,7 @@ def _parse(lines: Iterable[str], path: str | None, date, utc_offset: float, defa
                 h, r = head[2].rstrip(), rest.lstrip()
                 args = h + (" " if r and h.endswith(",") else "") + r
                 parsed += 1
-                yield Syscall(head[0], p, name, args, _ret(ret), err, decor)
+                yield mk(head[0], p, name, args, _ret(ret), err, decor)
                 last_ok = True
                 continue
         if other(line) is not None and ("---" in line or "+++" in line or "strace: " in line):
@@ -304,12 +336,42 @@ def _all_sockaddrs(args: str) -> list[tuple[str | None, int]]:
     return [(ip, port) for ip, port, _ in out]
 
 
+def _parse_first_arg(first: str) -> tuple:
+    """``84<TCPv6:[[::1]:5->[::1]:6]>`` -> (fd, proto, inet, (lip, lport)|None, (rip, rport)|None).
+
+    ``inet`` is None without a decoration, False for non-inet sockets.
+    """
+    m = _RE_DECOR.match(first)
+    if m is None:
+        return None, None, None, None, None
+    fd = int(m.group(1))
+    kind = m.group(2)
+    if kind is None:
+        return fd, None, None, None, None
+    proto = _DECOR_PROTO.get(kind)
+    if proto is None:
+        return fd, None, False, None, None
+    inner = m.group(3)
+    local = remote = None
+    if inner and not inner.isdigit():
+        lt, sep, rt = inner.partition("->")
+        ip, port = _endpoint(lt)
+        if port:
+            local = (ip, port)
+        if sep:
+            ip, port = _endpoint(rt)
+            if port:
+                remote = (ip, port)
+    return fd, proto, True, local, remote
+
+
 class _Tracker:
     """fd -> socket state of one process, turning syscalls into observations."""
 
     def __init__(self, process: str | None, label: str | None, sublabel: str | None,
                  uid: int | None, st: ParseStats) -> None:
         self.fds: dict[int, _Sock] = {}
+        self.decor_cache: dict[str, tuple] = {}
         self.process = process
         self.label = label
         self.sublabel = sublabel
@@ -321,30 +383,39 @@ class _Tracker:
         rip, rport = remote if remote is not None else (s.remote_ip, s.remote_port)
         if s.local_port is None and rport is None:
             return None
-        return SocketObservation(
+        return make_observation(
             c.ts, "strace", s.proto or 0, s.local_ip, s.local_port, rip, rport, kind, c.pid,
-            self.uid, self.process, self.label, self.sublabel, None, s.sock,
+            self.uid, self.process, self.label, self.sublabel, None, s.sock, None,
         )
 
     def _fd(self, c: Syscall) -> tuple[int, _Sock | None]:
         """The first argument's fd and its state, updated from a -yy decoration."""
-        m = _RE_DECOR.match(c.args)
-        if m is None:
+        first = c.args.split(",", 1)[0]
+        d = self.decor_cache.get(first)
+        if d is None:
+            d = self.decor_cache[first] = _parse_first_arg(first)
+            if len(self.decor_cache) > 100_000:
+                self.decor_cache.clear()
+        fd, proto, inet, local, remote = d
+        if fd is None:
             return -1, None
-        fd = int(m.group(1))
         s = self.fds.get(fd)
-        kind = m.group(2)
-        if kind is not None:
-            proto = _DECOR_PROTO.get(kind)
-            if proto is None:  # UNIX, NETLINK, ...
-                if s is None or s.inet:
-                    s = self.fds[fd] = _Sock(new_sock_id(), None, inet=False)
-                return fd, s
-            if s is None or not s.inet:
-                s = self.fds[fd] = _Sock(new_sock_id(), proto)
-            elif s.proto is None:
-                s.proto = proto
-            self._apply_decor(s, m.group(3))
+        if inet is None:  # no decoration
+            return fd, s
+        if not inet:  # UNIX, NETLINK, ...
+            if s is None or s.inet:
+                s = self.fds[fd] = _Sock(new_sock_id(), None, inet=False)
+            return fd, s
+        if s is None or not s.inet:
+            s = self.fds[fd] = _Sock(new_sock_id(), proto)
+        elif s.proto is None:
+            s.proto = proto
+        if local is not None:
+            s.local_port = local[1]
+            if local[0] is not None:  # a wildcard never hides the address getsockname gave
+                s.local_ip = local[0]
+        if remote is not None:
+            s.remote_ip, s.remote_port = remote
         return fd, s
 
     @staticmethod
