@@ -460,3 +460,24 @@ def test_tcbench_mirage22_loader_reads_our_files(tmp_path: Path) -> None:
     assert df["app"].value_counts().to_dict() == {TELEGRAM: 3, "background": 2}
     assert set(df["flow_metadata_bf_activity"]) == {"chat"}
     assert set(df["flow_metadata_bf_device"]) == {"aa:bb:cc:dd:ee:ff"}
+
+
+def test_tcbench_filter_and_splits_accept_our_flows(tmp_path: Path) -> None:
+    m19 = _tcbench("mirage19_json_to_parquet")
+    splits = _tcbench("mirage19_generate_splits")
+    base = tmp_path / "MIRAGE-2019_traffic_dataset_downloadable"
+    for j, package in enumerate((TELEGRAM, "com.whatsapp")):
+        # tcbench keeps classes with > 100 flows of > 10 payload packets in the window.
+        flows = [handshake_flow(12, label=package, src_port=20000 + i) for i in range(101)]
+        flows.append(handshake_flow(12, label=None, src_port=30000))
+        write_mirage_dir(make_flowtable(flows), base, package, "Pixel7", "aa:bb:cc:dd:ee:ff",
+                         1_700_000_000 + 600 * j, payload=True)
+    df = _run_quietly(m19.main, str(tmp_path), workers=1)
+    assert len(df) == 204
+    kept = splits.filter_dataset(df)
+    assert len(kept) == 202 and set(kept["app"]) == {TELEGRAM, "com.whatsapp"}
+    assert (kept["packets"] == 12).all()
+    assert kept["timetofirst"].map(lambda t: bool(np.all(np.diff(t) > 0))).all()
+    folds = splits.generate_global_splits(kept)
+    assert len(folds) == 5
+    assert all(len(t) == 21 for t in folds["test_indexes"])
