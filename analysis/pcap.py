@@ -156,6 +156,10 @@ class PcapReader(_Reader):
                 yield self._decode(arr, rec_off[:n].copy(), caplen[:n].copy(),
                                    wirelen[:n].copy(), ts_ns[:n].copy(), lts, file_pos)
             if bad >= 0:
+                if self.frame == 0:
+                    raise ParseError(self.path, file_pos + pos,
+                                     f"record length {bad} exceeds {self.limit}",
+                                     "the file is corrupt; no packet could be read")
                 self.stats.warnings.append(
                     f"{self.path}: byte offset {file_pos + pos}: record length {bad} exceeds "
                     f"{self.limit}; the file is corrupt from here on, stopped reading")
@@ -163,6 +167,10 @@ class PcapReader(_Reader):
                 return
             rest = valid - pos
             if eof:
+                if rest > 0 and self.frame == 0:
+                    raise ParseError(self.path, file_pos + pos,
+                                     f"the first record is truncated ({rest} bytes present)",
+                                     "the capture was cut short; no packet could be read")
                 if rest > 0:
                     self.stats.warnings.append(
                         f"{self.path}: byte offset {file_pos + pos}: last record truncated "
@@ -216,10 +224,11 @@ class PcapngReader(_Reader):
                 body = data.get(pos, min(blen, 28)) if blen >= 16 else b""
                 if len(body) >= 16:
                     major, minor = struct.unpack(endian + "HH", body[12:16])
-                    if major != 1:
+                    if major != 1 or minor not in (0, 2):
                         raise ParseError(path, pos + 12,
                                          f"unsupported pcapng version {major}.{minor}",
-                                         "only pcapng 1.x exists; the file is corrupt")
+                                         "only pcapng 1.0 (and 1.2, read as 1.0) exist; "
+                                         "the file is corrupt")
                 ifaces = []
             else:
                 blen = struct.unpack(endian + "I", head[4:8])[0]
@@ -231,6 +240,10 @@ class PcapngReader(_Reader):
                 self.stats.skip("corrupt record header", 1)
                 break
             if pos + blen > size:
+                if self.frame == 0 and not rec_off and btype in (2, 3, 6):
+                    raise ParseError(path, pos, f"the first packet block is truncated "
+                                     f"({size - pos} of {blen} bytes present)",
+                                     "the capture was cut short; no packet could be read")
                 self.stats.warnings.append(
                     f"{path}: byte offset {pos}: last block truncated "
                     f"({size - pos} of {blen} bytes present)")
@@ -262,6 +275,7 @@ class PcapngReader(_Reader):
                 if btype == 6 or btype == 2:
                     if blen < 32:
                         self.stats.skip("corrupt record header", 1)
+                        self.stats.packets += 1
                         pos += blen
                         continue
                     hdr = data.get(pos + 8, 20)
@@ -270,9 +284,7 @@ class PcapngReader(_Reader):
                     else:
                         ifid, _drops, tsh, tsl, cap, orig = struct.unpack(endian + "HHIIII", hdr)
                     doff = pos + 28
-                else:
-                    if not ifaces:
-                        ifid = 0
+                else:  # simple packet block: interface 0, no timestamp
                     ifid = 0
                     orig = struct.unpack(endian + "I", data.get(pos + 8, 4))[0]
                     cap = min(orig, blen - 16)
@@ -280,10 +292,12 @@ class PcapngReader(_Reader):
                     doff = pos + 12
                 if ifid >= len(ifaces):
                     self.stats.skip("packet for an undeclared interface", 1)
+                    self.stats.packets += 1
                     pos += blen
                     continue
                 if doff + cap > pos + blen - 4:
                     self.stats.skip("corrupt record header", 1)
+                    self.stats.packets += 1
                     pos += blen
                     continue
                 lt, num, den, toff = ifaces[ifid]
@@ -294,10 +308,16 @@ class PcapngReader(_Reader):
                     ts = raw * 1000
                 else:
                     ts = raw * 1_000_000_000 // den
+                ts += toff * 1_000_000_000
+                if not 0 <= ts < 1 << 63:
+                    self.stats.skip("timestamp out of range", 1)
+                    self.stats.packets += 1
+                    pos += blen
+                    continue
                 rec_off.append(doff)
                 caplens.append(cap)
                 wirelens.append(orig)
-                tss.append(ts + toff * 1_000_000_000)
+                tss.append(ts)
                 lts.append(lt)
                 pending += cap
                 if pending >= self.chunk_bytes or len(rec_off) >= 65536:
