@@ -19,7 +19,7 @@ IPv4-mapped IPv6 addresses become IPv4. ``connect`` with ``ret`` -1 counts unles
 ``errno`` says nothing was sent (a non-blocking connect gives EINPROGRESS). ``getaddrinfo``
 events carry no socket and are skipped (counted as ``name lookups``). A socket is
 ``(pid, fd)`` from its first event to its ``close``; its local port, once known, is
-remembered for its later events. Damaged lines are counted, never fatal.
+remembered for its later events, and a pid's ``process``, once given, for its later events. Damaged lines are counted, never fatal.
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ def iter_frida_events(
 ) -> Iterator[SocketObservation]:
     """Socket observations from the agent's JSON lines (``process`` if events lack one)."""
     st = stats if stats is not None else ParseStats()
+    procs: dict[int | None, str] = {}  # pid -> the process name its events gave
     socks: dict[tuple[int, int], list] = {}  # (pid, fd) -> [sock id, local ip, local port]
     n = parsed = 0
     for line in _lines(source):
@@ -130,7 +131,11 @@ def iter_frida_events(
         if lport is None and rport is None:
             st.note("events without an address")
             continue
-        proc = e.get("process") if isinstance(e.get("process"), str) else process
+        proc = e.get("process")
+        if isinstance(proc, str) and proc:
+            procs[pid] = proc
+        else:
+            proc = procs.get(pid, process)
         label, sublabel = split_process(proc)
         parsed += 1
         yield SocketObservation(float(ts), "frida", proto, lip, lport, rip, rport, kind, pid,

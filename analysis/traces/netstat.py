@@ -248,19 +248,18 @@ def iter_netstat_observations(
     Rows without a time (plain netstat without ``ts=``) are point observations at NaN
     and so never match a flow; they still count.
     """
-    it = iter(source)
-    first = next(it, None)
-    if first is None:
-        return
-    if isinstance(first, SocketTableRow):
-        def rows_gen() -> Iterator[SocketTableRow]:
-            yield first
-            yield from it
-
-        rows: Iterable[SocketTableRow] = rows_gen()
+    rows: Iterable[SocketTableRow]
+    if isinstance(source, (str, os.PathLike)):
+        rows = iter_socket_tables(source, stats, ts=ts)
     else:
-        src = source if isinstance(source, (str, os.PathLike)) else _prepend(first, it)
-        rows = iter_socket_tables(src, stats, ts=ts)  # type: ignore[arg-type]
+        it = iter(source)
+        first = next(it, None)
+        if first is None:
+            return
+        if isinstance(first, SocketTableRow):
+            rows = _prepend(first, it)
+        else:
+            rows = iter_socket_tables(_prepend(first, it), stats, ts=ts)
     # table -> {socket key -> [first ts, last ts, row, last snapshot seen]}
     by_table: dict[str, dict[tuple, list]] = {}
     snap: dict[str, float] = {}  # table -> time of its current snapshot
