@@ -332,6 +332,10 @@ def test_sync_stat_and_list(samsung):
     assert d.shell("cat /sdcard/Download/note.txt") == "hello"
     with pytest.raises(adbutils.AdbError):
         d.sync.read_bytes("/sdcard/does-not-exist")
+    with pytest.raises(adbutils.AdbError, match="FAIL"):
+        d.sync.push(b"no", "/etc/flowtruth-must-not-exist")
+    assert not Path("/etc/flowtruth-must-not-exist").exists()
+    assert d.sync.read_text("/proc/net/tcp").lstrip().startswith("sl")
 
 
 def test_adb_cli_shell_push_and_pull(server, samsung, workdir):
@@ -349,6 +353,9 @@ def test_adb_cli_shell_push_and_pull(server, samsung, workdir):
         assert back.read_bytes() == src.read_bytes()
         ls = server.adb("-s", adbd.address, "ls", "/data/local/tmp")
         assert "cli.bin" in ls.stdout
+        refused = server.adb("-s", adbd.address, "push", str(src), "/system/bin/cli.bin")
+        assert refused.returncode == 1
+        assert "Read-only file system" in refused.stdout + refused.stderr
     finally:
         src.unlink(missing_ok=True)
         back.unlink(missing_ok=True)

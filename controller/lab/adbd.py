@@ -627,11 +627,15 @@ class SyncSession:
         perm |= (perm >> 3) & 0o007
         error: str | None = None
         tmp_fd, tmp_name = -1, ""
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp_fd, tmp_name = tempfile.mkstemp(prefix=".adb-push.", dir=target.parent)
-        except OSError as exc:
-            error = f"couldn't create file: {exc.strerror}"
+        if not self.adbd.toolbox.is_phone_path(path):
+            # Only the phone's own tree is writable; the rest is the host, read-only as /system.
+            error = "couldn't create file: Read-only file system"
+        else:
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp_fd, tmp_name = tempfile.mkstemp(prefix=".adb-push.", dir=target.parent)
+            except OSError as exc:
+                error = f"couldn't create file: {exc.strerror}"
         mtime = 0
         try:
             while True:
@@ -666,9 +670,9 @@ class SyncSession:
             if tmp_name:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp_name)
-        if error is not None:
+        if error is not None:  # as adbd: report, then end the sync session
             await self.fail(error)
-            return True
+            return False
         await self.emit(b"OKAY" + struct.pack("<I", 0))
         return True
 

@@ -383,6 +383,10 @@ class Toolbox:
                 return self.state_dir / target / norm[len(prefix) :].lstrip("/")
         return Path(norm)
 
+    def is_phone_path(self, device_path: str) -> bool:
+        """True for paths in the phone's own tree (/data, /sdcard, /storage), False for host paths."""
+        return (self.state_dir / "fs") in self.fs_path(device_path).parents
+
     def prepare(self, reset: bool = False) -> None:
         """Create the state directory, the state file (unless present) and the shims."""
         for sub in (
