@@ -481,3 +481,72 @@ def test_tcbench_filter_and_splits_accept_our_flows(tmp_path: Path) -> None:
     folds = splits.generate_global_splits(kept)
     assert len(folds) == 5
     assert all(len(t) == 21 for t in folds["test_indexes"])
+
+
+# ------------------------------------------------------------- real captures, end to end
+
+REAL_PCAPS = [DATA / "ndpi_pcaps" / n for n in ("signal.pcap", "telegram.pcap", "whatsapp.pcap")]
+
+
+def _read_real(path: Path, payload: bool = False):
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    try:
+        from analysis.assemble import FlowOptions, read_flows
+    except Exception as err:  # the pcap reader is another part of the project
+        pytest.skip(f"pcap reader not available: {err}")
+    return read_flows(path, FlowOptions(payload=payload))
+
+
+@pytest.mark.parametrize("pcap", REAL_PCAPS, ids=lambda p: p.name)
+def test_real_capture_2022_export_is_self_consistent(pcap: Path, tmp_path: Path) -> None:
+    from analysis.stats import mirage_stats
+
+    table = _read_real(pcap, payload=True)
+    assert len(table) > 0
+    for part in to_mirage_parts(table, layout="mirage2022", payload=True):
+        for key, rec in part.items():
+            assert KEY_RE.match(key) or ":" in key, key
+            pd_, meta = rec["packet_data"], rec["flow_metadata"]
+            ip_len = np.array(pd_["IP_packet_bytes"], dtype=np.float64)
+            dirs = np.array(pd_["packet_dir"])
+            ts = np.array(pd_["timestamp"])
+            assert len(ip_len) == meta["BF_num_packets"]
+            assert ip_len.sum() == meta["BF_IP_packet_bytes"]
+            assert sum(pd_["L4_payload_bytes"]) == meta["BF_L4_payload_bytes"]
+            assert sum(pd_["iat"]) == pytest.approx(meta["BF_duration"], abs=1e-6)
+            for raw, n in zip(pd_["L4_raw_payload"], pd_["L4_payload_bytes"], strict=True):
+                assert len(raw) <= n  # capture snap length may cut payloads
+            # Every statistic, recomputed from the file's own whole-flow series.
+            up_t, down_t = ts[dirs == 0], ts[dirs == 1]
+            gaps = {"upstream_flow": np.diff(up_t), "downstream_flow": np.diff(down_t)}
+            gaps["biflow"] = np.concatenate([gaps["upstream_flow"], gaps["downstream_flow"]])
+            lens = {"biflow": ip_len, "upstream_flow": ip_len[dirs == 0],
+                    "downstream_flow": ip_len[dirs == 1]}
+            for d in ("biflow", "upstream_flow", "downstream_flow"):
+                want = [rec["flow_features"]["packet_length"][d][s] for s in STAT_NAMES]
+                np.testing.assert_allclose(mirage_stats(lens[d]), want, rtol=1e-9,
+                                           equal_nan=True)
+                want = [rec["flow_features"]["iat"][d][s] for s in STAT_NAMES]
+                got = mirage_stats(gaps[d])
+                # Float epoch timestamps carry ~2e-7 s of rounding per packet.
+                np.testing.assert_allclose(got[:6], want[:6], rtol=1e-3, atol=1e-6,
+                                           equal_nan=True)
+
+
+@pytest.mark.parametrize("pcap", REAL_PCAPS, ids=lambda p: p.name)
+def test_real_capture_round_trips_and_tcbench_reads_it(pcap: Path, tmp_path: Path) -> None:
+    table = _read_real(pcap)
+    package = {"signal.pcap": "org.thoughtcrime.securesms", "telegram.pcap": TELEGRAM,
+               "whatsapp.pcap": "com.whatsapp"}[pcap.name]
+    labels = np.empty(len(table), dtype=object)
+    labels[::2] = package  # half the flows labelled, the others stay unknown
+    table.labels["BF_label"] = labels
+    base = tmp_path / "MIRAGE-2019_traffic_dataset_downloadable"
+    paths = write_mirage_dir(table, base, package, "Pixel7", "aa:bb:cc:dd:ee:ff", 1_569_051_245)
+    for p in paths:
+        assert json.dumps(dataframe_to_mirage(read_mirage(p))).encode() == p.read_bytes()
+    m19 = _tcbench("mirage19_json_to_parquet")
+    df = _run_quietly(m19.main, str(tmp_path), workers=1)
+    assert df.shape == (len(table), 135)
+    assert (df["app"] == package).sum() == (labels == package).sum()
