@@ -29,9 +29,7 @@ STRACE = shutil.which("strace") or "/usr/bin/strace"
 
 # Every applet the scripts may call; PATH holds nothing else, so a GNU-only tool or flag
 # fails the test.
-APPLETS = (
-    "adjtimex cat date echo grep head kill mkdir mv pidof printf rm sed sleep xargs".split()
-)
+APPLETS = "adjtimex cat date echo grep head kill mkdir mv pidof printf rm sed sleep xargs".split()
 APP_UID = 10123  # an Android-style app uid for the socket owner
 
 
@@ -148,7 +146,10 @@ def socket_holder() -> Iterator[dict[str, tuple[int, int]]]:
     try:
         assert p.stdout is not None
         rows = [p.stdout.readline().split() for _ in range(3)]
-        yield {n: (int(r[0]), int(r[1])) for n, r in zip(("listen", "client", "udp6"), rows)}
+        yield {
+            n: (int(r[0]), int(r[1]))
+            for n, r in zip(("listen", "client", "udp6"), rows, strict=True)
+        }
     finally:
         kill_and_reap(p)
 
@@ -197,11 +198,17 @@ def test_poller_logs_complete_blocks_with_the_socket_rows(
     assert stamps == sorted(stamps), "timestamps go backwards"
     assert abs(stamps[-1] - time.time()) < 5
     rounds = [b.ts for b in blocks if b.table == "tcp"]
-    assert all(b > a for a, b in zip(rounds, rounds[1:])), "rounds share a timestamp"
-    for name, table, state in (("listen", "tcp", "0A"), ("client", "tcp", "01"), ("udp6", "udp6", "07")):
+    assert all(b > a for a, b in zip(rounds, rounds[1:], strict=False)), "rounds share a timestamp"
+    for name, table, state in (
+        ("listen", "tcp", "0A"),
+        ("client", "tcp", "01"),
+        ("udp6", "udp6", "07"),
+    ):
         port, inode = socket_holder[name]
         row = find_row(blocks, table, port, inode)
-        assert row is not None, f"{name} socket (port {port}, inode {inode}) not in any {table} block"
+        assert row is not None, (
+            f"{name} socket (port {port}, inode {inode}) not in any {table} block"
+        )
         assert row[3] == state
         assert row[7] == str(APP_UID), f"uid column of {name}: {row[7]}"
 
@@ -210,9 +217,12 @@ def test_poller_under_busybox_without_nanoseconds_uses_adjtimex_then_seconds(
     tmp_path: Path,
 ) -> None:
     dash = SHELLS["dash"]  # dash has no EPOCHREALTIME; busybox date has no %N
-    if "%N" not in subprocess.run(
-        ["busybox", "date", "+%N"], capture_output=True, text=True, check=False
-    ).stdout:
+    if (
+        "%N"
+        not in subprocess.run(
+            ["busybox", "date", "+%N"], capture_output=True, text=True, check=False
+        ).stdout
+    ):
         pytest.skip("this busybox date supports %N: the fallback is not reachable")
     for without, clock, decimals in (((), "adjtimex", 6), (("adjtimex",), "whole seconds", 1)):
         work = tmp_path / clock.replace(" ", "_")
@@ -397,9 +407,7 @@ def require_ptrace() -> None:
         pytest.skip("strace is not installed (apt-get install strace)")
 
 
-def start_launcher(
-    shell: Shell, tmp: Path, outdir: Path, *extra: str
-) -> subprocess.Popen[str]:
+def start_launcher(shell: Shell, tmp: Path, outdir: Path, *extra: str) -> subprocess.Popen[str]:
     env = {"PATH": str(make_applet_dir(tmp, shell.applets))}
     return subprocess.Popen(
         [*shell_cmd(shell), str(LAUNCHER), PKG, str(outdir), STRACE, "0.2", *extra],
@@ -481,9 +489,9 @@ def test_launcher_traces_every_process_and_follows_an_app_restart(
         re.M,
     )
     assert connect.search(text), text[:2000]
-    assert re.search(
-        rf"<TCP:\[127\.0\.0\.1:\d+->127\.0\.0\.1:{server.port}\]>", text
-    ), "no -yy socket decoration with both addresses"
+    assert re.search(rf"<TCP:\[127\.0\.0\.1:\d+->127\.0\.0\.1:{server.port}\]>", text), (
+        "no -yy socket decoration with both addresses"
+    )
     assert re.search(r"close\(\d+<UDP:\[", text), "no close of a UDP socket"
     assert "read(" not in text and "mmap(" not in text, "syscall filter not applied"
 
@@ -584,7 +592,7 @@ def test_build_strace_produces_verified_static_binaries() -> None:
     assert r.returncode == 0, r.stderr[-3000:]
     paths = [Path(line) for line in r.stdout.splitlines()]
     assert [p.parent.name for p in paths] == list(ABIS)
-    for p, abi in zip(paths, ABIS):
+    for p, abi in zip(paths, ABIS, strict=True):
         digest = (p.parent / "strace.sha256").read_text().split()[0]
         assert digest == hashlib.sha256(p.read_bytes()).hexdigest()
         assert cached_strace(abi) == p

@@ -1,0 +1,298 @@
+"""Loads ``frida_agent.js`` into a process and appends its socket events as JSON lines.
+
+``FridaTracer`` attaches to a pid (or spawns a command line), writes every event the agent
+reports as one JSON object per line (see the agent's header for the fields) and detaches
+cleanly on :meth:`FridaTracer.stop`. :func:`assign_tracers` splits a package's processes
+between strace and frida so that no pid is traced by both.
+
+Command line: ``python -m device_scripts.frida_loader --pid N --out FILE`` (or
+``--spawn PROG ARG...``), optionally ``--device usb|local|<id>`` and ``--duration S``;
+it runs until SIGINT/SIGTERM, the duration ends or the process exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from analysis.errors import FlowtruthError
+from device_scripts import script_path
+
+TRACERS: tuple[str, ...] = ("strace", "frida", "both")
+
+
+class FridaTracerError(FlowtruthError):
+    """Frida could not attach to, instrument or detach from a process."""
+
+
+@dataclass(frozen=True, slots=True)
+class TracerAssignment:
+    """Which pids strace traces and which frida traces; the two never share a pid."""
+
+    strace: tuple[int, ...]
+    frida: tuple[int, ...]
+
+
+def assign_tracers(processes: Mapping[int, str], package: str, tracer: str) -> TracerAssignment:
+    """Split a package's processes (pid -> argv[0]) between the tracers.
+
+    ``strace`` and ``frida`` take every process; ``both`` gives frida the main process
+    (argv[0] equal to the package, where the app's own networking and DNS happen) and
+    strace every other one (``pkg:service`` processes), which is what
+    ``strace_launcher.sh PACKAGE OUTDIR STRACE INTERVAL secondary`` does on the phone.
+    """
+    if tracer not in TRACERS:
+        raise FridaTracerError(
+            f"unknown tracer {tracer!r}", hint=f"use one of: {', '.join(TRACERS)}"
+        )
+    pids = tuple(sorted(processes))
+    if tracer == "strace":
+        return TracerAssignment(strace=pids, frida=())
+    if tracer == "frida":
+        return TracerAssignment(strace=(), frida=pids)
+    main = tuple(p for p in pids if processes[p] == package)
+    rest = tuple(p for p in pids if processes[p] != package)
+    return TracerAssignment(strace=rest, frida=main)
+
+
+def agent_source() -> str:
+    """The agent's JavaScript source as shipped."""
+    return script_path("frida_agent.js").read_text(encoding="utf-8")
+
+
+def _frida() -> Any:
+    try:
+        import frida
+    except ImportError as e:  # pragma: no cover - frida is a declared dependency
+        raise FridaTracerError(
+            "the frida Python package is not installed", hint="pip install frida"
+        ) from e
+    return frida
+
+
+def get_device(spec: str = "local") -> Any:
+    """A frida device: ``local``, ``usb`` or a device id as ``frida-ls-devices`` lists it."""
+    frida = _frida()
+    try:
+        if spec == "local":
+            return frida.get_local_device()
+        if spec == "usb":
+            return frida.get_usb_device(timeout=5)
+        return frida.get_device(spec, timeout=5)
+    except (frida.InvalidArgumentError, frida.TimedOutError, frida.ServerNotRunningError) as e:
+        raise FridaTracerError(f"frida device {spec!r} not available: {e}") from e
+
+
+class FridaTracer:
+    """Runs the agent in one process and appends its events to ``out`` as JSON lines.
+
+    Give either ``pid`` (attach) or ``argv`` (spawn, instrument, then resume, so even the
+    first connect is seen). ``start`` and ``stop`` may each be called once; ``stop`` is
+    also safe after the process exited. Usable as a context manager.
+    """
+
+    def __init__(
+        self,
+        out: str | Path,
+        *,
+        pid: int | None = None,
+        argv: Sequence[str] | None = None,
+        device: Any = None,
+        on_detached: Callable[[str], None] | None = None,
+    ) -> None:
+        if (pid is None) == (argv is None):
+            raise FridaTracerError("give exactly one of pid or argv")
+        self.out = Path(out)
+        self.pid = pid
+        self.argv = list(argv) if argv is not None else None
+        self._device = device
+        self._on_detached_cb = on_detached
+        self._session: Any = None
+        self._script: Any = None
+        self._file: IO[str] | None = None
+        self._lock = threading.Lock()
+        self.events_written = 0
+        self.errors: list[str] = []
+        self.detached_reason: str | None = None
+        self.info: dict[str, Any] = {}
+        self._detached = threading.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Attach (or spawn), load the agent and start writing; raises FridaTracerError."""
+        frida = _frida()
+        device = self._device if self._device is not None else get_device("local")
+        spawned = False
+        try:
+            self._file = open(self.out, "a", encoding="utf-8")  # noqa: SIM115
+        except OSError as e:
+            raise FridaTracerError(f"cannot write {self.out}: {e.strerror}") from e
+        try:
+            if self.argv is not None:
+                self.pid = device.spawn(self.argv)
+                spawned = True
+            self._session = device.attach(self.pid)
+            self._session.on("detached", self._on_detached)
+            self._script = self._session.create_script(agent_source(), name="flowtruth_agent")
+            self._script.on("message", self._on_message)
+            self._script.load()
+            self.info = dict(self._script.exports_sync.info())
+            if spawned:
+                device.resume(self.pid)
+        except frida.ProcessNotFoundError as e:
+            self._cleanup()
+            raise FridaTracerError(f"no process with pid {self.pid}") from e
+        except frida.PermissionDeniedError as e:
+            self._cleanup()
+            raise FridaTracerError(
+                f"frida may not attach to pid {self.pid}: {e}",
+                hint="run as root, or lower /proc/sys/kernel/yama/ptrace_scope",
+            ) from e
+        except (frida.ExecutableNotFoundError, frida.NotSupportedError) as e:
+            self._cleanup()
+            raise FridaTracerError(f"frida cannot instrument {self.argv or self.pid}: {e}") from e
+        except (
+            frida.TransportError,
+            frida.InvalidOperationError,
+            frida.ProcessNotRespondingError,
+        ) as e:
+            self._cleanup()
+            raise FridaTracerError(f"frida lost pid {self.pid} while starting: {e}") from e
+        if not self.info.get("hooks"):
+            self.stop()
+            raise FridaTracerError(f"the agent found no libc socket functions in pid {self.pid}")
+
+    def stop(self) -> None:
+        """Flush the agent, unload it, detach and close the file (idempotent)."""
+        script, session = self._script, self._session
+        if script is not None and not self._detached.is_set():
+            try:
+                script.exports_sync.flush()
+                script.unload()
+            except Exception:  # the process may have exited meanwhile; nothing to flush
+                pass
+        if session is not None and not self._detached.is_set():
+            try:
+                session.detach()
+            except Exception:
+                pass
+        self._cleanup()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the session detaches (process exit); True if it did."""
+        return self._detached.wait(timeout)
+
+    def __enter__(self) -> FridaTracer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- callbacks (frida's thread) ----------------------------------------------------
+
+    def _cleanup(self) -> None:
+        self._script = None
+        self._session = None
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+    def _on_message(self, message: Mapping[str, Any], data: Any) -> None:
+        if message.get("type") == "send":
+            payload = message.get("payload")
+            if isinstance(payload, dict) and payload.get("type") == "events":
+                self._write(payload.get("events") or [])
+            elif isinstance(payload, dict) and payload.get("type") == "hook-error":
+                self.errors.append(f"hook {payload.get('hook')}: {payload.get('error')}")
+        elif message.get("type") == "error":
+            self.errors.append(str(message.get("description", message)))
+
+    def _write(self, events: Sequence[Mapping[str, Any]]) -> None:
+        with self._lock:
+            if self._file is None:
+                return
+            for ev in events:
+                self._file.write(json.dumps(ev) + "\n")
+            self._file.flush()
+            self.events_written += len(events)
+
+    def _on_detached(self, reason: str, *rest: object) -> None:
+        self.detached_reason = reason
+        # The last batch may still be in flight only when the process died; the file is
+        # closed by stop().
+        if reason != "application-requested":
+            self._detached.set()
+        if self._on_detached_cb is not None:
+            self._on_detached_cb(reason)
+
+
+# -- command line --------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m device_scripts.frida_loader``."""
+    ap = argparse.ArgumentParser(
+        prog="python -m device_scripts.frida_loader",
+        description="Attach the flowtruth frida agent to a process and log its sockets.",
+    )
+    target = ap.add_mutually_exclusive_group(required=True)
+    target.add_argument("--pid", type=int, help="process to attach to")
+    target.add_argument("--spawn", nargs=argparse.REMAINDER, help="command line to spawn")
+    ap.add_argument("--out", required=True, type=Path, help="JSON-lines file to append to")
+    ap.add_argument("--device", default="local", help="local (default), usb or a device id")
+    ap.add_argument("--duration", type=float, default=None, help="seconds to trace")
+    args = ap.parse_args(argv)
+    if args.spawn is not None and not args.spawn:
+        ap.error("--spawn needs a command line")
+
+    stop = threading.Event()
+
+    def _stop(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        tracer = FridaTracer(
+            args.out,
+            pid=args.pid,
+            argv=args.spawn,
+            device=get_device(args.device),
+            on_detached=lambda reason: stop.set(),
+        )
+        tracer.start()
+    except FridaTracerError as e:
+        print(f"frida_loader: {e.one_line()}", file=sys.stderr)
+        return 1
+    print(f"frida_loader: tracing pid {tracer.pid} into {args.out}", file=sys.stderr)
+    deadline = None if args.duration is None else time.monotonic() + args.duration
+    while not stop.is_set():
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            break
+        stop.wait(0.2 if left is None else min(0.2, left))
+    tracer.stop()
+    reason = tracer.detached_reason
+    print(
+        f"frida_loader: {tracer.events_written} events written"
+        + (
+            f"; process detached ({reason})" if reason and reason != "application-requested" else ""
+        ),
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,420 @@
+"""The frida agent and its loader, attached for real to local processes that open sockets;
+what the agent reports is checked against what the process itself saw (getsockname)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from device_scripts import script_path
+from device_scripts.frida_loader import (
+    FridaTracer,
+    FridaTracerError,
+    TracerAssignment,
+    assign_tracers,
+)
+
+frida = pytest.importorskip("frida")
+
+REPO = Path(__file__).resolve().parents[1]
+PKG = "org.thoughtcrime.securesms"
+
+# Waits for "go", does every kind of socket call the agent hooks, prints the truth it saw
+# as JSON lines, then waits for "quit".
+TARGET = r"""
+import json, os, socket, sys, threading
+
+def out(**kw):
+    print(json.dumps(kw), flush=True)
+
+def ep(addr):
+    return {"ip": addr[0], "port": addr[1]}
+
+print("ready", flush=True)
+sys.stdin.readline()
+pid = os.getpid()
+main_tid = threading.get_native_id()
+
+srv4 = socket.socket(); srv4.bind(("127.0.0.1", 0)); srv4.listen(8)
+srv6 = socket.socket(socket.AF_INET6); srv6.bind(("::1", 0)); srv6.listen(8)
+rcv4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); rcv4.bind(("127.0.0.1", 0))
+rcv6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); rcv6.bind(("::1", 0))
+
+c4 = socket.socket(); c4.connect(srv4.getsockname())
+out(op="tcp4", fd=c4.fileno(), tid=main_tid, local=ep(c4.getsockname()), remote=ep(c4.getpeername()))
+c6 = socket.socket(socket.AF_INET6); c6.connect(srv6.getsockname())
+out(op="tcp6", fd=c6.fileno(), tid=main_tid, local=ep(c6.getsockname()), remote=ep(c6.getpeername()))
+
+u4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u4.sendto(b"a", rcv4.getsockname())
+out(op="udp4", fd=u4.fileno(), tid=main_tid, local=ep(u4.getsockname()), remote=ep(rcv4.getsockname()))
+u6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); u6.sendto(b"b", rcv6.getsockname()[:2])
+out(op="udp6", fd=u6.fileno(), tid=main_tid, local=ep(u6.getsockname()), remote=ep(rcv6.getsockname()))
+um = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+um.sendto(b"c", ("::ffff:127.0.0.1", rcv4.getsockname()[1]))
+out(op="mapped", fd=um.fileno(), tid=main_tid, local=ep(um.getsockname()),
+    remote={"ip": "127.0.0.1", "port": rcv4.getsockname()[1]})
+sm = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sm.sendmsg([b"d"], [], 0, rcv4.getsockname())
+out(op="sendmsg", fd=sm.fileno(), tid=main_tid, local=ep(sm.getsockname()), remote=ep(rcv4.getsockname()))
+data, src = rcv4.recvfrom(16)
+out(op="recvfrom", fd=rcv4.fileno(), tid=main_tid, local=ep(rcv4.getsockname()), remote=ep(src))
+
+def in_thread():
+    t = socket.socket(); t.connect(srv4.getsockname())
+    out(op="thread", fd=t.fileno(), tid=threading.get_native_id(), local=ep(t.getsockname()),
+        remote=ep(t.getpeername()))
+    t.close()
+th = threading.Thread(target=in_thread); th.start(); th.join()
+
+nb = socket.socket(); nb.setblocking(False)
+nb.connect_ex(srv4.getsockname())
+out(op="nonblocking", fd=nb.fileno(), tid=main_tid, local=ep(nb.getsockname()), remote=ep(srv4.getsockname()))
+socket.getaddrinfo("localhost", 443, socket.AF_INET, socket.SOCK_STREAM)
+out(op="getaddrinfo", fd=-1, tid=main_tid, local=None, remote={"ip": "127.0.0.1", "port": 443})
+closed_fd = c4.fileno(); c4.close()
+out(op="close", fd=closed_fd, tid=main_tid, local=None, remote=ep(srv4.getsockname()))
+out(op="done", pid=pid)
+sys.stdin.readline()
+"""
+
+
+def start_target(tmp: Path, argv0: str | None = None) -> subprocess.Popen[str]:
+    script = tmp / "target.py"
+    script.write_text(TARGET)
+    argv = [argv0 or sys.executable, str(script)]
+    p = subprocess.Popen(
+        argv,
+        executable=sys.executable,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert p.stdout is not None
+    assert p.stdout.readline().strip() == "ready"
+    return p
+
+
+def stop_target(p: subprocess.Popen[str]) -> None:
+    if p.poll() is None:
+        p.kill()
+    p.wait(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def can_attach(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Skips the module's attach tests, with the reason, if frida cannot attach here."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        session = frida.get_local_device().attach(sleeper.pid)
+        session.detach()
+    except frida.PermissionDeniedError as e:
+        pytest.skip(f"frida may not attach to local processes here: {e}")
+    except (frida.NotSupportedError, frida.TransportError) as e:
+        pytest.skip(f"frida cannot instrument local processes here: {e}")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def run_scenario(p: subprocess.Popen[str]) -> list[dict[str, Any]]:
+    """Sends "go", collects the target's truth lines up to "done"."""
+    assert p.stdin is not None and p.stdout is not None
+    p.stdin.write("go\n")
+    p.stdin.flush()
+    truth: list[dict[str, Any]] = []
+    while True:
+        line = p.stdout.readline()
+        assert line, "target exited early"
+        rec = json.loads(line)
+        if rec["op"] == "done":
+            return truth
+        truth.append(rec)
+
+
+def one(events: list[dict[str, Any]], **match: Any) -> dict[str, Any]:
+    found = [e for e in events if all(e.get(k) == v for k, v in match.items())]
+    assert len(found) == 1, f"{len(found)} events match {match}: {found}"
+    return found[0]
+
+
+KEYS = {
+    "ts",
+    "event",
+    "pid",
+    "tid",
+    "fd",
+    "proto",
+    "family",
+    "local",
+    "remote",
+    "host",
+    "ret",
+    "process",
+}
+
+
+def test_agent_reports_every_socket_as_the_process_saw_it(can_attach: None, tmp_path: Path) -> None:
+    p = start_target(tmp_path, argv0=PKG)
+    out = tmp_path / "frida.jsonl"
+    tracer = FridaTracer(out, pid=p.pid)
+    try:
+        t0 = time.time()
+        tracer.start()
+        assert set(tracer.info["hooks"]) >= {
+            "connect",
+            "sendto",
+            "sendmsg",
+            "recvfrom",
+            "close",
+            "getaddrinfo",
+        }
+        truth = {t["op"]: t for t in run_scenario(p)}
+        tracer.stop()
+        t1 = time.time()
+    finally:
+        tracer.stop()
+        stop_target(p)
+    assert tracer.errors == []
+    events = read_events(out)
+    assert events and tracer.events_written == len(events)
+    for e in events:
+        assert set(e) == KEYS, e
+        assert e["pid"] == p.pid and e["process"] == PKG
+        assert t0 - 1 <= e["ts"] <= t1 + 1
+    stamps = [e["ts"] for e in events]
+    assert stamps == sorted(stamps)
+
+    def check(op: str, event: str, proto: str, family: int, **extra: Any) -> dict[str, Any]:
+        t = truth[op]
+        # fds are reused after close, so the local address is part of the identity.
+        e = one(events, event=event, fd=t["fd"], remote=t["remote"], local=t["local"], **extra)
+        assert e["tid"] == t["tid"], (op, e)
+        assert e["proto"] == proto and e["family"] == family, (op, e)
+        assert e["host"] is None
+        return e
+
+    assert check("tcp4", "connect", "tcp", 4)["ret"] == 0
+    assert check("tcp6", "connect", "tcp", 6)["remote"]["ip"] == "::1"
+    assert check("udp4", "sendto", "udp", 4)["ret"] == 1
+    check("udp6", "sendto", "udp", 6)
+    mapped = check("mapped", "sendto", "udp", 4)  # IPv4-mapped shown as IPv4
+    assert mapped["remote"]["ip"] == "127.0.0.1" and mapped["local"]["ip"] == "::"
+    check("sendmsg", "sendmsg", "udp", 4)
+    assert check("recvfrom", "recvfrom", "udp", 4)["ret"] == 1
+    thread = check("thread", "connect", "tcp", 4)
+    assert thread["tid"] != truth["tcp4"]["tid"]
+    nb = check("nonblocking", "connect", "tcp", 4)
+    assert nb["ret"] in (0, -115)  # EINPROGRESS reported as -errno
+    close = one(events, event="close", fd=truth["close"]["fd"], local=truth["tcp4"]["local"])
+    assert close["remote"] == truth["close"]["remote"] and close["ret"] == 0
+    gai = one(events, event="getaddrinfo", host="localhost")
+    assert gai["remote"] == {"ip": "127.0.0.1", "port": 443}
+    assert gai["fd"] == -1 and gai["local"] is None and gai["proto"] == "tcp"
+    # Only Internet sockets: nothing from the unix/netlink sockets Python may open.
+    assert all(e["family"] in (4, 6) for e in events)
+
+
+def test_loader_cli_spawns_and_sees_the_first_connect(can_attach: None, tmp_path: Path) -> None:
+    script = tmp_path / "early.py"
+    script.write_text(
+        "import socket\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(1)\n"
+        "c = socket.create_connection(s.getsockname())\n"
+        "print(c.getsockname()[1], s.getsockname()[1], flush=True)\n"
+    )
+    out = tmp_path / "spawn.jsonl"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "device_scripts.frida_loader",
+            "--out",
+            str(out),
+            "--spawn",
+            sys.executable,
+            str(script),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    local_port, server_port = map(int, r.stdout.split())
+    ev = one(read_events(out), event="connect", remote={"ip": "127.0.0.1", "port": server_port})
+    assert ev["local"] == {"ip": "127.0.0.1", "port": local_port}
+    assert "process detached" in r.stderr
+
+
+def test_loader_cli_attaches_by_pid_and_detaches_on_sigterm(
+    can_attach: None, tmp_path: Path
+) -> None:
+    p = start_target(tmp_path)
+    out = tmp_path / "pid.jsonl"
+    loader = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "device_scripts.frida_loader",
+            "--pid",
+            str(p.pid),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert loader.stderr is not None
+        assert "tracing pid" in loader.stderr.readline()
+        truth = run_scenario(p)
+        time.sleep(0.3)  # one flush period
+        loader.send_signal(signal.SIGTERM)
+        rest = loader.stderr.read()
+        assert loader.wait(timeout=20) == 0, rest
+        assert "events written" in rest
+        # Detached: the process runs on, untraced and without the agent's threads.
+        assert p.poll() is None
+        status = Path(f"/proc/{p.pid}/status").read_text()
+        assert "TracerPid:\t0" in status
+        names = {Path(t, "comm").read_text().strip() for t in Path(f"/proc/{p.pid}/task").iterdir()}
+        assert not any(n.startswith(("gum-js", "gmain", "frida")) for n in names), names
+    finally:
+        if loader.poll() is None:
+            loader.kill()
+            loader.wait()
+        stop_target(p)
+    events = read_events(out)
+    tcp4 = next(t for t in truth if t["op"] == "tcp4")
+    one(events, event="connect", fd=tcp4["fd"], local=tcp4["local"])
+
+
+def test_loader_errors_are_one_line_not_tracebacks(tmp_path: Path) -> None:
+    with pytest.raises(FridaTracerError):
+        FridaTracer(tmp_path / "x.jsonl")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with pytest.raises(FridaTracerError, match="no process"):
+        FridaTracer(tmp_path / "x.jsonl", pid=dead.pid).start()
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "device_scripts.frida_loader",
+            "--pid",
+            str(dead.pid),
+            "--out",
+            str(tmp_path / "x.jsonl"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 1
+    assert r.stderr.startswith("frida_loader: ") and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "device_scripts.frida_loader",
+            "--pid",
+            "1",
+            "--out",
+            str(tmp_path / "no" / "dir" / "x.jsonl"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 1 and "cannot write" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_assign_tracers_never_gives_a_pid_to_both() -> None:
+    procs = {100: PKG, 101: f"{PKG}:remote", 102: f"{PKG}:push"}
+    assert assign_tracers(procs, PKG, "strace") == TracerAssignment((100, 101, 102), ())
+    assert assign_tracers(procs, PKG, "frida") == TracerAssignment((), (100, 101, 102))
+    both = assign_tracers(procs, PKG, "both")
+    assert both == TracerAssignment(strace=(101, 102), frida=(100,))
+    assert not set(both.strace) & set(both.frida)
+    assert set(both.strace) | set(both.frida) == set(procs)
+    with pytest.raises(FridaTracerError, match="unknown tracer"):
+        assign_tracers(procs, PKG, "ltrace")
+
+
+def test_tracer_both_runs_frida_on_main_and_strace_on_the_rest(
+    can_attach: None, tmp_path: Path
+) -> None:
+    """--tracer both on one package: the launcher in its secondary role and frida on the
+    main process, at the same time, each tracing only its own pids."""
+    strace = shutil.which("strace")
+    if strace is None or os.getuid() != 0:
+        pytest.skip("needs root and strace")
+    main = start_target(tmp_path, argv0=PKG)
+    remote = start_target(tmp_path, argv0=f"{PKG}:remote")
+    outdir = tmp_path / "out"
+    launcher = subprocess.Popen(
+        [
+            "busybox",
+            "sh",
+            str(script_path("strace_launcher.sh")),
+            PKG,
+            str(outdir),
+            strace,
+            "0.1",
+            "secondary",
+        ],
+        stderr=subprocess.DEVNULL,
+    )
+    tracer = FridaTracer(tmp_path / "main.jsonl", pid=main.pid)
+    spid = None
+    try:
+        pids_file = outdir / "strace_launcher.pids"
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            if pids_file.exists() and pids_file.read_text().startswith(f"{remote.pid} "):
+                break
+            time.sleep(0.05)
+        spid = int(pids_file.read_text().split()[1])
+        assignment = assign_tracers({main.pid: PKG, remote.pid: f"{PKG}:remote"}, PKG, "both")
+        assert assignment.frida == (main.pid,) and assignment.strace == (remote.pid,)
+        tracer.start()
+        main_truth = run_scenario(main)
+        remote_truth = run_scenario(remote)
+        tracer.stop()
+        (outdir / "strace_launcher.stop").touch()
+        assert launcher.wait(timeout=10) == 0
+    finally:
+        tracer.stop()
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        if spid is not None and Path(f"/proc/{spid}").exists():
+            os.kill(spid, signal.SIGKILL)
+        stop_target(main)
+        stop_target(remote)
+    frida_pids = {e["pid"] for e in read_events(tmp_path / "main.jsonl")}
+    assert frida_pids == {main.pid}
+    logs = sorted(x.name for x in outdir.glob("strace.*.log"))
+    assert logs == [f"strace.{remote.pid}.{PKG}:remote.log"]
+    text = (outdir / logs[0]).read_text()
+    port = next(t for t in remote_truth if t["op"] == "tcp4")["remote"]["port"]
+    assert f"sin_port=htons({port})" in text
+    assert next(t for t in main_truth if t["op"] == "tcp4")
