@@ -400,9 +400,17 @@ def test_am_start_pidof_and_force_stop(samsung):
     assert d.app_current().package == "org.telegram.messenger"
     again = d.shell("am start -W -n org.telegram.messenger/org.telegram.ui.LaunchActivity")
     assert "currently running top-most instance" in again
+    d.keyevent("HOME")  # back to the launcher; the app keeps running
+    assert rt.read_state(adbd.state_dir)["foreground"] is None
+    warm = d.shell("am start -W -n org.telegram.messenger/org.telegram.ui.LaunchActivity")
+    assert "LaunchState: HOT" in warm.splitlines()
+    assert int(d.shell("pidof org.telegram.messenger")) == pid
     d.shell("am force-stop org.telegram.messenger")
     assert d.shell2("pidof org.telegram.messenger", v2=True).returncode == 1
     assert rt.read_state(adbd.state_dir)["foreground"] is None
+    d.app_start("org.thoughtcrime.securesms")  # adbutils launches through monkey
+    assert d.app_current().package == "org.thoughtcrime.securesms"
+    d.app_stop("org.thoughtcrime.securesms")
 
 
 def test_uiautomator_dump_is_real_hierarchy_xml(samsung, workdir):

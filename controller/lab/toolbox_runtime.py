@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import os
 import subprocess
@@ -50,6 +51,7 @@ TOOLS = (
     "pidof",
     "date",
     "wm",
+    "monkey",
 )
 
 
@@ -372,7 +374,8 @@ def tool_am(t: Tool) -> int:
 def _am_start(t: Tool, args: list[str]) -> int:
     wait = False
     component = None
-    extras: list[str] = []
+    intent: dict[str, list[str]] = {"act": [], "cat": [], "dat": [], "typ": []}
+    keys = {"-a": "act", "-c": "cat", "-d": "dat", "-t": "typ"}
     i = 0
     while i < len(args):
         a = args[i]
@@ -381,11 +384,11 @@ def _am_start(t: Tool, args: list[str]) -> int:
         elif a == "-n" and i + 1 < len(args):
             component = args[i + 1]
             i += 1
-        elif a in ("-a", "-c", "-d", "-t", "--user") and i + 1 < len(args):
-            extras.append(f"{a} {args[i + 1]}")
+        elif a in keys and i + 1 < len(args):
+            intent[keys[a]].append(args[i + 1])
             i += 1
-        elif a in ("-S", "-D", "-N", "--activity-clear-task"):
-            pass
+        elif a in ("--user", "--display", "--windowingMode", "--activityType", "-f"):
+            i += 1
         elif not a.startswith("-") and "/" in a:
             component = a
         i += 1
@@ -393,8 +396,23 @@ def _am_start(t: Tool, args: list[str]) -> int:
         print("Error: Activity not started, no component given (-n pkg/.Activity)", file=t.err)
         return 1
     package, activity = _resolve_component(component)
+    return start_activity(t, package, activity, intent, wait)
+
+
+def start_activity(
+    t: Tool, package: str, activity: str, intent: dict[str, list[str]], wait: bool
+) -> int:
+    """Bring ``package``/``activity`` to the foreground, printing what ``am start`` prints."""
     short = _short_component(package, activity)
-    print(f"Starting: Intent {{ cmp={short} }}", file=t.out)
+    parts = [f"act={intent['act'][0]}"] if intent.get("act") else []
+    if intent.get("cat"):
+        parts.append("cat=[" + ",".join(intent["cat"]) + "]")
+    if intent.get("dat"):
+        parts.append(f"dat={intent['dat'][0]}")
+    if intent.get("typ"):
+        parts.append(f"typ={intent['typ'][0]}")
+    parts.append(f"cmp={short}")
+    print("Starting: Intent { " + " ".join(parts) + " }", file=t.out)
     started = time.monotonic()
 
     def start(s: dict[str, Any]) -> str:
@@ -529,6 +547,12 @@ def tool_input(t: Tool) -> int:
         print(f"Error: Unknown command: {kind}", file=t.err)
         return 1
     append_input_event(t.state_dir, t.state(), kind, rest)
+    if kind == "keyevent" and rest[-1] in ("KEYCODE_HOME", "3"):
+
+        def go_home(s: dict[str, Any]) -> None:
+            s["foreground"] = None  # the launcher; the app keeps running in the background
+
+        t.update(go_home)
     return 0
 
 
@@ -745,6 +769,33 @@ def tool_wm(t: Tool) -> int:
     return 1
 
 
+def tool_monkey(t: Tool) -> int:
+    """``monkey -p PKG -c android.intent.category.LAUNCHER 1``: launch an app (as adbutils does)."""
+    args = list(t.args)
+    package = args[args.index("-p") + 1] if "-p" in args[:-1] else None
+    info = t.state().get("packages", {}).get(package or "")
+    if package is None or info is None or not info.get("activity"):
+        print("** No activities found to run, monkey aborted.", file=t.err)
+        return 252
+    started = time.monotonic()
+    quiet = io.StringIO()
+    status = start_activity(
+        Tool(t.state_dir, [], quiet, t.err),
+        package,
+        info["activity"],
+        {"act": ["android.intent.action.MAIN"], "cat": ["android.intent.category.LAUNCHER"]},
+        wait=False,
+    )
+    elapsed = int((time.monotonic() - started) * 1000) + 40
+    print("Events injected: 1", file=t.out)
+    print(
+        f"## Network stats: elapsed time={elapsed}ms (0ms mobile, 0ms wifi, "
+        f"{elapsed}ms not connected)",
+        file=t.out,
+    )
+    return status
+
+
 def tool_cmd(t: Tool) -> int:
     args = list(t.args)
     if not args:
@@ -843,6 +894,7 @@ HANDLERS: dict[str, Callable[[Tool], int]] = {
     "pidof": tool_pidof,
     "date": tool_date,
     "wm": tool_wm,
+    "monkey": tool_monkey,
 }
 
 
