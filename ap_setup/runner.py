@@ -12,7 +12,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Protocol
+from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +111,7 @@ class SubprocessRunner:
 
 @dataclass
 class FakeProcess:
-    """A process that never ran; ``poll`` says it is still alive until stopped."""
+    """A process that never ran (its pid is above any kernel pid_max)."""
 
     pid: int
     returncode: int | None = None
@@ -140,6 +140,7 @@ class RecordingRunner:
     calls: list[tuple[str, ...]] = field(default_factory=list)
     inputs: list[str | None] = field(default_factory=list)
     spawned: list[tuple[str, ...]] = field(default_factory=list)
+    spawn_logs: dict[str, str] = field(default_factory=dict)
 
     def run(
         self, argv: Sequence[str], *, input: str | None = None, timeout: float = 30
@@ -159,13 +160,9 @@ class RecordingRunner:
 
     def spawn(self, argv: Sequence[str], *, log: Path) -> Process:
         self.spawned.append(tuple(argv))
-        return FakeProcess(pid=100000 + len(self.spawned))
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(self.spawn_logs.get(argv[0], ""))
+        return FakeProcess(pid=5_000_000 + len(self.spawned))
 
     def which(self, name: str) -> str | None:
         return None if name in self.missing else f"/usr/sbin/{name}"
-
-
-def open_log(path: Path) -> IO[str]:
-    """Open a log file for appending, creating its directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return open(path, "a", encoding="utf-8")

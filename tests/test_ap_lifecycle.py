@@ -1,0 +1,267 @@
+"""``ap up``/``ap down`` against a recording runner: what is recorded, in which order, and undone.
+
+The same flows run against the real kernel in ``test_ap_netns.py``; here the radio,
+NetworkManager and rfkill paths (absent on a Wi-Fi-less CI machine) are covered.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+import ap_setup.lifecycle as lifecycle
+from ap_setup.config import ApConfig
+from ap_setup.lifecycle import ap_down, ap_status, ap_up, read_leases, read_offloads
+from ap_setup.runner import RecordingRunner, ShellResult, SubprocessRunner
+from ap_setup.state import ApState
+from controller.errors import ApError, RootRequired
+
+ETHTOOL_K = """\
+Features for wlan0:
+rx-checksumming: on [fixed]
+tcp-segmentation-offload: off
+\ttx-tcp-segmentation: off [fixed]
+generic-segmentation-offload: on
+generic-receive-offload: on
+large-receive-offload: off [fixed]
+"""
+
+
+def ok(stdout: str = "") -> ShellResult:
+    return ShellResult((), 0, stdout, "")
+
+
+def fail(stderr: str, code: int = 1) -> ShellResult:
+    return ShellResult((), code, "", stderr)
+
+
+def make_runner(**extra: ShellResult) -> RecordingRunner:
+    """A Wi-Fi host with NetworkManager managing wlan0, IP forwarding off."""
+    responses = {
+        ("nmcli", "-t", "-f", "RUNNING", "general"): ok("running\n"),
+        ("nmcli", "-t", "-f", "DEVICE,STATE", "device", "status"): ok("eth0:connected\nwlan0:disconnected\n"),
+        ("ip", "-j", "addr", "show"): ok('[{"ifname":"wlan0","flags":["BROADCAST","MULTICAST"],"addr_info":[]}]'),
+        ("ethtool", "-k"): ok(ETHTOOL_K),
+        ("sysctl", "-n", "net.ipv4.ip_forward"): ok("0\n"),
+        ("sysctl", "-n", "net.ipv6.conf.wlan0.disable_ipv6"): ok("0\n"),
+        **{tuple(k.split()): v for k, v in extra.items()},
+    }
+    return RecordingRunner(responses=responses, spawn_logs={"hostapd": "wlan0: AP-ENABLED\n"})
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> ApConfig:
+    return ApConfig(
+        interface="wlan0",
+        uplink="eth0",
+        country_code="DE",
+        state_dir=tmp_path / "state",
+        nm_conf_dir=tmp_path / "nm",
+    )
+
+
+def commands(runner: RecordingRunner) -> list[str]:
+    return [" ".join(c) for c in runner.calls]
+
+
+def test_up_records_everything_before_changing_it(cfg: ApConfig) -> None:
+    runner = make_runner()
+    state = ap_up(cfg, runner, check_root=False)
+    saved = json.loads(cfg.state_path.read_text())
+    assert saved["status"] == "up"
+    assert saved["sysctl_before"] == {"net.ipv4.ip_forward": "0", "net.ipv6.conf.wlan0.disable_ipv6": "0"}
+    # Only offloads that were on and changeable; fixed ones are left alone.
+    assert saved["offloads_before"] == {"generic-segmentation-offload": True, "generic-receive-offload": True}
+    assert saved["nm_managed_before"] is True
+    assert saved["address_added"] == "192.168.50.1/24" and saved["link_was_up"] is False
+    assert saved["nft_tables"] == ["inet flowtruth"]
+    assert set(saved["processes"]) == {"hostapd", "dnsmasq"}
+    assert state.passphrase and saved["passphrase"] == state.passphrase
+    assert stat.S_IMODE(cfg.state_path.stat().st_mode) == 0o600
+    assert [p.name for p in cfg.state_path.parent.iterdir() if p.name.startswith(".state-")] == []
+
+    dropin = cfg.nm_conf_dir / "99-flowtruth-wlan0.conf"
+    assert "unmanaged-devices+=interface-name:wlan0" in dropin.read_text()
+    assert "wpa_passphrase=" + state.passphrase in (cfg.work_dir / "hostapd.conf").read_text()
+
+    cmds = commands(runner)
+    order = [
+        "rfkill unblock wifi",
+        "nmcli device set wlan0 managed no",
+        "ip addr add 192.168.50.1/24 dev wlan0",
+        "ethtool -K wlan0 gso off",
+        "ethtool -K wlan0 gro off",
+        "sysctl -q -w net.ipv4.ip_forward=1",
+        "sysctl -q -w net.ipv6.conf.wlan0.disable_ipv6=1",
+        "nft -f -",
+    ]
+    assert [cmds.index(c) for c in order] == sorted(cmds.index(c) for c in order)
+    assert "ethtool -K wlan0 lro off" not in cmds and "ethtool -K wlan0 tso off" not in cmds
+    assert [s[0] for s in runner.spawned] == ["hostapd", "dnsmasq"]
+    nft_script = runner.inputs[cmds.index("nft -f -")]
+    assert nft_script is not None and 'oifname "eth0" masquerade' in nft_script
+
+
+def test_down_undoes_exactly_what_the_state_file_says(cfg: ApConfig) -> None:
+    ap_up(cfg, make_runner(), check_root=False)
+    runner = RecordingRunner()
+    events = []
+    ap_down(cfg.state_path, runner, sink=events.append)
+    cmds = commands(runner)
+    assert cmds == [
+        "nft delete table inet flowtruth",
+        "sysctl -q -w net.ipv4.ip_forward=0",
+        "sysctl -q -w net.ipv6.conf.wlan0.disable_ipv6=0",
+        "ethtool -K wlan0 gso on",
+        "ethtool -K wlan0 gro on",
+        "ip addr del 192.168.50.1/24 dev wlan0",
+        "ip link set dev wlan0 down",
+        "nmcli general reload conf",
+        "nmcli device set wlan0 managed yes",
+    ]
+    assert not (cfg.nm_conf_dir / "99-flowtruth-wlan0.conf").exists()
+    assert not cfg.state_path.exists()
+    assert events[-1].step == "down"
+    assert ap_down(cfg.state_path, RecordingRunner()) is None
+
+
+def test_down_restores_a_dropin_that_was_there_before(cfg: ApConfig) -> None:
+    dropin = cfg.nm_conf_dir / "99-flowtruth-wlan0.conf"
+    dropin.parent.mkdir(parents=True)
+    dropin.write_text("[keyfile]\nunmanaged-devices+=interface-name:wlan9\n")
+    ap_up(cfg, make_runner(), check_root=False)
+    assert "wlan0" in dropin.read_text()
+    ap_down(cfg.state_path, RecordingRunner())
+    assert dropin.read_text() == "[keyfile]\nunmanaged-devices+=interface-name:wlan9\n"
+
+
+def test_a_failed_step_undoes_the_steps_before_it(cfg: ApConfig) -> None:
+    runner = make_runner(**{"nft -f -": fail("Error: Could not process rule: No such file")})
+    with pytest.raises(ApError, match="nft -f failed"):
+        ap_up(cfg, runner, check_root=False)
+    cmds = commands(runner)
+    assert "sysctl -q -w net.ipv4.ip_forward=0" in cmds
+    assert "ethtool -K wlan0 gro on" in cmds
+    assert "nmcli device set wlan0 managed yes" in cmds
+    assert not runner.spawned
+    assert not cfg.state_path.exists()
+
+
+def test_incomplete_teardown_keeps_the_state_file_for_a_retry(cfg: ApConfig) -> None:
+    ap_up(cfg, make_runner(), check_root=False)
+    broken = RecordingRunner(responses={("ethtool",): fail("Cannot change generic-receive-offload")})
+    with pytest.raises(ApError, match="teardown incomplete") as info:
+        ap_down(cfg.state_path, broken)
+    assert "ap down" in (info.value.hint or "")
+    st = ApState.load(cfg.state_path)
+    assert st is not None and st.status == "stopping" and st.processes == {}
+    ap_down(cfg.state_path, RecordingRunner())
+    assert not cfg.state_path.exists()
+
+
+def test_things_already_gone_do_not_fail_teardown(cfg: ApConfig) -> None:
+    ap_up(cfg, make_runner(), check_root=False)
+    gone = RecordingRunner(
+        responses={
+            ("nft", "delete"): fail("Error: No such file or directory"),
+            ("ip", "addr", "del"): fail("RTNETLINK answers: Cannot assign requested address"),
+        }
+    )
+    ap_down(cfg.state_path, gone)
+    assert not cfg.state_path.exists()
+
+
+def test_up_refuses_when_already_up_or_not_root(cfg: ApConfig, monkeypatch) -> None:
+    ap_up(cfg, make_runner(), check_root=False)
+    with pytest.raises(ApError, match="already up"):
+        ap_up(cfg, make_runner(), check_root=False)
+    monkeypatch.setattr(lifecycle.os, "geteuid", lambda: 1000)
+    with pytest.raises(RootRequired):
+        ap_up(cfg, make_runner())
+
+
+def test_up_names_missing_programs_and_interfaces(cfg: ApConfig) -> None:
+    runner = make_runner()
+    runner.missing = {"hostapd"}
+    with pytest.raises(ApError, match="missing programs: hostapd"):
+        ap_up(cfg, runner, check_root=False)
+    runner = make_runner(**{"ip link show dev wlan0": fail("Device \"wlan0\" does not exist.")})
+    with pytest.raises(ApError, match="interface wlan0 does not exist"):
+        ap_up(cfg, runner, check_root=False)
+    assert not cfg.state_path.exists()
+
+
+def test_virtual_lab_config_skips_radio_and_networkmanager(cfg: ApConfig) -> None:
+    lab = cfg.model_copy(update={"radio": False, "netns": "ftap-x"})
+    runner = make_runner()
+    runner.netns = "ftap-x"
+    state = ap_up(lab, runner, check_root=False)
+    cmds = commands(runner)
+    assert not any(c.startswith(("rfkill", "nmcli")) for c in cmds)
+    assert [s[0] for s in runner.spawned] == ["dnsmasq"]
+    assert state.ssid is None and state.passphrase is None
+    with pytest.raises(ApError, match="namespace"):
+        ap_down(lab.state_path, RecordingRunner())  # a runner for the wrong namespace
+
+
+def test_iptables_fallback_when_nft_is_missing(cfg: ApConfig) -> None:
+    runner = make_runner(**{"iptables -V": ok("iptables v1.8.9 (legacy)")})
+    runner.missing = {"nft"}
+    ap_up(cfg, runner, check_root=False)
+    st = ApState.load(cfg.state_path)
+    assert st is not None and st.firewall == "iptables" and st.nft_tables == []
+    assert any("FT-POSTROUTING" in c and "-N" in c for c in commands(runner))
+    down = RecordingRunner()
+    ap_down(cfg.state_path, down)
+    assert commands(down)[:3] == [
+        "iptables -w -t filter -D FORWARD -j FT-FORWARD",
+        "iptables -w -t filter -F FT-FORWARD",
+        "iptables -w -t filter -X FT-FORWARD",
+    ]
+
+
+def test_status_lists_clients_from_the_lease_file(cfg: ApConfig) -> None:
+    assert ap_status(cfg).up is False
+    ap_up(cfg, make_runner(), check_root=False)
+    (cfg.work_dir / "dnsmasq.leases").write_text(
+        "1764400000 aa:bb:cc:00:00:01 192.168.50.11 pixel-7 01:aa:bb:cc:00:00:01\n"
+        "1764400001 aa:bb:cc:00:00:02 192.168.50.120 * *\n"
+    )
+    st = ap_status(cfg)
+    assert st.up
+    assert [(c.mac, c.ip, c.name) for c in st.clients] == [
+        ("aa:bb:cc:00:00:01", "192.168.50.11", "pixel-7"),
+        ("aa:bb:cc:00:00:02", "192.168.50.120", ""),
+    ]
+    assert read_leases(cfg.work_dir / "missing") == []
+
+
+def test_read_offloads_parses_fixed_flags() -> None:
+    runner = make_runner()
+    assert read_offloads(runner, "wlan0") == {
+        "tcp-segmentation-offload": (False, False),
+        "generic-segmentation-offload": (True, False),
+        "generic-receive-offload": (True, False),
+        "large-receive-offload": (False, True),
+    }
+
+
+def test_damaged_state_file_is_a_known_error(cfg: ApConfig) -> None:
+    cfg.state_path.parent.mkdir(parents=True)
+    cfg.state_path.write_text("{not json")
+    with pytest.raises(ApError, match="damaged"):
+        ap_down(cfg.state_path, RecordingRunner())
+    cfg.state_path.write_text('{"schema_version": 99}')
+    with pytest.raises(ApError, match="schema_version"):
+        ApState.load(cfg.state_path)
+
+
+def test_subprocess_runner_reports_missing_programs_and_timeouts() -> None:
+    r = SubprocessRunner()
+    res = r.run(["flowtruth-no-such-program"])
+    assert res.returncode == 127 and not res.ok
+    assert r.run(["sleep", "5"], timeout=0.2).returncode == 124
+    assert r.run(["cat"], input="hi").stdout == "hi"
