@@ -347,7 +347,7 @@ def _candidates(res: dict[str, np.ndarray], flows: np.ndarray, strings: list[str
     want = np.zeros(len(res["ndist"]), dtype=bool)
     want[flows] = True
     sel = want[res["f"]]
-    for fi, lab in zip(res["f"][sel].tolist(), res["lab"][sel].tolist()):
+    for fi, lab in zip(res["f"][sel].tolist(), res["lab"][sel].tolist(), strict=True):
         out.setdefault(fi, set()).update(strings[lab].split("|"))
     return {k: "|".join(sorted(v)) for k, v in out.items()}
 

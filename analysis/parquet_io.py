@@ -81,7 +81,11 @@ def _list_column_arrow(child: Any, offsets: np.ndarray) -> Any:
 
 
 def to_arrow(table: FlowTable, extra_metadata: dict[str, str] | None = None) -> Any:
-    """The table as a ``pyarrow.Table`` in schema_version 1 (see the module docstring)."""
+    """The table as a ``pyarrow.Table`` in schema_version 1 (see the module docstring).
+
+    ``capture_stats`` is left to the writer: a chunk of a streamed capture does not know
+    the totals, so a streaming writer adds them when it closes the file.
+    """
     import pyarrow as pa
 
     src, dst = table.ip_strings()
@@ -110,11 +114,7 @@ def to_arrow(table: FlowTable, extra_metadata: dict[str, str] | None = None) -> 
             raise SchemaError(f"label {name!r} clashes with a flow column")
         cols[name] = pa.array([None if v is None else str(v) for v in col.tolist()],
                               type=pa.string())
-    meta = {
-        "schema_version": SCHEMA_VERSION,
-        "source": table.source or "",
-        "capture_stats": json.dumps(dataclasses.asdict(table.capture)),
-    }
+    meta = {"schema_version": SCHEMA_VERSION, "source": table.source or ""}
     for k, v in (extra_metadata or {}).items():
         if k == "schema_version":
             raise BadInputError("extra_metadata cannot override schema_version")
@@ -130,6 +130,9 @@ def write_parquet(table: FlowTable, path: str | os.PathLike[str],
 
     path = Path(path)
     arrow = to_arrow(table, extra_metadata)
+    meta = dict(arrow.schema.metadata or {})
+    meta[b"capture_stats"] = json.dumps(dataclasses.asdict(table.capture)).encode()
+    arrow = arrow.replace_schema_metadata(meta)
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,10 +167,13 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     if not path.is_file():
         raise BadInputError(f"no such file: {path}")
     try:
-        raw = pq.read_schema(path).metadata or {}
+        # The file's key-value metadata, not the embedded Arrow schema's: streaming
+        # writers add entries (capture_stats) only when they close the file.
+        raw = pq.read_metadata(path).metadata or {}
     except (pa.ArrowInvalid, OSError) as err:
         raise ParseError(path, None, f"not a Parquet file ({err})") from err
-    meta = {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in raw.items()}
+    meta = {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in raw.items()
+            if k != b"ARROW:schema"}
     version = meta.get("schema_version")
     if version is None:
         raise SchemaError(f"{path}: not a flowtruth Parquet file (no schema_version)")

@@ -205,7 +205,7 @@ def test_live_strace_two_apps_every_flow_right(tmp_path: Path, servers: Servers)
                         ["-f", "-ttt", "-yy", "-e", "trace=%network,close"])
     stats = ParseStats()
     sets = []
-    for name, log, _ in runs:
+    for _name, log, _ in runs:
         sets.append(ObservationSet.from_observations(iter_socket_observations(log, stats=stats)))
     obs = ObservationSet.concat(sets)
     assert stats.n_skipped == 0, stats.skipped
@@ -255,3 +255,50 @@ def test_live_strace_without_yy_ff_files(tmp_path: Path, servers: Servers) -> No
     res = correlate(fk, obs)
     assert list(res.labels["BF_label"]) == labels
     assert res.report["stages"]["remote_exact"] > 0
+
+
+@pytest.mark.skipif(shutil.which("tcpdump") is None, reason="tcpdump not installed")
+def test_live_capture_flowtable_end_to_end(tmp_path: Path, servers: Servers) -> None:
+    """tcpdump on loopback while a traced client runs: the real FlowTable's flows get
+    the client's label, every one whose 5-tuple the client reported."""
+    import os
+    import signal
+    import time
+
+    from analysis.assemble import read_flows
+    from analysis.correlate import flowkeys_from_table
+
+    pcap = tmp_path / "capture.pcap"
+    ports = sorted(set(servers.ports.values()))
+    bpf = " or ".join(f"port {p}" for p in ports)
+    # -Z root: tcpdump would otherwise write as user tcpdump, which cannot enter tmp_path.
+    dump = subprocess.Popen(["tcpdump", "-i", "lo", "--immediate-mode", "-U", "-n", "-Z", "root", "-w", str(pcap), bpf],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 10
+        line = b""
+        while time.time() < deadline and b"listening" not in line:
+            line = dump.stderr.readline()
+        if b"listening" not in line:
+            pytest.skip("tcpdump cannot capture on lo here")
+        runs = _run_clients(tmp_path, servers, ["com.example.delta"],
+                            ["-f", "-ttt", "-yy", "-e", "trace=%network,close"])
+        time.sleep(0.3)
+    finally:
+        os.kill(dump.pid, signal.SIGTERM)
+        dump.wait(timeout=10)
+        dump.stderr.close()
+    _, log, truth = runs[0]
+    table = read_flows(pcap)
+    fk = flowkeys_from_table(table)
+    res = correlate(fk, iter_socket_observations(log))
+    want = {(t["proto"], t["lport"], t["rport"]) for t in truth}
+    got = {}
+    for i in range(len(fk)):
+        key = (int(fk.proto[i]), int(fk.src_port[i]), int(fk.dst_port[i]))
+        if key in want:
+            got[key] = (res.labels["BF_label"][i], res.labels["BF_labeling_type"][i])
+    assert set(got) == want  # every reported flow was captured and oriented client first
+    assert set(got.values()) == {("com.example.delta", "exact")}
+    assert fk.has_syn[fk.proto == 6].all()
+    assert res.report["clock"]["refined"] and abs(res.report["clock"]["offset"]) < 0.05

@@ -151,7 +151,7 @@ Proto Recv-Q Send-Q Local Address           Foreign Address         State       
 tcp        0      0 127.0.0.1:5037          0.0.0.0:*               LISTEN      shell    1234       890/adbd
 tcp6       0      0 ::ffff:10.0.0.5:43210   ::ffff:157.240.1.1:443  ESTABLISHED u0_a123  45678      5678/com.whatsapp
 tcp        0      0 10.0.0.5:43211          157.240.1.1:443         TIME_WAIT   root     0          -
-udp        0      0 0.0.0.0:5353                                                                       
+udp        0      0 0.0.0.0:5353
 udp        0      0 0.0.0.0:5353            0.0.0.0:*                           1000     910        910/mdnsd
 """
     stats = ParseStats()

@@ -181,8 +181,8 @@ class ObservationSet:
             ))
         if not rows:
             return cls.empty()
-        cols = list(zip(*rows))
-        arrays = [np.asarray(c, dtype=d) for c, d in zip(cols, cls._DTYPES)]
+        cols = list(zip(*rows, strict=True))
+        arrays = [np.asarray(c, dtype=d) for c, d in zip(cols, cls._DTYPES, strict=True)]
         return cls(*arrays, strings=strings)
 
     @classmethod
@@ -207,7 +207,7 @@ class ObservationSet:
         out = {}
         for name in cls._COLS:
             parts = []
-            for s, m in zip(sets, remaps):
+            for s, m in zip(sets, remaps, strict=True):
                 col = getattr(s, name)
                 if name in ("local_ip", "remote_ip", "process", "label", "sublabel",
                             "labeling_type"):

@@ -76,7 +76,7 @@ class _Clock:
         self.day0: float | None = None
         if date is not None:
             d = _dt.date.fromisoformat(date) if isinstance(date, str) else date
-            midnight = _dt.datetime(d.year, d.month, d.day, tzinfo=_dt.timezone.utc)
+            midnight = _dt.datetime(d.year, d.month, d.day, tzinfo=_dt.UTC)
             self.day0 = midnight.timestamp() - utc_offset
         self.last_sod = -1.0
         self.day_shift = 0.0
