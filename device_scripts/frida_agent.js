@@ -19,8 +19,9 @@
  *   ipaddress prints it); a scope id is dropped.
  * - proto is from getsockopt(SO_TYPE); only AF_INET/AF_INET6 stream and datagram sockets
  *   are reported, so Unix sockets and netlink never appear.
- * - ret is the function's return value; when it is -1, ret is -errno instead (e.g.
- *   -115 for a non-blocking connect in progress, EINPROGRESS).
+ * - ret is the function's return value; when it is -1 the event also has "errno", the
+ *   error's name (e.g. "EINPROGRESS" for a non-blocking connect under way; "E<n>" for a
+ *   number without a name here).
  * - sendto, sendmsg and recvfrom are reported once per (fd, remote address) until the fd
  *   is closed, which keeps busy sockets from flooding the log; close is reported only
  *   for fds the agent reported before, with their last known addresses.
@@ -196,10 +197,25 @@ function endpoint(a) {
   return a === null ? null : { ip: a.ip, port: a.port };
 }
 
+// Linux errno numbers (the same on arm, arm64, x86 and x86_64) a socket call may give.
+const ERRNO_NAMES = {
+  1: 'EPERM', 2: 'ENOENT', 4: 'EINTR', 9: 'EBADF', 11: 'EAGAIN', 12: 'ENOMEM',
+  13: 'EACCES', 14: 'EFAULT', 22: 'EINVAL', 24: 'EMFILE', 32: 'EPIPE', 88: 'ENOTSOCK',
+  89: 'EDESTADDRREQ', 90: 'EMSGSIZE', 91: 'EPROTOTYPE', 93: 'EPROTONOSUPPORT',
+  95: 'EOPNOTSUPP', 97: 'EAFNOSUPPORT', 98: 'EADDRINUSE', 99: 'EADDRNOTAVAIL',
+  100: 'ENETDOWN', 101: 'ENETUNREACH', 103: 'ECONNABORTED', 104: 'ECONNRESET',
+  105: 'ENOBUFS', 106: 'EISCONN', 107: 'ENOTCONN', 110: 'ETIMEDOUT', 111: 'ECONNREFUSED',
+  113: 'EHOSTUNREACH', 114: 'EALREADY', 115: 'EINPROGRESS',
+};
+
+// {ret, errno}: errno is the error's name when the call returned -1, else undefined.
 function retOf(ctx, retval) {
   const r = retval.toInt32();
-  if (r === -1 && ctx.errno !== undefined && ctx.errno !== 0) return -ctx.errno;
-  return r;
+  let errno;
+  if (r === -1 && ctx.errno !== undefined && ctx.errno !== 0) {
+    errno = ERRNO_NAMES[ctx.errno] || 'E' + ctx.errno;
+  }
+  return { ret: r, errno: errno };
 }
 
 // --- output ------------------------------------------------------------------------------
@@ -221,12 +237,16 @@ function emit(ev) {
   else if (timer === null) timer = setTimeout(flush, FLUSH_MS);
 }
 
-function event(name, tid, fd, proto, local, remote, host, ret) {
+// r: {ret, errno} from retOf, or a plain number.
+function event(name, tid, fd, proto, local, remote, host, r) {
   const fam = remote !== null ? remote.family : (local !== null ? local.family : null);
-  return {
+  const ev = {
     ts: now(), event: name, pid: PID, tid: tid, fd: fd, proto: proto, family: fam,
-    local: endpoint(local), remote: endpoint(remote), host: host, ret: ret, process: PROCESS,
+    local: endpoint(local), remote: endpoint(remote), host: host,
+    ret: typeof r === 'number' ? r : r.ret, process: PROCESS,
   };
+  if (typeof r !== 'number' && r.errno !== undefined) ev.errno = r.errno;
+  return ev;
 }
 
 // fd -> {proto, local, remote, seen: Set of remote keys}
@@ -340,7 +360,7 @@ hook('recvfrom', {
   onLeave(retval) {
     const r = retOf(this, retval);
     let remote = null;
-    if (r >= 0 && !this.src.isNull() && !this.srcLen.isNull()) {
+    if (r.ret >= 0 && !this.src.isNull() && !this.srcLen.isNull()) {
       remote = parseSockaddr(this.src, this.srcLen.readU32());
     }
     reportTransfer('recvfrom', this, this.fd, remote, r);

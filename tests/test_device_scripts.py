@@ -19,6 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from analysis.traces.model import ParseStats
+from analysis.traces.netstat import iter_socket_tables
+from analysis.traces.strace import iter_socket_observations, process_from_filename
 from device_scripts import script_path
 from device_scripts.strace_cache import ABIS, cached_strace, normalize_abi, strace_cache_dir
 
@@ -211,6 +214,14 @@ def test_poller_logs_complete_blocks_with_the_socket_rows(
         )
         assert row[3] == state
         assert row[7] == str(APP_UID), f"uid column of {name}: {row[7]}"
+
+    # The analysis parser reads the same log without skipping a line.
+    stats = ParseStats()
+    rows = list(iter_socket_tables(out, stats))
+    assert stats.n_skipped == 0, stats.skipped
+    port, inode = socket_holder["client"]
+    mine = [r for r in rows if r.inode == inode]
+    assert mine and {(r.table, r.local_port, r.uid) for r in mine} == {("tcp", port, APP_UID)}
 
 
 def test_poller_under_busybox_without_nanoseconds_uses_adjtimex_then_seconds(
@@ -494,6 +505,14 @@ def test_launcher_traces_every_process_and_follows_an_app_restart(
     )
     assert re.search(r"close\(\d+<UDP:\[", text), "no close of a UDP socket"
     assert "read(" not in text and "mmap(" not in text, "syscall filter not applied"
+
+    # The analysis parser reads the logs: names give pid and process, connects their ports.
+    log = log_of(outdir, remote.pid)
+    assert process_from_filename(log) == (remote.pid, f"{PKG}:remote")
+    stats = ParseStats()
+    obs = list(iter_socket_observations(log, stats=stats))
+    assert any(o.kind == "connect" and o.remote_port == server.port for o in obs)
+    assert stats.n_skipped == 0, stats.skipped
 
 
 def test_launcher_secondary_role_and_exclude_file_leave_pids_untraced(
