@@ -282,14 +282,20 @@ def _atomic_write(path: Path, data: bytes) -> None:
                 pass
 
 
+def _mac_octets(device_mac: str) -> list[str]:
+    mac = re.sub(r"[^0-9A-Fa-f]", "", device_mac).lower()
+    if len(mac) != 12:
+        raise BadInputError(f"{device_mac!r} is not a MAC address", hint="e.g. 38:a4:ed:18:cc:bf")
+    return [mac[i:i + 2] for i in range(0, 12, 2)]
+
+
 def device_folder(device_model: str, device_mac: str) -> str:
     """MIRAGE's device folder name, ``<Model>_<mac with underscores>`` (e.g. ``Mi5_38_a4_ed_18_cc_bf``)."""
     model = re.sub(r"[^A-Za-z0-9.\-]", "", device_model)
-    mac = re.sub(r"[^0-9A-Fa-f]", "", device_mac).lower()
-    if not model or len(mac) != 12:
-        raise BadInputError(f"cannot name a MIRAGE device folder from model {device_model!r} "
-                            f"and MAC {device_mac!r}", hint="give a model name and a 6-byte MAC")
-    return "_".join([model, *(mac[i:i + 2] for i in range(0, 12, 2))])
+    if not model:
+        raise BadInputError(f"cannot name a MIRAGE device folder from model {device_model!r}",
+                            hint="give a model name with letters or digits")
+    return "_".join([model, *_mac_octets(device_mac)])
 
 
 def mirage_file_name(capture_epoch: int, package: str, layout: str = "mirage2019",
@@ -311,11 +317,11 @@ def write_mirage_dir(table: FlowTable, out_dir: str | os.PathLike[str], package:
     """Write one capture as ``<out_dir>/<Model>_<mac>/<epoch>_<package>_...json``.
 
     Returns the files written: the capture's file, then any ``_dup<k>`` siblings.
-    ``BF_device`` (2022 layout) defaults to ``device_mac``.
+    ``BF_device`` (2022 layout) defaults to ``device_mac`` written ``aa:bb:cc:dd:ee:ff``.
     """
     folder = Path(out_dir) / device_folder(device_model, device_mac)
     names = [mirage_file_name(capture_epoch, package, layout)]  # validates first
-    parts = to_mirage_parts(table, layout, payload, device=device_mac.lower(),
+    parts = to_mirage_parts(table, layout, payload, device=":".join(_mac_octets(device_mac)),
                             activity=activity)
     written = []
     for k, part in enumerate(parts):

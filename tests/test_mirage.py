@@ -224,6 +224,8 @@ def test_file_and_folder_names() -> None:
     with pytest.raises(BadInputError):
         device_folder("Mi5", "not-a-mac")
     with pytest.raises(BadInputError):
+        device_folder("???", "38:a4:ed:18:cc:bf")
+    with pytest.raises(BadInputError):
         to_mirage(sample_table(), layout="mirage2030")
 
 
@@ -246,7 +248,11 @@ def test_duplicate_five_tuples_go_to_numbered_siblings(tmp_path: Path) -> None:
     stem = f"1700000000_{TELEGRAM}_MIRAGE-2019_traffic_dataset_labeled_biflows"
     assert [p.name for p in paths] == [f"{stem}.json", f"{stem}_dup1.json", f"{stem}_dup2.json"]
     assert {p.parent.name for p in paths} == {"Pixel7_aa_bb_cc_dd_ee_ff"}
-    df = read_mirage(tmp_path)
+    p22 = write_mirage_dir(table, tmp_path / "22", TELEGRAM, "Pixel7", "AA-BB-CC-DD-EE-FF",
+                           1_700_000_000, layout="mirage2022")
+    assert {r["flow_metadata"]["BF_device"] for r in json.loads(p22[0].read_text()).values()} \
+        == {"aa:bb:cc:dd:ee:ff"}
+    df = read_mirage(tmp_path / "Pixel7_aa_bb_cc_dd_ee_ff")
     assert len(df) == 4
     assert set(df["session"]) == {stem} and set(df["app"]) == {TELEGRAM}
     assert sorted(df["flow_metadata_BF_num_packets"]) == [3 + 1 + 1, 6, 7, 9]
