@@ -28,7 +28,7 @@ import gc
 import json
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -263,11 +263,24 @@ def write_mirage(obj: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new temp file beside ``path`` (same file system, so os.replace is atomic).
+
+    Unlike mkstemp's 0600, the mode follows the umask, as a plain open() would.
+    """
+    while True:
+        tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = _create_temp(path)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

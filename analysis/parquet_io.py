@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +122,19 @@ def to_arrow(table: FlowTable, extra_metadata: dict[str, str] | None = None) -> 
     return pa.table(cols).replace_schema_metadata(meta)
 
 
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new temp file beside ``path`` (same file system, so os.replace is atomic).
+
+    Unlike mkstemp's 0600, the mode follows the umask, as a plain open() would.
+    """
+    while True:
+        tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
 def write_parquet(table: FlowTable, path: str | os.PathLike[str],
                   extra_metadata: dict[str, str] | None = None) -> Path:
     """Write the table as one Parquet file (one row per bi-flow), atomically."""
@@ -136,7 +149,7 @@ def write_parquet(table: FlowTable, path: str | os.PathLike[str],
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = _create_temp(path)
         # Dictionary-encode only the strings (IPs, labels): on numeric and list columns
         # it doubles the write time for a few per cent of size.
         # Min/max statistics of the packet lists are of no use to a reader and cost time.

@@ -206,6 +206,9 @@ def test_serialisation_is_python_json_defaults(tmp_path: Path) -> None:
     assert b"NaN" in raw and b", " in raw and b": " in raw
     assert nan_equal(json.loads(raw), obj)
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temp file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # like open(), not mkstemp's 0600
 
 
 # ---------------------------------------------------------------------------- files

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +157,13 @@ def test_write_failure_is_output_error_and_atomic(tmp_path: Path) -> None:
     write_parquet(make_flowtable([{}, {}]), target)
     assert len(read_parquet(target)) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "flows.parquet"]
+    assert target.stat().st_mode & 0o044 == 0o044 & ~_umask()  # readable like open() makes it
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_chunks_stream_into_one_file(tmp_path: Path) -> None:
