@@ -55,7 +55,9 @@ def check_binaries(cfg: ApConfig, runner: Runner) -> list[CheckResult]:
         if runner.which(b) is None
     ]
     if runner.which("nft") is None and runner.which("iptables") is None:
-        out.append(_bad("program nft", "neither nft nor iptables is installed", "apt-get install nftables"))
+        out.append(
+            _bad("program nft", "neither nft nor iptables is installed", "apt-get install nftables")
+        )
     if cfg.radio and runner.which("rfkill") is None:
         out.append(
             _bad("program rfkill", "rfkill is not installed; a soft-blocked radio stays blocked",
@@ -148,7 +150,9 @@ def check_ports(cfg: ApConfig, runner: Runner) -> list[CheckResult]:
     """Is port 53 (DNS) or 67 (DHCP) on the AP address or the wildcard held by someone else?"""
     res = runner.run(["ss", "-H", "-l", "-n", "-u", "-t", "-p"])
     if not res.ok:
-        return [_bad("ports", f"cannot list sockets: {res.describe()}", "install iproute2 (ss)", False)]
+        return [
+            _bad("ports", f"cannot list sockets: {res.describe()}", "install iproute2 (ss)", False)
+        ]
     out: list[CheckResult] = []
     ours = str(cfg.address.ip)
     resolved_seen = False
@@ -174,16 +178,28 @@ def check_ports(cfg: ApConfig, runner: Runner) -> list[CheckResult]:
             else:
                 fix = f"stop {who} or make it listen on another address"
             if not any(r.name == f"port {port}" and who in r.message for r in out):
-                out.append(_bad(f"port {port}", f"{who} holds {addr or '*'}:{port}, which dnsmasq needs", fix))
+                out.append(
+                    _bad(
+                        f"port {port}",
+                        f"{who} holds {addr or '*'}:{port}, which dnsmasq needs",
+                        fix,
+                    )
+                )
     if not out:
-        note = " (systemd-resolved on 127.0.0.53 does not conflict: dnsmasq binds only the AP address)" if resolved_seen else ""
+        note = (
+            " (systemd-resolved on 127.0.0.53 does not conflict: dnsmasq binds only the AP address)"
+            if resolved_seen
+            else ""
+        )
         out.append(_ok("ports", f"ports 53 and 67 are free on {ours}{note}"))
     return out
 
 
 def check_uplink(cfg: ApConfig, runner: Runner) -> CheckResult:
     """Is there a route to the internet, out of the configured uplink? (No traffic is sent.)"""
-    target = next((str(ip) for ip in cfg.upstream_dns if isinstance(ip, ipaddress.IPv4Address)), "1.1.1.1")
+    target = next(
+        (str(ip) for ip in cfg.upstream_dns if isinstance(ip, ipaddress.IPv4Address)), "1.1.1.1"
+    )
     res = runner.run(["ip", "-j", "route", "get", target])
     if not res.ok:
         return _bad("uplink", f"no route to the internet ({target} unreachable)",

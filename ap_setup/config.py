@@ -255,7 +255,9 @@ class ApConfig(_Model):
         seen_ip: set[ipaddress.IPv4Address] = set()
         for lease in self.static_leases:
             if lease.ip not in net or lease.ip == self.address.ip:
-                raise ValueError(f"static lease {lease.name}: {lease.ip} is not a free host of {net}")
+                raise ValueError(
+                    f"static lease {lease.name}: {lease.ip} is not a free host of {net}"
+                )
             if lease.mac in seen_mac or lease.ip in seen_ip:
                 raise ValueError(f"static lease {lease.name}: MAC or IP used twice")
             seen_mac.add(lease.mac)
@@ -335,5 +337,7 @@ def load_config(path: str | Path) -> ApConfig:
         else:
             data = yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: {err}") from None
+        raise ConfigError(
+            f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: {err}"
+        ) from None
     return config_from_mapping(data, str(p))

@@ -95,7 +95,9 @@ def choose_firewall(cfg: ApConfig, runner: Runner) -> str:
         if runner.run(["nft", "list", "tables"]).ok:
             return "nft"
     if cfg.firewall == "nft":
-        raise ApError("nftables is not usable here", hint="install nftables or set firewall: iptables")
+        raise ApError(
+            "nftables is not usable here", hint="install nftables or set firewall: iptables"
+        )
     if runner.which("iptables"):
         return "iptables"
     raise ApError("neither nft nor iptables is installed", hint="apt-get install nftables")
@@ -221,7 +223,9 @@ def _bring_up(
         _must(runner.run(["nmcli", "device", "set", iface, "managed", "no"]), "nmcli device set")
         sink(ApStepFinished("networkmanager", f"{iface} unmanaged (was {before})"))
 
-    info = json.loads(_must(runner.run(["ip", "-j", "addr", "show", "dev", iface]), "ip addr").stdout)[0]
+    info = json.loads(
+        _must(runner.run(["ip", "-j", "addr", "show", "dev", iface]), "ip addr").stdout
+    )[0]
     state.link_was_up = "UP" in info.get("flags", [])
     have = {f"{a['local']}/{a['prefixlen']}" for a in info.get("addr_info", [])}
     if str(cfg.address) not in have:
@@ -237,8 +241,14 @@ def _bring_up(
         state.offloads_before = {n: on for n, (on, fixed) in current.items() if on and not fixed}
         state.save(path)
         for name in state.offloads_before:
-            _must(runner.run(["ethtool", "-K", iface, OFFLOADS[name], "off"]), f"ethtool {name} off")
-        sink(ApStepFinished("offloads", "off: " + (", ".join(state.offloads_before) or "none were on")))
+            _must(
+                runner.run(["ethtool", "-K", iface, OFFLOADS[name], "off"]), f"ethtool {name} off"
+            )
+        sink(
+            ApStepFinished(
+                "offloads", "off: " + (", ".join(state.offloads_before) or "none were on")
+            )
+        )
 
     wanted = {"net.ipv4.ip_forward": "1"}
     if not cfg.ipv6_ra:
@@ -272,7 +282,9 @@ def _bring_up(
 
     work = Path(state.work_dir)
     if cfg.radio:
-        rec = start_daemon(runner, "hostapd", ["hostapd", "-t", str(work / "hostapd.conf")], work / "hostapd.log")
+        rec = start_daemon(
+            runner, "hostapd", ["hostapd", "-t", str(work / "hostapd.conf")], work / "hostapd.log"
+        )
         state.processes["hostapd"] = rec
         state.save(path)
         _wait_for_log(rec, "AP-ENABLED", 10.0)
@@ -323,7 +335,9 @@ def _wait_for_log(rec: ProcessRecord, marker: str, timeout: float) -> None:
         if log.exists() and marker in log.read_text(errors="replace"):
             return
         if not is_alive(rec):
-            raise ApError(f"{rec.name} stopped: {log_tail(Path(rec.log))}", hint=f"full log: {rec.log}")
+            raise ApError(
+                f"{rec.name} stopped: {log_tail(Path(rec.log))}", hint=f"full log: {rec.log}"
+            )
         time.sleep(0.1)
     raise ApError(f"{rec.name} did not report {marker} within {timeout:g} s", hint=f"see {rec.log}")
 
@@ -333,7 +347,13 @@ def _gone(res: ShellResult) -> bool:
     text = (res.stderr + res.stdout).lower()
     return any(
         s in text
-        for s in ("no such file", "does not exist", "no chain/target/match", "does a matching rule exist", "cannot assign requested address")
+        for s in (
+            "no such file",
+            "does not exist",
+            "no chain/target/match",
+            "does a matching rule exist",
+            "cannot assign requested address",
+        )
     )
 
 
@@ -391,7 +411,12 @@ def ap_down(
         if not res.ok and not _gone(res):
             failures.append(res.describe())
     if state.sysctl_before:
-        sink(ApStepFinished("sysctl", "restored " + ", ".join(f"{k}={v}" for k, v in state.sysctl_before.items())))
+        sink(
+            ApStepFinished(
+                "sysctl",
+                "restored " + ", ".join(f"{k}={v}" for k, v in state.sysctl_before.items()),
+            )
+        )
 
     for name in state.offloads_before:
         res = runner.run(["ethtool", "-K", iface, OFFLOADS[name], "on"])
@@ -424,7 +449,11 @@ def ap_down(
             res = runner.run(["nmcli", "device", "set", iface, "managed", "yes"])
             if not res.ok and not _gone(res):
                 failures.append(res.describe())
-        sink(ApStepFinished("networkmanager", "handed back" if state.nm_managed_before else "drop-in removed"))
+        sink(
+            ApStepFinished(
+                "networkmanager", "handed back" if state.nm_managed_before else "drop-in removed"
+            )
+        )
 
     if failures:
         state.save(state_path)
@@ -468,7 +497,14 @@ def read_leases(path: Path) -> list[Client]:
     for line in text.splitlines():
         parts = line.split()
         if len(parts) >= 4 and parts[0].isdigit():
-            clients.append(Client(mac=parts[1], ip=parts[2], name="" if parts[3] == "*" else parts[3], expires=int(parts[0])))
+            clients.append(
+                Client(
+                    mac=parts[1],
+                    ip=parts[2],
+                    name="" if parts[3] == "*" else parts[3],
+                    expires=int(parts[0]),
+                )
+            )
     return clients
 
 

@@ -185,6 +185,7 @@ def nm_dropin_path(cfg: ApConfig) -> Path:
 
 def render_nm_unmanaged(cfg: ApConfig) -> str:
     """A NetworkManager conf.d drop-in that leaves the AP interface unmanaged."""
-    return "\n".join(
-        [HEADER, "[keyfile]", f"unmanaged-devices+=interface-name:{cfg.interface}"]
-    ) + "\n"
+    return (
+        "\n".join([HEADER, "[keyfile]", f"unmanaged-devices+=interface-name:{cfg.interface}"])
+        + "\n"
+    )

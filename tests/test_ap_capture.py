@@ -42,7 +42,9 @@ def make_config(**over: object) -> CaptureConfig:
 
 
 def test_tcpdump_argv_ring_by_size() -> None:
-    argv = capture_argv(make_config(ring_file_mb=100, ring_files=20, snaplen=128), "wlan0", Path("/r"))
+    argv = capture_argv(
+        make_config(ring_file_mb=100, ring_files=20, snaplen=128), "wlan0", Path("/r")
+    )
     assert argv[:7] == ["tcpdump", "-i", "wlan0", "-n", "-U", "-Z", "root"]
     assert argv[argv.index("-s") + 1] == "128"
     assert argv[argv.index("-w") + 1] == "/r/capture.pcap"
@@ -67,7 +69,11 @@ def test_filter_is_one_argv_element_per_device() -> None:
 
 
 def test_dumpcap_argv() -> None:
-    argv = capture_argv(make_config(tool="dumpcap", ring_file_mb=10, ring_files=3, rotate_seconds=60), "wlan0", Path("/r"))
+    argv = capture_argv(
+        make_config(tool="dumpcap", ring_file_mb=10, ring_files=3, rotate_seconds=60),
+        "wlan0",
+        Path("/r"),
+    )
     assert argv[0] == "dumpcap" and "-P" in argv
     assert ["-b", "filesize:10000"] == argv[argv.index("-b") : argv.index("-b") + 2]
     assert "files:3" in argv and "duration:60" in argv
@@ -95,7 +101,9 @@ def eth_ipv4(total_length: int, payload: int = 20) -> bytes:
     return b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + ip + b"\x00" * payload
 
 
-def write_pcap(path: Path, frames: list[tuple[float, bytes]], nano: bool = False, snaplen: int = 65535) -> Path:
+def write_pcap(
+    path: Path, frames: list[tuple[float, bytes]], nano: bool = False, snaplen: int = 65535
+) -> Path:
     with open(path, "wb") as fh:
         w = dpkt.pcap.Writer(fh, snaplen=snaplen, nano=nano)
         for ts, frame in frames:
@@ -107,7 +115,9 @@ def test_qa_flags_frames_larger_than_the_mtu_even_when_truncated(tmp_path: Path)
     ok = write_pcap(tmp_path / "a.pcap", [(1.0, eth_ipv4(1500)), (1.1, eth_ipv4(60))])
     # A GRO super-frame, captured headers-only: the IP length field still tells its size.
     big = write_pcap(tmp_path / "b.pcap", [(2.0, eth_ipv4(9000, payload=40))], nano=True)
-    qa = qa_capture([ok, big], mtu=1500, stats={"packets_captured": 3, "packets_received_by_filter": 3})
+    qa = qa_capture(
+        [ok, big], mtu=1500, stats={"packets_captured": 3, "packets_received_by_filter": 3}
+    )
     assert (qa.files, qa.packets, qa.oversize_frames, qa.max_ip_length) == (2, 3, 1, 9000)
     assert not qa.ok and "offload" in qa.problems[0]
     assert qa.to_manifest()["oversize_frames"] == 1
@@ -140,15 +150,21 @@ def test_capture_files_are_ordered_by_first_packet(tmp_path: Path) -> None:
     assert names == ["capture.pcap1", "capture.pcap2", "capture.pcap0", "capture.pcap10"]
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("tcpdump") is None, reason="needs root and tcpdump")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("tcpdump") is None, reason="needs root and tcpdump"
+)
 def test_tcpdump_accepts_our_flags(tmp_path: Path) -> None:
     """tcpdump parses every flag we pass (reading an empty pcap instead of an interface)."""
     src = write_pcap(tmp_path / "in.pcap", [(1.0, eth_ipv4(60))])
-    argv = capture_argv(make_config(ring_file_mb=1, ring_files=2, macs=["02:02:02:02:02:02"]), "lo", tmp_path)
+    argv = capture_argv(
+        make_config(ring_file_mb=1, ring_files=2, macs=["02:02:02:02:02:02"]), "lo", tmp_path
+    )
     # Same options, but -r instead of -i and no live-only flags.
     live_only = {"--immediate-mode"}
     args = [a for a in argv[3:] if a not in live_only]
     args[args.index("-B") : args.index("-B") + 2] = []
-    res = subprocess.run(["tcpdump", "-r", str(src), *args], capture_output=True, text=True, timeout=10)
+    res = subprocess.run(
+        ["tcpdump", "-r", str(src), *args], capture_output=True, text=True, timeout=10
+    )
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "capture.pcap0").exists() or (tmp_path / "capture.pcap").exists()

@@ -72,9 +72,15 @@ def test_radio_that_can_be_an_ap() -> None:
 
 
 def test_radio_without_ap_mode_and_unset_regdomain() -> None:
-    res = by_name(check_radio(ApConfig(country_code="DE"), radio_runner(IW_NO_AP, "global\ncountry 00: DFS-UNSET\n")))
+    res = by_name(
+        check_radio(
+            ApConfig(country_code="DE"), radio_runner(IW_NO_AP, "global\ncountry 00: DFS-UNSET\n")
+        )
+    )
     assert not res["ap mode"].ok and "AP mode" in res["ap mode"].fix
-    assert not res["regulatory domain"].ok and res["regulatory domain"].fix.startswith("iw reg set DE")
+    assert not res["regulatory domain"].ok and res["regulatory domain"].fix.startswith(
+        "iw reg set DE"
+    )
 
 
 @pytest.mark.parametrize(("channel", "why"), [(52, "no IR"), (44, "not offered")])
@@ -86,7 +92,9 @@ def test_5ghz_channel_not_allowed(channel: int, why: str) -> None:
 
 
 def test_no_wifi_at_all() -> None:
-    runner = RecordingRunner(responses={("iw", "list"): ShellResult((), 1, "", "nl80211 not found.")})
+    runner = RecordingRunner(
+        responses={("iw", "list"): ShellResult((), 1, "", "nl80211 not found.")}
+    )
     (only,) = check_radio(ApConfig(), runner)
     assert not only.ok and "no Wi-Fi device" in only.message
     assert check_radio(ApConfig(radio=False), runner) == []
@@ -105,7 +113,10 @@ def test_systemd_resolved_on_its_stub_address_does_not_conflict() -> None:
 
 
 def test_a_wildcard_dns_server_conflicts() -> None:
-    ss = SS + 'udp   UNCONN 0      0         0.0.0.0:53        0.0.0.0:*    users:(("dnsmasq",pid=77,fd=4))\n'
+    ss = (
+        SS
+        + 'udp   UNCONN 0      0         0.0.0.0:53        0.0.0.0:*    users:(("dnsmasq",pid=77,fd=4))\n'
+    )
     ss += 'udp   UNCONN 0      0         0.0.0.0:67        0.0.0.0:*    users:(("dnsmasq",pid=77,fd=5))\n'
     ss += 'udp   UNCONN 0      0         *:53        *:*    users:(("systemd-resolve",pid=612,fd=20))\n'
     res = check_ports(ApConfig(), RecordingRunner(responses={("ss",): ok(ss)}))
@@ -121,7 +132,13 @@ def test_uplink_route_checks() -> None:
     assert check_uplink(ApConfig(uplink="eth0"), runner).ok
     wrong = check_uplink(ApConfig(uplink="enp3s0"), runner)
     assert not wrong.ok and "uplink: eth0" in wrong.fix
-    none = RecordingRunner(responses={("ip", "-j", "route", "get"): ShellResult((), 2, "", "RTNETLINK answers: Network is unreachable")})
+    none = RecordingRunner(
+        responses={
+            ("ip", "-j", "route", "get"): ShellResult(
+                (), 2, "", "RTNETLINK answers: Network is unreachable"
+            )
+        }
+    )
     assert "no route" in check_uplink(ApConfig(), none).message
 
 
@@ -155,7 +172,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     exe = REPO / ".venv" / "bin" / "flowtruth"
     argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "controller.cli"]
     env = dict(os.environ, COLUMNS="200", PYTHONPATH=str(REPO))
-    return subprocess.run([*argv, *args], capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    return subprocess.run(
+        [*argv, *args], capture_output=True, text=True, timeout=60, cwd=REPO, env=env
+    )
 
 
 def test_flowtruth_ap_check_on_a_machine_without_wifi(tmp_path: Path) -> None:
@@ -181,11 +200,17 @@ def test_cli_config_errors_are_one_line(tmp_path: Path) -> None:
 def test_standalone_scripts_use_the_same_code(tmp_path: Path) -> None:
     res = subprocess.run([str(REPO / "ap_setup" / "ap-down"), "--interface", "ftnowifi0",
                           "--config", str(tmp_path / "none.yaml")], capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert res.returncode == 2 and "no such config file" in res.stderr and "Traceback" not in res.stderr
+    assert (
+        res.returncode == 2
+        and "no such config file" in res.stderr
+        and "Traceback" not in res.stderr
+    )
     cfg = tmp_path / "ap.yaml"
     cfg.write_text(f"state_dir: {tmp_path / 'state'}\n")
     res = subprocess.run([str(REPO / "ap_setup" / "ap-down"), "--config", str(cfg)],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert res.returncode == 0 and "nothing was up" in res.stdout
-    res = subprocess.run([str(REPO / "ap_setup" / "ap-up"), "--help"], capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [str(REPO / "ap_setup" / "ap-up"), "--help"], capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 0 and "--capture" in res.stdout

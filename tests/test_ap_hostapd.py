@@ -41,7 +41,9 @@ def netns() -> Iterator[list[str]]:
 
 
 def run_hostapd(prefix: list[str], conf: Path) -> str:
-    res = subprocess.run([*prefix, "hostapd", "-d", str(conf)], capture_output=True, text=True, timeout=15)
+    res = subprocess.run(
+        [*prefix, "hostapd", "-d", str(conf)], capture_output=True, text=True, timeout=15
+    )
     assert res.returncode != 0  # no radio: it can never come up here
     return res.stdout + res.stderr
 
@@ -59,7 +61,9 @@ def test_hostapd_parses_our_file_then_fails_only_at_the_driver(make, netns, tmp_
 
 def test_hostapd_reports_line_errors_for_a_broken_file(netns, tmp_path: Path) -> None:
     text = render_hostapd(make_config(interface="ftnoradio0", state_dir=str(tmp_path)))
-    text = text.replace("hw_mode=g", "hw_mode=q").replace("wpa_passphrase=correct-horse-battery", "wpa_passphrase=short")
+    text = text.replace("hw_mode=g", "hw_mode=q").replace(
+        "wpa_passphrase=correct-horse-battery", "wpa_passphrase=short"
+    )
     text += "no_such_option=1\n"
     conf = tmp_path / "broken.conf"
     conf.write_text(text)

@@ -42,8 +42,12 @@ def make_runner(**extra: ShellResult) -> RecordingRunner:
     """A Wi-Fi host with NetworkManager managing wlan0, IP forwarding off."""
     responses = {
         ("nmcli", "-t", "-f", "RUNNING", "general"): ok("running\n"),
-        ("nmcli", "-t", "-f", "DEVICE,STATE", "device", "status"): ok("eth0:connected\nwlan0:disconnected\n"),
-        ("ip", "-j", "addr", "show"): ok('[{"ifname":"wlan0","flags":["BROADCAST","MULTICAST"],"addr_info":[]}]'),
+        ("nmcli", "-t", "-f", "DEVICE,STATE", "device", "status"): ok(
+            "eth0:connected\nwlan0:disconnected\n"
+        ),
+        ("ip", "-j", "addr", "show"): ok(
+            '[{"ifname":"wlan0","flags":["BROADCAST","MULTICAST"],"addr_info":[]}]'
+        ),
         ("ethtool", "-k"): ok(ETHTOOL_K),
         ("sysctl", "-n", "net.ipv4.ip_forward"): ok("0\n"),
         ("sysctl", "-n", "net.ipv6.conf.wlan0.disable_ipv6"): ok("0\n"),
@@ -72,9 +76,15 @@ def test_up_records_everything_before_changing_it(cfg: ApConfig) -> None:
     state = ap_up(cfg, runner, check_root=False)
     saved = json.loads(cfg.state_path.read_text())
     assert saved["status"] == "up"
-    assert saved["sysctl_before"] == {"net.ipv4.ip_forward": "0", "net.ipv6.conf.wlan0.disable_ipv6": "0"}
+    assert saved["sysctl_before"] == {
+        "net.ipv4.ip_forward": "0",
+        "net.ipv6.conf.wlan0.disable_ipv6": "0",
+    }
     # Only offloads that were on and changeable; fixed ones are left alone.
-    assert saved["offloads_before"] == {"generic-segmentation-offload": True, "generic-receive-offload": True}
+    assert saved["offloads_before"] == {
+        "generic-segmentation-offload": True,
+        "generic-receive-offload": True,
+    }
     assert saved["nm_managed_before"] is True
     assert saved["address_added"] == "192.168.50.1/24" and saved["link_was_up"] is False
     assert saved["nft_tables"] == ["inet flowtruth"]
@@ -152,7 +162,9 @@ def test_a_failed_step_undoes_the_steps_before_it(cfg: ApConfig) -> None:
 
 def test_incomplete_teardown_keeps_the_state_file_for_a_retry(cfg: ApConfig) -> None:
     ap_up(cfg, make_runner(), check_root=False)
-    broken = RecordingRunner(responses={("ethtool",): fail("Cannot change generic-receive-offload")})
+    broken = RecordingRunner(
+        responses={("ethtool",): fail("Cannot change generic-receive-offload")}
+    )
     with pytest.raises(ApError, match="teardown incomplete") as info:
         ap_down(cfg.state_path, broken)
     assert "ap down" in (info.value.hint or "")
@@ -188,7 +200,7 @@ def test_up_names_missing_programs_and_interfaces(cfg: ApConfig) -> None:
     runner.missing = {"hostapd"}
     with pytest.raises(ApError, match="missing programs: hostapd"):
         ap_up(cfg, runner, check_root=False)
-    runner = make_runner(**{"ip link show dev wlan0": fail("Device \"wlan0\" does not exist.")})
+    runner = make_runner(**{"ip link show dev wlan0": fail('Device "wlan0" does not exist.')})
     with pytest.raises(ApError, match="interface wlan0 does not exist"):
         ap_up(cfg, runner, check_root=False)
     assert not cfg.state_path.exists()

@@ -110,11 +110,51 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
             created.append(ns)
             in_ns(ns, "ip", "link", "set", "lo", "up")
         # Created directly inside the namespaces: the host's interfaces are never touched.
-        sh("ip", "-n", lab.ap, "link", "add", "ftw0", "type", "veth", "peer", "name", "ftc0", "netns", lab.client)
-        sh("ip", "-n", lab.ap, "link", "add", "ftu0", "type", "veth", "peer", "name", "ftn0", "netns", lab.net)
+        sh(
+            "ip",
+            "-n",
+            lab.ap,
+            "link",
+            "add",
+            "ftw0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ftc0",
+            "netns",
+            lab.client,
+        )
+        sh(
+            "ip",
+            "-n",
+            lab.ap,
+            "link",
+            "add",
+            "ftu0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ftn0",
+            "netns",
+            lab.net,
+        )
         in_ns(lab.client, "ip", "link", "set", "ftc0", "address", CLIENT_MAC)
         # A phone's Wi-Fi never hands over super-frames; make the client veth behave alike.
-        in_ns(lab.client, "ethtool", "-K", "ftc0", "tso", "off", "gso", "off", "gro", "off", check=False)
+        in_ns(
+            lab.client,
+            "ethtool",
+            "-K",
+            "ftc0",
+            "tso",
+            "off",
+            "gso",
+            "off",
+            "gro",
+            "off",
+            check=False,
+        )
         in_ns(lab.client, "ip", "link", "set", "ftc0", "up")
         in_ns(lab.ap, "ip", "addr", "add", "10.77.0.1/24", "dev", "ftu0")
         in_ns(lab.ap, "ip", "link", "set", "ftu0", "up")
@@ -352,7 +392,11 @@ def test_capture_rotation_holds_every_packet(lab: Lab, tcp_server) -> None:
 
     table = read_flows(files)
     f = table.flows
-    hits = [i for i in range(len(table)) if f["proto"][i] == 6 and 8080 in (f["src_port"][i], f["dst_port"][i])]
+    hits = [
+        i
+        for i in range(len(table))
+        if f["proto"][i] == 6 and 8080 in (f["src_port"][i], f["dst_port"][i])
+    ]
     assert len(hits) == 1
     assert int(f["bf_payload_bytes"][hits[0]]) >= nbytes
 
@@ -367,7 +411,19 @@ def test_capture_filter_and_time_rotation(lab: Lab, tcp_server) -> None:
     try:
         cap.start()
         # Traffic from another MAC on the AP link, which the filter must drop.
-        in_ns(lab.ap, "busybox", "ping", "-c", "2", "-W", "1", "-I", "ftw0", "192.168.77.250", check=False)
+        in_ns(
+            lab.ap,
+            "busybox",
+            "ping",
+            "-c",
+            "2",
+            "-W",
+            "1",
+            "-I",
+            "ftw0",
+            "192.168.77.250",
+            check=False,
+        )
         proc, nbytes = tcp_server
         assert fetch(lab, nbytes) == nbytes
         time.sleep(2.2)
@@ -387,3 +443,47 @@ def test_capture_filter_and_time_rotation(lab: Lab, tcp_server) -> None:
             macs.add((buf[0:6].hex(":"), buf[6:12].hex(":")))
     assert n == stats["packets_captured"]
     assert all(CLIENT_MAC in pair for pair in macs)
+
+
+def test_cli_up_status_down_across_processes(lab: Lab) -> None:
+    """`flowtruth ap up` exits while dnsmasq and tcpdump keep running; `ap down` finds them."""
+    import yaml
+
+    before = snapshot(lab)
+    cfg = lab.config()
+    conf = lab.tmp / "ap.yaml"
+    conf.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
+    repo = Path(__file__).resolve().parents[1]
+    exe = repo / ".venv" / "bin" / "flowtruth"
+    base = [str(exe)] if exe.exists() else [sys.executable, "-m", "controller.cli"]
+    env = dict(os.environ, COLUMNS="200")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*base, "ap", *args, "--config", str(conf)], capture_output=True,
+                              text=True, timeout=60, cwd=repo, env=env)  # fmt: skip
+
+    out = lab.tmp / "run"
+    up = cli("up", "--capture", str(out))
+    assert up.returncode == 0, up.stderr
+    assert "AP up on ftw0" in up.stdout
+    try:
+        dhcp_client(lab)
+        status = cli("status")
+        assert status.returncode == 0
+        assert "dnsmasq: running" in status.stdout and "capture: running" in status.stdout
+        assert (
+            CLIENT_MAC in status.stdout and LEASE_IP in status.stdout and "pixel-7" in status.stdout
+        )
+    finally:
+        down = cli("down")
+    assert down.returncode == 0, down.stderr
+    assert "is down" in down.stdout
+    assert snapshot(lab) == before
+    assert json.loads((out / "capture-stats.json").read_text())["packets_captured"] > 0
+    assert sh("ip", "netns", "pids", lab.ap).stdout.split() == []  # dnsmasq and tcpdump are gone
+    assert cli("down").stdout.strip() == "nothing was up"
+    qa = subprocess.run(
+        [*base, "ap", "qa", str(out)], capture_output=True, text=True, timeout=60, cwd=repo
+    )
+    assert qa.returncode == 0, qa.stdout + qa.stderr
+    assert "packets" in qa.stdout and "problem" not in qa.stdout

@@ -54,12 +54,19 @@ def make_config(**over: object) -> ApConfig:
 
 def five_ghz(**over: object) -> ApConfig:
     """The 5 GHz variant (802.11ac), NAT out of any interface but the AP's."""
-    return make_config(**{"band": "5", "channel": 36, "ssid": "flowtruth-5g", "uplink": None, **over})
+    return make_config(
+        **{"band": "5", "channel": 36, "ssid": "flowtruth-5g", "uplink": None, **over}
+    )
 
 
 def iptables_text(cfg: ApConfig) -> str:
     plan = render_iptables(cfg)
-    lines = ["# up"] + [shlex.join(a) for a in plan.up] + ["# down"] + [shlex.join(a) for a in plan.down]
+    lines = (
+        ["# up"]
+        + [shlex.join(a) for a in plan.up]
+        + ["# down"]
+        + [shlex.join(a) for a in plan.down]
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -139,7 +146,9 @@ def test_nft_accepts_the_script_twice_in_a_fresh_namespace(nat_family: str) -> N
             assert res.returncode == 0, res.stderr
         listing = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "tables"],
                                  capture_output=True, text=True).stdout  # fmt: skip
-        expected = {"table inet flowtruth"} | ({"table ip flowtruth"} if nat_family == "ip" else set())
+        expected = {"table inet flowtruth"} | (
+            {"table ip flowtruth"} if nat_family == "ip" else set()
+        )
         assert set(listing.split("\n")) - {""} == expected
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)

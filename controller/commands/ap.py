@@ -13,7 +13,9 @@ if TYPE_CHECKING:
 
 ConfigOpt = Annotated[
     Optional[Path],  # noqa: UP045 - typer needs Optional at runtime on 3.11
-    typer.Option("--config", "-c", help="AP config file (YAML or TOML); defaults apply without one."),
+    typer.Option(
+        "--config", "-c", help="AP config file (YAML or TOML); defaults apply without one."
+    ),
 ]
 InterfaceOpt = Annotated[
     Optional[str],  # noqa: UP045
@@ -120,13 +122,42 @@ def check(config: ConfigOpt = None, interface: InterfaceOpt = None) -> None:
     console.print("ready for `flowtruth ap up`.")
 
 
+def qa(
+    capture_dir: Annotated[Path, typer.Argument(help="Directory holding the capture files.")],
+    mtu: Annotated[int, typer.Option(help="MTU of the AP link.")] = 1500,
+) -> None:
+    """Check a capture: frames larger than the MTU (offload leakage) and drops; exit 1 if any."""
+    import json
+
+    from ap_setup.capture import capture_files, qa_capture
+    from controller.errors import CaptureError
+
+    files = capture_files(capture_dir)
+    if not files:
+        raise CaptureError(f"{capture_dir}: no capture files (capture*.pcap*)")
+    stats_path = capture_dir / "capture-stats.json"
+    stats = json.loads(stats_path.read_text()) if stats_path.exists() else None
+    result = qa_capture(files, mtu=mtu, stats=stats)
+    typer.echo(
+        f"{result.files} files, {result.packets} packets, largest IP packet "
+        f"{result.max_ip_length} bytes, drops {result.drops if stats else 'unknown (no capture-stats.json)'}"
+    )
+    for problem in result.problems:
+        typer.echo(f"problem: {problem}")
+    if not result.ok:
+        raise SystemExit(1)
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``ap`` command group."""
-    ap = typer.Typer(help="The Wi-Fi access point the phones join, and its capture.", no_args_is_help=True)
+    ap = typer.Typer(
+        help="The Wi-Fi access point the phones join, and its capture.", no_args_is_help=True
+    )
     ap.command("up")(up)
     ap.command("down")(down)
     ap.command("status")(status)
     ap.command("check")(check)
+    ap.command("qa")(qa)
     app.add_typer(ap, name="ap")
 
 
