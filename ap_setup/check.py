@@ -243,6 +243,33 @@ def check_networkmanager(cfg: ApConfig, runner: Runner) -> list[CheckResult]:
     return out
 
 
+def check_forward_policy(cfg: ApConfig, runner: Runner) -> list[CheckResult]:
+    """Does another firewall table drop forwarded packets (Docker, ufw, firewalld)?"""
+    if runner.which("nft") is None:
+        return []
+    res = runner.run(["nft", "list", "ruleset"])
+    if not res.ok:
+        return []
+    table = ""
+    out: list[CheckResult] = []
+    for line in res.stdout.splitlines():
+        words = line.split()
+        if words[:1] == ["table"] and len(words) >= 3:
+            table = f"{words[1]} {words[2]}"
+        elif "hook forward" in line and "policy drop" in line and not table.endswith(" flowtruth"):
+            out.append(
+                _bad(
+                    "forwarding",
+                    f"table {table} drops forwarded packets by default; phones may get no internet",
+                    f"allow {cfg.interface} <-> {cfg.uplink or 'the uplink'} there "
+                    f"(Docker: iptables -I DOCKER-USER -i {cfg.interface} -j ACCEPT and "
+                    f"-o {cfg.interface} -j ACCEPT; ufw: ufw route allow in on {cfg.interface})",
+                    blocking=False,
+                )
+            )
+    return out
+
+
 def run_checks(cfg: ApConfig, runner: Runner | None = None) -> list[CheckResult]:
     """All preflight checks for this config, in report order."""
     runner = runner or SubprocessRunner(cfg.netns)
@@ -253,6 +280,7 @@ def run_checks(cfg: ApConfig, runner: Runner | None = None) -> list[CheckResult]
     results += check_radio(cfg, runner)
     results += check_ports(cfg, runner)
     results.append(check_uplink(cfg, runner))
+    results += check_forward_policy(cfg, runner)
     results += check_networkmanager(cfg, runner)
     return results
 

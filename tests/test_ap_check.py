@@ -11,6 +11,7 @@ import pytest
 
 from ap_setup.check import (
     check_binaries,
+    check_forward_policy,
     check_networkmanager,
     check_ports,
     check_radio,
@@ -153,6 +154,20 @@ def test_networkmanager_and_wpa_supplicant() -> None:
     res = by_name(check_networkmanager(ApConfig(), runner))
     assert not res["networkmanager"].ok and not res["networkmanager"].blocking
     assert not res["wpa_supplicant"].ok and res["wpa_supplicant"].blocking
+
+
+def test_a_forward_drop_policy_elsewhere_is_a_warning() -> None:
+    ruleset = (
+        "table ip filter {\n\tchain FORWARD {\n"
+        "\t\ttype filter hook forward priority filter; policy drop;\n\t}\n}\n"
+        "table inet flowtruth {\n\tchain forward {\n"
+        "\t\ttype filter hook forward priority filter; policy drop;\n\t}\n}\n"
+    )
+    runner = RecordingRunner(responses={("nft", "list", "ruleset"): ok(ruleset)})
+    (only,) = check_forward_policy(ApConfig(uplink="eth0"), runner)
+    assert not only.ok and not only.blocking
+    assert "table ip filter" in only.message and "DOCKER-USER" in only.fix
+    assert check_forward_policy(ApConfig(), RecordingRunner()) == []
 
 
 def test_missing_binaries_each_get_a_line() -> None:
