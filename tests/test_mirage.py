@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from analysis.errors import AnalysisError, BadInputError, OutputError, ParseError, SchemaError
 from analysis.flowtable import ACK, FIN, PSH, STAT_NAMES, SYN
@@ -559,3 +561,34 @@ def test_real_capture_round_trips_and_tcbench_reads_it(pcap: Path, tmp_path: Pat
     df = _run_quietly(m19.main, str(tmp_path), workers=1)
     assert df.shape == (len(table), 135)
     assert (df["app"] == package).sum() == (labels == package).sum()
+
+
+@st.composite
+def random_flows(draw: st.DrawFn) -> list[dict]:
+    out = []
+    for i in range(draw(st.integers(1, 5))):
+        proto = draw(st.sampled_from([6, 17]))
+        pkts = []
+        t = 0.0
+        for _ in range(draw(st.integers(1, 40))):
+            t += draw(st.sampled_from([0.0, 1e-6, 0.003, 0.25, 2.0]))
+            pkts.append({"ts": t, "dir": draw(st.integers(0, 1)),
+                         "payload": bytes(draw(st.integers(0, 3))) * draw(st.integers(0, 4)),
+                         "flags": draw(st.sampled_from([SYN, SYN | ACK, ACK, PSH | ACK, FIN]))})
+        labels = draw(st.sampled_from([{}, {"BF_label": TELEGRAM, "BF_labeling_type": "exact"}]))
+        out.append({"proto": proto, "src_port": 30000 + i, "packets": pkts, "labels": labels})
+    return out
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(random_flows(), st.sampled_from(["mirage2019", "mirage2022"]), st.booleans())
+def test_random_tables_round_trip_through_files(tmp_path: Path, spec: list[dict], layout: str,
+                                                payload: bool) -> None:
+    table = make_flowtable(spec)
+    obj = to_mirage(table, layout=layout, payload=payload)
+    path = write_mirage(obj, tmp_path / "Dev_00_00_00_00_00_01" /
+                        mirage_file_name(1_700_000_000, TELEGRAM, layout))
+    back = dataframe_to_mirage(read_mirage(path))
+    assert nan_equal(back, obj)
+    assert json.dumps(back).encode() == path.read_bytes()
