@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import signal
 import struct
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ _TCPDUMP_STAT = re.compile(
 )
 _DUMPCAP_CAPTURED = re.compile(r"^Packets captured:\s*(\d+)")
 _DUMPCAP_IFACE = re.compile(r"^Packets received/dropped on interface '[^']*':\s*(\d+)/(\d+)")
+_PCAP_MAGIC_US, _PCAP_MAGIC_NS = 0xA1B2C3D4, 0xA1B23C4D
 _STAT_KEYS = {
     "captured": "packets_captured",
     "received by filter": "packets_received_by_filter",
@@ -95,7 +97,7 @@ def parse_capture_stats(text: str) -> dict[str, int]:
 
 
 def _first_timestamp(path: Path) -> float:
-    """Time of the first packet in a pcap file (inf when empty or unreadable)."""
+    """Time of the first packet in a pcap file (inf when empty, unreadable or pcapng)."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(24 + 16)
@@ -103,12 +105,11 @@ def _first_timestamp(path: Path) -> float:
         return float("inf")
     if len(head) < 40:
         return float("inf")
-    magic = head[:4]
-    for endian, scale in (("<", 1e-6), (">", 1e-6)):
-        if struct.unpack(endian + "I", magic)[0] in (0xA1B2C3D4, 0xA1B23C4D):
-            nano = struct.unpack(endian + "I", magic)[0] == 0xA1B23C4D
+    for endian in ("<", ">"):
+        (magic,) = struct.unpack(endian + "I", head[:4])
+        if magic in (_PCAP_MAGIC_US, _PCAP_MAGIC_NS):
             sec, frac = struct.unpack(endian + "II", head[24:32])
-            return sec + frac * (1e-9 if nano else scale)
+            return sec + frac * (1e-9 if magic == _PCAP_MAGIC_NS else 1e-6)
     return float("inf")
 
 
@@ -170,8 +171,6 @@ class Capture:
 
 def wait_listening(rec: ProcessRecord, timeout: float = 5.0) -> None:
     """Block until tcpdump/dumpcap says it captures, so no early packet is missed."""
-    import time
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = Path(rec.log).read_text(errors="replace") if Path(rec.log).exists() else ""

@@ -6,12 +6,13 @@ Checks only read the system (no traffic leaves the machine, nothing is changed).
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 from dataclasses import dataclass
 
 from ap_setup.config import ApConfig
-from ap_setup.lifecycle import _nm_running, nm_device_state, required_binaries
+from ap_setup.lifecycle import nm_device_state, nm_running, required_binaries
 from ap_setup.runner import Runner, SubprocessRunner
 
 
@@ -204,8 +205,6 @@ def check_uplink(cfg: ApConfig, runner: Runner) -> CheckResult:
     if not res.ok:
         return _bad("uplink", f"no route to the internet ({target} unreachable)",
                     "connect the workstation's wired uplink (a default route is needed for NAT)")  # fmt: skip
-    import json
-
     try:
         dev = json.loads(res.stdout)[0].get("dev")
     except (ValueError, IndexError, AttributeError):
@@ -225,7 +224,7 @@ def check_uplink(cfg: ApConfig, runner: Runner) -> CheckResult:
 def check_networkmanager(cfg: ApConfig, runner: Runner) -> list[CheckResult]:
     """Will NetworkManager or wpa_supplicant fight hostapd for the interface?"""
     out: list[CheckResult] = []
-    if _nm_running(cfg, runner):
+    if nm_running(cfg, runner):
         state = nm_device_state(runner, cfg.interface)
         if state not in (None, "unmanaged"):
             out.append(

@@ -13,10 +13,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from ap_setup.capture import Capture, capture_files, stop_capture
 from ap_setup.config import ApConfig
 from ap_setup.render import (
+    NatFamily,
     nft_tables,
     nm_dropin_path,
     render_dnsmasq,
@@ -89,7 +91,7 @@ def read_sysctl(runner: Runner, key: str) -> str | None:
     return res.stdout.strip() if res.ok else None
 
 
-def choose_firewall(cfg: ApConfig, runner: Runner) -> str:
+def choose_firewall(cfg: ApConfig, runner: Runner) -> Literal["nft", "iptables"]:
     """``nft`` or ``iptables``, following ``cfg.firewall`` and what is installed."""
     if cfg.firewall in ("auto", "nft") and runner.which("nft"):
         if runner.run(["nft", "list", "tables"]).ok:
@@ -113,7 +115,7 @@ def required_binaries(cfg: ApConfig) -> list[str]:
     return need
 
 
-def _nm_running(cfg: ApConfig, runner: Runner) -> bool:
+def nm_running(cfg: ApConfig, runner: Runner) -> bool:
     # NetworkManager only manages the root namespace.
     if cfg.netns or runner.which("nmcli") is None:
         return False
@@ -199,7 +201,7 @@ def _bring_up(
     runner: Runner,
     state: ApState,
     path: Path,
-    firewall: str,
+    firewall: Literal["nft", "iptables"],
     sink: Sink,
     capture_dir: Path | None,
 ) -> None:
@@ -210,7 +212,7 @@ def _bring_up(
         runner.run(["rfkill", "unblock", "wifi"])
         sink(ApStepFinished("rfkill", "wifi unblocked"))
 
-    if _nm_running(cfg, runner):
+    if nm_running(cfg, runner):
         dropin = nm_dropin_path(cfg)
         before = nm_device_state(runner, iface)
         state.nm_managed_before = before not in (None, "unmanaged")
@@ -262,14 +264,14 @@ def _bring_up(
         _must(runner.run(["sysctl", "-q", "-w", f"{key}={value}"]), f"sysctl {key}")
     sink(ApStepFinished("sysctl", ", ".join(f"{k}={v}" for k, v in wanted.items())))
 
-    state.firewall = firewall  # type: ignore[assignment]
+    state.firewall = firewall
     if firewall == "nft":
-        family = "inet"
+        family: NatFamily = "inet"
         if not runner.run(["nft", "-c", "-f", "-"], input=render_nft(cfg, "inet")).ok:
             family = "ip"  # kernels before 5.2 have no NAT in the inet family
-        state.nft_tables = nft_tables(family)  # type: ignore[arg-type]
+        state.nft_tables = nft_tables(family)
         state.save(path)
-        _must(runner.run(["nft", "-f", "-"], input=render_nft(cfg, family)), "nft -f")  # type: ignore[arg-type]
+        _must(runner.run(["nft", "-f", "-"], input=render_nft(cfg, family)), "nft -f")
         sink(ApStepFinished("nat", "nftables: " + ", ".join(state.nft_tables)))
     else:
         plan = render_iptables(cfg)

@@ -168,3 +168,27 @@ def test_tcpdump_accepts_our_flags(tmp_path: Path) -> None:
     )
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "capture.pcap0").exists() or (tmp_path / "capture.pcap").exists()
+
+
+def test_capture_without_the_program_is_a_capture_error(tmp_path: Path) -> None:
+    from ap_setup.capture import Capture
+    from ap_setup.runner import RecordingRunner
+    from controller.errors import CaptureError
+
+    with pytest.raises(CaptureError, match="tcpdump is not installed"):
+        Capture(make_config(), "wlan0", tmp_path, RecordingRunner(missing={"tcpdump"})).start()
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("tcpdump") is None, reason="needs root and tcpdump"
+)
+def test_capture_on_a_missing_interface_names_the_cause(tmp_path: Path) -> None:
+    from ap_setup.capture import Capture
+    from ap_setup.runner import SubprocessRunner
+    from controller.errors import CaptureError
+
+    cap = Capture(make_config(), "ftnosuchif0", tmp_path, SubprocessRunner())
+    with pytest.raises(CaptureError, match="ftnosuchif0") as info:
+        cap.start()
+    assert "No such device" in str(info.value) or "doesn't exist" in str(info.value)
+    assert cap.stop() == {}
