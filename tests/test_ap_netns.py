@@ -487,3 +487,25 @@ def test_cli_up_status_down_across_processes(lab: Lab) -> None:
     )
     assert qa.returncode == 0, qa.stdout + qa.stderr
     assert "packets" in qa.stdout and "problem" not in qa.stdout
+
+
+@pytest.mark.skipif(shutil.which("dumpcap") is None, reason="dumpcap not installed")
+def test_dumpcap_capture_with_ring(lab: Lab, tcp_server) -> None:
+    cfg = lab.config()
+    ap_up(cfg)
+    dhcp_client(lab)
+    settings = CaptureConfig(tool="dumpcap", ring_file_mb=1, ring_files=20)
+    cap = Capture(settings, "ftw0", lab.tmp / "dc", SubprocessRunner(lab.ap))
+    try:
+        cap.start()
+        proc, nbytes = tcp_server
+        assert fetch(lab, nbytes) == nbytes
+        time.sleep(0.5)
+    finally:
+        stats = cap.stop()
+        ap_down(cfg.state_path)
+    files = cap.files()
+    assert len(files) >= 3
+    n = sum(1 for path in files for _ in iter_frames(path))
+    assert n == stats["packets_captured"] > 2000
+    assert qa_capture(files, stats=stats).oversize_frames == 0
