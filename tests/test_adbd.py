@@ -338,6 +338,54 @@ def test_sync_stat_and_list(samsung):
     assert d.sync.read_text("/proc/net/tcp").lstrip().startswith("sl")
 
 
+def _sync_request(c, ident: bytes, path: str) -> None:  # type: ignore[no-untyped-def]
+    raw = path.encode()
+    c.conn.sendall(ident + struct.pack("<I", len(raw)) + raw)
+
+
+def test_sync_v2_requests(samsung):
+    _, d = samsung
+    d.sync.push(b"v2 body", "/data/local/tmp/v2.txt", mode=0o600)
+    d.shell("ln -sf /data/local/tmp/v2.txt /data/local/tmp/v2.lnk")
+    c = d.open_transport()
+    try:
+        c.send_command("sync:")
+        c.check_okay()
+        _sync_request(c, b"STA2", "/data/local/tmp/v2.lnk")  # follows the link
+        ident, error, _dev, _ino, mode, _nl, _uid, _gid, size, _a, mtime, _c = struct.unpack(
+            "<4sIQQIIIIQqqq", c.read_exact(72)
+        )
+        assert (ident, error, mode & 0o170000, size) == (b"STA2", 0, 0o100000, 7)
+        assert abs(mtime - time.time()) < 60
+        _sync_request(c, b"LST2", "/data/local/tmp/v2.lnk")  # does not
+        ident, error, *_rest = struct.unpack("<4sIQQIIIIQqqq", c.read_exact(72))
+        assert ident == b"LST2" and _rest[2] & 0o170000 == 0o120000
+        _sync_request(c, b"STA2", "/data/local/tmp/missing")
+        ident, error = struct.unpack("<4sI", c.read_exact(72)[:8])
+        assert (ident, error) == (b"STA2", 2)  # ENOENT
+        _sync_request(c, b"LIS2", "/data/local/tmp")
+        names = set()
+        while True:
+            head = c.read_exact(76)
+            if head[:4] == b"DONE":
+                break
+            assert head[:4] == b"DNT2"
+            names.add(c.read_exact(struct.unpack("<I", head[72:])[0]).decode())
+        assert {"v2.txt", "v2.lnk"} <= names
+        _sync_request(c, b"SND2", "/data/local/tmp/snd2.txt")
+        c.conn.sendall(b"SND2" + struct.pack("<II", 0o100644, 0))
+        c.conn.sendall(b"DATA" + struct.pack("<I", 5) + b"sent2" + b"DONE" + struct.pack("<I", 0))
+        assert c.read_exact(8) == b"OKAY" + bytes(4)
+        _sync_request(c, b"RCV2", "/data/local/tmp/snd2.txt")
+        c.conn.sendall(b"RCV2" + struct.pack("<I", 0))
+        assert c.read_exact(13) == b"DATA" + struct.pack("<I", 5) + b"sent2"
+        assert c.read_exact(8) == b"DONE" + bytes(4)
+        _sync_request(c, b"QUIT", "")
+        assert c.read(1) == b""  # the service ends the stream
+    finally:
+        c.close()
+
+
 def test_adb_cli_shell_push_and_pull(server, samsung, workdir):
     adbd, _ = samsung
     r = server.adb("-s", adbd.address, "shell", "echo hi")

@@ -518,8 +518,8 @@ class SyncSession:
         await self.emit(b"FAIL" + struct.pack("<I", len(raw)) + raw)
         await self.flush()
 
-    def host_path(self, path: str) -> Path:
-        return self.adbd.toolbox.fs_path(path)
+    def host_path(self, path: str, follow: bool = True) -> Path:
+        return self.adbd.toolbox.host_path(path, follow=follow)
 
     async def run(self) -> None:
         while True:
@@ -552,7 +552,7 @@ class SyncSession:
 
     async def stat_v1(self, ident: bytes, path: str) -> None:
         try:
-            st = os.lstat(self.host_path(path))
+            st = os.lstat(self.host_path(path, follow=False))
             fields = (st.st_mode, st.st_size & 0xFFFFFFFF, int(st.st_mtime) & 0xFFFFFFFF)
         except OSError:
             fields = (0, 0, 0)
@@ -560,7 +560,7 @@ class SyncSession:
 
     async def stat_v2(self, ident: bytes, path: str) -> None:
         try:
-            target = self.host_path(path)
+            target = self.host_path(path, follow=ident == b"STA2")
             st = os.stat(target) if ident == b"STA2" else os.lstat(target)
             await self.emit(_STAT_V2.pack(ident, 0, *_stat_v2_fields(st)))
         except OSError as exc:
@@ -620,7 +620,7 @@ class SyncSession:
         if stat.S_ISLNK(mode):
             await self.fail("symlinks are not supported by the lab phone")
             return False
-        target = self.host_path(path)
+        target = self.host_path(path, follow=False)
         # As adbd does: copy the user permission bits to group, then group to other.
         perm = mode & 0o777
         perm |= (perm >> 3) & 0o070

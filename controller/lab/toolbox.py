@@ -383,9 +383,40 @@ class Toolbox:
                 return self.state_dir / target / norm[len(prefix) :].lstrip("/")
         return Path(norm)
 
+    def device_realpath(self, device_path: str, follow: bool = True) -> str:
+        """Resolve symlinks as the phone sees them (absolute targets are device paths)."""
+        pending = [p for p in device_path.split("/") if p]
+        resolved: list[str] = []
+        hops = 0
+        while pending:
+            part = pending.pop(0)
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if resolved:
+                    resolved.pop()
+                continue
+            candidate = "/" + "/".join([*resolved, part])
+            host = self.fs_path(candidate)
+            if (pending or follow) and host.is_symlink():
+                hops += 1
+                if hops > 40:  # ELOOP: give up and let the caller's stat fail naturally
+                    return candidate
+                target = os.readlink(host)
+                if target.startswith("/"):
+                    resolved = []
+                pending = [p for p in target.split("/") if p] + pending
+                continue
+            resolved.append(part)
+        return "/" + "/".join(resolved)
+
+    def host_path(self, device_path: str, follow: bool = True) -> Path:
+        """The host file behind a device path, following the phone's symlinks."""
+        return self.fs_path(self.device_realpath(device_path, follow=follow))
+
     def is_phone_path(self, device_path: str) -> bool:
         """True for paths in the phone's own tree (/data, /sdcard, /storage), False for host paths."""
-        return (self.state_dir / "fs") in self.fs_path(device_path).parents
+        return (self.state_dir / "fs") in self.host_path(device_path, follow=False).parents
 
     def prepare(self, reset: bool = False) -> None:
         """Create the state directory, the state file (unless present) and the shims."""
