@@ -208,3 +208,21 @@ def test_fuzz_parser_never_raises(lines: list[str]) -> None:
     for _ in iter_socket_observations(lines, process="fuzz", stats=stats, date="2024-01-01"):
         pass
     assert stats.lines == len(lines)
+
+
+def test_fd_reused_without_a_seen_close_is_a_new_socket() -> None:
+    lines = [
+        '1 1.0 sendto(5<TCP:[10.0.0.5:40000->1.2.3.4:443]>, "x", 1, 0, NULL, 0) = 1',
+        '1 2.0 connect(5<TCP:[20]>, {sa_family=AF_INET, sin_port=htons(80), '
+        'sin_addr=inet_addr("5.6.7.8")}, 16) = -1 EINPROGRESS (Operation now in progress)',
+        '1 2.1 close(5<TCP:[10.0.0.5:41000->5.6.7.8:80]>) = 0',
+        '1 3.0 sendto(5<UDP:[10.0.0.5:41000->9.9.9.9:53]>, "x", 1, 0, NULL, 0) = 1',
+    ]
+    obs = list(iter_socket_observations(lines, process="p"))
+    assert obs_tuples(obs) == [
+        ("send", 6, 40000, "1.2.3.4", 443),
+        ("connect", 6, None, "5.6.7.8", 80),
+        ("close", 6, 41000, "5.6.7.8", 80),
+        ("send", 17, 41000, "9.9.9.9", 53),
+    ]
+    assert obs[0].sock != obs[1].sock == obs[2].sock != obs[3].sock

@@ -365,6 +365,16 @@ def _parse_first_arg(first: str) -> tuple:
     return fd, proto, True, local, remote
 
 
+def _other_socket(s: _Sock, proto: int | None, local: tuple | None) -> bool:
+    """Whether a -yy decoration shows a different socket than the one tracked on its fd:
+    another protocol, another local port, or no address where one was bound."""
+    if s.proto is not None and proto is not None and s.proto != proto:
+        return True
+    if local is None:
+        return s.local_port is not None
+    return s.local_port is not None and local[1] != s.local_port
+
+
 class _Tracker:
     """fd -> socket state of one process, turning syscalls into observations."""
 
@@ -406,7 +416,8 @@ class _Tracker:
             if s is None or s.inet:
                 s = self.fds[fd] = _Sock(new_sock_id(), None, inet=False)
             return fd, s
-        if s is None or not s.inet:
+        if s is None or not s.inet or _other_socket(s, proto, local):
+            # (A close strace did not show, e.g. before it attached, reused the fd.)
             s = self.fds[fd] = _Sock(new_sock_id(), proto)
         elif s.proto is None:
             s.proto = proto
