@@ -351,6 +351,9 @@ def _gone(res: ShellResult) -> bool:
         s in text
         for s in (
             "no such file",
+            "no such device",
+            "cannot find device",
+            "not found",
             "does not exist",
             "no chain/target/match",
             "does a matching rule exist",
@@ -383,7 +386,10 @@ def ap_down(
         stats = stop_capture(rec)
         if state.capture_dir:
             out = Path(state.capture_dir) / "capture-stats.json"
-            out.write_text(json.dumps(stats, indent=2) + "\n")
+            try:
+                out.write_text(json.dumps(stats, indent=2) + "\n")
+            except OSError as err:  # keep restoring the system; report at the end
+                failures.append(f"{out}: {err.strerror}")
         sink(ApStepFinished("capture", f"stopped: {stats}"))
     for name in ("hostapd", "dnsmasq"):
         if name in state.processes:

@@ -277,3 +277,22 @@ def test_subprocess_runner_reports_missing_programs_and_timeouts() -> None:
     assert res.returncode == 127 and not res.ok
     assert r.run(["sleep", "5"], timeout=0.2).returncode == 124
     assert r.run(["cat"], input="hi").stdout == "hi"
+
+
+def test_down_after_the_interface_vanished(cfg: ApConfig) -> None:
+    """A USB Wi-Fi stick unplugged while up: teardown restores the rest and succeeds."""
+    ap_up(cfg, make_runner(), check_root=False)
+    unplugged = RecordingRunner(
+        responses={
+            ("ethtool",): fail("Cannot get device feature names: No such device"),
+            ("ip", "addr", "del"): fail('Cannot find device "wlan0"'),
+            ("ip", "link", "set"): fail('Cannot find device "wlan0"'),
+            ("sysctl", "-q", "-w", "net.ipv6.conf.wlan0.disable_ipv6=0"): fail(
+                "sysctl: cannot stat /proc/sys/net/ipv6/conf/wlan0/disable_ipv6: No such file or directory"
+            ),
+            ("nmcli", "device", "set"): fail("Error: Device 'wlan0' not found."),
+        }
+    )
+    ap_down(cfg.state_path, unplugged)
+    assert "sysctl -q -w net.ipv4.ip_forward=0" in commands(unplugged)
+    assert not cfg.state_path.exists()

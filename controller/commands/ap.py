@@ -83,8 +83,16 @@ def status(config: ConfigOpt = None, interface: InterfaceOpt = None) -> None:
         return
     console.print(f"AP on {st.state.interface}: {st.state.status}"
                   + (f" in namespace {st.state.netns}" if st.state.netns else ""))  # fmt: skip
+    from ap_setup.supervise import log_tail
+
     for name, alive in st.daemons.items():
-        console.print(f"  {name}: {'[green]running[/]' if alive else '[red]not running[/]'}")
+        if alive:
+            console.print(f"  {name}: [green]running[/]")
+        else:
+            rec = st.state.processes[name]
+            console.print(
+                f"  {name}: [red]not running[/] (last log lines: {log_tail(Path(rec.log))})"
+            )
     table = Table("MAC", "IP", "lease name", title="clients")
     for c in st.clients:
         table.add_row(c.mac, c.ip, c.name or "-")
