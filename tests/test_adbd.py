@@ -520,6 +520,27 @@ def test_input_settings_and_battery(samsung):
     assert battery.level == 87 and battery.scale == 100 and battery.usb_powered is True
 
 
+def test_logcat_screencap_and_getenforce(samsung):
+    adbd, d = samsung
+    d.shell("logcat -c")
+    with open(adbd.state_dir / rt.LOGCAT_FILE, "a") as f:
+        f.write("11-28 22:00:00.000  4242  4242 I Signal  : websocket connected\n")
+    assert d.shell("logcat -d").endswith("websocket connected")
+    follow = d.shell("logcat", stream=True)
+    try:
+        follow.conn.settimeout(5)
+        seen = b""
+        while b"websocket connected" not in seen:
+            chunk = follow.conn.recv(4096)
+            assert chunk, "logcat ended instead of following"
+            seen += chunk
+    finally:
+        follow.close()
+    image = d.screenshot()
+    assert image.size == (1080, 2400)
+    assert d.shell("getenforce") == "Enforcing"
+
+
 def test_each_phone_has_its_own_clock_offset(samsung, xiaomi):
     for (_adbd, d), offset in ((samsung, 2.375), (xiaomi, -1.625)):
         before = time.time()

@@ -52,6 +52,9 @@ TOOLS = (
     "date",
     "wm",
     "monkey",
+    "logcat",
+    "screencap",
+    "getenforce",
 )
 
 
@@ -796,6 +799,68 @@ def tool_monkey(t: Tool) -> int:
     return status
 
 
+LOGCAT_FILE = "logcat.txt"
+
+
+def tool_logcat(t: Tool) -> int:
+    """``logcat [-d] [-c]``: the phone's log (simulated apps append lines to logcat.txt)."""
+    path = os.path.join(t.state_dir, LOGCAT_FILE)
+    if "-c" in t.args or "--clear" in t.args:
+        open(path, "w").close()
+        return 0
+    with open(path, "a+", encoding="utf-8", errors="replace") as f:
+        f.seek(0)
+        t.out.write(f.read())
+        t.out.flush()
+        if "-d" in t.args:
+            return 0
+        while True:  # follow, as logcat does, until adbd kills us with the stream
+            line = f.readline()
+            if line:
+                t.out.write(line)
+                t.out.flush()
+            else:
+                time.sleep(0.2)
+
+
+def _png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    row = b"\0" + bytes(rgb) * width
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(row * height, 6))
+        + chunk(b"IEND", b"")
+    )
+
+
+def tool_screencap(t: Tool) -> int:
+    """``screencap -p [FILE]``: a PNG of the (plain) screen."""
+    display = t.state().get("display", {})
+    png = _png(int(display.get("width", 1080)), int(display.get("height", 2400)), (18, 18, 24))
+    files = [a for a in t.args if not a.startswith("-")]
+    if files:
+        with open(_map_device_path(t.state_dir, files[0]), "wb") as f:
+            f.write(png)
+        return 0
+    t.out.flush()
+    sys.stdout.buffer.write(png)
+    sys.stdout.buffer.flush()
+    return 0
+
+
+def tool_getenforce(t: Tool) -> int:
+    print("Enforcing", file=t.out)
+    return 0
+
+
 def tool_cmd(t: Tool) -> int:
     args = list(t.args)
     if not args:
@@ -895,6 +960,9 @@ HANDLERS: dict[str, Callable[[Tool], int]] = {
     "date": tool_date,
     "wm": tool_wm,
     "monkey": tool_monkey,
+    "logcat": tool_logcat,
+    "screencap": tool_screencap,
+    "getenforce": tool_getenforce,
 }
 
 
