@@ -570,9 +570,12 @@ def correlate(
 
     # Quality report.
     per_source: dict[str, int] = {}
+    labelled_per_source: dict[str, int] = {}
     exact = out_type == "exact"
+    named = ~np.isin(out_type, ("ambiguous", "unlabelled", "resolver", "most-common"))
     for s in SOURCES:
         per_source[s] = int((exact & (out_src == s)).sum())
+        labelled_per_source[s] = int((named & (out_src == s)).sum())
     both = ra["srcmask"] & ((1 << SOURCE_CODE["strace"]) | (1 << SOURCE_CODE["netstat"]))
     both_mask = both == ((1 << SOURCE_CODE["strace"]) | (1 << SOURCE_CODE["netstat"]))
     agree = int((both_mask & (ra["ndist"] == 1)).sum())
@@ -583,6 +586,7 @@ def correlate(
         "lifetimes": lt.n,
         "exact": int(exact.sum()),
         "exact_per_source": per_source,
+        "labelled_per_source": labelled_per_source,  # also CSV labels of another type
         "ambiguous": int((out_type == "ambiguous").sum()),
         "unlabelled": int((out_type == "unlabelled").sum()),
         "uid_only": int(stage_counts["tuple_uid_only"] + stage_counts["remote_uid_only"]),

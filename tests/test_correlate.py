@@ -271,3 +271,50 @@ def test_flowkeys_from_flowtable() -> None:
     res.apply(table)
     assert list(table.labels["BF_label"]) == ["app.a", "android:dns-resolver"]
     assert np.all(table.labels["BF_labeling_type"] == np.array(["exact", "resolver"], dtype=object))
+
+
+SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED / "ndpi_pcaps" / "flow_labels.csv").exists(),
+                    reason="no shared data")
+@pytest.mark.parametrize("capture", ["signal.pcap", "telegram.pcap", "stun_wa_call.pcapng"])
+def test_ndpi_labels_on_real_captures(tmp_path, capture: str) -> None:
+    """nDPI's verdicts, through the generic CSV, label every flow of the real capture,
+    each with the verdict nDPI gave that 5-tuple."""
+    import csv
+
+    from analysis.assemble import read_flows
+    from analysis.traces.csvlabels import iter_csv_labels, ndpi_flow_labels_to_csv
+    from analysis.traces.model import norm_ip
+
+    src = SHARED / "ndpi_pcaps" / "flow_labels.csv"
+    out = tmp_path / "labels.csv"
+    ndpi_flow_labels_to_csv(src, out)
+    verdict: dict[tuple, set[str]] = {}
+    with open(src, newline="") as fh:
+        for r in csv.DictReader(fh):
+            if r["pcap"] != capture or r["l4"] not in ("TCP", "UDP"):
+                continue
+            a = (norm_ip(r["src_ip"]), int(r["src_port"]))
+            b = (norm_ip(r["dst_ip"]), int(r["dst_port"]))
+            for key in ((r["l4"], *a, *b), (r["l4"], *b, *a)):
+                verdict.setdefault(key, set()).add(r["app_family"])
+    table = read_flows(SHARED / "ndpi_pcaps" / capture)
+    fk = flowkeys_from_table(table)
+    res = correlate(fk, iter_csv_labels(out, pcap=capture))
+    assert len(fk) > 0
+    for i in range(len(fk)):
+        key = ({6: "TCP", 17: "UDP"}[int(fk.proto[i])], norm_ip(fk.src_ip[i]),
+               int(fk.src_port[i]), norm_ip(fk.dst_ip[i]), int(fk.dst_port[i]))
+        want = verdict.get(key)
+        got = (res.labels["BF_label"][i], res.labels["BF_labeling_type"][i])
+        if want is None:
+            assert got[1] in ("unlabelled", "resolver")
+        elif len(want) == 1:
+            assert got == (next(iter(want)), "ndpi")
+        else:
+            assert got[1] == "ambiguous"
+    assert res.report["exact_per_source"]["csv"] == 0  # ndpi verdicts are not "exact"
+    assert res.report["labelled_per_source"]["csv"] == sum(
+        1 for t in res.labels["BF_labeling_type"] if t == "ndpi")
