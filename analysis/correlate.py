@@ -62,8 +62,8 @@ class FlowKeys:
     dst_port: np.ndarray
     first_ts: np.ndarray
     last_ts: np.ndarray
-    has_syn: np.ndarray | None = None
-    syn_ts: np.ndarray | None = None
+    has_syn: np.ndarray = None  # type: ignore[assignment]  # filled in by __post_init__
+    syn_ts: np.ndarray = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         self.proto = np.asarray(self.proto, dtype=np.int64)
@@ -226,23 +226,23 @@ def _lifetimes(obs: ObservationSet) -> tuple[_Lifetimes, list[str], np.ndarray, 
     else:
         order = np.lexsort((cols["ts"], cols["rport"], cols["rip"], cols["lport"], cols["proto"],
                             cols["grp"]))
-        c = {k: v[order] for k, v in cols.items()}
+        g = {k: v[order] for k, v in cols.items()}
         brk = np.ones(m, dtype=bool)
-        brk[1:] = ((c["grp"][1:] != c["grp"][:-1]) | (c["proto"][1:] != c["proto"][:-1])
-                   | (c["lport"][1:] != c["lport"][:-1]) | (c["rip"][1:] != c["rip"][:-1])
-                   | (c["rport"][1:] != c["rport"][:-1]))
+        brk[1:] = ((g["grp"][1:] != g["grp"][:-1]) | (g["proto"][1:] != g["proto"][:-1])
+                   | (g["lport"][1:] != g["lport"][:-1]) | (g["rip"][1:] != g["rip"][:-1])
+                   | (g["rport"][1:] != g["rport"][:-1]))
         starts = np.nonzero(brk)[0]
-        conn_ts = np.where(c["kind"] == KIND_CODE["connect"], c["ts"], np.inf)
+        conn_ts = np.where(g["kind"] == KIND_CODE["connect"], g["ts"], np.inf)
         lt = _Lifetimes(
-            proto=c["proto"][starts], lport=c["lport"][starts],
-            lip=np.maximum.reduceat(c["lip"], starts), rip=c["rip"][starts],
-            rport=c["rport"][starts], start=np.minimum.reduceat(c["ts"], starts),
-            end=np.maximum.reduceat(np.maximum(c["end"], c["ts"]), starts),
+            proto=g["proto"][starts], lport=g["lport"][starts],
+            lip=np.maximum.reduceat(g["lip"], starts), rip=g["rip"][starts],
+            rport=g["rport"][starts], start=np.minimum.reduceat(g["ts"], starts),
+            end=np.maximum.reduceat(np.maximum(g["end"], g["ts"]), starts),
             connect=np.minimum.reduceat(conn_ts, starts),
-            label=np.maximum.reduceat(c["label"], starts),
-            sub=np.maximum.reduceat(c["sub"], starts),
-            ltype=np.maximum.reduceat(c["ltype"], starts),
-            source=np.minimum.reduceat(c["source"], starts), n=len(starts),
+            label=np.maximum.reduceat(g["label"], starts),
+            sub=np.maximum.reduceat(g["sub"], starts),
+            ltype=np.maximum.reduceat(g["ltype"], starts),
+            source=np.minimum.reduceat(g["source"], starts), n=len(starts),
         )
     is_pkg = np.array([not s.startswith("uid:") for s in strings] + [False], dtype=bool)
     multi = np.array(["|" in s for s in strings] + [False], dtype=bool)

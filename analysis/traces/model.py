@@ -150,7 +150,8 @@ class ObservationSet:
 
     @classmethod
     def empty(cls) -> ObservationSet:
-        return cls(*(np.zeros(0, dtype=d) for d in cls._DTYPES), strings=[])
+        cols = {n: np.zeros(0, dtype=d) for n, d in zip(cls._COLS, cls._DTYPES, strict=True)}
+        return cls(**cols, strings=[])
 
     @classmethod
     def from_observations(cls, observations: Iterable[SocketObservation]) -> ObservationSet:
@@ -182,8 +183,9 @@ class ObservationSet:
         if not rows:
             return cls.empty()
         cols = list(zip(*rows, strict=True))
-        arrays = [np.asarray(c, dtype=d) for c, d in zip(cols, cls._DTYPES, strict=True)]
-        return cls(*arrays, strings=strings)
+        arrays = {n: np.asarray(c, dtype=d)
+                  for n, c, d in zip(cls._COLS, cols, cls._DTYPES, strict=True)}
+        return cls(**arrays, strings=strings)
 
     @classmethod
     def concat(cls, sets: Iterable[ObservationSet]) -> ObservationSet:

@@ -202,7 +202,7 @@ def _parse(lines: Iterable[str], path: str | None, date, utc_offset: float, defa
                         continue
         m = full(line)
         if m is not None:
-            pa, pb, t, name, args, ret, decor, err = m.groups()
+            pa, pb, t, name, args, rtext, decor, err = m.groups()
             if t is None:
                 ts = NAN
             elif ":" in t:
@@ -211,7 +211,7 @@ def _parse(lines: Iterable[str], path: str | None, date, utc_offset: float, defa
                 ts = float(t)
             parsed += 1
             yield mk(ts, int(pa or pb) if (pa or pb) else default_pid, name, args,
-                     _ret(ret), err, decor)
+                     _ret(rtext), err, decor)
             last_ok = True
             continue
         last_line = line
@@ -230,22 +230,22 @@ def _parse(lines: Iterable[str], path: str | None, date, utc_offset: float, defa
         elif "resumed>" in line:
             m = resumed(line)
             if m is not None:
-                pa, pb, t, name, rest, ret, decor, err = m.groups()
+                pa, pb, t, name, rest, rtext, decor, err = m.groups()
                 p = int(pa or pb) if (pa or pb) else default_pid
-                head = pending.pop(p, None)
-                if head is None or head[1] != name:
-                    if head is not None:
-                        pending[p] = head
+                entry = pending.pop(p, None)
+                if entry is None or entry[1] != name:
+                    if entry is not None:
+                        pending[p] = entry
                     st.skip("unmatched resumed")
                     last_ok = True
                     continue
                 # Old strace prints "<... socket resumed> = 3" without the ")".
                 if rest.endswith(")"):
                     rest = rest[:-1]
-                h, r = head[2].rstrip(), rest.lstrip()
+                h, r = entry[2].rstrip(), rest.lstrip()
                 args = h + (" " if r and h.endswith(",") else "") + r
                 parsed += 1
-                yield mk(head[0], p, name, args, _ret(ret), err, decor)
+                yield mk(entry[0], p, name, args, _ret(rtext), err, decor)
                 last_ok = True
                 continue
         if other(line) is not None and ("---" in line or "+++" in line or "strace: " in line):
@@ -456,6 +456,7 @@ class _Tracker:
         return s
 
     def feed(self, c: Syscall) -> Iterator[SocketObservation]:
+        s: _Sock | None
         name = c.name
         if name == "socket":
             if c.retval is None or c.retval < 0:
