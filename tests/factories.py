@@ -83,11 +83,6 @@ def _addr16(ip: str) -> tuple[int, bytes]:
     return a.version, a.packed.ljust(16, b"\0")
 
 
-def make_packet(**overrides: Any) -> dict[str, Any]:
-    """One packet dict (see module docstring for the keys); only overrides are set."""
-    return dict(overrides)
-
-
 def make_flowtable(flows: list[dict[str, Any]], *, payload: bool | None = None) -> FlowTable:
     """A FlowTable of ``flows`` (see module docstring), counters and stats filled in.
 
