@@ -226,3 +226,17 @@ def test_fd_reused_without_a_seen_close_is_a_new_socket() -> None:
         ("send", 17, 41000, "9.9.9.9", 53),
     ]
     assert obs[0].sock != obs[1].sock == obs[2].sock != obs[3].sock
+
+
+def test_a_binary_file_is_reported_clearly(tmp_path: Path) -> None:
+    p = tmp_path / "strace.9.app.log"
+    p.write_bytes(bytes(range(256)) * 64 + b"\n\xd4\xc3\xb2\xa1" * 100)
+    stats = ParseStats()
+    assert list(iter_socket_observations(p, stats=stats)) == []
+    assert stats.parsed == 0 and stats.skipped.get("garbage", 0) > 0
+    with pytest.raises(ParseError) as e:
+        stats.check_usable(p, "strace lines")
+    assert "no strace lines" in str(e.value) and "garbage" in e.value.hint
+    ok = ParseStats()
+    list(iter_syscalls(SIGNAL_LOG, stats=ok))
+    ok.check_usable(SIGNAL_LOG, "strace lines")  # does not raise

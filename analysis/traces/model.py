@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
+
+from analysis.errors import ParseError
 
 SOURCES: tuple[str, ...] = ("strace", "frida", "netstat", "pcapdroid", "csv")
 """Sources in order of trust: when several agree, the first one is reported."""
@@ -169,22 +172,26 @@ class ObservationSet:
             return c
 
         nan = float("nan")
-        rows: list[tuple] = []
-        append = rows.append
-        for o in observations:
-            append((
+        # Packed in chunks so a million observations never exist as Python tuples at once.
+        parts: list[dict[str, np.ndarray]] = []
+        it = iter(observations)
+        while True:
+            rows = [(
                 o.ts, nan if o.end_ts is None else o.end_ts, o.proto, code(o.local_ip),
                 -1 if o.local_port is None else o.local_port, code(o.remote_ip),
                 -1 if o.remote_port is None else o.remote_port, KIND_CODE[o.kind],
                 SOURCE_CODE[o.source], -1 if o.pid is None else o.pid,
                 -1 if o.uid is None else o.uid, code(o.process), code(o.label),
                 code(o.sublabel), code(o.labeling_type), -1 if o.sock is None else o.sock,
-            ))
-        if not rows:
+            ) for o in itertools.islice(it, 1 << 16)]
+            if not rows:
+                break
+            cols = list(zip(*rows, strict=True))
+            parts.append({n: np.asarray(c, dtype=d)
+                          for n, c, d in zip(cls._COLS, cols, cls._DTYPES, strict=True)})
+        if not parts:
             return cls.empty()
-        cols = list(zip(*rows, strict=True))
-        arrays = {n: np.asarray(c, dtype=d)
-                  for n, c, d in zip(cls._COLS, cols, cls._DTYPES, strict=True)}
+        arrays = {n: np.concatenate([p[n] for p in parts]) for n in cls._COLS}
         return cls(**arrays, strings=strings)
 
     @classmethod
@@ -304,6 +311,13 @@ class ParseStats:
         for k, v in other.other.items():
             self.note(k, v)
         self.warnings.extend(other.warnings)
+
+    def check_usable(self, path: str | os.PathLike[str] | None, what: str) -> None:
+        """Raise a :class:`ParseError` when lines were read but none gave a record (the
+        wrong file, or a binary one); the message says what was skipped."""
+        if self.lines and not self.parsed:
+            raise ParseError(path, None, f"no {what} in {self.lines} lines",
+                             hint=self.summary())
 
     def summary(self) -> str:
         """One line for a user: what was read and what was skipped, by reason."""
