@@ -583,6 +583,7 @@ def correlate(
     report: dict[str, Any] = {
         "flows": n,
         "observations": len(obs),
+        "observations_without_owner": int(((obs.label < 0) & (obs.uid < 0)).sum()),
         "lifetimes": lt.n,
         "exact": int(exact.sum()),
         "exact_per_source": per_source,

@@ -246,6 +246,9 @@ def test_observation_set_round_trip_and_concat() -> None:
 def test_empty_inputs_and_bad_flowkeys() -> None:
     res = correlate(make_flows([{}]), [], refine_clock=True)
     assert labels(res) == [("unknown", "unlabelled")]
+    res = correlate(make_flows([{}]), [make_obs(label=None, sublabel=None)], refine_clock=False)
+    assert labels(res) == [("unknown", "unlabelled")]  # a socket of nobody labels nothing
+    assert res.report["observations_without_owner"] == 1
     res = correlate(make_flows([]), make_socket(T0, T0 + 1, "a", sock=1))
     assert len(res) == 0
     with pytest.raises(BadInputError):

@@ -186,6 +186,9 @@ def test_failed_connects_and_failed_sends() -> None:
         '1 1.5 sendto(4, "x", 1, 0, {sa_family=AF_INET, sin_port=htons(0), '
         'sin_addr=inet_addr("8.8.8.8")}, 16) = 1',
     ]
+    stats = ParseStats()
+    assert list(iter_socket_observations(lines, stats=stats))[0].label is None
+    assert "no process name" in stats.warnings[0]
     obs = list(iter_socket_observations(lines, process="p"))
     # the refused connect sent a SYN; the unreachable one sent nothing; raw is not TCP/UDP
     assert obs_tuples(obs) == [("connect", 6, None, "1.2.3.5", 80)]

@@ -604,6 +604,11 @@ def iter_socket_observations(
             process = got[1]
     label, sublabel = split_process(process)
     tracker = _Tracker(process, label, sublabel, uid, stats if stats is not None else ParseStats())
+    if process is None and uid is None:
+        tracker.st.warnings.append(
+            f"{source if isinstance(source, (str, os.PathLike)) else 'strace log'}: no process "
+            "name (pass process=, or name the log strace.<pid>.<procname>.log); its sockets "
+            "cannot label flows")
     if isinstance(source, (str, os.PathLike)):
         calls: Iterable[Syscall] = iter_syscalls(source, date, tracker.st, utc_offset=utc_offset)
     else:
