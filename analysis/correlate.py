@@ -22,8 +22,11 @@ Matching, per flow:
 2. *remote endpoint*: for flows without any tuple match, lifetimes whose device-side
    port is unknown but whose remote endpoint and time fit (a TCP lifetime that starts
    with a connect must also start within ``tolerance`` of the flow's SYN).
-3. Unexplained flows to port 53 (DNS from the system resolver, not the app) get
-   ``dns_resolver_label``; the rest stay ``unknown``. With ``most_common_fallback``
+3. Unexplained flows to port 53 or 853 (DNS from the system resolver, not the app) get
+   ``dns_resolver_label`` (type ``resolver``); so do such flows that only a uid-level
+   source (netstat, PCAPdroid) explains, because Android's resolver gives its query
+   sockets the asking app's uid (the uid's label is kept in ``BF_candidates``). The
+   rest stay ``unknown``. With ``most_common_fallback``
    (MIRAGE's behaviour, off by default) they get the session's target app instead.
 
 A socket known only by its uid (no uid -> package map entry) labels the flow
@@ -45,6 +48,7 @@ from analysis.traces.model import KIND_CODE, SOURCE_CODE, SOURCES, ObservationSe
 LABELING_TYPES = ("exact", "ambiguous", "unlabelled", "most-common", "resolver")
 UNKNOWN = "unknown"
 DEFAULT_DNS_LABEL = "android:dns-resolver"
+DNS_PORTS = (53, 853)  # DNS and DNS over TLS
 
 
 @dataclass(slots=True)
@@ -547,7 +551,14 @@ def correlate(
 
     unl = out_type == "unlabelled"
     unexplained = unl & (out_src == None)  # noqa: E711 - elementwise on an object array
-    dns = unexplained & (flows.dst_port == 53) & ((flows.proto == 17) | (flows.proto == 6))
+    to_dns = np.isin(flows.dst_port, DNS_PORTS) & ((flows.proto == 17) | (flows.proto == 6))
+    # Android's resolver (netd) hands its query sockets to the asking app's uid, so a
+    # uid-level source (netstat, PCAPdroid) names the app for the resolver's own queries.
+    # Only process-level sources (strace, frida) can tell an app's own DNS from them.
+    by_uid = np.isin(out_src, ("netstat", "pcapdroid")) & (out_type != "ambiguous")
+    dns_uid = to_dns & by_uid
+    out_cand[dns_uid] = out_label[dns_uid]
+    dns = (unexplained & to_dns) | dns_uid
     out_label[dns] = dns_resolver_label
     out_type[dns] = "resolver"
     out_src[dns] = "port"

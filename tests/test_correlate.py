@@ -162,6 +162,13 @@ def test_dns_from_the_system_resolver_and_from_the_app() -> None:
     res = correlate(fk, obs, refine_clock=False, dns_resolver_label="system:dns")
     assert labels(res) == [("app.a", "exact"), ("system:dns", "resolver")]
     assert res.report["resolver"] == 1
+    # netd's query socket carries the asking app's uid: netstat alone cannot tell.
+    ns = _netstat(10123, proto=17, local_port=6000, remote_ip="192.168.1.1", remote_port=53,
+                  kind="snapshot")
+    res = correlate(fk, obs + [ns], refine_clock=False, uid_map={10123: "app.a"},
+                    dns_resolver_label="system:dns")
+    assert labels(res) == [("app.a", "exact"), ("system:dns", "resolver")]
+    assert res.labels["BF_candidates"][1] == "app.a"
 
 
 def test_most_common_fallback_is_off_by_default() -> None:
