@@ -5,15 +5,20 @@ reports as one JSON object per line (see the agent's header for the fields) and 
 cleanly on :meth:`FridaTracer.stop`. :func:`assign_tracers` splits a package's processes
 between strace and frida so that no pid is traced by both.
 
+:class:`FridaPackageTracer` follows every process of a package (or only its main one)
+across restarts, one file per process.
+
 Command line: ``python -m device_scripts.frida_loader --pid N --out FILE`` (or
-``--spawn PROG ARG...``), optionally ``--device usb|local|<id>`` and ``--duration S``;
-it runs until SIGINT/SIGTERM, the duration ends or the process exits.
+``--spawn PROG ARG...``, or ``--package PKG --out DIR [--role all|main]``), optionally
+``--device usb|local|<id>`` and ``--duration S``; it runs until SIGINT/SIGTERM, the
+duration ends or (for one pid) the process exits.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
 import threading
@@ -237,19 +242,147 @@ class FridaTracer:
             self._on_detached_cb(reason)
 
 
+class FridaPackageTracer:
+    """Keeps a :class:`FridaTracer` in every process of a package that frida owns, like
+    ``strace_launcher.sh`` does for strace, including processes that start later (an app
+    restart); one file per process, ``OUTDIR/frida.<pid>.<procname>.jsonl``.
+
+    ``role`` ``all`` traces every process (``--tracer frida``); ``main`` only the main
+    process (``--tracer both``, next to the launcher's ``secondary`` role). Processes are
+    the device's whose name is the package or ``package:*`` (frida names a process after
+    its argv[0], which zygote sets). Calls a process makes before the next scan (up to
+    ``interval`` after it starts) are not seen. A pid whose attach fails three times is
+    given up; ``errors`` says why.
+    """
+
+    def __init__(
+        self,
+        package: str,
+        outdir: str | Path,
+        *,
+        role: str = "all",
+        device: Any = None,
+        interval: float = 0.5,
+    ) -> None:
+        if role not in ("all", "main"):
+            raise FridaTracerError(f"unknown frida role {role!r}", hint="use all or main")
+        self.package = package
+        self.outdir = Path(outdir)
+        self.role = role
+        self.interval = interval
+        self._device = device
+        self.tracers: dict[int, FridaTracer] = {}
+        self.finished: list[FridaTracer] = []
+        self.errors: list[str] = []
+        self._failures: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Scan once (errors surface here), then keep scanning in a thread."""
+        if self._device is None:
+            self._device = get_device("local")
+        try:
+            self.outdir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise FridaTracerError(f"cannot create {self.outdir}: {e.strerror}") from e
+        self.scan()
+        self._thread = threading.Thread(target=self._run, name="frida-package", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop scanning and detach from every process (idempotent)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        for pid in list(self.tracers):
+            tracer = self.tracers.pop(pid)
+            tracer.stop()
+            self.finished.append(tracer)
+
+    def __enter__(self) -> FridaPackageTracer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def processes(self) -> dict[int, str]:
+        """The package's processes on the device now: pid -> name."""
+        frida = _frida()
+        try:
+            procs = self._device.enumerate_processes()
+        except (frida.TransportError, frida.ServerNotRunningError) as e:
+            raise FridaTracerError(f"frida lost the device: {e}") from e
+        prefix = self.package + ":"
+        return {p.pid: p.name for p in procs if p.name == self.package or p.name.startswith(prefix)}
+
+    def scan(self) -> None:
+        """Forget detached processes and attach to new ones."""
+        for pid, tracer in list(self.tracers.items()):
+            if tracer.wait(0):
+                tracer.stop()
+                self.finished.append(self.tracers.pop(pid))
+        procs = self.processes()
+        mine = assign_tracers(procs, self.package, "both" if self.role == "main" else "frida")
+        for pid in mine.frida:
+            if pid in self.tracers or self._failures.get(pid, 0) >= 3:
+                continue
+            name = re.sub(r"[^A-Za-z0-9._:-]", "_", procs[pid])
+            tracer = FridaTracer(
+                self.outdir / f"frida.{pid}.{name}.jsonl", pid=pid, device=self._device
+            )
+            try:
+                tracer.start()
+            except FridaTracerError as e:
+                self._failures[pid] = self._failures.get(pid, 0) + 1
+                self.errors.append(f"pid {pid}: {e.one_line()}")
+                continue
+            self.tracers[pid] = tracer
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.scan()
+            except FridaTracerError as e:
+                self.errors.append(e.one_line())
+
+
 # -- command line --------------------------------------------------------------------------
+
+
+def _wait(stop: threading.Event, duration: float | None) -> None:
+    deadline = None if duration is None else time.monotonic() + duration
+    while not stop.is_set():
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            return
+        stop.wait(0.2 if left is None else min(0.2, left))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m device_scripts.frida_loader``."""
     ap = argparse.ArgumentParser(
         prog="python -m device_scripts.frida_loader",
-        description="Attach the flowtruth frida agent to a process and log its sockets.",
+        description="Attach the flowtruth frida agent to processes and log their sockets.",
     )
     target = ap.add_mutually_exclusive_group(required=True)
     target.add_argument("--pid", type=int, help="process to attach to")
+    target.add_argument("--package", help="follow every process of this package")
     target.add_argument("--spawn", nargs=argparse.REMAINDER, help="command line to spawn")
-    ap.add_argument("--out", required=True, type=Path, help="JSON-lines file to append to")
+    ap.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="JSON-lines file to append to (a directory with --package)",
+    )
+    ap.add_argument(
+        "--role",
+        choices=("all", "main"),
+        default="all",
+        help="with --package: all processes, or only the main one (--tracer both)",
+    )
     ap.add_argument("--device", default="local", help="local (default), usb or a device id")
     ap.add_argument("--duration", type=float, default=None, help="seconds to trace")
     args = ap.parse_args(argv)
@@ -264,35 +397,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
     try:
-        tracer = FridaTracer(
-            args.out,
-            pid=args.pid,
-            argv=args.spawn,
-            device=get_device(args.device),
-            on_detached=lambda reason: stop.set(),
-        )
-        tracer.start()
+        device = get_device(args.device)
+        if args.package is not None:
+            pkg = FridaPackageTracer(args.package, args.out, role=args.role, device=device)
+            pkg.start()
+        else:
+            tracer = FridaTracer(
+                args.out,
+                pid=args.pid,
+                argv=args.spawn,
+                device=device,
+                on_detached=lambda reason: stop.set(),
+            )
+            tracer.start()
     except FridaTracerError as e:
         print(f"frida_loader: {e.one_line()}", file=sys.stderr)
         return 1
+
+    if args.package is not None:
+        print(f"frida_loader: following {args.package} into {args.out}", file=sys.stderr)
+        _wait(stop, args.duration)
+        pkg.stop()
+        done = pkg.finished
+        written = sum(t.events_written for t in done)
+        print(
+            f"frida_loader: {written} events written from {len(done)} processes",
+            file=sys.stderr,
+        )
+        for err in pkg.errors:
+            print(f"frida_loader: {err}", file=sys.stderr)
+        return 0
+
     print(f"frida_loader: tracing pid {tracer.pid} into {args.out}", file=sys.stderr)
-    deadline = None if args.duration is None else time.monotonic() + args.duration
-    while not stop.is_set():
-        left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left <= 0:
-            break
-        stop.wait(0.2 if left is None else min(0.2, left))
+    _wait(stop, args.duration)
     tracer.stop()
     reason = tracer.detached_reason
-    print(
-        f"frida_loader: {tracer.events_written} events written"
-        + (
-            f"; process detached ({reason})" if reason and reason != "application-requested" else ""
-        ),
-        file=sys.stderr,
-    )
+    gone = f"; process detached ({reason})" if reason and reason != "application-requested" else ""
+    print(f"frida_loader: {tracer.events_written} events written{gone}", file=sys.stderr)
     return 0
 
 
+def _cli() -> int:
+    try:
+        return main()
+    finally:
+        # Tear frida down gracefully (its helper process and temporary files).
+        try:
+            _frida().shutdown()
+        except Exception:
+            pass
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_cli())

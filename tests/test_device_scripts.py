@@ -311,7 +311,9 @@ def test_poller_rejects_bad_arguments(tmp_path: Path) -> None:
 
 # --- strace launcher ---------------------------------------------------------------------
 
-PKG = "org.thoughtcrime.securesms"
+# Package-like (dots, longer than the 15-character comm) and unique to this test run, so
+# that neither these tests nor concurrent ones trace each other's fake apps.
+PKG = f"org.flowtruth.fakeapp{os.getpid()}"
 
 APP = r"""
 import ctypes, os, socket, sys, time

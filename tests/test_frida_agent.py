@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from analysis.traces.frida import iter_frida_events
 from analysis.traces.model import ParseStats
 from device_scripts import script_path
 from device_scripts.frida_loader import (
+    FridaPackageTracer,
     FridaTracer,
     FridaTracerError,
     TracerAssignment,
@@ -28,7 +30,8 @@ from device_scripts.frida_loader import (
 frida = pytest.importorskip("frida")
 
 REPO = Path(__file__).resolve().parents[1]
-PKG = "org.thoughtcrime.securesms"
+# Package-like and unique to this test run, so concurrent tests never share a process name.
+PKG = f"org.flowtruth.fakeapp{os.getpid()}"
 
 # Waits for "go", does every kind of socket call the agent hooks, prints the truth it saw
 # as JSON lines, then waits for "quit".
@@ -109,6 +112,39 @@ def stop_target(p: subprocess.Popen[str]) -> None:
     if p.poll() is None:
         p.kill()
     p.wait(timeout=5)
+
+
+def _frida_leftovers() -> tuple[set[int], set[Path]]:
+    """Frida's helper daemons (run from /tmp/frida-*/) and its /tmp/frida-* directories."""
+    tmp = Path("/tmp")
+    dirs = set(tmp.glob("frida-*")) | set(tmp.glob("idun-*"))
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                exe = os.readlink(proc / "exe")
+            except OSError:
+                continue
+            if exe.startswith("/tmp/frida-"):
+                pids.add(int(proc.name))
+    return pids, dirs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_frida_leftovers() -> Iterator[None]:
+    """frida 17 starts a helper daemon (idund, from a /tmp/frida-* copy) and unpacks its
+    agent to /tmp; it keeps both for later attaches. End what these tests started, by pid,
+    and remove what they unpacked."""
+    pids0, dirs0 = _frida_leftovers()
+    yield
+    pids1, dirs1 = _frida_leftovers()
+    for pid in pids1 - pids0:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for d in dirs1 - dirs0:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -432,3 +468,80 @@ def test_tracer_both_runs_frida_on_main_and_strace_on_the_rest(
     port = next(t for t in remote_truth if t["op"] == "tcp4")["remote"]["port"]
     assert f"sin_port=htons({port})" in text
     assert next(t for t in main_truth if t["op"] == "tcp4")
+
+
+def agent_threads(pid: int) -> set[str]:
+    names = {Path(t, "comm").read_text().strip() for t in Path(f"/proc/{pid}/task").iterdir()}
+    return {n for n in names if n.startswith(("gum-js", "gmain", "gdbus", "frida"))}
+
+
+def test_package_tracer_follows_the_main_process_across_a_restart(
+    can_attach: None, tmp_path: Path
+) -> None:
+    main = start_target(tmp_path, argv0=PKG)
+    remote = start_target(tmp_path, argv0=f"{PKG}:remote")
+    other = start_target(tmp_path, argv0="org.telegram.messenger")
+    outdir = tmp_path / "frida"
+    pt = FridaPackageTracer(PKG, outdir, role="main", interval=0.1)
+    old = main.pid
+    try:
+        pt.start()
+        assert set(pt.tracers) == {main.pid}  # the first scan runs in start()
+        first = run_scenario(main)
+        time.sleep(0.2)  # one flush period: SIGKILL gives the agent no chance to flush
+        stop_target(main)  # the app dies and is started again with a new pid
+        main = start_target(tmp_path, argv0=PKG)
+        deadline = time.monotonic() + 10
+        while main.pid not in pt.tracers and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert set(pt.tracers) == {main.pid}
+        second = run_scenario(main)
+        pt.stop()
+        assert pt.errors == []
+        assert agent_threads(main.pid) == set() and agent_threads(remote.pid) == set()
+    finally:
+        pt.stop()
+        for p in (main, remote, other):
+            stop_target(p)
+    files = sorted(f.name for f in outdir.iterdir())
+    assert files == sorted([f"frida.{old}.{PKG}.jsonl", f"frida.{main.pid}.{PKG}.jsonl"])
+    for pid, truth in ((old, first), (main.pid, second)):
+        events = read_events(outdir / f"frida.{pid}.{PKG}.jsonl")
+        tcp4 = next(t for t in truth if t["op"] == "tcp4")
+        ev = one(events, event="connect", fd=tcp4["fd"], local=tcp4["local"])
+        assert ev["pid"] == pid
+
+
+def test_loader_cli_follows_a_package_for_a_duration(can_attach: None, tmp_path: Path) -> None:
+    main = start_target(tmp_path, argv0=PKG)
+    outdir = tmp_path / "cli"
+    try:
+        loader = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "device_scripts.frida_loader",
+                "--package",
+                PKG,
+                "--out",
+                str(outdir),
+                "--duration",
+                "3",
+            ],
+            cwd=REPO,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert loader.stderr is not None
+        assert "following" in loader.stderr.readline()
+        deadline = time.monotonic() + 10
+        while not list(outdir.glob("frida.*.jsonl")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        run_scenario(main)
+        rest = loader.stderr.read()
+        assert loader.wait(timeout=20) == 0, rest
+        assert "from 1 processes" in rest
+    finally:
+        stop_target(main)
+    events = read_events(outdir / f"frida.{main.pid}.{PKG}.jsonl")
+    assert any(e["event"] == "connect" for e in events)
