@@ -338,9 +338,9 @@ class Connection:
 
 
 def _set_pdeathsig() -> None:
-    """In the child: die with SIGKILL when adbd does, so no command outlives it."""
+    """In the child: get SIGTERM when adbd dies; the toolbox's run.sh then kills its group."""
     with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _kill_group(proc: asyncio.subprocess.Process) -> None:

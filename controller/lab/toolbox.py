@@ -331,7 +331,17 @@ mount --bind "$S/fs/data" "$R/data"
 mount --bind "$S/fs/storage" "$R/storage"
 mount --bind "$S/fs/storage/emulated/0" "$R/sdcard"
 set +e
-exec chroot "$R" /bin/sh -c "$2"
+exec chroot "$R" /bin/sh "$S/run.sh" "$2"
+"""
+
+RUN_SH = r"""#!/bin/sh
+# Run one command line with sh -c and pass on its exit status.  adbd starts us with
+# PR_SET_PDEATHSIG=SIGTERM: if adbd dies, kill our whole process group, so no command
+# outlives its adbd (a plain sh -c would leave its children behind).
+trap 'trap - TERM HUP; kill -KILL 0' TERM HUP
+exec 3<&0
+/bin/sh -c "$1" <&3 3<&- &
+wait $!
 """
 
 SHIM = """#!{python} -S
@@ -363,7 +373,9 @@ class Toolbox:
                 f"entering network namespace {netns!r} needs root",
                 hint="run the lab as root, or start adbd without a namespace",
             )
-        self.use_mount_namespace = is_root if use_mount_namespace is None else use_mount_namespace
+        if use_mount_namespace is None:  # FLOWTRUTH_LAB_MOUNTNS=0 forces the non-root fallback
+            use_mount_namespace = is_root and os.environ.get("FLOWTRUTH_LAB_MOUNTNS", "1") != "0"
+        self.use_mount_namespace = use_mount_namespace
         if self.use_mount_namespace and not is_root:
             raise RootRequired("a private mount namespace for the phone's shell needs root")
 
@@ -445,9 +457,10 @@ class Toolbox:
             shim = self.bin_dir / name
             shim.write_text(SHIM.format(python=python, repo=str(REPO_ROOT), name=name))
             shim.chmod(0o755)
-        enter = self.state_dir / "enter.sh"
-        enter.write_text(ENTER_SH)
-        enter.chmod(0o755)
+        for name, text in (("enter.sh", ENTER_SH), ("run.sh", RUN_SH)):
+            script = self.state_dir / name
+            script.write_text(text)
+            script.chmod(0o755)
 
     def environment(self) -> dict[str, str]:
         """The environment of a shell command, as adbd gives it on Android (plus our keys)."""
@@ -493,7 +506,7 @@ class Toolbox:
                 command,
             ]
         else:
-            argv = ["/bin/sh", "-c", self.rewrite(command)]
+            argv = ["/bin/sh", str(self.state_dir / "run.sh"), self.rewrite(command)]
         if self.netns is not None:
             argv = ["ip", "netns", "exec", self.netns, *argv]
         return argv
