@@ -22,9 +22,12 @@
  * - ret is the function's return value; when it is -1 the event also has "errno", the
  *   error's name (e.g. "EINPROGRESS" for a non-blocking connect under way; "E<n>" for a
  *   number without a name here).
- * - sendto, sendmsg and recvfrom are reported once per (fd, remote address) until the fd
- *   is closed, which keeps busy sockets from flooding the log; close is reported only
- *   for fds the agent reported before, with their last known addresses.
+ * - sendto, sendmsg and recvfrom are reported when they succeed, once per (fd, remote
+ *   address) until the fd is closed, which keeps busy sockets from flooding the log (a
+ *   repeat costs a map lookup, no system call); close is reported only for fds the agent
+ *   reported before, with their last known addresses.
+ * - Events are sent in batches every 50 ms and when the script unloads (also at a normal
+ *   process exit); a process killed by SIGKILL loses at most its last 50 ms.
  * - getaddrinfo: one event per distinct resolved address, with fd -1, local null, host
  *   the name asked for and remote.port the service port (0 when none was given); proto
  *   is null unless the hints or the result name a socket type.
@@ -266,18 +269,29 @@ function remember(fd, proto, local, remote) {
 }
 
 // Shared tail of sendto / sendmsg / recvfrom: one event per (fd, remote) until close.
-function reportTransfer(name, ctx, fd, remote, ret) {
+function transferKey(name, remote) {
+  return name + '|' + (remote === null ? '-' : remote.ip + ']' + remote.port);
+}
+
+function reportTransfer(name, ctx, fd, remote, r) {
+  // A failed transfer sent or received nothing (EAGAIN on non-blocking sockets is common).
+  if (r.ret < 0) return;
+  // Fast path, no system calls: this socket already reported this peer.
+  const known = sockets.get(fd);
+  if (known !== undefined) {
+    const peer = remote !== null ? remote : known.remote;
+    if (peer !== null && known.seen.has(transferKey(name, peer))) return;
+  }
   const proto = sockType(fd);
   if (proto === null) return;
   const local = sockAddrOf(getsockname, fd);
   if (remote === null) remote = sockAddrOf(getpeername, fd);
   if (local === null && remote === null) return; // not an Internet socket
-  const known = sockets.get(fd);
-  const key = name + '|' + (remote === null ? '-' : remote.ip + ']' + remote.port);
+  const key = transferKey(name, remote);
   if (known !== undefined && known.seen.has(key)) return;
   const s = remember(fd, proto, local, remote);
   s.seen.add(key);
-  emit(event(name, ctx.threadId, fd, proto, local, remote, null, ret));
+  emit(event(name, ctx.threadId, fd, proto, local, remote, null, r));
 }
 
 // --- hooks -------------------------------------------------------------------------------

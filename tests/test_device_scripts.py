@@ -602,15 +602,43 @@ def test_build_script_parses_and_cached_binaries_run_under_qemu() -> None:
         )
 
 
+def has_interpreter(elf: bytes) -> bool:
+    """Whether an ELF file has a PT_INTERP program header (is dynamically linked)."""
+    import struct
+
+    is64 = elf[4] == 2
+    if is64:
+        (phoff,) = struct.unpack_from("<Q", elf, 0x20)
+        phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    else:
+        (phoff,) = struct.unpack_from("<I", elf, 0x1C)
+        phentsize, phnum = struct.unpack_from("<HH", elf, 0x2A)
+    return any(struct.unpack_from("<I", elf, phoff + i * phentsize)[0] == 3 for i in range(phnum))
+
+
+def test_has_interpreter_tells_static_from_dynamic() -> None:
+    assert has_interpreter(Path(sys.executable).resolve().read_bytes())
+    for abi in ABIS:
+        binary = cached_strace(abi)
+        if binary is not None:
+            assert not has_interpreter(binary.read_bytes())
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 @pytest.mark.skipif(
     os.environ.get("FLOWTRUTH_BUILD_STRACE") != "1",
     reason="cross-builds strace for several minutes; set FLOWTRUTH_BUILD_STRACE=1",
 )
-def test_build_strace_produces_verified_static_binaries() -> None:
-    r = subprocess.run(["sh", str(BUILD)], capture_output=True, text=True, timeout=3500)
+def test_build_strace_produces_verified_static_binaries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole recipe from Debian's source package, into a fresh cache (about 5 min)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    r = subprocess.run(["sh", str(BUILD)], capture_output=True, text=True, timeout=3500, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "m32 mpers" in r.stderr  # the aarch64 build says whether it has the decoder
     paths = [Path(line) for line in r.stdout.splitlines()]
     assert [p.parent.name for p in paths] == list(ABIS)
     for p, abi in zip(paths, ABIS, strict=True):
@@ -624,3 +652,8 @@ def test_build_strace_produces_verified_static_binaries() -> None:
         elf = p.read_bytes()[:20]
         assert elf[:4] == b"\x7fELF"
         assert elf[4] == (2 if abi == "arm64-v8a" else 1)  # 64- or 32-bit
+    # Static: no program interpreter, so it runs on Android's bionic-only userland.
+    for p in paths:
+        assert not has_interpreter(p.read_bytes()), p
+    # The build directory (a temporary one) is gone.
+    assert not list(tmp_path.glob("flowtruth-strace.*"))

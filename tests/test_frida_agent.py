@@ -72,6 +72,19 @@ sm.sendmsg([b"d"], [], 0, rcv4.getsockname())
 out(op="sendmsg", fd=sm.fileno(), tid=main_tid, local=ep(sm.getsockname()), remote=ep(rcv4.getsockname()))
 data, src = rcv4.recvfrom(16)
 out(op="recvfrom", fd=rcv4.fileno(), tid=main_tid, local=ep(rcv4.getsockname()), remote=ep(src))
+for _ in range(3):  # repeats of a reported (fd, peer) add no event
+    u4.sendto(b"a", rcv4.getsockname())
+nbr = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); nbr.bind(("127.0.0.1", 0))
+nbr.setblocking(False)
+try:
+    nbr.recvfrom(16)  # EAGAIN: not reported, and must not hide the next success
+except BlockingIOError:
+    pass
+u4.sendto(b"e", nbr.getsockname())
+import select; select.select([nbr], [], [], 5)
+data, src = nbr.recvfrom(16)
+out(op="recv_after_eagain", fd=nbr.fileno(), tid=main_tid, local=ep(nbr.getsockname()),
+    remote=ep(src))
 
 def in_thread():
     t = socket.socket(); t.connect(srv4.getsockname())
@@ -252,6 +265,8 @@ def test_agent_reports_every_socket_as_the_process_saw_it(can_attach: None, tmp_
     assert mapped["remote"]["ip"] == "127.0.0.1" and mapped["local"]["ip"] == "::"
     check("sendmsg", "sendmsg", "udp", 4)
     assert check("recvfrom", "recvfrom", "udp", 4)["ret"] == 1
+    assert check("recv_after_eagain", "recvfrom", "udp", 4)["ret"] == 1
+    assert not [e for e in events if e["ret"] < 0 and e["event"] != "connect"]
     thread = check("thread", "connect", "tcp", 4)
     assert thread["tid"] != truth["tcp4"]["tid"]
     nb = check("nonblocking", "connect", "tcp", 4)
