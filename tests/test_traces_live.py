@@ -209,6 +209,11 @@ def test_live_strace_two_apps_every_flow_right(tmp_path: Path, servers: Servers)
         sets.append(ObservationSet.from_observations(iter_socket_observations(log, stats=stats)))
     obs = ObservationSet.concat(sets)
     assert stats.n_skipped == 0, stats.skipped
+    # The string fast path and the regexes read real output the same way.
+    from tests.test_traces_strace import _as_pid_prefixed
+
+    real = runs[0][1].read_text().splitlines(True)
+    assert list(iter_syscalls(real)) == list(iter_syscalls(_as_pid_prefixed(real)))
     # The AP clock runs 2.5 s behind the phone; the session measured 2.2 s.
     fk, truth_labels = _flowkeys([(n, t) for n, _, t in runs], shift=2.5)
     assert len(fk) == 2 * 4 * 3 * 7

@@ -243,3 +243,19 @@ def test_a_binary_file_is_reported_clearly(tmp_path: Path) -> None:
     ok = ParseStats()
     list(iter_syscalls(SIGNAL_LOG, stats=ok))
     ok.check_usable(SIGNAL_LOG, "strace lines")  # does not raise
+
+
+def _as_pid_prefixed(lines: list[str]) -> list[str]:
+    """The same log as strace prints it without -o: "[pid N] ..." (the regex path)."""
+    out = []
+    for line in lines:
+        pid, _, rest = line.partition(" ")
+        out.append(f"[pid {pid}] {rest.lstrip()}")
+    return out
+
+
+def test_fast_path_agrees_with_the_regex_path() -> None:
+    lines = SIGNAL_LOG.read_text().splitlines(True)
+    fast = list(iter_syscalls(lines))
+    slow = list(iter_syscalls(_as_pid_prefixed(lines)))
+    assert fast == slow and len(fast) == 24

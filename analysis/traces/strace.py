@@ -150,6 +150,29 @@ def iter_syscalls(
     yield from _parse(lines, path, date, utc_offset, -1 if pid is None else pid, st)
 
 
+_UNFINISHED = "<unfinished ...>"
+_UNFINISHED_NL = _UNFINISHED + "\n"
+
+
+def _fast_ret(rest: str) -> tuple[int, str | None, str | None] | None:
+    """(retval, errno, fd decoration) of the text after ``) = ``; None when unusual."""
+    tok, _, more = rest.rstrip().partition(" ")
+    decor = None
+    if "<" in tok:
+        tok, _, decor = tok.partition("<")
+        decor = decor[:-1]
+        if "<" in more and not more.startswith("<"):
+            return None  # a decoration with a space: let the regex decide
+    try:
+        ret = int(tok)
+    except ValueError:
+        return None
+    err = None
+    if ret < 0 and more[:1] == "E":
+        err = more.split(" ", 1)[0]
+    return ret, err, decor
+
+
 def _ret(text: str) -> int | None:
     if text == "?":
         return None
@@ -171,8 +194,9 @@ def _parse(lines: Iterable[str], path: str | None, date, utc_offset: float, defa
     mk = make_syscall
     for line in lines:
         n += 1
-        # Fast path for the usual "PID TS name(args) = ret" line: plain string methods;
-        # anything unusual falls through to the regexes below.
+        # Fast paths for the launcher's "PID TS ..." lines (complete, unfinished and
+        # resumed calls) with plain string methods; anything unusual falls through to
+        # the regexes below.
         head, sep, tail = line.partition("(")
         if sep:
             args, sep, rest = tail.rpartition(") = ")
@@ -180,26 +204,51 @@ def _parse(lines: Iterable[str], path: str | None, date, utc_offset: float, defa
                 hp = head.split()
                 if len(hp) == 3 and hp[0].isdigit() and hp[2].isidentifier() \
                         and ":" not in hp[1]:
-                    tok, _, more = rest.rstrip().partition(" ")
-                    decor = None
-                    if "<" in tok:
-                        tok, _, decor = tok.partition("<")
-                        decor = decor[:-1]
-                        if "<" in more and not more.startswith("<"):
-                            tok = ""  # a decoration with a space: let the regex decide
+                    r = _fast_ret(rest)
+                    if r is not None:
+                        try:
+                            ts = float(hp[1])
+                        except ValueError:
+                            pass
+                        else:
+                            parsed += 1
+                            yield mk(ts, int(hp[0]), hp[2], args, r[0], r[1], r[2])
+                            last_ok = True
+                            continue
+            elif tail.endswith(_UNFINISHED_NL) or tail.endswith(_UNFINISHED):
+                hp = head.split()
+                if len(hp) == 3 and hp[0].isdigit() and hp[2].isidentifier() \
+                        and ":" not in hp[1]:
                     try:
                         ts = float(hp[1])
-                        ret = int(tok)
                     except ValueError:
                         pass
                     else:
-                        err = None
-                        if ret < 0 and more[:1] == "E":
-                            err = more.split(" ", 1)[0].rstrip()
+                        p = int(hp[0])
+                        if p in pending:
+                            st.skip("unfinished call never resumed")
+                        pending[p] = (ts, hp[2], tail[:tail.rindex(_UNFINISHED)])
                         parsed += 1
-                        yield mk(ts, int(hp[0]), hp[2], args, ret, err, decor)
                         last_ok = True
                         continue
+        if "resumed>" in line:
+            sp = line.split(None, 4)
+            if len(sp) == 5 and sp[2] == "<..." and sp[4].startswith("resumed>") \
+                    and sp[0].isdigit() and ":" not in sp[1]:
+                body, sep, rest = sp[4][8:].rpartition(" = ")
+                r = _fast_ret(rest) if sep else None
+                p = int(sp[0])
+                entry = pending.get(p)
+                if r is not None and entry is not None and entry[1] == sp[3]:
+                    del pending[p]
+                    if body.endswith(")"):  # old strace prints "<... x resumed> = 3"
+                        body = body[:-1]
+                    h, b = entry[2].rstrip(), body.lstrip()
+                    parsed += 1
+                    yield mk(entry[0], p, sp[3], h + (" " if b and h.endswith(",") else "") + b,
+                             r[0], r[1], r[2])
+                    last_ok = True
+                    continue
         m = full(line)
         if m is not None:
             pa, pb, t, name, args, rtext, decor, err = m.groups()
