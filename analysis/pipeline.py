@@ -119,51 +119,83 @@ def export_flows(
 
 
 def _stream_parquet(captures, target: Path, options, label, stats, progress) -> tuple[int, int]:
-    """Write flows chunk by chunk as Parquet row groups, so memory stays bounded."""
+    """Write flows chunk by chunk as Parquet row groups, so memory stays bounded.
+
+    A writer thread encodes and writes while the main thread reads the next chunk
+    (the C fast path and pyarrow both release the GIL, so this uses both cores).
+    """
     import json
+    import queue
+    import threading
     from dataclasses import asdict
 
     import pyarrow.parquet as pq
 
     from .parquet_io import to_arrow
 
-    n_flows = n_pk = 0
+    counts = [0, 0]
     tmp: str | None = None
-    writer = None
+    chunks: queue.Queue[FlowTable | None] = queue.Queue(maxsize=2)
+    state: dict[str, object] = {}
+
+    def write_all() -> None:
+        writer = None
+        try:
+            while (chunk := chunks.get()) is not None:
+                if "error" in state:
+                    continue  # drain, so the reader never blocks
+                if label:
+                    label_all(chunk, label)
+                arrow = to_arrow(chunk)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, arrow.schema, **PARQUET_OPTIONS)
+                writer.write_table(arrow)
+                counts[0] += len(chunk)
+                counts[1] += chunk.n_packets
+            if "error" not in state:
+                if writer is None:  # no flows at all: still a valid, empty file
+                    empty = FlowTable.empty()
+                    if label:
+                        label_all(empty, label)
+                    arrow = to_arrow(empty)
+                    writer = pq.ParquetWriter(tmp, arrow.schema, **PARQUET_OPTIONS)
+                    writer.write_table(arrow)
+                stats.packets_in_flows = counts[1]
+                writer.add_key_value_metadata({"capture_stats": json.dumps(asdict(stats))})
+        except BaseException as err:  # reported by the reading thread
+            state["error"] = err
+        finally:
+            if writer is not None:
+                writer.close()
+
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         os.close(fd)
-        for chunk in iter_flow_chunks(captures, options, stats, progress=progress):
-            if label:
-                label_all(chunk, label)
-            arrow = to_arrow(chunk)
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, arrow.schema, **PARQUET_OPTIONS)
-            writer.write_table(arrow)
-            n_flows += len(chunk)
-            n_pk += chunk.n_packets
-        if writer is None:  # no flows at all: still a valid, empty file
-            empty = FlowTable.empty()
-            if label:
-                label_all(empty, label)
-            arrow = to_arrow(empty)
-            writer = pq.ParquetWriter(tmp, arrow.schema, **PARQUET_OPTIONS)
-            writer.write_table(arrow)
-        stats.packets_in_flows = n_pk
-        writer.add_key_value_metadata({"capture_stats": json.dumps(asdict(stats))})
-        writer.close()
-        writer = None
+        thread = threading.Thread(target=write_all, name="parquet-writer", daemon=True)
+        thread.start()
+        try:
+            for chunk in iter_flow_chunks(captures, options, stats, progress=progress):
+                chunks.put(chunk)
+                if "error" in state:
+                    break
+        finally:
+            chunks.put(None)
+            thread.join()
+        err = state.get("error")
+        if isinstance(err, BaseException):
+            raise err
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs follow the umask
         os.replace(tmp, target)
         tmp = None
     except OSError as err:
         raise OutputError(f"cannot write {target}: {err.strerror or err}") from err
     finally:
-        if writer is not None:
-            writer.close()
         if tmp is not None:
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
-    return n_flows, n_pk
+    return counts[0], counts[1]

@@ -28,3 +28,26 @@ def test_flows_command_start_up_imports_no_heavy_stack():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_flows_parquet_export_runs_without_pandas(tmp_path):
+    """The hot path writes Parquet through pyarrow buffers, never importing pandas."""
+    from tests.conftest import DATA
+
+    pcap = DATA / "ndpi_pcaps" / "signal.pcap"
+    if not pcap.exists():
+        import pytest
+
+        pytest.skip("shared data missing")
+    code = (
+        "import sys\n"
+        "from controller.cli import main\n"
+        "try:\n"
+        f"    main(['flows', {str(pcap)!r}, '--format', 'parquet', '-o', {str(tmp_path / 'o.parquet')!r},"
+        " '--label', 'org.thoughtcrime.securesms'])\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        "print('pandas' in sys.modules, 'numba' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False False"
