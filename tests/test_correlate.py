@@ -328,3 +328,32 @@ def test_ndpi_labels_on_real_captures(tmp_path, capture: str) -> None:
     assert res.report["exact_per_source"]["csv"] == 0  # ndpi verdicts are not "exact"
     assert res.report["labelled_per_source"]["csv"] == sum(
         1 for t in res.labels["BF_labeling_type"] if t == "ndpi")
+
+
+def test_netstat_port_reuse_and_collect_observations(tmp_path) -> None:
+    from analysis.traces import collect_observations
+
+    log = tmp_path / "netstat.log"
+    hdr = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+    row = ("   0: 0500000A:9C40 A55CDF4C:01BB 01 00000000:00000000 00:00000000 00000000 {uid} "
+           "0 {inode} 1 0000000000000000 20 4 30 10 -1\n")
+    text = ""
+    for k in range(10):  # 10 polls, 0.5 s apart: app 10123 for 2 s, then 10456 reuses the port
+        text += f"=== {T0 + 0.5 * k:.6f} tcp\n" + hdr
+        if k < 4:
+            text += row.format(uid=10123, inode=4711)
+        elif k >= 6:
+            text += row.format(uid=10456, inode=4800)
+    log.write_text(text)
+    strace = tmp_path / "strace.1.org.example.log"
+    strace.write_text("garbage\n")
+    obs, stats = collect_observations(netstat=[log], strace=[strace])
+    assert stats["netstat"].n_skipped == 0 and stats["strace"].skipped == {"garbage": 1}
+    fk = make_flows([
+        {"dst_ip": "76.223.92.165", "first": T0 + 0.2, "last": T0 + 1.4},
+        {"dst_ip": "76.223.92.165", "first": T0 + 3.1, "last": T0 + 4.6},
+    ])
+    res = correlate(fk, obs, refine_clock=False,
+                    uid_map={10123: "com.whatsapp", 10456: "org.telegram.messenger"})
+    assert labels(res) == [("com.whatsapp", "exact"), ("org.telegram.messenger", "exact")]
+    assert list(res.labels["BF_label_source"]) == ["netstat", "netstat"]
