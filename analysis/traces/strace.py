@@ -291,8 +291,8 @@ def _parse(lines: Iterable[str], path: str | None, date, utc_offset: float, defa
                 # Old strace prints "<... socket resumed> = 3" without the ")".
                 if rest.endswith(")"):
                     rest = rest[:-1]
-                h, r = entry[2].rstrip(), rest.lstrip()
-                args = h + (" " if r and h.endswith(",") else "") + r
+                h, tl = entry[2].rstrip(), rest.lstrip()
+                args = h + (" " if tl and h.endswith(",") else "") + tl
                 parsed += 1
                 yield mk(entry[0], p, name, args, _ret(rtext), err, decor)
                 last_ok = True
