@@ -16,9 +16,10 @@ Matching, per flow:
    from the first to the last, close included; a netstat socket from first to last
    snapshot; a CSV row over its range) with the flow's protocol and device-side port,
    a compatible remote endpoint, and a lifetime that overlaps the flow's span widened by
-   ``tolerance`` seconds. When several apps fit, the span is tightened to the measured
-   clock spread (only when the clock was refined from enough pairs), which separates a
-   port reused by two apps seconds apart.
+   ``tolerance`` seconds. When the clock was refined from enough pairs, a lifetime must
+   also not end before the flow begins by more than the measured clock spread (the
+   "tight" tolerance), and when several apps fit the whole span is tightened so; this
+   separates a port reused by two apps (or by an untraced one) seconds apart.
 2. *remote endpoint*: for flows without any tuple match, lifetimes whose device-side
    port is unknown but whose remote endpoint and time fit (a TCP lifetime that starts
    with a connect must also start within ``tolerance`` of the flow's SYN).
@@ -445,8 +446,8 @@ def correlate(
     all_flows = np.arange(n)
     first, last = flows.first_ts, flows.last_ts
 
-    def fit_tuple(f: np.ndarray, iv: np.ndarray, tol: float) -> np.ndarray:
-        ok = (start[iv] - tol <= last[f]) & (end[iv] + tol >= first[f])
+    def fit_tuple(f: np.ndarray, iv: np.ndarray, tol: float, tol_end: float) -> np.ndarray:
+        ok = (start[iv] - tol <= last[f]) & (end[iv] + tol_end >= first[f])
         ok &= (lt.rip[iv] < 0) | (lt.rip[iv] == fdst[f])
         ok &= (lt.rport[iv] < 0) | (lt.rport[iv] == flows.dst_port[f])
         ok &= (lt.lip[iv] < 0) | (lt.lip[iv] == fsrc[f])
@@ -461,7 +462,9 @@ def correlate(
     parts = []
     for f, pos in _expand(a_key, f_key_a, all_flows):
         iv = a_iv[pos]
-        ok = fit_tuple(f, iv, tolerance)
+        # With a refined clock, a socket closed (or last seen) before the flow began is
+        # not its socket, even within the loose tolerance: another app took the port.
+        ok = fit_tuple(f, iv, tolerance, tolerance if tight is None else tight)
         parts.append((f[ok], iv[ok]))
     pa = _Pairs.cat(parts)
     ra = _resolve(pa.f, pa.iv, lt, n, is_pkg)
@@ -471,7 +474,7 @@ def correlate(
         if amb.any():
             sel = amb[pa.f]
             f2, iv2 = pa.f[sel], pa.iv[sel]
-            ok = fit_tuple(f2, iv2, tight)
+            ok = fit_tuple(f2, iv2, tight, tight)
             rt = _resolve(f2[ok], iv2[ok], lt, n, is_pkg)
             fixed = amb & (rt["ndist"] == 1)
             tightened = int(fixed.sum())

@@ -357,3 +357,20 @@ def test_netstat_port_reuse_and_collect_observations(tmp_path) -> None:
                     uid_map={10123: "com.whatsapp", 10456: "org.telegram.messenger"})
     assert labels(res) == [("com.whatsapp", "exact"), ("org.telegram.messenger", "exact")]
     assert list(res.labels["BF_label_source"]) == ["netstat", "netstat"]
+
+
+def test_untraced_reuse_right_after_a_close_is_not_the_traced_app() -> None:
+    """app.a closes its socket; 0.4 s later something untraced uses the same port to the
+    same server. Within the loose tolerance, but the refined clock says the socket was
+    already closed: the second flow stays unlabelled."""
+    obs, flows = [], []
+    for k in range(4):  # pairs for the clock
+        base = T0 + 100 + 10 * k
+        obs += make_socket(base + 0.3, base + 0.8, "app.c", sock=10 + k, lport=41000 + k,
+                           connect_knows_port=True)
+        flows.append({"first": base, "last": base + 0.6, "src_port": 41000 + k})
+    obs += make_socket(T0 + 0.3, T0 + 1.3, "app.a", sock=1, connect_knows_port=True)
+    flows += [{"first": T0, "last": T0 + 1.0}, {"first": T0 + 1.4, "last": T0 + 2.0}]
+    res = correlate(make_flows(flows), obs, clock_offset=0.0)
+    assert res.report["clock"]["offset"] == pytest.approx(0.3)
+    assert labels(res)[4:] == [("app.a", "exact"), ("unknown", "unlabelled")]
