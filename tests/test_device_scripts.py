@@ -433,8 +433,12 @@ def start_launcher(shell: Shell, tmp: Path, outdir: Path, *extra: str) -> subpro
 
 @pytest.mark.parametrize(
     ("shell", "stop"),
-    [(SHELLS["busybox"], "stopfile"), (SHELLS["mksh-toybox"], "sigterm")],
-    ids=["busybox-stopfile", "mksh-toybox-sigterm"],
+    [
+        (SHELLS["busybox"], "stopfile"),
+        (SHELLS["mksh-toybox"], "sigterm"),
+        (SHELLS["dash"], "sigint"),
+    ],
+    ids=["busybox-stopfile", "mksh-toybox-sigterm", "dash-sigint"],
 )
 def test_launcher_traces_every_process_and_follows_an_app_restart(
     shell: Shell, stop: str, tmp_path: Path, server: LocalServer
@@ -467,7 +471,7 @@ def test_launcher_traces_every_process_and_follows_an_app_restart(
         if stop == "stopfile":
             (outdir / "strace_launcher.stop").touch()
         else:
-            launcher.send_signal(signal.SIGTERM)
+            launcher.send_signal(signal.SIGTERM if stop == "sigterm" else signal.SIGINT)
         _, err = launcher.communicate(timeout=10)
         assert launcher.returncode == 0, err
         assert "stopped" in err
