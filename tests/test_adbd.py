@@ -269,6 +269,27 @@ def test_tcp_service_reaches_ports_on_the_phone(samsung):
             done.result(timeout=5)
 
 
+def test_pty_shells(server, samsung):
+    adbd, _ = samsung
+
+    def adb_bytes(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [str(ADB), "-P", str(server.port), "-s", adbd.address, *args],
+            input=stdin,
+            env=server.env,
+            capture_output=True,
+            timeout=20,
+        )
+
+    forced = adb_bytes("shell", "-tt", "tty; echo hi; exit 5")
+    lines = forced.stdout.split(b"\r\n")  # a terminal turns \n into \r\n
+    assert lines[0].startswith(b"/dev/pts/") and lines[1] == b"hi", forced
+    assert forced.returncode == 5
+    interactive = adb_bytes("shell", "-tt", stdin=b"getprop ro.product.device\nexit 3\n")
+    assert b"o1s:/ $ " in interactive.stdout  # the prompt of an interactive shell
+    assert b"$ o1s\r\n" in interactive.stdout and interactive.returncode == 3
+
+
 # --------------------------------------------------------------------------- identity
 
 

@@ -24,14 +24,18 @@ import asyncio
 import contextlib
 import ctypes
 import enum
+import fcntl
 import logging
 import os
+import pty
+import re
 import shutil
 import signal
 import stat
 import struct
 import sys
 import tempfile
+import termios
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -447,6 +451,100 @@ async def shell_v2(adbd: EmulatedAdbd, stream: Stream, command: str) -> None:
             await proc.wait()
 
 
+_WINSIZE = re.compile(rb"(\d+)x(\d+),(\d+)x(\d+)")
+
+
+async def shell_pty(adbd: EmulatedAdbd, stream: Stream, command: str, v2: bool, term: str) -> None:
+    """``shell,v2,pty:`` and interactive ``shell:``: the command on a pseudo-terminal."""
+    master, slave = pty.openpty()
+    env = adbd.toolbox.environment()
+    env["TERM"] = term
+
+    def child_setup() -> None:
+        _set_pdeathsig()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *adbd.toolbox.argv(command or "/bin/sh"),
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            cwd="/",
+            start_new_session=True,
+            preexec_fn=child_setup,
+        )
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(slave)
+    os.set_blocking(master, False)
+    loop = asyncio.get_running_loop()
+    output: asyncio.Queue[bytes] = asyncio.Queue()
+    room = stream.conn.max_payload - (5 if v2 else 0)
+
+    def readable() -> None:
+        try:
+            data = os.read(master, room)
+        except BlockingIOError:
+            return
+        except OSError:  # EIO: every slave end is closed
+            data = b""
+        loop.remove_reader(master)  # resumed once this chunk is on its way (flow control)
+        output.put_nowait(data)
+
+    async def to_terminal(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(master, view) :]
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+
+    async def pump_input() -> None:
+        try:
+            while True:
+                if not v2:
+                    chunk = await stream.read()
+                    if not chunk:
+                        return
+                    await to_terminal(chunk)
+                    continue
+                kind, length = struct.unpack("<BI", await stream.read_exactly(5))
+                data = await stream.read_exactly(length) if length else b""
+                if kind == ShellId.STDIN:
+                    await to_terminal(data)
+                elif kind == ShellId.WINDOW_SIZE_CHANGE:
+                    m = _WINSIZE.match(data)
+                    if m:
+                        rows, cols, xpix, ypix = (int(g) for g in m.groups())
+                        winsize = struct.pack("HHHH", rows, cols, xpix, ypix)
+                        fcntl.ioctl(master, termios.TIOCSWINSZ, winsize)
+                # CLOSE_STDIN means nothing to a terminal: the session ends with the command.
+        except (EOFError, ConnectionError, OSError):
+            pass
+
+    stdin_task = asyncio.create_task(pump_input())
+    loop.add_reader(master, readable)
+    try:
+        while chunk := await output.get():
+            await stream.write(_shell_packet(ShellId.STDOUT, chunk) if v2 else chunk)
+            loop.add_reader(master, readable)
+        status = await proc.wait()
+        if v2:
+            code = status if status >= 0 else 128 - status
+            await stream.write(_shell_packet(ShellId.EXIT, bytes([code & 0xFF])))
+    finally:
+        loop.remove_reader(master)
+        os.close(master)
+        _kill_group(proc)
+        stdin_task.cancel()
+        with contextlib.suppress(Exception):
+            await proc.wait()
+
+
 async def say(stream: Stream, text: str) -> None:
     """A service that only prints a line (root:, unroot:, reboot:)."""
     await stream.write(text.encode())
@@ -751,7 +849,12 @@ class EmulatedAdbd:
         name, _, rest = service.partition(":")
         if name == "shell" or name.startswith("shell,"):
             options = name.split(",")[1:]
-            if "v2" in options:
+            v2 = "v2" in options
+            term = next((o[5:] for o in options if o.startswith("TERM=")), "dumb")
+            # As adbd: a pty when asked for, or for an interactive shell unless "raw".
+            if "pty" in options or (not rest and "raw" not in options):
+                return lambda s: shell_pty(self, s, rest, v2=v2, term=term)
+            if v2:
                 return lambda s: shell_v2(self, s, rest)
             return lambda s: shell_raw(self, s, rest, merge_stderr=True)
         if name == "exec":

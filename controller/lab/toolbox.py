@@ -480,6 +480,7 @@ class Toolbox:
             "ANDROID_STORAGE": "/storage",
             "EXTERNAL_STORAGE": "/sdcard",
             "LANG": "C.UTF-8",
+            "PS1": f"{self.config.device}:/ $ ",
             rt.STATE_ENV: str(self.state_dir),
             rt.UID_ENV: "2000",
             "FLOWTRUTH_MOUNTNS": "1" if self.use_mount_namespace else "0",
