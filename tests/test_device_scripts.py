@@ -661,3 +661,34 @@ def test_build_strace_produces_verified_static_binaries(
         assert not has_interpreter(p.read_bytes()), p
     # The build directory (a temporary one) is gone.
     assert not list(tmp_path.glob("flowtruth-strace.*"))
+
+
+def test_launcher_gives_up_on_a_process_it_cannot_attach_to(
+    tmp_path: Path, server: LocalServer
+) -> None:
+    """A process already under ptrace (here another strace) cannot be attached: the
+    launcher retries three times, says so once, and goes on without it."""
+    require_ptrace()
+    outdir = tmp_path / "out"
+    app = start_app(tmp_path, PKG, server.port)
+    holder = subprocess.Popen(
+        [STRACE, "-qq", "-e", "trace=none", "-p", str(app.pid)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    launcher = None
+    try:
+        wait_for(lambda: tracer_pid(app.pid) == holder.pid, what="first strace attached")
+        launcher = start_launcher(SHELLS["busybox"], tmp_path, outdir)
+        time.sleep(2.0)  # ten scans at 0.2 s
+        assert traced_pids(outdir) == {}
+        (outdir / "strace_launcher.stop").touch()
+        _, err = launcher.communicate(timeout=10)
+        assert launcher.returncode == 0, err
+        assert err.count("giving up") == 1, err
+        assert err.count(f"tracing {app.pid} ") == 3, err
+    finally:
+        kill_and_reap(launcher)
+        holder.terminate()
+        holder.wait(timeout=5)
+        kill_and_reap(app)
