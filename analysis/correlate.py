@@ -94,20 +94,24 @@ class FlowKeys:
 
 
 def flowkeys_from_table(table: Any) -> FlowKeys:
-    """The correlator's view of an :class:`analysis.flowtable.FlowTable`."""
-    from analysis.flowtable import SYN  # local: keeps this module importable on its own
+    """The correlator's view of an :class:`analysis.flowtable.FlowTable` (``has_syn``: the
+    flow's first packet is the device's SYN, so a ``connect()`` made it)."""
+    from analysis.flowtable import ACK, SYN  # local: keeps this module importable on its own
 
     src, dst = table.ip_strings()
     fl = table.flows
     n = len(table)
     first_pkt = table.pkt_offsets[:-1]
     has_pkt = table.pkt_offsets[1:] > first_pkt
-    flags = np.zeros(n, dtype=np.uint8)
-    if n:
-        idx = np.minimum(first_pkt, max(table.n_packets - 1, 0))
-        flags = np.where(has_pkt, table.packets["pkt_tcp_flags"][idx] if table.n_packets else 0, 0)
+    flags = np.zeros(n, dtype=np.int64)
+    up = np.zeros(n, dtype=bool)
+    if n and table.n_packets:
+        idx = np.minimum(first_pkt, table.n_packets - 1)
+        flags = np.where(has_pkt, table.packets["pkt_tcp_flags"][idx], 0)
+        up = has_pkt & (table.packets["pkt_dir"][idx] == 0)
     proto = fl["proto"].astype(np.int64)
-    has_syn = (proto == 6) & has_pkt & ((flags & SYN) != 0)
+    # The device opened the connection: its SYN (without ACK) is the flow's first packet.
+    has_syn = (proto == 6) & up & ((flags & SYN) != 0) & ((flags & ACK) == 0)
     first = fl["first_ts_ns"].astype(np.float64) / 1e9
     return FlowKeys(
         proto=proto, src_ip=np.asarray(src, dtype=object), src_port=fl["src_port"],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from analysis.correlate import FlowKeys, correlate, flowkeys_from_table
@@ -271,16 +270,18 @@ def test_flowkeys_from_flowtable() -> None:
          "start": T0, "packets": [{"dir": 0, "flags": 0x02}, {"dir": 1, "flags": 0x12}]},
         {"proto": 17, "src_ip": "2001:db8::5", "dst_ip": "2001:db8::1", "src_port": 5000,
          "dst_port": 53, "start": T0 + 1, "packets": [{"dir": 0}]},
+        {"proto": 6, "src_ip": DEV, "dst_ip": "1.2.3.9", "src_port": 8080, "dst_port": 50000,
+         "start": T0 + 2, "packets": [{"dir": 1, "flags": 0x02}, {"dir": 0, "flags": 0x12}]},
     ])
     fk = flowkeys_from_table(table)
-    assert list(fk.src_ip) == [DEV, "2001:db8::5"]
-    assert list(fk.dst_port) == [443, 53]
-    assert list(fk.has_syn) == [True, False]
+    assert list(fk.src_ip) == [DEV, "2001:db8::5", DEV]
+    assert list(fk.dst_port) == [443, 53, 50000]
+    assert list(fk.has_syn) == [True, False, False]  # the third: the device accepted
     assert fk.first_ts[0] == pytest.approx(T0)
     res = correlate(fk, make_socket(T0, T0 + 0.5, "app.a", sock=1), refine_clock=False)
     res.apply(table)
-    assert list(table.labels["BF_label"]) == ["app.a", "android:dns-resolver"]
-    assert np.all(table.labels["BF_labeling_type"] == np.array(["exact", "resolver"], dtype=object))
+    assert list(table.labels["BF_label"]) == ["app.a", "android:dns-resolver", "unknown"]
+    assert list(table.labels["BF_labeling_type"]) == ["exact", "resolver", "unlabelled"]
 
 
 SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"

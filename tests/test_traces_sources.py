@@ -286,3 +286,41 @@ Error: something
     assert m[1001] == ("com.android.phone", "com.android.providers.telephony")
     assert m[10125] == m[1010125] == ("org.telegram.messenger",)
     assert stats.skipped == {"not a package line": 1}
+
+
+# ----------------------------------------------------------------------------- fuzz
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as hs  # noqa: E402
+
+NETSTAT_PARTS = hs.sampled_from([
+    "=== ", "1732800000.5 ", "tcp", "udp6", "\n", "  sl  local_address", "   0: ",
+    "0100007F:1F90 ", "00000000000000000000000001000000:0050 ", "0A ", "01 ", "10123 ",
+    "4711 ", "zz ", "Proto Recv-Q", "tcp6 0 0 ", "::ffff:1.2.3.4:443 ", "u0_a12 ", "-",
+    "5/x", ":::*", "*:*", " ",
+])
+
+
+@settings(max_examples=300, deadline=None)
+@given(hs.lists(hs.one_of(hs.text(max_size=30), hs.lists(NETSTAT_PARTS, max_size=16).map("".join)),
+                max_size=10))
+def test_fuzz_netstat_never_raises(lines: list[str]) -> None:
+    stats = ParseStats()
+    for _ in iter_netstat_observations(lines, stats, ts=1.0):
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(hs.lists(hs.one_of(
+    hs.text(max_size=30),
+    hs.dictionaries(hs.sampled_from(["ts", "event", "pid", "fd", "proto", "local", "remote",
+                                     "ret", "errno", "process"]),
+                    hs.one_of(hs.none(), hs.integers(-5, 70000), hs.floats(), hs.text(max_size=8),
+                              hs.sampled_from(["tcp", "udp", "connect", "close", "sendto"]),
+                              hs.fixed_dictionaries({"ip": hs.text(max_size=12),
+                                                     "port": hs.integers(-1, 70000)})),
+                    max_size=10).map(json.dumps)), max_size=10))
+def test_fuzz_frida_never_raises(lines: list[str]) -> None:
+    stats = ParseStats()
+    for _ in iter_frida_events(lines, stats):
+        pass

@@ -36,6 +36,7 @@ _KIND = {"connect": "connect", "sendto": "send", "sendmsg": "send", "send": "sen
          "write": "send", "recvfrom": "recv", "recvmsg": "recv", "recv": "recv",
          "read": "recv", "close": "close", "accept": "accept", "bind": "snapshot",
          "getsockname": "snapshot"}
+_PROTO: dict[str | int, int] = {"tcp": 6, "udp": 17, 6: 6, 17: 17}
 _NO_EFFECT = {"EBADF", "ENOTSOCK", "EINVAL", "EAFNOSUPPORT", "EFAULT", "EACCES", "EPERM",
               "ENETUNREACH", "EADDRNOTAVAIL", "EISCONN"}
 
@@ -95,18 +96,20 @@ def iter_frida_events(
             continue
         kind = _KIND.get(ev) if isinstance(ev, str) else None
         ts = e.get("ts")
-        proto = {"tcp": 6, "udp": 17, 6: 6, 17: 17}.get(e.get("proto"))
+        p_raw = e.get("proto")
+        proto = _PROTO.get(p_raw) if isinstance(p_raw, (str, int)) else None
         if kind is None:
             st.skip("unknown event")
             continue
-        if not isinstance(ts, (int, float)) or proto is None:
+        if not isinstance(ts, (int, float)) or ts != ts or proto is None:
             st.skip("missing ts or proto")
             continue
         pid = e.get("pid") if isinstance(e.get("pid"), int) else None
         fd = e.get("fd") if isinstance(e.get("fd"), int) else None
         errno = e.get("errno")
         ret = e.get("ret")
-        if kind == "connect" and isinstance(ret, int) and ret < 0 and errno in _NO_EFFECT:
+        if kind == "connect" and isinstance(ret, int) and ret < 0 \
+                and isinstance(errno, str) and errno in _NO_EFFECT:
             st.note("failed connects")
             continue
         if kind in ("send", "recv") and isinstance(ret, int) and ret < 0:
