@@ -18,6 +18,7 @@ from analysis.errors import FlowtruthError
 COMMAND_MODULES = [
     "controller.commands.flows",
     "controller.commands.ap",
+    "controller.commands.campus",
 ]
 
 app = typer.Typer(
