@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import enum
 import fcntl
 import logging
@@ -42,7 +41,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from controller.errors import ControllerError, LabError
-from controller.lab.toolbox import PRESETS, PhoneConfig, Toolbox, load_phone_config
+from controller.lab.toolbox import (
+    PRESETS,
+    PhoneConfig,
+    Toolbox,
+    die_with_parent,
+    load_phone_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -343,8 +348,7 @@ class Connection:
 
 def _set_pdeathsig() -> None:
     """In the child: get SIGTERM when adbd dies; the toolbox's run.sh then kills its group."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    die_with_parent()
 
 
 def _kill_group(proc: asyncio.subprocess.Process) -> None:
@@ -883,6 +887,9 @@ class EmulatedAdbd:
             self._connections.discard(task)
 
     async def _start(self) -> None:
+        # Started from the loop thread, which lives as long as this adbd: the namespace
+        # holder dies with that thread (PR_SET_PDEATHSIG), not with whoever called start().
+        self.toolbox.start()
         self._server = await asyncio.start_server(self._serve, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -925,6 +932,7 @@ class EmulatedAdbd:
         if failure:
             self._thread.join()
             self._thread = None
+            self.toolbox.stop()
             if self._own_state_dir:
                 self.toolbox.remove()
             exc = failure[0]
@@ -943,6 +951,7 @@ class EmulatedAdbd:
         self._thread.join(timeout=10)
         self._thread = None
         self._loop = None
+        self.toolbox.stop()
         if self._own_state_dir:
             self.toolbox.remove()
 

@@ -26,12 +26,15 @@ namespace always needs root and raises ``RootRequired`` without it.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
 import re
 import shlex
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,10 +42,18 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
-from controller.errors import ConfigError, RootRequired
+from controller.errors import ConfigError, LabError, RootRequired
 from controller.lab import toolbox_runtime as rt
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def die_with_parent() -> None:
+    """In a child process: get SIGTERM when the parent thread dies (PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 class PackageInfo(BaseModel):
@@ -308,7 +319,7 @@ def load_phone_config(path: str | os.PathLike[str]) -> PhoneConfig:
 ENTER_SH = r"""#!/bin/sh
 # Run one command line in a private mount namespace whose root is a tmpfs of bind mounts
 # of the host's top-level entries plus the phone's /data, /storage and /sdcard.
-# Usage (as root, under unshare -m --propagation private): enter.sh STATE_DIR COMMAND
+# Usage (as root, under unshare -m --propagation private): enter.sh STATE_DIR [COMMAND]
 set -e
 S=$1
 R="$S/rootfs"
@@ -331,7 +342,11 @@ mount --bind "$S/fs/data" "$R/data"
 mount --bind "$S/fs/storage" "$R/storage"
 mount --bind "$S/fs/storage/emulated/0" "$R/sdcard"
 set +e
-exec chroot "$R" /bin/sh "$S/run.sh" "$2"
+if [ $# -ge 2 ]; then
+    exec chroot "$R" /bin/sh "$S/run.sh" "$2"
+fi
+# No command: hold the namespace for later commands (they join it with nsenter).
+exec chroot "$R" /bin/sh -c 'echo ready; exec sleep infinity'
 """
 
 RUN_SH = r"""#!/bin/sh
@@ -376,6 +391,7 @@ class Toolbox:
         if use_mount_namespace is None:  # FLOWTRUTH_LAB_MOUNTNS=0 forces the non-root fallback
             use_mount_namespace = is_root and os.environ.get("FLOWTRUTH_LAB_MOUNTNS", "1") != "0"
         self.use_mount_namespace = use_mount_namespace
+        self._holder: subprocess.Popen[bytes] | None = None
         if self.use_mount_namespace and not is_root:
             raise RootRequired("a private mount namespace for the phone's shell needs root")
 
@@ -493,9 +509,69 @@ class Toolbox:
             return command
         return _REWRITE.sub(lambda m: shlex.quote(str(self.fs_path(m.group(1)))), command)
 
+    def start(self) -> None:
+        """Set up the phone's mount namespace once, held by a sleeping process (root only).
+
+        Commands then join it with ``nsenter`` (about 2 ms) instead of building it anew
+        (about 70 ms).  Without ``start()`` every command builds its own namespace.
+        """
+        if not self.use_mount_namespace or self._holder is not None:
+            return
+        argv = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "/bin/sh",
+            str(self.state_dir / "enter.sh"),
+            str(self.state_dir),
+        ]
+        if self.netns is not None:
+            argv = ["ip", "netns", "exec", self.netns, *argv]
+        holder = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+        assert holder.stdout is not None and holder.stderr is not None
+        ready = holder.stdout.readline()
+        holder.stdout.close()
+        if ready.strip() != b"ready":
+            holder.kill()
+            err = holder.stderr.read().decode(errors="replace").strip()
+            holder.wait()
+            holder.stderr.close()
+            raise LabError(
+                f"cannot set up the mount namespace of phone {self.config.serial}: {err}",
+                hint="the lab needs root, unshare(1) and mount(8)",
+            )
+        holder.stderr.close()
+        self._holder = holder
+
+    def stop(self) -> None:
+        """End the phone's mount namespace (kills the holder process)."""
+        holder, self._holder = self._holder, None
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+
     def argv(self, command: str) -> list[str]:
         """The argv that runs ``command`` (a device shell command line) for this phone."""
-        if self.use_mount_namespace:
+        if self._holder is not None and self._holder.poll() is None:
+            argv = [
+                "nsenter",
+                f"--target={self._holder.pid}",
+                "--mount",
+                "--root",
+                "--wd",
+                "/bin/sh",
+                str(self.state_dir / "run.sh"),
+                command,
+            ]
+        elif self.use_mount_namespace:
             argv = [
                 "unshare",
                 "--mount",
@@ -514,6 +590,7 @@ class Toolbox:
 
     def remove(self) -> None:
         """Delete the state directory (the phone is gone)."""
+        self.stop()
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
