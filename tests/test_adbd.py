@@ -883,6 +883,17 @@ def test_adbd_inside_a_network_namespace(server, workdir):
         # pidof sees only the phone's namespace: not the adb server on the host, but its adbd.
         assert d.shell2("pidof adb", v2=True).returncode == 1
         assert proc.pid in pids_of(d, "ip") + pids_of(d, "python") + pids_of(d, "python3")
+        # An adbd on the host whose shell enters the namespace (EmulatedAdbd(netns=...)).
+        with EmulatedAdbd(
+            samsung_s21(serial="nsphone2"), "127.0.0.1", 0, workdir / "nsphone2", netns=ns
+        ) as host_side:
+            d2 = server.attach(host_side.address)
+            try:
+                assert phone_ip in d2.shell("ip -o -4 addr show")
+                assert ns_if in d2.shell("cat /proc/net/dev")
+                assert d2.shell("su -c id").startswith("uid=0(root)")
+            finally:
+                server.adb("disconnect", host_side.address)
     finally:
         if proc is not None:
             proc.terminate()
