@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "controller.commands.flows",
     "controller.commands.ap",
     "controller.commands.campus",
+    "controller.commands.ml",
 ]
 
 app = typer.Typer(
