@@ -164,7 +164,7 @@ def _file_start(path: str) -> int | None:
 
 
 def boundary_flags(table: FlowTable, file_start: int | None, file_end: int | None,
-                   idle_ns: int) -> tuple[np.ndarray, np.ndarray]:
+                   idle_ns: int, grace_ns: int = 2_000_000_000) -> tuple[np.ndarray, np.ndarray]:
     """Which flows may continue before the file's start and after its end."""
     fl = table.flows
     n = len(table)
@@ -176,6 +176,9 @@ def boundary_flags(table: FlowTable, file_start: int | None, file_end: int | Non
     end = fl["end_reason"] == EndReason.EOF
     if file_end is not None:
         end &= fl["last_ts_ns"] > file_end - idle_ns
+        # closed by FIN/RST just before the end: trailing ACKs may be in the next file
+        closed = (fl["end_reason"] == EndReason.FIN) | (fl["end_reason"] == EndReason.RST)
+        end |= closed & (fl["last_ts_ns"] > file_end - grace_ns)
     return start, end
 
 
@@ -214,7 +217,8 @@ def ingest_file(task: IngestTask) -> FileResult:
     try:
         for chunk in iter_flow_chunks(task.path, task.options, stats):
             anonymise_table(chunk, cpan)
-            cut_s, cut_e = boundary_flags(chunk, file_start, stats.last_ts_ns, idle_ns)
+            cut_s, cut_e = boundary_flags(chunk, file_start, stats.last_ts_ns, idle_ns,
+                                          int(task.options.tcp_grace * 1e9))
             n_flows += len(chunk)
             if task.join:
                 pend = cut_s | cut_e

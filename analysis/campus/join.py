@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from analysis import _fast
-from analysis.flowtable import FLOW_FIELDS, PACKET_FIELDS, FlowTable
+from analysis.flowtable import FIN, FLOW_FIELDS, PACKET_FIELDS, RST, EndReason, FlowTable
 
 from .parquet_out import flows_arrow, pending_table
 from .store import FileRecord, Store, partition_dir
@@ -46,7 +46,11 @@ def _ukey(fl: dict[str, np.ndarray], i: int) -> tuple[tuple, tuple, tuple]:
 
 
 def fold_sequence(records: list[FileRecord], tables: list, idle_ns: int):
-    """Chains of (table index, flow index, flipped) and their cut flags, in time order."""
+    """Chains of (table index, flow index, flipped) and their cut flags, in time order.
+
+    An open flow is carried forward while no file start lies more than ``idle_ns`` after
+    its last packet, so a flow silent during a whole (short) file is still joined.
+    """
     chains: list[dict] = []
     carry: dict[tuple, dict] = {}
     prev: FileRecord | None = None
@@ -54,7 +58,11 @@ def fold_sequence(records: list[FileRecord], tables: list, idle_ns: int):
         adjacent_prev = (prev is not None and prev.last_ts_ns is not None
                          and rec.first_ts_ns is not None
                          and rec.first_ts_ns - prev.last_ts_ns <= idle_ns)
-        new_carry: dict[tuple, dict] = {}
+        if rec.first_ts_ns is not None:
+            for key in [key for key, c in carry.items() if rec.first_ts_ns - c["last"] > idle_ns]:
+                over = carry.pop(key)  # idle for longer than the timeout: the flow is over
+                over["cut_end"] = False
+                over["idle"] = True
         if loaded is not None:
             table, cut_s, cut_e = loaded
             fl = table.flows
@@ -66,6 +74,10 @@ def fold_sequence(records: list[FileRecord], tables: list, idle_ns: int):
                     if cand is not None and int(fl["first_ts_ns"][i]) - cand["last"] <= idle_ns:
                         chain = carry.pop(key)
                 if chain is None:
+                    over = carry.pop(key, None)
+                    if over is not None:  # a new flow on the 5-tuple: the open one is over
+                        over["cut_end"] = False
+                        over["idle"] = True
                     chain = {"pieces": [], "src": a, "last": 0,
                              "cut_start": bool(cut_s[i]) and not adjacent_prev}
                     chains.append(chain)
@@ -73,14 +85,10 @@ def fold_sequence(records: list[FileRecord], tables: list, idle_ns: int):
                 chain["last"] = max(chain["last"], int(fl["last_ts_ns"][i]))
                 chain["cut_end"] = False
                 if cut_e[i]:
-                    old = new_carry.pop(key, None)
-                    if old is not None:
-                        old["cut_end"] = True
-                    new_carry[key] = chain
-        # open flows of the previous file that this file does not continue
-        for chain in carry.values():
-            chain["cut_end"] = not adjacent_prev
-        carry = new_carry
+                    old = carry.pop(key, None)
+                    if old is not None and old is not chain:
+                        old["cut_end"] = False
+                    carry[key] = chain
         prev = rec
     for chain in carry.values():
         chain["cut_end"] = True  # the next file has not been ingested (yet)
@@ -123,6 +131,8 @@ def build_table(chains: list[dict], tables: list) -> tuple[FlowTable, np.ndarray
                 if np.isnan(ws[dd]) and not np.isnan(w):
                     ws[dd] = w
             flows["end_reason"][f] = t.flows["end_reason"][i]
+        if chain.get("idle"):
+            flows["end_reason"][f] = EndReason.IDLE
         flows["uf_mss"][f], flows["df_mss"][f] = mss
         flows["uf_ws"][f], flows["df_ws"][f] = ws
         offsets[f + 1] = total
@@ -144,11 +154,29 @@ def build_table(chains: list[dict], tables: list) -> tuple[FlowTable, np.ndarray
             flows[name] = ct[:, j].copy()
         flows["last_ts_ns"] = np.maximum(ct[:, 1], ct[:, 3])
         flows["stats"] = _fast.features(ts, dirs, iplen, offsets)
+    _tcp_end_reasons(flows, packets, offsets, [len(c["pieces"]) for c in chains])
     table = FlowTable(flows, packets, offsets)
     cut_s = np.array([c["cut_start"] for c in chains], dtype=bool)
     cut_e = np.array([c["cut_end"] for c in chains], dtype=bool)
     pieces = np.array([len(c["pieces"]) for c in chains], dtype=np.int32)
     return table, cut_s, cut_e, pieces
+
+
+def _tcp_end_reasons(flows: dict[str, np.ndarray], packets: dict[str, np.ndarray],
+                     offsets: np.ndarray, n_pieces: list[int]) -> None:
+    """A joined TCP flow open at its last piece's end but closed by FIN both ways or RST
+    across its pieces ended that way (each piece alone saw only part of the close)."""
+    flags = packets["pkt_tcp_flags"]
+    dirs = packets["pkt_dir"]
+    for f, n in enumerate(n_pieces):
+        if n < 2 or flows["proto"][f] != 6 or flows["end_reason"][f] != EndReason.EOF:
+            continue
+        fl = flags[offsets[f]:offsets[f + 1]]
+        dr = dirs[offsets[f]:offsets[f + 1]]
+        if (fl & RST).any():
+            flows["end_reason"][f] = EndReason.RST
+        elif ((fl & FIN) != 0)[dr == 0].any() and ((fl & FIN) != 0)[dr == 1].any():
+            flows["end_reason"][f] = EndReason.FIN
 
 
 def join_sequences(store: Store, sequences: Iterable[str], idle_timeout: float
