@@ -8,9 +8,18 @@ an ordinary device.  References: AOSP ``adb/protocol.txt`` (messages, CNXN, stre
 Every message is a 24-byte little-endian header (command, arg0, arg1, data_length,
 data_crc32, magic = command ^ 0xffffffff) followed by ``data_length`` bytes.  The
 "crc32" is really the byte sum of the payload; from protocol version 0x01000001 on
-neither side computes nor checks it.  This adbd answers CNXN directly (no AUTH, as a
-device with ``ro.adb.secure=0``), accepts streams the host OPENs and runs one service
-per stream; shell commands run through the phone's ``Toolbox``.
+neither side computes nor checks it.  This adbd answers CNXN directly, without the AUTH
+exchange (as an adbd with ``ro.adb.secure=0``; the real adb server accepts that), then
+serves one service per stream the host OPENs, one WRTE in flight per stream:
+
+- ``shell:CMD`` (stdout and stderr merged), ``shell,v2[,raw]:CMD`` (shell protocol with
+  stderr and exit status), ``...pty:`` and an interactive ``shell:`` on a pseudo-terminal,
+  ``exec:CMD`` (stdout only); commands run through the phone's ``Toolbox``;
+- ``sync:`` with STAT/STA2/LST2, LIST/LIS2, SEND/SND2, RECV/RCV2 (no compression), QUIT;
+  only the phone's own tree (/data, /sdcard, /storage) is writable;
+- ``tcp:PORT[:HOST]`` (for ``adb forward``), connecting from adbd's own network
+  namespace (run adbd inside the phone's namespace for the phone's view);
+- ``root:``, ``unroot:``, ``reboot:`` answer politely and change nothing.
 
 Run one per phone namespace::
 

@@ -6,22 +6,29 @@ The toolbox prepares a phone's state directory::
                           battery, clock offset (read and written by the shims and the lab's
                           simulated apps; see ``toolbox_runtime``)
     input_events.jsonl    one line per ``input`` command
+    logcat.txt            what ``logcat`` prints (simulated apps may append lines)
     bin/                  generated shims: getprop, pm, am, input, uiautomator, dumpsys, ...
     fs/data/local/tmp     the phone's /data (so also /data/local/tmp)
     fs/storage/emulated/0 the phone's /sdcard
-    enter.sh, rootfs/     the private mount namespace a root-run shell command lives in
+    enter.sh, rootfs/     set up the phone's private mount namespace
+    run.sh                runs one command line with ``sh -c`` and kills its process group
+                          if adbd dies
 
 and turns a shell command line into the argv that runs it: a real ``/bin/sh -c`` whose
 PATH starts with ``bin/``, inside the phone's network namespace when one is given.
 
-When the host process is root, each command runs in a private mount namespace
-(``unshare -m``) whose root is a tmpfs of bind mounts of the host's top-level
-directories plus the phone's ``/data``, ``/sdcard`` and ``/storage``, so device paths
-work exactly as on Android.  Without root there is no mount namespace: the sync service
-still maps those paths into ``fs/``, the toolbox shims map them too, and the command
-line itself gets its ``/data/local/tmp`` and ``/sdcard`` prefixes rewritten (best
-effort; a path built at run time by the command escapes the rewriting).  A network
-namespace always needs root and raises ``RootRequired`` without it.
+When the host process is root, commands run in a private mount namespace whose root is
+a tmpfs of bind mounts of the host's top-level directories plus the phone's ``/data``,
+``/sdcard`` and ``/storage``, so device paths work exactly as on Android.  ``start()``
+builds that namespace once (``unshare -m``, held by a sleeping process) and commands
+join it with ``nsenter``; without ``start()`` each command builds its own.
+
+Without root there is no mount namespace: the sync service still maps those paths into
+``fs/``, the toolbox shims map them too, and the command line itself gets its
+``/data/local/tmp``, ``/sdcard`` and ``/storage/emulated/0`` prefixes rewritten (best
+effort: a path built at run time by the command escapes the rewriting).  Setting
+``FLOWTRUTH_LAB_MOUNTNS=0`` selects this fallback as root too.  A network namespace
+always needs root and raises ``RootRequired`` without it.
 """
 
 from __future__ import annotations
@@ -125,7 +132,7 @@ class PhoneConfig(BaseModel):
             "ro.product.cpu.abilist64": self.abi if "64" in self.abi else "",
             "ro.debuggable": "0",
             "ro.secure": "1",
-            "ro.adb.secure": "1",
+            "ro.adb.secure": "0",
             "ro.boot.verifiedbootstate": "orange",
             "ro.hardware": self.device,
             "persist.sys.timezone": self.timezone,
