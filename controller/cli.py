@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "controller.commands.ap",
     "controller.commands.campus",
     "controller.commands.ml",
+    "controller.commands.label",
 ]
 
 app = typer.Typer(

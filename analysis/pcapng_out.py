@@ -1,0 +1,421 @@
+"""Captures written back with their labels: a labelled pcapng and a filtered pcap.
+
+Both writers stream the original capture(s) record by record (constant memory: a few
+thousand records at a time), copy every record's bytes unchanged, and write to a temp
+file renamed into place, so a failed run never leaves a half-written output.
+
+* :func:`write_labelled_pcapng`: every packet of the capture, each Enhanced Packet Block
+  carrying an ``opt_comment`` that Wireshark and tshark show as ``frame.comment``, e.g.
+  ``flowtruth: app=org.thoughtcrime.securesms type=exact source=strace flow=12``,
+  ``flowtruth: app=unknown type=unlabelled flow=13``; packets in no flow (ARP, ICMP)
+  get ``flowtruth: no flow``.
+* :func:`write_filtered_pcap`: only the packets of the chosen flows, as libpcap.
+
+Packets are tied to flows by ``pkt_frame``, the record number :mod:`analysis.pcap`
+gives each usable packet record of one file; with several files (rotation) the record's
+timestamp tells apart equal record numbers of different files.
+:func:`iter_raw_records` numbers records exactly as :mod:`analysis.pcap` does.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from analysis.errors import OutputError, ParseError
+from analysis.flowtable import FlowTable
+from analysis.pcap import MAX_RECORD, PCAP_MAGICS
+
+NO_FLOW_COMMENT = "flowtruth: no flow"
+BATCH = 4096
+
+
+@dataclass(slots=True)
+class RawRecord:
+    """One packet record of a capture, its bytes as captured."""
+
+    frame: int  # record number as analysis.pcap counts it (per file)
+    linktype: int
+    ts_ns: int
+    wirelen: int
+    data: bytes
+
+
+@dataclass
+class WriteStats:
+    """What a writer wrote: packets, packets per comment or kept, and why others were not."""
+
+    packets: int = 0
+    written: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    per_comment: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str, n: int = 1) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + n
+
+
+# ----------------------------------------------------------------------------- reading
+
+def capture_kind(path: str | os.PathLike[str]) -> tuple[str, int]:
+    """(``"pcap"`` or ``"pcapng"``, nanoseconds per timestamp tick: 1 or 1000 for pcap)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as err:
+        raise ParseError(path, None, f"cannot read: {err.strerror or err}") from None
+    if head in PCAP_MAGICS:
+        return "pcap", 1 if head in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d") else 1000
+    if head == b"\x0a\x0d\x0d\x0a":
+        return "pcapng", 1
+    raise ParseError(path, 0, f"not a pcap or pcapng file (magic {head.hex()})")
+
+
+def iter_raw_records(path: str | os.PathLike[str]) -> Iterator[RawRecord]:
+    """Every usable packet record of one capture, in file order, numbered as
+    :mod:`analysis.pcap` numbers them (damage ends the iteration where the reader stops)."""
+    kind, _ = capture_kind(path)
+    with open(path, "rb") as fh:
+        if kind == "pcap":
+            yield from _pcap_records(fh)
+        else:
+            yield from _pcapng_records(fh)
+
+
+def _pcap_records(fh) -> Iterator[RawRecord]:
+    head = fh.read(24)
+    if len(head) < 24:
+        return
+    magic = head[:4]
+    endian = "<" if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
+    frac_ns = 1 if magic in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d") else 1000
+    _maj, _min, _z, _s, snaplen, network = struct.unpack(endian + "HHiIII", head[4:24])
+    linktype = network & 0x0FFFFFFF
+    limit = max(snaplen, MAX_RECORD)
+    rec = struct.Struct(endian + "IIII")
+    frame = 0
+    while True:
+        h = fh.read(16)
+        if len(h) < 16:
+            return
+        sec, frac, incl, orig = rec.unpack(h)
+        if incl > limit:
+            return
+        data = fh.read(incl)
+        if len(data) < incl:
+            return
+        yield RawRecord(frame, linktype, sec * 1_000_000_000 + frac * frac_ns, orig, data)
+        frame += 1
+
+
+def _pcapng_records(fh) -> Iterator[RawRecord]:
+    size = os.fstat(fh.fileno()).st_size
+    pos = 0
+    endian = "<"
+    ifaces: list[tuple[int, int, int]] = []  # linktype, ts_den, offset_s
+    frame = 0
+    while pos < size:
+        if size - pos < 12:
+            return
+        fh.seek(pos)
+        head = fh.read(12)
+        btype = struct.unpack(endian + "I", head[:4])[0]
+        if btype == 0x0A0D0D0A:
+            bom = head[8:12]
+            if bom == b"\x4d\x3c\x2b\x1a":
+                endian = "<"
+            elif bom == b"\x1a\x2b\x3c\x4d":
+                endian = ">"
+            else:
+                return
+            ifaces = []
+        blen = struct.unpack(endian + "I", head[4:8])[0]
+        if blen < 12 or blen % 4 or pos + blen > size:
+            return
+        if blen > 64 << 20:
+            pos += blen
+            continue
+        if btype == 1:
+            fh.seek(pos + 8)
+            body = fh.read(blen - 12)
+            if len(body) < 8:
+                return
+            lt = struct.unpack(endian + "H", body[:2])[0]
+            den, toff = 1_000_000, 0
+            p = 8
+            while p + 4 <= len(body):
+                code, ln = struct.unpack(endian + "HH", body[p:p + 4])
+                if code == 0:
+                    break
+                val = body[p + 4:p + 4 + ln]
+                if len(val) < ln:
+                    break
+                if code == 9 and ln >= 1:
+                    r = val[0]
+                    den = 1 << (r & 0x7F) if r & 0x80 else 10 ** r
+                elif code == 14 and ln >= 8:
+                    toff = struct.unpack(endian + "q", val[:8])[0]
+                p += 4 + ((ln + 3) & ~3)
+            ifaces.append((lt, den, toff))
+        elif btype in (6, 2, 3):
+            fh.seek(pos + 8)
+            if btype in (6, 2):
+                if blen < 32:
+                    pos += blen
+                    continue
+                hdr = fh.read(20)
+                if btype == 6:
+                    ifid, tsh, tsl, cap, orig = struct.unpack(endian + "IIIII", hdr)
+                else:
+                    ifid, _d, tsh, tsl, cap, orig = struct.unpack(endian + "HHIIII", hdr)
+                doff = pos + 28
+            else:
+                orig = struct.unpack(endian + "I", fh.read(4))[0]
+                ifid, tsh, tsl = 0, 0, 0
+                cap = min(orig, blen - 16)
+                doff = pos + 12
+            if ifid >= len(ifaces) or doff + cap > pos + blen - 4:
+                pos += blen
+                continue
+            lt, den, toff = ifaces[ifid]
+            raw = (tsh << 32) | tsl
+            if den == 1_000_000_000:
+                ts = raw
+            elif den == 1_000_000:
+                ts = raw * 1000
+            else:
+                ts = raw * 1_000_000_000 // den
+            ts += toff * 1_000_000_000
+            if not 0 <= ts < 1 << 63:
+                pos += blen
+                continue
+            fh.seek(doff)
+            yield RawRecord(frame, lt, ts, orig, fh.read(cap))
+            frame += 1
+        pos += blen
+
+
+def _batches(paths: Sequence[str | os.PathLike[str]]) -> Iterator[tuple[int, list[RawRecord]]]:
+    for k, p in enumerate(paths):
+        batch: list[RawRecord] = []
+        for r in iter_raw_records(p):
+            batch.append(r)
+            if len(batch) >= BATCH:
+                yield k, batch
+                batch = []
+        if batch:
+            yield k, batch
+
+
+# ----------------------------------------------------------------------------- packet -> flow
+
+class FrameIndex:
+    """Which flow each capture record belongs to (-1: none), from a table's ``pkt_frame``."""
+
+    _KEY = np.dtype([("f", "<i8"), ("t", "<i8")])
+
+    def __init__(self, table: FlowTable, n_files: int) -> None:
+        frames = table.packets["pkt_frame"].astype(np.int64)
+        flow = np.repeat(np.arange(len(table), dtype=np.int64), np.diff(table.pkt_offsets))
+        self.by_ts = n_files > 1
+        if not self.by_ts:
+            size = int(frames.max()) + 1 if len(frames) else 0
+            self.dense = np.full(size, -1, dtype=np.int64)
+            self.dense[frames] = flow
+        else:
+            keys = np.empty(len(frames), dtype=self._KEY)
+            keys["f"] = frames
+            keys["t"] = table.packets["pkt_ts_ns"]
+            order = np.argsort(keys, kind="stable")
+            self.keys = keys[order]
+            self.flow = flow[order]
+
+    def flows_of(self, records: Sequence[RawRecord]) -> np.ndarray:
+        frames = np.fromiter((r.frame for r in records), dtype=np.int64, count=len(records))
+        if not self.by_ts:
+            out = np.full(len(frames), -1, dtype=np.int64)
+            ok = frames < len(self.dense)
+            out[ok] = self.dense[frames[ok]]
+            return out
+        q = np.empty(len(records), dtype=self._KEY)
+        q["f"] = frames
+        q["t"] = np.fromiter((r.ts_ns for r in records), dtype=np.int64, count=len(records))
+        pos = np.searchsorted(self.keys, q)
+        inb = pos < len(self.keys)
+        hit = np.zeros(len(q), dtype=bool)
+        hit[inb] = self.keys[pos[inb]] == q[inb]
+        out = np.full(len(q), -1, dtype=np.int64)
+        out[hit] = self.flow[pos[hit]]
+        return out
+
+
+def flow_comments(table: FlowTable) -> list[str]:
+    """The packet comment of each flow: ``flowtruth: app=... type=... [source=...] flow=N``."""
+    lab = table.label_column("BF_label", "unknown")
+    typ = table.label_column("BF_labeling_type", "unlabelled")
+    src = table.label_column("BF_label_source")
+    cand = table.label_column("BF_candidates")
+    out = []
+    for i, (a, t, s, c) in enumerate(zip(lab.tolist(), typ.tolist(), src.tolist(),
+                                         cand.tolist(), strict=True)):
+        text = f"flowtruth: app={a or 'unknown'} type={t or 'unlabelled'}"
+        if c:
+            text += f" candidates={c}"
+        if s:
+            text += f" source={s}"
+        out.append(f"{text} flow={i}")
+    return out
+
+
+# ----------------------------------------------------------------------------- writing
+
+class _AtomicFile:
+    """A temp file beside ``path``, renamed over it on success and removed on failure."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.tmp: str | None = None
+        self.fh = None
+
+    def __enter__(self):
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            while True:
+                tmp = str(self.path.parent /
+                          f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+                try:
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                    break
+                except FileExistsError:
+                    continue
+        except OSError as err:
+            raise OutputError(f"cannot write {self.path}: {err.strerror or err}") from None
+        self.tmp = tmp
+        self.fh = os.fdopen(fd, "wb", buffering=1 << 20)
+        return self.fh
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self.fh is not None and self.tmp is not None
+        try:
+            self.fh.close()
+            if exc_type is None:
+                os.replace(self.tmp, self.path)
+                self.tmp = None
+        except OSError as err:
+            raise OutputError(f"cannot write {self.path}: {err.strerror or err}") from None
+        finally:
+            if self.tmp is not None:
+                try:
+                    os.unlink(self.tmp)
+                except OSError:
+                    pass
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+
+
+def _opt(code: int, value: bytes) -> bytes:
+    return struct.pack("<HH", code, len(value)) + value + b"\0" * (-len(value) % 4)
+
+
+def _block(btype: int, body: bytes) -> bytes:
+    n = 12 + len(body)
+    return struct.pack("<II", btype, n) + body + struct.pack("<I", n)
+
+
+def _shb() -> bytes:
+    body = struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1) + _opt(4, b"flowtruth") + _opt(0, b"")
+    return _block(0x0A0D0D0A, body)
+
+
+def _idb(linktype: int, name: str) -> bytes:
+    opts = _opt(2, name.encode("utf-8", "replace")[:256]) + _opt(9, b"\x09") + _opt(0, b"")
+    return _block(1, struct.pack("<HHI", linktype, 0, MAX_RECORD) + opts)
+
+
+def _epb(ifid: int, r: RawRecord, comment: bytes) -> bytes:
+    data = r.data
+    body = (struct.pack("<IIIII", ifid, (r.ts_ns >> 32) & 0xFFFFFFFF, r.ts_ns & 0xFFFFFFFF,
+                        len(data), r.wirelen)
+            + data + b"\0" * (-len(data) % 4) + _opt(1, comment) + _opt(0, b""))
+    return _block(6, body)
+
+
+def write_labelled_pcapng(paths: Sequence[str | os.PathLike[str]], table: FlowTable,
+                          out: str | os.PathLike[str],
+                          comments: Sequence[str] | None = None) -> WriteStats:
+    """Every packet of ``paths`` into one pcapng at ``out``, each with its flow's comment
+    (``comments[i]`` for flow i; default :func:`flow_comments`), nanosecond timestamps."""
+    comments = list(flow_comments(table) if comments is None else comments)
+    encoded = [c.encode("utf-8", "replace") for c in comments]
+    no_flow = NO_FLOW_COMMENT.encode()
+    index = FrameIndex(table, len(paths))
+    st = WriteStats()
+    counts = np.zeros(len(encoded) + 1, dtype=np.int64)
+    with _AtomicFile(out) as fh:
+        fh.write(_shb())
+        ifaces: dict[tuple[int, int], int] = {}  # (file, linktype) -> interface id
+        for k, batch in _batches(paths):
+            flows = index.flows_of(batch)
+            np.add.at(counts, flows, 1)  # -1 counts in the last slot: no flow
+            for r, f in zip(batch, flows.tolist(), strict=True):
+                ifid = ifaces.get((k, r.linktype))
+                if ifid is None:
+                    ifid = ifaces[(k, r.linktype)] = len(ifaces)
+                    fh.write(_idb(r.linktype, Path(os.fspath(paths[k])).name))
+                fh.write(_epb(ifid, r, no_flow if f < 0 else encoded[f]))
+            st.packets += len(batch)
+            st.written += len(batch)
+    st.per_comment = {NO_FLOW_COMMENT: int(counts[-1])} if counts[-1] else {}
+    for i in np.nonzero(counts[:-1])[0].tolist():
+        st.per_comment[comments[i]] = int(counts[i])
+    return st
+
+
+def write_filtered_pcap(paths: Sequence[str | os.PathLike[str]], table: FlowTable,
+                        keep: np.ndarray, out: str | os.PathLike[str]) -> WriteStats:
+    """The packets of the flows where ``keep`` is true, as one libpcap file at ``out``.
+
+    Record bytes are copied unchanged; the output keeps microsecond stamps when every
+    input is a microsecond pcap and is a nanosecond pcap otherwise. Its link type is
+    the first kept packet's; kept packets of another link type are counted as skipped.
+    """
+    keep = np.asarray(keep, dtype=bool)
+    kinds = [capture_kind(p) for p in paths]
+    micro = all(k == ("pcap", 1000) for k in kinds)
+    magic = 0xA1B2C3D4 if micro else 0xA1B23C4D
+    index = FrameIndex(table, len(paths))
+    st = WriteStats()
+    linktype: int | None = None
+    first_seen: int | None = None
+    rec = struct.Struct("<IIII")
+    with _AtomicFile(out) as fh:
+        for _k, batch in _batches(paths):
+            if first_seen is None and batch:
+                first_seen = batch[0].linktype
+            flows = index.flows_of(batch)
+            sel = flows >= 0
+            sel[sel] = keep[flows[sel]]
+            st.packets += len(batch)
+            for i in np.nonzero(sel)[0].tolist():
+                r = batch[i]
+                if linktype is None:
+                    linktype = r.linktype
+                    fh.write(struct.pack("<IHHiIII", magic, 2, 4, 0, 0, MAX_RECORD, linktype))
+                if r.linktype != linktype:
+                    st.skip(f"link type {r.linktype} differs from the output's {linktype}")
+                    continue
+                sec, frac = divmod(r.ts_ns, 1_000_000_000)
+                if micro:
+                    frac //= 1000
+                fh.write(rec.pack(sec, frac, len(r.data), r.wirelen))
+                fh.write(r.data)
+                st.written += 1
+        if linktype is None:  # nothing kept: still a valid, empty capture
+            fh.write(struct.pack("<IHHiIII", magic, 2, 4, 0, 0, MAX_RECORD,
+                                 1 if first_seen is None else first_seen))
+    return st
