@@ -30,6 +30,10 @@ from analysis.ml.features import FeatureSpec
 MODEL_KINDS = ("rf", "extratrees", "hgb", "knn", "majority")
 TASKS = ("app", "genre", "ovr")
 MODEL_FORMAT = "1"
+# Each Random Forest tree is grown on a bootstrap sample of at most this many flows:
+# identical to the textbook forest below it, and it keeps 200 trees on 100,000 flows
+# within a minute on two cores (benchmarks/bench_ml.py).
+RF_MAX_SAMPLES = 20_000
 MESSAGING = "messaging"
 OTHER = "other"
 # Encrypted messaging apps: family names (nDPI's app_family) and Android packages.
@@ -146,6 +150,9 @@ def fit_model(X: np.ndarray, y: np.ndarray, kind: str = "rf", task: str = "app",
         raise BadInputError(f"only one class ({classes[0] if classes else 'none'}) to learn",
                             hint="a classifier needs flows of at least two classes")
     est = make_estimator(kind, n_estimators, seed, n_jobs, task)
+    if kind == "rf" and len(y) > RF_MAX_SAMPLES:
+        key = "estimator__max_samples" if task == "ovr" else "max_samples"
+        est.set_params(**{key: RF_MAX_SAMPLES})
     est.fit(X, y)
     labels = [str(c) for c in est.classes_]
     return TrainedModel(est, kind, task, labels, features or FeatureSpec(),
