@@ -219,15 +219,33 @@ def test_a_killed_ingest_loses_nothing_committed_and_the_rerun_completes(shared_
     assert killed.bf_packets.sum() == fresh.bf_packets.sum()
 
 
-def test_a_dask_cluster_of_worker_processes_builds_the_same_store(mixed_dir, tmp_path, key):
+def test_a_dask_cluster_of_worker_processes_ingests_and_scores_like_one_process(
+        mixed_dir, tmp_path, key):
+    import pyarrow.parquet as pq
     from distributed import Client, LocalCluster
 
+    from analysis.campus.predict import predict_store
+    from tests.test_campus_cli import train_store_model
+
+    ingest(mixed_dir, tmp_path / "local", key, workers=1)
+    model = tmp_path / "model"
+    train_store_model(tmp_path / "local", model)
+    local_scores = predict_store(tmp_path / "local", model)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster, Client(cluster) as client:
         summary = ingest(mixed_dir, tmp_path / "dask", key, client=client)
+        scores = predict_store(tmp_path / "dask", model, client=client)
         pids = set(client.run(os.getpid).values())
     assert summary.ingested == len(MIXED) and len(pids) == 2 and os.getpid() not in pids
-    ingest(mixed_dir, tmp_path / "local", key, workers=1)
     a, b = rows(tmp_path / "dask"), rows(tmp_path / "local")
     assert list(a.flow_id) == list(b.flow_id)
     assert np.array_equal(a.bf_ip_bytes.to_numpy(), b.bf_ip_bytes.to_numpy())
+    assert scores.flows == local_scores.flows == len(a) and not scores.failed
+
+    def predictions(store):
+        t = pq.read_table(sorted(store.glob("_predictions/model=*/date=*/hour=*/*.parquet")))
+        return dict(zip(t.column("flow_id").to_pylist(), t.column("messaging_proba").to_pylist()))
+
+    assert predictions(tmp_path / "dask") == predictions(tmp_path / "local")
+    again = predict_store(tmp_path / "local", model)
+    assert again.flows == 0 and again.skipped == local_scores.parts

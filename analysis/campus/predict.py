@@ -79,6 +79,17 @@ def store_frame(arrow: Any) -> Any:
     return pd.DataFrame(out)
 
 
+def _needed_columns() -> list[str]:
+    from analysis.ml.datasets import STAT_COLUMNS
+
+    base = ["flow_id", "proto", "dst_port", "dst_ip", "first_ts_ns", "last_ts_ns"]
+    for pre in ("bf", "uf", "df"):
+        base += [f"{pre}_packets", f"{pre}_ip_bytes", f"{pre}_payload_bytes"]
+    for pre in ("uf", "df"):
+        base += [f"{pre}_first_ts_ns", f"{pre}_last_ts_ns"]
+    return base + list(STAT_COLUMNS)
+
+
 def messaging_scores(model: Any, proba: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(messaging probability, predicted app or label, its probability) per flow."""
     labels = [str(x) for x in model.labels]
@@ -126,7 +137,7 @@ def score_file(src: str, dest: str, model: Any) -> int:
 
     if isinstance(model, str):
         model = _load(model)
-    arrow = pq.read_table(src)
+    arrow = pq.read_table(src, columns=_needed_columns())
     n = arrow.num_rows
     if n:
         from analysis.ml.features import build_features
