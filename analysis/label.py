@@ -281,7 +281,7 @@ def label_capture(
 
     s_files = strace_files(strace)
     if targets is None:
-        targets = list(strace.keys()) if isinstance(strace, Mapping) else []
+        targets = [k for k in strace.keys() if k] if isinstance(strace, Mapping) else []
         if not targets:
             targets = sorted({(proc or "").split(":", 1)[0] for _, proc in s_files} - {""})
     targets = [t for t in targets if t]
@@ -392,9 +392,14 @@ def label_run(
     pcaps = [need(f, f"capture.files[{i}]") for i, f in enumerate(m.capture.files)]
     s_paths = [need(f, f"traces.strace[{i}]") for i, f in enumerate(m.traces.strace)]
     target = m.packages[0] if m.packages else None
+    # Launcher logs name their process; other logs (and directories' unnamed files)
+    # belong to the run's app.
+    from analysis.traces.strace import process_from_filename
+
     strace: dict[str, list[PathLike]] = {}
     for p in s_paths:
-        strace.setdefault(target or "", []).append(p)
+        named = p.is_dir() or process_from_filename(p) is not None
+        strace.setdefault("" if named else (target or ""), []).append(p)
     umap: dict[int, Any] = {}
     if m.traces.packages:
         from analysis.traces.uidmap import load_uid_map
