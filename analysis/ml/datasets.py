@@ -64,11 +64,12 @@ def is_background(df: Any, other_apps: bool = False) -> np.ndarray:
     """Flows without a usable app label (and, with ``other_apps``, flows of another app)."""
     app = df["app"].astype(object)
     lt = df["labeling_type"].astype(object)
-    bg = (app.isna() | app.isin(["", "unknown", "background", "None"])
-          | app.astype(str).str.startswith("uid:") | app.astype(str).str.startswith("android:")
-          | lt.isin(BACKGROUND_TYPES)).to_numpy(dtype=bool)
+    text = app.astype(str)
+    bg = np.array(app.isna() | app.isin(["", "unknown", "background", "None"])
+                  | text.str.startswith("uid:") | text.str.startswith("android:")
+                  | lt.isin(BACKGROUND_TYPES), dtype=bool)
     if other_apps:
-        bg |= (app != df["target_app"]).to_numpy(dtype=bool)
+        bg |= np.array(app != df["target_app"], dtype=bool)
     return bg
 
 
