@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
         labels_csv: Annotated[Path | None, typer.Option("--labels-csv", help="labels in the generic CSV format")] = None,
         uid_map: Annotated[Path | None, typer.Option("--uid-map", help="output of `pm list packages -U`")] = None,
         device_ip: Annotated[list[str], typer.Option("--device-ip", help="the phone's address (repeatable); default: from the manifest or the traces")] = [],  # noqa: B006
-        fmt: Annotated[LabelFormat, typer.Option("--format", help="MIRAGE layout")] = LabelFormat.mirage2019,
+        fmt: Annotated[str, typer.Option("--format", help="MIRAGE layout: mirage2019 or mirage2022")] = "mirage2019",
         out: Annotated[Path | None, typer.Option("-o", "--out", help="output directory (default RUN_DIR/labels)")] = None,
         clock_offset: Annotated[float | None, typer.Option("--clock-offset", help="phone minus AP clock, seconds (default: the manifest's, or 0)")] = None,
         target: Annotated[list[str], typer.Option("--target", help="target app(s) for filtered.pcap (default: the --strace packages)")] = [],  # noqa: B006
@@ -65,6 +65,9 @@ def register(app: typer.Typer) -> None:
         from analysis.errors import BadInputError
         from analysis.label import label_capture, label_run
 
+        if fmt not in {f.value for f in LabelFormat}:
+            raise BadInputError(f"--format {fmt}: not a MIRAGE layout",
+                                "choose mirage2019 or mirage2022")
         if idle_timeout <= 0:
             raise BadInputError("--idle-timeout must be positive")
         opts = FlowOptions(idle_timeout=idle_timeout)
@@ -72,7 +75,7 @@ def register(app: typer.Typer) -> None:
             if pcap or strace or netstat or frida or labels_csv or uid_map:
                 raise BadInputError("give either RUN_DIR or --pcap with traces, not both",
                                     "a run directory's manifest names its files")
-            result = label_run(run_dir, out_dir=out, fmt=fmt.value, device_ips=device_ip,
+            result = label_run(run_dir, out_dir=out, fmt=fmt, device_ips=device_ip,
                                clock_offset=clock_offset, flow_options=opts)
         else:
             if not pcap:
@@ -83,7 +86,7 @@ def register(app: typer.Typer) -> None:
             result = label_capture(
                 pcap, strace=parse_strace_args(strace), netstat=netstat, frida=frida,
                 labels_csv=labels_csv, uid_map=uid_map, device_ips=device_ip,
-                clock_offset=clock_offset or 0.0, targets=target or None, fmt=fmt.value,
+                clock_offset=clock_offset or 0.0, targets=target or None, fmt=fmt,
                 out_dir=out, device_model=device_model, device_mac=device_mac,
                 activity=activity, date=date, flow_options=opts)
         for w in result.warnings:
