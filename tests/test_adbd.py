@@ -228,7 +228,12 @@ def test_closing_the_stream_kills_the_command(samsung):
     conn = d.shell(f"sleep {marker}", stream=True)
     wait_until(lambda: _procs_with(f"sleep {marker}"), timeout=5)
     conn.close()
-    wait_until(lambda: not _procs_with(f"sleep {marker}"), timeout=5)
+    try:
+        wait_until(lambda: not _procs_with(f"sleep {marker}"), timeout=5)
+    except AssertionError:
+        for pid in _procs_with(f"sleep {marker}"):
+            print(pid, Path(f"/proc/{pid}/stat").read_text())
+        raise
 
 
 def test_stdin_reaches_the_command(server, samsung):
@@ -689,6 +694,31 @@ def test_streams_follow_adb_flow_control(samsung):
             assert msg.command == Command.WRTE and len(msg.data) <= 4096
             received += len(msg.data)
         assert received == 20000
+    finally:
+        host.close()
+
+
+def test_stream_closed_while_the_command_starts_leaves_nothing(samsung):
+    adbd, _ = samsung
+    host = RawHost(adbd.port)
+    markers = [f"{3000 + i}.{secrets.randbelow(10**6):06d}" for i in range(5)]
+    try:
+        for i, marker in enumerate(markers):
+            host.send(Message(Command.OPEN, 100 + i, 0, f"shell:sleep {marker}\0".encode()))
+            if i % 2:  # closed before the host learnt our id: CLSE(local, 0)
+                host.send(Message(Command.CLSE, 100 + i, 0))
+            okay = host.recv()
+            assert (okay.command, okay.arg1) == (Command.OKAY, 100 + i)
+            if not i % 2:  # closed as soon as the OKAY arrives, while the command starts
+                host.send(Message(Command.CLSE, 100 + i, okay.arg0))
+        time.sleep(1.0)  # let every spawn finish, as far as it gets
+        for marker in markers:
+            try:
+                wait_until(lambda m=marker: not _procs_with(f"sleep {m}"), timeout=5)
+            except AssertionError:
+                for pid in _procs_with(f"sleep {marker}"):
+                    print(marker, pid, Path(f"/proc/{pid}/stat").read_text()[:60])
+                raise
     finally:
         host.close()
 

@@ -48,6 +48,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from controller.errors import ControllerError, LabError
 from controller.lab.toolbox import (
@@ -311,6 +312,9 @@ class Connection:
     def route(self, msg: Message) -> None:
         """Deliver OKAY, WRTE or CLSE to the stream it names (unknown ids are ignored)."""
         stream = self.streams.get(msg.arg1)
+        if stream is None and msg.command == Command.CLSE and msg.arg1 == 0:
+            # The host closed before it learnt our id: find the stream by the host's id.
+            stream = next((x for x in self.streams.values() if x.remote_id == msg.arg0), None)
         if stream is None:
             return
         if msg.command == Command.OKAY:
@@ -319,7 +323,7 @@ class Connection:
         elif msg.command == Command.WRTE:
             stream.feed(msg.data)
         else:
-            del self.streams[msg.arg1]
+            self.streams.pop(stream.local_id, None)
             stream.closed_by_host()
 
     async def open(self, msg: Message) -> None:
@@ -360,23 +364,42 @@ def _set_pdeathsig() -> None:
     die_with_parent()
 
 
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
+def _kill_group(proc: asyncio.subprocess.Process, always: bool = False) -> None:
+    """Kill the command's whole process group (it is a session leader) if it still runs."""
+    if always or proc.returncode is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def _start_process(argv: list[str], **kwargs: Any) -> asyncio.subprocess.Process:
+    """Start a command in its own session; if the stream closes meanwhile, kill its group.
+
+    asyncio would otherwise kill only the direct child when the spawn is cancelled, and
+    the shell's children would outlive the stream.
+    """
+    spawning = asyncio.ensure_future(
+        asyncio.create_subprocess_exec(*argv, start_new_session=True, **kwargs)
+    )
+    try:
+        return await asyncio.shield(spawning)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            proc = await spawning
+            _kill_group(proc, always=True)
+            await proc.wait()
+        raise
 
 
 async def _spawn(
     adbd: EmulatedAdbd, command: str, merge_stderr: bool
 ) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        *adbd.toolbox.argv(command),
+    return await _start_process(
+        adbd.toolbox.argv(command),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT if merge_stderr else asyncio.subprocess.PIPE,
         env=adbd.toolbox.environment(),
         cwd="/",
-        start_new_session=True,
         preexec_fn=_set_pdeathsig,
     )
 
@@ -478,14 +501,13 @@ async def shell_pty(adbd: EmulatedAdbd, stream: Stream, command: str, v2: bool, 
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *adbd.toolbox.argv(command or "/bin/sh"),
+        proc = await _start_process(
+            adbd.toolbox.argv(command or "/bin/sh"),
             stdin=slave,
             stdout=slave,
             stderr=slave,
             env=env,
             cwd="/",
-            start_new_session=True,
             preexec_fn=child_setup,
         )
     except BaseException:
