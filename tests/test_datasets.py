@@ -212,8 +212,7 @@ def test_bad_inputs_are_known_errors(tmp_path) -> None:
 
 def test_feature_sets_shapes_names_and_groups(ndpi_dirs) -> None:
     from analysis.ml.datasets import load_dataset
-    from analysis.ml.features import (MISSING, FeatureSpec, build_features, feature_infos,
-                                      parse_sets)
+    from analysis.ml.features import MISSING, FeatureSpec, build_features, feature_infos, parse_sets
 
     df = load_dataset([ndpi_dirs["parquet"]]).frame
     spec = FeatureSpec(("stats", "series", "counters"), series_packets=8)

@@ -155,8 +155,11 @@ def test_kfold_keeps_sessions_apart_and_pools_every_flow(dataset):
         assert not set(sessions[tr]) & set(sessions[te])
         seen[te] += 1
     assert (seen == 1).all()
+    events: list[object] = []
     m = run_protocol(dataset, "kfold", TrainConfig(n_estimators=TREES, permutation_repeats=1),
-                     folds=4).metrics
+                     folds=4, sink=events.append).metrics
+    assert [type(e).__name__ for e in events] == ["FoldStarted", "FoldFinished"] * 4
+    assert [e.macro_f1 for e in events[1::2]] == [f["macro_f1"] for f in m["folds"]]
     for k in ("accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix", "labels"):
         assert k in m
     assert np.asarray(m["confusion_matrix"]).sum() == len(df) == m["flows"]

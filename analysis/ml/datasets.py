@@ -191,7 +191,7 @@ def from_flowtable(table: FlowTable, session: str, device: str = "unknown",
     """The dataset table of a :class:`FlowTable` (labels taken from ``table.labels``)."""
     import pandas as pd
 
-    from analysis.flowtable import SYN, ACK
+    from analysis.flowtable import ACK, SYN
 
     n = len(table)
     fl = table.flows

@@ -32,13 +32,40 @@ import numpy as np
 from analysis.errors import BadInputError
 from analysis.ml.datasets import Dataset
 from analysis.ml.features import FeatureInfo, FeatureSpec, build_features, feature_infos
-from analysis.ml.models import (DEFAULT_MESSAGING_APPS, MESSAGING, TrainedModel, fit_model,
-                                task_labels)
+from analysis.ml.models import (
+    DEFAULT_MESSAGING_APPS,
+    MESSAGING,
+    TrainedModel,
+    fit_model,
+    task_labels,
+)
 
 PROTOCOLS = ("kfold", "cross-device", "cross-activity")
 _AXIS = {"cross-device": "device", "cross-activity": "activity"}
 UPSTREAM_PAYLOAD_GROUPS = ("upstream packet_length", "upstream payload_series")
 CURVE_POINTS = 200
+
+
+@dataclass(frozen=True)
+class FoldStarted:
+    """A protocol began training one split (``index`` of ``total``)."""
+
+    protocol: str
+    index: int
+    total: int
+    description: str
+
+
+@dataclass(frozen=True)
+class FoldFinished:
+    """A split was trained and tested; its held-out scores."""
+
+    protocol: str
+    index: int
+    total: int
+    description: str
+    accuracy: float
+    macro_f1: float
 
 
 @dataclass(frozen=True)
@@ -58,14 +85,18 @@ class TrainConfig:
 # ------------------------------------------------------------------------- metrics
 
 
-def compute_metrics(y_true: Sequence[str], y_pred: Sequence[str],
+def compute_metrics(y_true: Sequence[str] | np.ndarray, y_pred: Sequence[str] | np.ndarray,
                     labels: Sequence[str] | None = None,
                     proba: np.ndarray | None = None, positive: str | None = None
                     ) -> dict[str, Any]:
     """Accuracy, macro/weighted F1, per-class precision/recall/F1, confusion matrix and,
     for two classes with probabilities, ROC and PR curves of ``positive``."""
-    from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score,
-                                 precision_recall_fscore_support)
+    from sklearn.metrics import (
+        accuracy_score,
+        confusion_matrix,
+        f1_score,
+        precision_recall_fscore_support,
+    )
 
     yt = np.asarray(y_true, dtype=object)
     yp = np.asarray(y_pred, dtype=object)
@@ -86,7 +117,7 @@ def compute_metrics(y_true: Sequence[str], y_pred: Sequence[str],
         "flows": int(len(yt)),
     }
     if proba is not None and len(labs) == 2:
-        pos = positive if positive in labs else labs[1]
+        pos = str(positive) if positive in labs else str(labs[1])
         out["binary"] = binary_curves(yt == pos, proba[:, labs.index(pos)], pos)
     elif proba is not None and len(labs) > 2:
         out["one_vs_rest_auc"] = _ovr_auc(yt, proba, labs)
@@ -95,8 +126,12 @@ def compute_metrics(y_true: Sequence[str], y_pred: Sequence[str],
 
 def binary_curves(is_pos: np.ndarray, score: np.ndarray, positive: str) -> dict[str, Any]:
     """ROC and precision-recall curves (at most CURVE_POINTS points each) and their areas."""
-    from sklearn.metrics import (average_precision_score, precision_recall_curve,
-                                 roc_auc_score, roc_curve)
+    from sklearn.metrics import (
+        average_precision_score,
+        precision_recall_curve,
+        roc_auc_score,
+        roc_curve,
+    )
 
     res: dict[str, Any] = {"positive": positive, "positives": int(is_pos.sum()),
                            "negatives": int((~is_pos).sum())}
@@ -184,10 +219,12 @@ def permutation_importance_grouped(model: TrainedModel, X: np.ndarray, y: np.nda
 
 def importance_finding(imp: dict[str, dict[str, float]]) -> dict[str, Any]:
     """Which direction and which "direction family" group rank first."""
-    top_dir = max(imp["direction"], key=imp["direction"].get)
-    ranked = sorted(imp["group"], key=imp["group"].get, reverse=True)
+    def first(d: dict[str, float]) -> str:
+        return max(d, key=lambda g: d[g])
+
+    ranked = sorted(imp["group"], key=lambda g: imp["group"][g], reverse=True)
     top = ranked[0]
-    return {"top_direction": top_dir, "top_family": max(imp["family"], key=imp["family"].get),
+    return {"top_direction": first(imp["direction"]), "top_family": first(imp["family"]),
             "top_group": top, "group_ranking": ranked,
             "upstream_payload_first": top in UPSTREAM_PAYLOAD_GROUPS}
 
@@ -299,7 +336,7 @@ def _fit(X: np.ndarray, y: np.ndarray, cfg: TrainConfig, infos: list[FeatureInfo
 
 def run_protocol(dataset: Dataset, protocol: str = "kfold", cfg: TrainConfig | None = None,
                  folds: int = 5, train: Sequence[str] = (), test: Sequence[str] = (),
-                 progress: Callable[[str], None] | None = None) -> Evaluation:
+                 sink: Callable[[object], None] | None = None) -> Evaluation:
     """Train and test ``cfg``'s model under ``protocol`` (see the module docstring)."""
     cfg = cfg or TrainConfig()
     if protocol not in PROTOCOLS:
@@ -315,7 +352,7 @@ def run_protocol(dataset: Dataset, protocol: str = "kfold", cfg: TrainConfig | N
     if len(labels) < 2:
         raise BadInputError(f"only one class ({labels[0]}) in the dataset",
                             hint="a classifier needs flows of at least two classes")
-    say = progress or (lambda _m: None)
+    emit = sink or (lambda _e: None)
     pool = _Pool(labels)
     imps = _ImportanceSum(infos)
     fold_docs: list[dict[str, Any]] = []
@@ -324,10 +361,12 @@ def run_protocol(dataset: Dataset, protocol: str = "kfold", cfg: TrainConfig | N
         sessions = df["session"].astype(str).to_numpy()
         splits = session_folds(y, sessions, folds, cfg.seed)
         for i, (tr, te) in enumerate(splits):
-            say(f"fold {i + 1}/{len(splits)}: {len(tr):,} train, {len(te):,} test flows")
-            fold_docs.append(_run_fold(X, y, tr, te, cfg, infos, pool, imps, labels,
-                                       {"fold": i, "test_sessions":
-                                        sorted(set(sessions[te].tolist()))}))
+            what = f"fold {i + 1}: {len(tr):,} train, {len(te):,} test flows"
+            emit(FoldStarted(protocol, i, len(splits), what))
+            doc = _run_fold(X, y, tr, te, cfg, infos, pool, imps, labels,
+                            {"fold": i, "test_sessions": sorted(set(sessions[te].tolist()))})
+            fold_docs.append(doc)
+            emit(FoldFinished(protocol, i, len(splits), what, doc["accuracy"], doc["macro_f1"]))
     else:
         axis = _AXIS[protocol]
         values = df[axis].astype(str).to_numpy()
@@ -348,14 +387,17 @@ def run_protocol(dataset: Dataset, protocol: str = "kfold", cfg: TrainConfig | N
                 raise BadInputError(f"one {axis} only ({names[0]}): {protocol} needs two",
                                     hint=f"load data of two or more {axis}s")
             plan = [([n for n in names if n != held], [held]) for held in names]
-        for tr_names, te_names in plan:
+        for i, (tr_names, te_names) in enumerate(plan):
             tr = np.flatnonzero(np.isin(values, tr_names))
             te = np.flatnonzero(np.isin(values, te_names))
-            say(f"train on {', '.join(tr_names)}, test on {', '.join(te_names)}")
-            fold_docs.append(_run_fold(X, y, tr, te, cfg, infos, pool, imps, labels,
-                                       {"train": tr_names, "test": te_names}))
+            what = f"train on {', '.join(tr_names)}, test on {', '.join(te_names)}"
+            emit(FoldStarted(protocol, i, len(plan), what))
+            doc = _run_fold(X, y, tr, te, cfg, infos, pool, imps, labels,
+                            {"train": tr_names, "test": te_names})
+            fold_docs.append(doc)
+            emit(FoldFinished(protocol, i, len(plan), what, doc["accuracy"], doc["macro_f1"]))
         cross = _cross_matrix(X, y, values, names, df["session"].astype(str).to_numpy(),
-                              cfg, infos, axis, say)
+                              cfg, infos, axis, emit)
     metrics = pool.metrics(_positive(cfg.task, labels))
     metrics.update({
         "task": cfg.task, "model": cfg.kind, "protocol": protocol,
@@ -383,7 +425,7 @@ def _run_fold(X, y, tr, te, cfg, infos, pool, imps, labels, doc) -> dict[str, An
             "weighted_f1": m["weighted_f1"]}
 
 
-def _cross_matrix(X, y, values, names, sessions, cfg, infos, axis, say) -> dict[str, Any]:
+def _cross_matrix(X, y, values, names, sessions, cfg, infos, axis, emit) -> dict[str, Any]:
     """Train on each group alone, test on every group (diagonal: 2-fold by session)."""
     from sklearn.metrics import accuracy_score, f1_score
 
@@ -395,7 +437,7 @@ def _cross_matrix(X, y, values, names, sessions, cfg, infos, axis, say) -> dict[
         ia = np.flatnonzero(values == na)
         if len(set(y[ia].tolist())) < 2:
             continue
-        say(f"cross matrix: train on {na}")
+        emit(FoldStarted("cross-matrix", a, k, f"train on {na} alone, test on each {axis}"))
         model = _fit(X[ia], y[ia], cfg, infos)
         for b, nb in enumerate(names):
             if a == b:
@@ -462,10 +504,10 @@ def distributions(df: Any, max_apps: int = 12) -> dict[str, Any]:
     apps = df["app"].astype(str).value_counts().index.tolist()[:max_apps]
     for app in apps:
         sub = df[df["app"].astype(str) == app]
-        sizes = np.concatenate([np.asarray(s) for s in sub["pkt_payload"]]) if len(sub) else []
-        iats = np.concatenate([np.asarray(s)[1:] for s in sub["pkt_iat"]]) if len(sub) else []
-        sizes = np.asarray(sizes, dtype=np.float64)
-        iats = np.asarray(iats, dtype=np.float64)
+        sizes = np.concatenate([np.zeros(0)] + [np.asarray(s, dtype=np.float64)
+                                                for s in sub["pkt_payload"]])
+        iats = np.concatenate([np.zeros(0)] + [np.asarray(s, dtype=np.float64)[1:]
+                                               for s in sub["pkt_iat"]])
         out["payload_bytes"][app] = _box(sizes[sizes > 0])
         out["iat_seconds"][app] = _box(iats[iats > 0])
     return out

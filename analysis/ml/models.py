@@ -18,7 +18,7 @@ import json
 import os
 import platform
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +57,11 @@ def make_estimator(kind: str = "rf", n_estimators: int = 200, seed: int = 0,
                    n_jobs: int = -1, task: str = "app") -> Any:
     """A fresh scikit-learn estimator of ``kind`` (see :data:`MODEL_KINDS`)."""
     from sklearn.dummy import DummyClassifier
-    from sklearn.ensemble import (ExtraTreesClassifier, HistGradientBoostingClassifier,
-                                  RandomForestClassifier)
+    from sklearn.ensemble import (
+        ExtraTreesClassifier,
+        HistGradientBoostingClassifier,
+        RandomForestClassifier,
+    )
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -118,7 +121,7 @@ class TrainedModel:
     train_flows: int = 0
     dataset_card: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=library_versions)
-    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(
         timespec="seconds"))
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:

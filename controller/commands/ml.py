@@ -7,20 +7,20 @@ imported inside the command bodies so that ``flowtruth --help`` stays fast.
 from __future__ import annotations
 
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 
-class Task(str, Enum):
+class Task(StrEnum):
     app = "app"
     genre = "genre"
     ovr = "ovr"
 
 
-class Model(str, Enum):
+class Model(StrEnum):
     rf = "rf"
     extratrees = "extratrees"
     hgb = "hgb"
@@ -28,13 +28,13 @@ class Model(str, Enum):
     majority = "majority"
 
 
-class Protocol(str, Enum):
+class Protocol(StrEnum):
     kfold = "kfold"
     cross_device = "cross-device"
     cross_activity = "cross-activity"
 
 
-class DatasetFormat(str, Enum):
+class DatasetFormat(StrEnum):
     mirage2022 = "mirage2022"
     parquet = "parquet"
 
@@ -84,6 +84,17 @@ def _filter(labeling_type, min_packets, keep_dns, keep_background, target_only, 
 
 def _say(msg: str) -> None:
     sys.stderr.write(f"flowtruth: {msg}\n")
+
+
+def _print_event(event: object) -> None:
+    """The CLI's sink for the protocol's typed events: one stderr line each."""
+    from analysis.ml.evaluate import FoldFinished, FoldStarted
+
+    if isinstance(event, FoldFinished):
+        _say(f"{event.protocol} {event.index + 1}/{event.total}: accuracy "
+             f"{event.accuracy:.3f}, macro-F1 {event.macro_f1:.3f}")
+    elif isinstance(event, FoldStarted):
+        _say(f"{event.protocol} {event.index + 1}/{event.total}: {event.description}")
 
 
 def _load(data, flt):
@@ -164,7 +175,7 @@ def register(app: typer.Typer) -> None:
         save_model(trained, out)
         if cv >= 2:
             _say(f"scoring with {cv}-fold cross-validation grouped by session")
-            metrics = run_protocol(ds, "kfold", cfg, folds=cv, progress=_say).metrics
+            metrics = run_protocol(ds, "kfold", cfg, folds=cv, sink=_print_event).metrics
         else:
             metrics = evaluate_model(trained, ds).metrics
         report = write_report(metrics, out, "flowtruth train")
@@ -220,7 +231,7 @@ def register(app: typer.Typer) -> None:
                           messaging_app)
             ds = _load(inputs, flt)
             metrics = run_protocol(ds, protocol.value, cfg, folds, train_on, test_on,
-                                   progress=_say).metrics
+                                   sink=_print_event).metrics
         report = write_report(metrics, out, f"flowtruth evaluate ({metrics['protocol']})")
         sys.stdout.write(f"{_headline(metrics)}\nreport in {report}\n")
 
