@@ -222,7 +222,7 @@ def _read_payloads(path: str, offs: np.ndarray, caps: np.ndarray) -> tuple[bytes
     np.cumsum(caps, out=out[1:])
     parts = []
     with open(path, "rb") as fh:
-        for o, c in zip(offs.tolist(), caps.tolist()):
+        for o, c in zip(offs.tolist(), caps.tolist(), strict=True):
             if c:
                 fh.seek(o)
                 parts.append(fh.read(c))
@@ -241,18 +241,18 @@ def iter_flow_chunks(
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    paths = [os.fspath(p) for p in paths]
+    files: list[str] = [os.fspath(p) for p in paths]
     stats = stats if stats is not None else CaptureStats()
-    asm = FlowAssembler(options, source=",".join(paths))
+    asm = FlowAssembler(options, source=",".join(files))
     done_bytes = 0
-    for path in paths:
+    for path in files:
         asm.payload_file = path
         file_stats = CaptureStats()
         for batch in P.iter_packet_batches(path, file_stats):
             yield from asm.feed(batch)
             if progress is not None:
                 progress(done_bytes + _batch_end(batch))
-        if len(paths) > 1 and asm.opt.payload:
+        if len(files) > 1 and asm.opt.payload:
             # payload offsets refer to this file: emit everything before the next one
             yield from asm.flush(final=True)
         done_bytes += os.path.getsize(path)

@@ -90,8 +90,8 @@ class CaptureStats:
         for k, v in other.skipped.items():
             self.skip(k, v)
         self.warnings.extend(other.warnings)
-        for k, v in other.linktypes.items():
-            self.linktypes[k] = self.linktypes.get(k, 0) + v
+        for lt, n in other.linktypes.items():
+            self.linktypes[lt] = self.linktypes.get(lt, 0) + n
         if other.first_ts_ns is not None:
             self.first_ts_ns = (other.first_ts_ns if self.first_ts_ns is None
                                 else min(self.first_ts_ns, other.first_ts_ns))

@@ -87,6 +87,9 @@ class _Reader:
         self.chunk_bytes = max(chunk_bytes, 1 << 16)
         self.frame = 0
 
+    def batches(self) -> Iterator[PacketBatch]:
+        raise NotImplementedError
+
     def _decode(self, buf, rec_off, caplen, wirelen, ts_ns, linktype, base_off) -> PacketBatch:
         n = len(rec_off)
         cols = np.empty((n, N_COLS), dtype=np.int64)
@@ -102,12 +105,12 @@ class _Reader:
             st.first_ts_ns = lo if st.first_ts_ns is None else min(st.first_ts_ns, lo)
             st.last_ts_ns = hi if st.last_ts_ns is None else max(st.last_ts_ns, hi)
             lts, counts = np.unique(linktype, return_counts=True)
-            for lt, c in zip(lts.tolist(), counts.tolist()):
+            for lt, c in zip(lts.tolist(), counts.tolist(), strict=True):
                 st.linktypes[lt] = st.linktypes.get(lt, 0) + c
             status = cols[:, C_STATUS]
             if status.any():
                 codes, counts = np.unique(status[status != 0], return_counts=True)
-                for code, c in zip(codes.tolist(), counts.tolist()):
+                for code, c in zip(codes.tolist(), counts.tolist(), strict=True):
                     reason = SKIP_REASONS[code]
                     if code == 1:
                         lt_bad = np.unique(linktype[status == 1])

@@ -12,8 +12,21 @@ from analysis import pcap as P
 from analysis.assemble import FlowOptions, iter_flow_chunks, read_flows
 from analysis.errors import ParseError
 from analysis.flowtable import CaptureStats, FlowTable
-from tests.pcapgen import (ACK, SYN, Iface, Pkt, ether, make_ip, make_tcp, make_udp, null_loop,
-                           sll, sll2, write_pcap, write_pcapng)
+from tests.pcapgen import (
+    ACK,
+    SYN,
+    Iface,
+    Pkt,
+    ether,
+    make_ip,
+    make_tcp,
+    make_udp,
+    null_loop,
+    sll,
+    sll2,
+    write_pcap,
+    write_pcapng,
+)
 
 
 def _batch_cols(path):

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 
-class FlowFormat(str, Enum):
+class FlowFormat(StrEnum):
     mirage2019 = "mirage2019"
     mirage2022 = "mirage2022"
     parquet = "parquet"
@@ -72,8 +72,13 @@ class _progress:
         self.total = total
 
     def __enter__(self):
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TimeRemainingColumn,
-                                   TransferSpeedColumn)
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
 
         self.bar = Progress("[progress.description]{task.description}", BarColumn(),
                             DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
