@@ -37,6 +37,7 @@ from analysis.errors import BadInputError, FlowtruthError
 from analysis.flowtable import SYN, ACK, CaptureStats, EndReason, FlowTable
 
 from .anonymise import CryptoPAn, anonymise_table, load_key
+from .join import bucket_of
 from .parquet_out import PartWriter, flows_arrow, pending_arrow
 from .store import PENDING, FileRecord, Store, file_id, partition_dir
 
@@ -60,6 +61,8 @@ class FileIngested:
     packets: int
     flows: int
     seconds: float
+    worker_pid: int = 0
+    worker_peak_rss_kb: int = 0  # the worker process's peak resident set so far
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,7 @@ class IngestTask:
 
 @dataclass
 class FileResult:
+    path: str
     status: str  # "ingested", "duplicate" or "failed"
     record: FileRecord | None
     staged: str | None
@@ -132,6 +136,8 @@ class FileResult:
     seconds: float = 0.0
     sha256: str = ""
     reason: str = ""
+    pid: int = 0
+    peak_rss_kb: int = 0
 
 
 _CPAN: dict[str, CryptoPAn] = {}  # per worker process: key file -> anonymiser (and its cache)
@@ -191,9 +197,10 @@ def run_task(task: IngestTask) -> FileResult:
     try:
         return ingest_file(task)
     except FlowtruthError as err:
-        return FileResult("failed", None, None, reason=err.one_line())
+        return FileResult(task.path, "failed", None, None, reason=err.one_line())
     except OSError as err:
-        return FileResult("failed", None, None, reason=f"{task.path}: {err.strerror or err}")
+        return FileResult(task.path, "failed", None, None,
+                          reason=f"{task.path}: {err.strerror or err}")
 
 
 def ingest_file(task: IngestTask) -> FileResult:
@@ -202,7 +209,8 @@ def ingest_file(task: IngestTask) -> FileResult:
     st = os.stat(task.path)
     sha = sha256_file(task.path)
     if sha in task.known_sha256:
-        return FileResult("duplicate", None, None, seconds=time.perf_counter() - t0, sha256=sha)
+        return FileResult(task.path, "duplicate", None, None, seconds=time.perf_counter() - t0,
+                          sha256=sha)
     cpan = _anonymiser(task.key_file)
     store = Store(task.store)
     fid = file_id(sha)
@@ -212,7 +220,7 @@ def ingest_file(task: IngestTask) -> FileResult:
     file_start = _file_start(task.path)
     stats = CaptureStats()
     parts = PartWriter(staged)
-    pending_rel = f"{PENDING}/{fid}.parquet"
+    pending_rel = f"{PENDING}/{fid}"
     n_flows = 0
     try:
         for chunk in iter_flow_chunks(task.path, task.options, stats):
@@ -224,8 +232,13 @@ def ingest_file(task: IngestTask) -> FileResult:
                 pend = cut_s | cut_e
                 if pend.any():
                     idx = np.flatnonzero(pend)
-                    parts.write(pending_rel, pending_arrow(chunk.take(idx), sha, cut_s[idx],
-                                                           cut_e[idx]))
+                    pieces = chunk.take(idx)
+                    arrow_p = pending_arrow(pieces, sha, cut_s[idx], cut_e[idx])
+                    buckets = bucket_of(pieces.flows)
+                    for b in np.unique(buckets).tolist():
+                        sel = buckets == b
+                        parts.write(f"{pending_rel}/b{b:02d}.parquet",
+                                    arrow_p if sel.all() else arrow_p.filter(sel))
                     keep = np.flatnonzero(~pend)
                     chunk = chunk.take(keep)
                     cut_s, cut_e = cut_s[keep], cut_e[keep]
@@ -245,10 +258,14 @@ def ingest_file(task: IngestTask) -> FileResult:
         sha256=sha, path=task.path, size=st.st_size, mtime_ns=st.st_mtime_ns,
         sequence=task.sequence, first_ts_ns=stats.first_ts_ns, last_ts_ns=stats.last_ts_ns,
         packets=stats.packets, flows=n_flows,
-        parts=tuple(sorted(r for r in rows if r != pending_rel)),
-        pending=pending_rel if pending_rel in rows else None, ingested_at=time.time())
-    return FileResult("ingested", record, str(staged), dict(stats.skipped), list(stats.warnings),
-                      time.perf_counter() - t0, sha)
+        parts=tuple(sorted(r for r in rows if not r.startswith(pending_rel + "/"))),
+        pending=pending_rel if any(r.startswith(pending_rel + "/") for r in rows) else None,
+        ingested_at=time.time())
+    import resource
+
+    return FileResult(task.path, "ingested", record, str(staged), dict(stats.skipped), list(stats.warnings),
+                      time.perf_counter() - t0, sha, pid=os.getpid(),
+                      peak_rss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 # -- the coordinator --------------------------------------------------------------------
@@ -287,36 +304,63 @@ def _check_key(store: Store, key_file: str) -> None:
                             "the same key must be used for every file of a store")
 
 
-def _run_local(tasks: list[IngestTask], workers: int) -> Iterator[tuple[IngestTask, Any]]:
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+class Runner:
+    """Runs tasks in this process, a local process pool or on a Dask cluster.
 
-    if workers <= 1:
-        for t in tasks:
-            yield t, run_task(t)
-        return
-    ctx = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = {pool.submit(run_task, t): t for t in tasks}
-        try:
-            for fut in as_completed(futures):
-                yield futures[fut], fut.result()
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
+    ``run(fn, items)`` yields ``fn(item)`` as each finishes. The local pool forks from
+    this process after the heavy imports are done, so workers start at once.
+    """
+
+    def __init__(self, workers: int = 1, client: Any = None) -> None:
+        self.client = client
+        self.pool = None
+        if client is None and workers > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            _warm_imports()
+            self.pool = ProcessPoolExecutor(max_workers=workers,
+                                            mp_context=multiprocessing.get_context("fork"))
+
+    def run(self, fn: Callable, items: list) -> Iterator:
+        if self.client is not None:
+            from distributed import as_completed
+
+            futures = self.client.map(fn, items, pure=False)
+            try:
+                for fut in as_completed(futures):
+                    yield fut.result()
+            except BaseException:
+                self.client.cancel(futures)
+                raise
+        elif self.pool is not None:
+            from concurrent.futures import as_completed as done
+
+            futs = [self.pool.submit(fn, item) for item in items]
+            try:
+                for fut in done(futs):
+                    yield fut.result()
+            except BaseException:
+                for f in futs:
+                    f.cancel()
+                raise
+        else:
+            for item in items:
+                yield fn(item)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
 
 
-def _run_dask(tasks: list[IngestTask], client: Any) -> Iterator[tuple[IngestTask, Any]]:
-    from distributed import as_completed
+def _warm_imports() -> None:
+    """Import what every task needs before forking workers (pyarrow pulls in pandas)."""
+    import pyarrow as pa
+    import pyarrow.parquet  # noqa: F401
+    from cryptography.hazmat.primitives.ciphers import Cipher  # noqa: F401
 
-    futures = {client.submit(run_task, t, pure=False): t for t in tasks}
-    try:
-        for fut in as_completed(list(futures)):
-            yield futures[fut], fut.result()
-    except BaseException:
-        client.cancel(list(futures))
-        raise
+    pa.array(np.zeros(1))
 
 
 def ingest(
@@ -351,7 +395,6 @@ def ingest(
     records = store.records()
     by_path = {(r.path, r.size, r.mtime_ns) for r in records}
     known = frozenset(r.sha256 for r in records)
-    summary = IngestSummary(files=len(files))
     tasks = []
     already = 0
     for p in files:
@@ -363,12 +406,25 @@ def ingest(
         tasks.append(IngestTask(ap, str(store.root.resolve()), key_file, str(p.resolve().parent),
                                 options, join, known))
     sizes = {t.path: os.path.getsize(t.path) for t in tasks}
-    emit(IngestStarted(len(files), sum(sizes.values()), already))
+    runner = Runner(workers if tasks else 1, client)
+    try:
+        return _ingest(store, tasks, sizes, len(files), already, known, runner, join, sink,
+                       options, emit, t0)
+    finally:
+        runner.close()
+
+
+def _ingest(store: Store, tasks: list[IngestTask], sizes: dict[str, int], n_files: int,
+            already: int, known: frozenset[str], runner: Runner, join: bool, sink: Any,
+            options: FlowOptions, emit: Callable[[object], None], t0: float) -> IngestSummary:
+    summary = IngestSummary(files=n_files)
+    emit(IngestStarted(n_files, sum(sizes.values()), already))
     summary.skipped = already
     touched: set[str] = set()
-    runner = _run_dask(tasks, client) if client is not None else _run_local(tasks, workers)
     seen_sha: set[str] = set(known)
-    for task, res in runner:
+    by_path = {t.path: t for t in tasks}
+    for res in runner.run(run_task, tasks):
+        task = by_path[res.path]
         size = sizes[task.path]
         if res.status == "failed":
             summary.failed.append((task.path, res.reason))
@@ -394,11 +450,13 @@ def ingest(
         summary.flows += rec.flows
         summary.bytes += size
         summary.warnings.extend(f"{task.path}: {w}" for w in res.warnings)
-        emit(FileIngested(task.path, size, rec.packets, rec.flows, res.seconds))
+        emit(FileIngested(task.path, size, rec.packets, rec.flows, res.seconds, res.pid,
+                          res.peak_rss_kb))
     if join and touched:
         from .join import join_sequences
 
-        pieces, flows, written = join_sequences(store, touched, options.idle_timeout)
+        pieces, flows, written = join_sequences(store, touched, options.idle_timeout,
+                                                runner.run)
         summary.joined_flows = flows
         if sink is not None:
             sink.write_parts(store, written)

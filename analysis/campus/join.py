@@ -5,44 +5,64 @@ order: a piece that may continue an earlier flow is joined to the open flow of t
 previous file with the same 5-tuple (either orientation) when the gap is at most
 ``idle_timeout``. Joined flows get their counters and MIRAGE statistics recomputed
 from the pieces' packets, so they equal what one uninterrupted capture would give.
-The result replaces the sequence's ``bnd-<seq>.parquet`` files in each partition
-(atomic renames; a flow's partition is the hour of its first packet, which joining
-never changes). Refolding from the pieces makes the step idempotent and lets files
-arrive in any order.
+Pieces are kept in 16 buckets by a hash of their 5-tuple, so the buckets are folded
+independently, in parallel workers. A bucket's result replaces that bucket's
+``bnd-<seq>-bNN.parquet`` files in each partition (atomic renames; a flow's partition
+is the hour of its first packet, which joining never changes; a flow lives in one
+bucket only, so no flow is ever shown twice). Refolding from the pieces makes the step
+idempotent and lets files arrive in any order.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from analysis import _fast
 from analysis.flowtable import FIN, FLOW_FIELDS, PACKET_FIELDS, RST, EndReason, FlowTable
 
-from .parquet_out import flows_arrow, pending_table
-from .store import FileRecord, Store, partition_dir
+from .parquet_out import flows_arrow, pending_table, write_atomic
+from .store import STAGING, FileRecord, Store, partition_dir
 
 HOUR_NS = 3_600_000_000_000
+N_BUCKETS = 16
 
 
 def sequence_id(sequence: str) -> str:
     return hashlib.sha256(sequence.encode()).hexdigest()[:16]
 
 
-def _load(store: Store, rec: FileRecord):
+def _load(store: Store, rec: FileRecord, bucket: int):
     import pyarrow.parquet as pq
 
     if not rec.pending:
         return None
-    return pending_table(pq.read_table(store.root / rec.pending))
+    path = store.root / rec.pending / f"b{bucket:02d}.parquet"
+    if not path.is_file():
+        return None
+    return pending_table(pq.read_table(path))
 
 
-def _ukey(fl: dict[str, np.ndarray], i: int) -> tuple[tuple, tuple, tuple]:
-    a = (fl["src_addr"][i].tobytes(), int(fl["src_port"][i]))
-    b = (fl["dst_addr"][i].tobytes(), int(fl["dst_port"][i]))
-    return (int(fl["ip_version"][i]), int(fl["proto"][i]), min(a, b), max(a, b)), a, b
+def _ukeys(fl: dict[str, np.ndarray]) -> tuple[list[bytes], list[bytes]]:
+    """Direction-agnostic 5-tuple keys and the source endpoint of each piece, as bytes."""
+    n = len(fl["proto"])
+    a = np.zeros((n, 18), dtype=np.uint8)
+    b = np.zeros((n, 18), dtype=np.uint8)
+    a[:, :16], b[:, :16] = fl["src_addr"], fl["dst_addr"]
+    a[:, 16:] = fl["src_port"].astype(">u2").view(np.uint8).reshape(n, 2)
+    b[:, 16:] = fl["dst_port"].astype(">u2").view(np.uint8).reshape(n, 2)
+    av, bv = a.view("S18").ravel(), b.view("S18").ravel()
+    swap = av > bv
+    key = np.zeros((n, 38), dtype=np.uint8)
+    key[:, 0], key[:, 1] = fl["ip_version"], fl["proto"]
+    key[:, 2:20] = np.where(swap[:, None], b, a)
+    key[:, 20:38] = np.where(swap[:, None], a, b)
+    return [bytes(k) for k in key], [bytes(x) for x in a]
 
 
 def fold_sequence(records: list[FileRecord], tables: list, idle_ns: int):
@@ -66,12 +86,16 @@ def fold_sequence(records: list[FileRecord], tables: list, idle_ns: int):
         if loaded is not None:
             table, cut_s, cut_e = loaded
             fl = table.flows
+            keys, srcs = _ukeys(fl)
+            first_ts = fl["first_ts_ns"].tolist()
+            last_ts = fl["last_ts_ns"].tolist()
+            cut_s, cut_e = cut_s.tolist(), cut_e.tolist()
             for i in np.argsort(fl["first_ts_ns"], kind="stable").tolist():
-                key, a, _b = _ukey(fl, i)
+                key, a = keys[i], srcs[i]
                 chain = None
                 if cut_s[i]:
                     cand = carry.get(key)
-                    if cand is not None and int(fl["first_ts_ns"][i]) - cand["last"] <= idle_ns:
+                    if cand is not None and first_ts[i] - cand["last"] <= idle_ns:
                         chain = carry.pop(key)
                 if chain is None:
                     over = carry.pop(key, None)
@@ -79,10 +103,10 @@ def fold_sequence(records: list[FileRecord], tables: list, idle_ns: int):
                         over["cut_end"] = False
                         over["idle"] = True
                     chain = {"pieces": [], "src": a, "last": 0,
-                             "cut_start": bool(cut_s[i]) and not adjacent_prev}
+                             "cut_start": cut_s[i] and not adjacent_prev}
                     chains.append(chain)
                 chain["pieces"].append((k, i, a != chain["src"]))
-                chain["last"] = max(chain["last"], int(fl["last_ts_ns"][i]))
+                chain["last"] = max(chain["last"], last_ts[i])
                 chain["cut_end"] = False
                 if cut_e[i]:
                     old = carry.pop(key, None)
@@ -97,47 +121,46 @@ def fold_sequence(records: list[FileRecord], tables: list, idle_ns: int):
 
 def build_table(chains: list[dict], tables: list) -> tuple[FlowTable, np.ndarray, np.ndarray,
                                                             np.ndarray]:
-    """One FlowTable of the joined chains, counters and statistics recomputed."""
+    """One FlowTable of the joined chains, counters and statistics recomputed (vectorised)."""
     F = len(chains)
+    present = [t[0] if t is not None else FlowTable.empty() for t in tables]
+    base = np.zeros(len(present) + 1, dtype=np.int64)
+    np.cumsum([len(t) for t in present], out=base[1:])
+    allp = FlowTable.concat(present) if F else FlowTable.empty()
+    n_pieces = np.fromiter((len(c["pieces"]) for c in chains), dtype=np.int64, count=F)
+    flat = [p for c in chains for p in c["pieces"]]
+    g = np.fromiter((base[k] + i for k, i, _ in flat), dtype=np.int64, count=len(flat))
+    flip = np.fromiter((f for _, _, f in flat), dtype=bool, count=len(flat))
+    pieces = allp.take(g)  # pieces in chain order, packets grouped by piece
+    plen = np.diff(pieces.pkt_offsets)
+    cstart = np.zeros(F, dtype=np.int64)  # index of each chain's first piece
+    if F:
+        np.cumsum(n_pieces[:-1], out=cstart[1:])
+    clast = cstart + n_pieces - 1
+    offsets = pieces.pkt_offsets[np.append(cstart, len(flat))].astype(np.int64)
+    packets = dict(pieces.packets)
+    pflip = np.repeat(flip, plen)
+    packets["pkt_dir"] = np.where(pflip, 1 - packets["pkt_dir"], packets["pkt_dir"]).astype(
+        PACKET_FIELDS["pkt_dir"])
+    pf = pieces.flows
     flows: dict[str, np.ndarray] = {}
     for name, dt in FLOW_FIELDS.items():
         shape = (F, dt[1]) if isinstance(dt, tuple) else (F,)
         flows[name] = np.zeros(shape, dtype=dt[0] if isinstance(dt, tuple) else dt)
-    pk_parts: dict[str, list[np.ndarray]] = {name: [] for name in PACKET_FIELDS}
-    offsets = np.zeros(F + 1, dtype=np.int64)
-    total = 0
-    for f, chain in enumerate(chains):
-        k0, i0, _ = chain["pieces"][0]
-        first = tables[k0][0]
-        for name in ("ip_version", "src_addr", "dst_addr", "src_port", "dst_port", "proto",
-                     "first_ts_ns"):
-            flows[name][f] = first.flows[name][i0]
-        mss = [np.nan, np.nan]
-        ws = [np.nan, np.nan]
-        for k, i, flip in chain["pieces"]:
-            t = tables[k][0]
-            sl = t.packet_slice(i)
-            for name in PACKET_FIELDS:
-                v = t.packets[name][sl]
-                if name == "pkt_dir" and flip:
-                    v = (1 - v).astype(v.dtype)
-                pk_parts[name].append(v)
-            total += sl.stop - sl.start
-            for d, col in ((0, "uf"), (1, "df")):
-                dd = 1 - d if flip else d
-                m, w = t.flows[f"{col}_mss"][i], t.flows[f"{col}_ws"][i]
-                if np.isnan(mss[dd]) and not np.isnan(m):
-                    mss[dd] = m
-                if np.isnan(ws[dd]) and not np.isnan(w):
-                    ws[dd] = w
-            flows["end_reason"][f] = t.flows["end_reason"][i]
-        if chain.get("idle"):
-            flows["end_reason"][f] = EndReason.IDLE
-        flows["uf_mss"][f], flows["df_mss"][f] = mss
-        flows["uf_ws"][f], flows["df_ws"][f] = ws
-        offsets[f + 1] = total
-    packets = {name: (np.concatenate(parts) if parts else np.zeros(0, PACKET_FIELDS[name]))
-               .astype(PACKET_FIELDS[name]) for name, parts in pk_parts.items()}
+    for name in ("ip_version", "src_addr", "dst_addr", "src_port", "dst_port", "proto",
+                 "first_ts_ns"):
+        flows[name] = pf[name][cstart]
+    flows["end_reason"] = pf["end_reason"][clast].copy()
+    idle = np.fromiter((bool(c.get("idle")) for c in chains), dtype=bool, count=F)
+    flows["end_reason"][idle] = EndReason.IDLE
+    big = np.iinfo(np.int64).max
+    pos = np.arange(len(flat), dtype=np.int64)
+    for col in ("mss", "ws"):
+        up = np.where(flip, pf[f"df_{col}"], pf[f"uf_{col}"])
+        down = np.where(flip, pf[f"uf_{col}"], pf[f"df_{col}"])
+        for name, v in ((f"uf_{col}", up), (f"df_{col}", down)):
+            first = np.minimum.reduceat(np.where(np.isnan(v), big, pos), cstart) if F else pos
+            flows[name] = np.where(first < big, v[np.minimum(first, max(len(v) - 1, 0))], np.nan)
     i64 = np.int64
     ts = packets["pkt_ts_ns"].astype(i64)
     dirs = packets["pkt_dir"].astype(i64)
@@ -154,59 +177,144 @@ def build_table(chains: list[dict], tables: list) -> tuple[FlowTable, np.ndarray
             flows[name] = ct[:, j].copy()
         flows["last_ts_ns"] = np.maximum(ct[:, 1], ct[:, 3])
         flows["stats"] = _fast.features(ts, dirs, iplen, offsets)
-    _tcp_end_reasons(flows, packets, offsets, [len(c["pieces"]) for c in chains])
+        _tcp_end_reasons(flows, packets, offsets, n_pieces)
     table = FlowTable(flows, packets, offsets)
-    cut_s = np.array([c["cut_start"] for c in chains], dtype=bool)
-    cut_e = np.array([c["cut_end"] for c in chains], dtype=bool)
-    pieces = np.array([len(c["pieces"]) for c in chains], dtype=np.int32)
-    return table, cut_s, cut_e, pieces
+    cut_s = np.fromiter((c["cut_start"] for c in chains), dtype=bool, count=F)
+    cut_e = np.fromiter((c["cut_end"] for c in chains), dtype=bool, count=F)
+    return table, cut_s, cut_e, n_pieces.astype(np.int32)
 
 
 def _tcp_end_reasons(flows: dict[str, np.ndarray], packets: dict[str, np.ndarray],
-                     offsets: np.ndarray, n_pieces: list[int]) -> None:
+                     offsets: np.ndarray, n_pieces: np.ndarray) -> None:
     """A joined TCP flow open at its last piece's end but closed by FIN both ways or RST
     across its pieces ended that way (each piece alone saw only part of the close)."""
     flags = packets["pkt_tcp_flags"]
     dirs = packets["pkt_dir"]
-    for f, n in enumerate(n_pieces):
-        if n < 2 or flows["proto"][f] != 6 or flows["end_reason"][f] != EndReason.EOF:
-            continue
-        fl = flags[offsets[f]:offsets[f + 1]]
-        dr = dirs[offsets[f]:offsets[f + 1]]
-        if (fl & RST).any():
-            flows["end_reason"][f] = EndReason.RST
-        elif ((fl & FIN) != 0)[dr == 0].any() and ((fl & FIN) != 0)[dr == 1].any():
-            flows["end_reason"][f] = EndReason.FIN
+    starts = offsets[:-1]
+    rst = np.add.reduceat((flags & RST) != 0, starts) > 0
+    fin = (flags & FIN) != 0
+    fin_up = np.add.reduceat(fin & (dirs == 0), starts) > 0
+    fin_down = np.add.reduceat(fin & (dirs == 1), starts) > 0
+    open_ = (n_pieces > 1) & (flows["proto"] == 6) & (flows["end_reason"] == EndReason.EOF)
+    flows["end_reason"][open_ & rst] = EndReason.RST
+    flows["end_reason"][open_ & ~rst & fin_up & fin_down] = EndReason.FIN
 
 
-def join_sequences(store: Store, sequences: Iterable[str], idle_timeout: float
-                   ) -> tuple[int, int, list[str]]:
-    """Refold the boundary pieces of the given sequences: (pieces, flows, files written)."""
+def bucket_of(fl: dict[str, np.ndarray]) -> np.ndarray:
+    """Join bucket (0..N_BUCKETS-1) of each piece: a hash of its direction-agnostic 5-tuple.
+
+    Pieces of one flow always share a bucket, so buckets are joined independently (in
+    parallel) and each bucket's output file replaces only its own earlier version.
+    """
+    n = len(fl["proto"])
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    keys, _ = _ukeys(fl)
+    arr = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(n, 38).astype(np.uint64)
+    weights = (np.arange(1, 39, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    h = (arr * weights).sum(axis=1, dtype=np.uint64)
+    h ^= h >> np.uint64(29)
+    return (h % np.uint64(N_BUCKETS)).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class JoinTask:
+    """One bucket of one rotation sequence (picklable, runs in a worker)."""
+
+    store: str
+    sequence: str
+    records: tuple[FileRecord, ...]  # the sequence's files in time order
+    bucket: int
+    idle_ns: int
+
+
+@dataclass
+class JoinResult:
+    task: JoinTask
+    staged: str | None
+    files: tuple[str, ...]  # relative paths of the bucket's new files
+    pieces: int
+    flows: int
+
+
+def join_bucket(task: JoinTask) -> JoinResult:
+    """Fold one bucket's pieces and stage its ``bnd-<seq>-bNN.parquet`` files."""
+    import secrets
+
+    store = Store(task.store)
+    recs = list(task.records)
+    tables = [_load(store, r, task.bucket) for r in recs]
+    chains = fold_sequence(recs, tables, task.idle_ns)
+    if not chains:
+        return JoinResult(task, None, (), 0, 0)
+    sid = sequence_id(task.sequence)
+    table, cut_s, cut_e, pieces = build_table(chains, tables)
+    import pyarrow as pa
+
+    # a chain keeps the checksum of the file holding its first piece
+    sha = [recs[c["pieces"][0][0]].sha256 for c in chains]
+    arrow = flows_arrow(table, "", cut_s, cut_e, pieces)
+    arrow = arrow.set_column(arrow.schema.get_field_index("source_sha256"), "source_sha256",
+                             pa.array(sha, type=pa.string()))
+    staged = store.root / STAGING / f"join-{sid}-b{task.bucket:02d}-{secrets.token_hex(4)}"
+    hours = table.flows["first_ts_ns"] // HOUR_NS
+    files = []
+    for h in np.unique(hours).tolist():
+        rel = f"{partition_dir(h)}/{bnd_name(sid, task.bucket)}"
+        write_atomic(arrow.filter(hours == h), staged / rel)
+        files.append(rel)
+    return JoinResult(task, str(staged), tuple(files), int(pieces.sum()), len(table))
+
+
+def bnd_name(sid: str, bucket: int) -> str:
+    return f"bnd-{sid}-b{bucket:02d}.parquet"
+
+
+def join_tasks(store: Store, sequences: Iterable[str], idle_timeout: float) -> list[JoinTask]:
+    """Every (sequence, bucket) task of a join pass."""
     idle_ns = int(idle_timeout * 1e9)
     records = store.records()
+    out = []
+    for seq in sorted(set(sequences)):
+        recs = tuple(sorted((r for r in records if r.sequence == seq),
+                            key=lambda r: (r.first_ts_ns is None, r.first_ts_ns or 0, r.path)))
+        out.extend(JoinTask(str(store.root), seq, recs, b, idle_ns) for b in range(N_BUCKETS))
+    return out
+
+
+def commit_join(store: Store, res: JoinResult) -> list[str]:
+    """Rename a bucket's staged files into place and drop its stale ones."""
+    import shutil
+
+    sid = sequence_id(res.task.sequence)
+    name = bnd_name(sid, res.task.bucket)
+    keep = set(res.files)
+    for rel in res.files:
+        dest = store.root / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(Path(res.staged) / rel, dest)  # type: ignore[arg-type]
+    for old in store.root.glob(f"date=*/hour=*/{name}"):
+        if str(old.relative_to(store.root)) not in keep:
+            old.unlink(missing_ok=True)
+    if res.staged:
+        shutil.rmtree(res.staged, ignore_errors=True)
+    return list(res.files)
+
+
+def join_sequences(store: Store, sequences: Iterable[str], idle_timeout: float,
+                   run: Callable[[Callable, list], Iterable] | None = None
+                   ) -> tuple[int, int, list[str]]:
+    """Refold the boundary pieces of the given sequences: (pieces, flows, files written).
+
+    ``run(fn, tasks)`` yields ``fn(task)`` for each task, in any order (worker processes,
+    a Dask cluster); by default the buckets are joined here, one after the other.
+    """
+    tasks = join_tasks(store, sequences, idle_timeout)
+    results = run(join_bucket, tasks) if run is not None else map(join_bucket, tasks)
     n_pieces = n_flows = 0
     written: list[str] = []
-    for seq in sorted(set(sequences)):
-        recs = sorted((r for r in records if r.sequence == seq),
-                      key=lambda r: (r.first_ts_ns is None, r.first_ts_ns or 0, r.path))
-        tables = [_load(store, r) for r in recs]
-        chains = fold_sequence(recs, tables, idle_ns)
-        n_pieces += sum(len(c["pieces"]) for c in chains)
-        sid = sequence_id(seq)
-        files = {}
-        if chains:
-            table, cut_s, cut_e, pieces = build_table(chains, tables)
-            # a chain keeps the checksum of the file holding its first piece
-            sha = [recs[c["pieces"][0][0]].sha256 for c in chains]
-            arrow = flows_arrow(table, "", cut_s, cut_e, pieces)
-            import pyarrow as pa
-
-            arrow = arrow.set_column(arrow.schema.get_field_index("source_sha256"),
-                                     "source_sha256", pa.array(sha, type=pa.string()))
-            hours = table.flows["first_ts_ns"] // HOUR_NS
-            for h in np.unique(hours).tolist():
-                files[f"{partition_dir(h)}/bnd-{sid}.parquet"] = arrow.filter(hours == h)
-            n_flows += len(table)
-        store.replace_files(files, f"date=*/hour=*/bnd-{sid}.parquet")
-        written.extend(files)
+    for res in results:
+        written.extend(commit_join(store, res))
+        n_pieces += res.pieces
+        n_flows += res.flows
     return n_pieces, n_flows, written

@@ -23,6 +23,8 @@ from analysis.parquet_io import stat_column_names
 
 SCALAR_FIELDS = [k for k, v in FLOW_FIELDS.items() if not isinstance(v, tuple)
                  and k not in ("ip_version", "src_port", "dst_port", "proto")]
+# what joining needs of a piece's packets (statistics, counters, TCP close)
+PENDING_PACKET_FIELDS = ("pkt_ts_ns", "pkt_dir", "pkt_ip_len", "pkt_payload_len", "pkt_tcp_flags")
 WRITE_OPTIONS = {"compression": "lz4", "use_dictionary": ["src_ip", "dst_ip", "source_sha256"],
                  "write_statistics": ["first_ts_ns", "last_ts_ns", "flow_id"]}
 
@@ -91,7 +93,7 @@ def pending_arrow(table: FlowTable, source_sha256: str, cut_at_start: np.ndarray
         else:
             cols[name] = pa.array(fl[name])
     offsets = pa.array(np.asarray(table.pkt_offsets, dtype=np.int64))
-    for name in PACKET_FIELDS:
+    for name in PENDING_PACKET_FIELDS:
         cols[name] = pa.LargeListArray.from_arrays(offsets, pa.array(table.packets[name]))
     cols["source_sha256"] = pa.array([source_sha256] * len(table), type=pa.string())
     cols["cut_at_start"] = pa.array(np.asarray(cut_at_start, dtype=bool))
@@ -117,7 +119,7 @@ def pending_table(arrow: Any) -> tuple[FlowTable, np.ndarray, np.ndarray]:
             flows[name] = arrow.column(name).to_numpy().astype(dt, copy=True)
     packets = {}
     offsets = np.zeros(n + 1, dtype=np.int64)
-    for k, name in enumerate(PACKET_FIELDS):
+    for k, name in enumerate(PENDING_PACKET_FIELDS):
         col = arrow.column(name)
         arr = col.chunk(0) if col.num_chunks else None
         if arr is None or n == 0:
@@ -127,6 +129,9 @@ def pending_table(arrow: Any) -> tuple[FlowTable, np.ndarray, np.ndarray]:
         packets[name] = arr.values.to_numpy().astype(PACKET_FIELDS[name])[offs[0]:offs[-1]]
         if k == 0:
             offsets = offs - offs[0]
+    for name, dt in PACKET_FIELDS.items():  # not needed to join: zeros
+        if name not in packets:
+            packets[name] = np.zeros(int(offsets[-1]), dtype=dt)
     table = FlowTable(flows, packets, offsets)
     return (table, arrow.column("cut_at_start").to_numpy(zero_copy_only=False).astype(bool),
             arrow.column("cut_at_end").to_numpy(zero_copy_only=False).astype(bool))

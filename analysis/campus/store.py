@@ -4,9 +4,10 @@ Layout of a store directory::
 
     manifest.sqlite                          one row per ingested input file
     date=YYYY-MM-DD/hour=HH/part-<id>.parquet  the finished flows of one input file
-    date=YYYY-MM-DD/hour=HH/bnd-<seq>.parquet  boundary flows of one rotation sequence,
+    date=YYYY-MM-DD/hour=HH/bnd-<seq>-bNN.parquet  boundary flows of one rotation sequence,
                                              joined across file boundaries
-    _pending/<id>.parquet                    boundary pieces with their packet series
+    _pending/<id>/bNN.parquet                boundary pieces with their packet series,
+                                             in 16 buckets by 5-tuple hash
     _staging/                                work in progress; cleared by every run
 
 Every file appears by an atomic rename, so a reader never sees half a part file, and a
@@ -159,7 +160,10 @@ class Store:
                 os.replace(staged / rel, dest)
             if rec.pending:
                 (self.root / PENDING).mkdir(exist_ok=True)
-                os.replace(staged / rec.pending, self.root / rec.pending)
+                dest = self.root / rec.pending
+                if dest.exists():  # left by a run that died before its manifest row
+                    shutil.rmtree(dest)
+                os.replace(staged / rec.pending, dest)
         except OSError as err:
             raise OutputError(f"cannot commit into {self.root}: {err.strerror or err}") from err
         with closing(self._db()) as con, con:

@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""Campus ingest throughput: packets/s per worker with 1 and 2 workers, peak RSS per worker.
+
+Input: a header-only (snap length 128), rotated version of the 1M-packet benchmark
+capture, built once into benchmarks/data/campus_bench_<N>/ (N rotated files). Each run
+ingests every file into a fresh store (checksums, flows with MIRAGE statistics,
+Crypto-PAn, Parquet parts, the commit and the rotation join all count) and reports
+
+  wall time, packets/s in total and per worker, and each worker's peak RSS
+  (ru_maxrss, reported by the worker itself).
+
+Memory bounded regardless of file size: the same capture rotated into 2 and into 8
+files gives each worker 4x more packets per file; peak RSS should not grow with it.
+
+    .venv/bin/python benchmarks/bench_campus.py [--pcap PATH] [--pieces 8] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHARED = REPO.parent / "shared"
+DEFAULT_PCAP = REPO / "benchmarks" / "data" / "bench_1m.pcap"
+
+
+def rotated(src: Path, pieces: int) -> Path:
+    from analysis.campus.pcaptools import split_pcap
+
+    out = src.parent / f"campus_bench_{pieces}"
+    if not (out / "done").exists():
+        split_pcap(src, out, pieces, basename="campus", snaplen=128)
+        (out / "done").write_text("")
+    return out
+
+
+def run(caps: Path, workers: int, key: Path) -> dict:
+    from analysis.campus.ingest import FileIngested, ingest
+
+    rss: dict[int, int] = {}
+
+    def events(ev: object) -> None:
+        if isinstance(ev, FileIngested):
+            rss[ev.worker_pid] = max(rss.get(ev.worker_pid, 0), ev.worker_peak_rss_kb)
+
+    with tempfile.TemporaryDirectory(dir=REPO / "benchmarks" / "data") as tmp:
+        t0 = time.perf_counter()
+        s = ingest(caps, Path(tmp) / "store", key, workers=workers, events=events)
+        wall = time.perf_counter() - t0
+    return {"wall": wall, "packets": s.packets, "flows": s.flows, "rss_mb": max(rss.values()) / 1024,
+            "joined": s.joined_flows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pcap", type=Path, default=DEFAULT_PCAP)
+    ap.add_argument("--pieces", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    if not args.pcap.exists():
+        args.pcap.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, str(SHARED / "tools" / "make_bench_pcap.py"),
+                        str(SHARED / "data" / "ndpi_pcaps"), str(args.pcap)], check=True)
+    from analysis.campus.anonymise import generate_key
+
+    with tempfile.TemporaryDirectory() as kd:
+        key = Path(kd) / "campus.key"
+        generate_key(key)
+        caps = rotated(args.pcap, args.pieces)
+        results = {}
+        for workers in (1, 2):
+            runs = [run(caps, workers, key) for _ in range(args.repeat)]
+            wall = statistics.median(r["wall"] for r in runs)
+            r = runs[0]
+            pps = r["packets"] / wall
+            results[workers] = pps
+            print(f"{workers} worker(s), {args.pieces} files: {r['packets']:,} packets, "
+                  f"{r['flows']:,} flows ({r['joined']:,} boundary flows after joining) in "
+                  f"{wall:.2f} s = {pps:,.0f} packets/s, {pps / workers:,.0f} per worker; "
+                  f"peak RSS per worker {max(x['rss_mb'] for x in runs):.0f} MB")
+        print(f"speed-up with 2 workers: {results[2] / results[1]:.2f}x")
+        big = rotated(args.pcap, 2)
+        r = run(big, 2, key)
+        print(f"memory check, 2 files of {r['packets'] // 2:,} packets: peak RSS per worker "
+              f"{r['rss_mb']:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
