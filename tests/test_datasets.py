@@ -241,3 +241,32 @@ def test_feature_sets_shapes_names_and_groups(ndpi_dirs) -> None:
     assert parse_sets("all") == ("stats", "series", "counters")
     with pytest.raises(BadInputError, match="sni"):
         parse_sets("stats,sni")
+
+
+def test_original_2022_and_2024_layouts_take_device_and_app_from_the_right_place(tmp_path):
+    """MIRAGE-2022 folders are app folders (device from BF_device); 2024 file names carry the
+    MAC before the package; BF_sublabel ``pkg:process`` gives the package."""
+    from analysis.ml.datasets import DatasetFilter, load_dataset
+    from analysis.pipeline import export_flows
+
+    src = tmp_path / "x.json"
+    export_flows([PCAPS / "signal.pcap"], src, "mirage2022", label="org.thoughtcrime.securesms",
+                 device_mac="aa:bb:cc:dd:ee:ff", activity="chat")
+    obj = json.loads(src.read_text())
+    for rec in obj.values():
+        rec["flow_metadata"]["BF_sublabel"] = "org.thoughtcrime.securesms:remote"
+    suffix = "mirage2020dataset_labeled_biflows_all_packets_encryption_metadata.json"
+    f22 = tmp_path / "Raw_JSON" / "Signal" / f"1619019338_org.thoughtcrime.securesms_{suffix}"
+    f24 = tmp_path / "AppAct" / "Signal" / \
+        f"1670836390_aa:bb:cc:dd:ee:ff_org.thoughtcrime.securesms_{suffix}"
+    for f in (f22, f24):
+        f.parent.mkdir(parents=True)
+        f.write_text(json.dumps(obj))
+    flt = DatasetFilter(drop_dns=False)
+    for f in (f22, f24):
+        df = load_dataset([f], flt).frame
+        assert len(df) == 18
+        assert (df["device"] == "aa:bb:cc:dd:ee:ff").all()
+        assert (df["app"] == "org.thoughtcrime.securesms").all()
+        assert (df["target_app"] == "org.thoughtcrime.securesms").all()
+        assert (df["activity"] == "chat").all()

@@ -57,8 +57,9 @@ def test_dataset_ndpi_writes_labelled_mirage_files(ndpi_mirage, capsys, tmp_path
 
 def test_train_writes_model_metrics_and_report(genre_model):
     names = {p.name for p in genre_model.iterdir()}
-    assert {"model.json", "model.skops", "metrics.json", "report.html",
+    assert {"model.json", "model.skops", "metrics.json", "report.html", "dataset_card.json",
             "confusion_matrix.png", "roc_pr.png"} <= names
+    assert "nDPI's opinion" in (genre_model / "report.html").read_text()
     m = json.loads((genre_model / "metrics.json").read_text())
     assert all(k in m for k in KEYS)
     assert m["labels"] == ["messaging", "other"] and m["protocol"] == "kfold"

@@ -252,6 +252,10 @@ def render_html(m: dict[str, Any], plots: list[tuple[str, Path]], title: str) ->
             f"{m.get('flows', 0):,} test flows.</p>")
     if m.get("warning"):
         head += f"<p class=warn>{esc(m['warning'])}</p>"
+    if "ndpi" in m.get("dataset", {}).get("per_labeling_type", {}):
+        head += ("<p class=warn>Labels of type <code>ndpi</code> are nDPI's per-flow verdicts: "
+                 "nDPI's opinion (e.g. Telegram recognised by IP address), not ground truth."
+                 "</p>")
     summary = _table([[f"{m['accuracy']:.3f}", f"{m['macro_f1']:.3f}", f"{m['weighted_f1']:.3f}"]
                       + ([f"{m['binary']['roc']['auc']:.3f}"] if "roc" in m.get("binary", {})
                          else [])],

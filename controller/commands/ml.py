@@ -155,6 +155,7 @@ def register(app: typer.Typer) -> None:
         seed: SeedOpt = 0,
     ) -> None:
         """Train a classifier on labelled flows; writes the model, metrics.json and a report."""
+        from analysis.ml.datasets import write_card
         from analysis.ml.evaluate import evaluate_model, run_protocol
         from analysis.ml.features import build_features, feature_infos
         from analysis.ml.models import fit_model, save_model, task_labels
@@ -179,6 +180,7 @@ def register(app: typer.Typer) -> None:
         else:
             metrics = evaluate_model(trained, ds).metrics
         report = write_report(metrics, out, "flowtruth train")
+        write_card(card, out)
         sys.stdout.write(f"{_headline(metrics)}\nmodel and report in {out} ({report.name})\n")
 
     @app.command("evaluate")
@@ -211,6 +213,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Test a trained model on DATA, or run a protocol (kfold, cross-device, cross-activity)."""
         from analysis.errors import BadInputError
+        from analysis.ml.datasets import write_card
         from analysis.ml.evaluate import evaluate_model, run_protocol
         from analysis.ml.models import load_model
         from analysis.ml.report import write_report
@@ -233,6 +236,7 @@ def register(app: typer.Typer) -> None:
             metrics = run_protocol(ds, protocol.value, cfg, folds, train_on, test_on,
                                    sink=_print_event).metrics
         report = write_report(metrics, out, f"flowtruth evaluate ({metrics['protocol']})")
+        write_card(ds.card(), out)
         sys.stdout.write(f"{_headline(metrics)}\nreport in {report}\n")
 
     @app.command("predict")
