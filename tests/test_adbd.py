@@ -325,6 +325,12 @@ def test_su_gives_root_identity(samsung):
     assert d.shell("su 0 id") == root
     assert d.shell(["su", "-c", "whoami; id -u"]).split()[0] == "root"
     assert d.root().strip() == "adbd cannot run as root in production builds"
+    for service, answer in (("unroot:", "adbd not running as root"), ("reboot:", "reboot refused")):
+        with d.open_transport() as c:
+            c.send_command(service)
+            c.check_okay()
+            assert c.read_until_close().startswith(answer)
+    assert d.shell("echo not rebooted") == "not rebooted"
 
 
 # --------------------------------------------------------------------------- files
