@@ -298,8 +298,13 @@ def _run_lab(tmp: Path) -> LabRun:
         phone, ap = lab.add("ph"), lab.add("ap")
         lab.veth(phone, "p0", ap, "a0", [f"{PHONE_V4}/24", f"{PHONE_V6}/64"],
                  [f"{AP_V4}/24", f"{AP_V6}/64"])
+        # Resolve the neighbours first: a SYN queued behind a lost first ARP request
+        # leaves a second later, which would blur the clock residual this test checks.
+        for addr in (AP_V4, AP_V6):
+            phone.run([BUSYBOX, "ping", "-c", "1", "-W", "3", addr], timeout=10)
         pcap = tmp / "capture.pcap"
         dump = lab.tcpdump(ap, "a0", pcap)
+        phone.run([BUSYBOX, "ping", "-c", "1", "-W", "3", AP_V4], timeout=10)  # in no flow
         srv = ap.popen([sys.executable, "-c", SERVER, json.dumps(
             {"v4": AP_V4, "v6": AP_V6, "tcp": [ports["t0"], ports["t1"], ports["t2"]],
              "udp": [ports["u0"], ports["u1"]]})], stdout=subprocess.PIPE, text=True)
@@ -592,3 +597,21 @@ def test_netns_cli_and_run_dir_and_labels_csv_give_the_same_labels(lab_run, labe
     assert len(rows) == len(labelled_flows)
     assert [got[i] for i in labelled_flows] == [want[i] for i in labelled_flows]
     assert np.all(again.table.label_column("BF_label_source")[labelled_flows] == "csv")
+
+
+def test_netns_lab_removes_everything_even_after_a_failure() -> None:
+    """The helper's cleanup: namespaces (with their veths) and every process inside go,
+    also when the test body raises."""
+    with pytest.raises(RuntimeError, match="boom"), NetnsLab("ftx") as lab:
+        a, b = lab.add("a"), lab.add("b")
+        lab.veth(a, "x0", b, "y0", ["10.98.0.1/30"], ["10.98.0.2/30"])
+        sleeper = a.popen(["sleep", "60"])
+        stray = subprocess.Popen(["ip", "netns", "exec", b.name, "sleep", "60"])
+        time.sleep(0.2)
+        assert a.pids() == [sleeper.pid]
+        names = [a.name, b.name]
+        raise RuntimeError("boom")
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(n in listed for n in names)
+    assert sleeper.poll() is not None
+    assert stray.wait(timeout=5) is not None
