@@ -116,10 +116,14 @@ def test_no_clear_address_survives_anywhere_in_the_store(mixed_dir, tmp_path, ke
     assert any(":" in a for a in text)  # IPv6 is covered too
     seen_strings: set[str] = set()
     seen_binary: set[bytes] = set()
-    files = list(store.rglob("*.parquet"))
+    files = list(store.rglob("*.parquet")) + list(store.rglob("*.arrow"))
     assert any("_pending" in str(f) for f in files) and any("/hour=" in str(f) for f in files)
     for f in files:
-        tbl = pq.read_table(f)
+        if f.suffix == ".arrow":
+            with pa.memory_map(str(f)) as src:
+                tbl = pa.ipc.open_file(src).read_all()
+        else:
+            tbl = pq.read_table(f)
         for col in tbl.columns:
             if pa.types.is_string(col.type):
                 seen_strings |= {v for v in col.to_pylist() if v is not None}

@@ -237,7 +237,7 @@ def ingest_file(task: IngestTask) -> FileResult:
                     buckets = bucket_of(pieces.flows)
                     for b in np.unique(buckets).tolist():
                         sel = buckets == b
-                        parts.write(f"{pending_rel}/b{b:02d}.parquet",
+                        parts.write(f"{pending_rel}/b{b:02d}.arrow",
                                     arrow_p if sel.all() else arrow_p.filter(sel))
                     keep = np.flatnonzero(~pend)
                     chunk = chunk.take(keep)

@@ -5,7 +5,7 @@ order: a piece that may continue an earlier flow is joined to the open flow of t
 previous file with the same 5-tuple (either orientation) when the gap is at most
 ``idle_timeout``. Joined flows get their counters and MIRAGE statistics recomputed
 from the pieces' packets, so they equal what one uninterrupted capture would give.
-Pieces are kept in 16 buckets by a hash of their 5-tuple, so the buckets are folded
+Pieces are kept in 8 buckets by a hash of their 5-tuple, so the buckets are folded
 independently, in parallel workers. A bucket's result replaces that bucket's
 ``bnd-<seq>-bNN.parquet`` files in each partition (atomic renames; a flow's partition
 is the hour of its first packet, which joining never changes; a flow lives in one
@@ -30,7 +30,7 @@ from .parquet_out import flows_arrow, pending_table, write_atomic
 from .store import STAGING, FileRecord, Store, partition_dir
 
 HOUR_NS = 3_600_000_000_000
-N_BUCKETS = 16
+N_BUCKETS = 8
 
 
 def sequence_id(sequence: str) -> str:
@@ -38,14 +38,15 @@ def sequence_id(sequence: str) -> str:
 
 
 def _load(store: Store, rec: FileRecord, bucket: int):
-    import pyarrow.parquet as pq
+    import pyarrow as pa
 
     if not rec.pending:
         return None
-    path = store.root / rec.pending / f"b{bucket:02d}.parquet"
+    path = store.root / rec.pending / f"b{bucket:02d}.arrow"
     if not path.is_file():
         return None
-    return pending_table(pq.read_table(path))
+    with pa.memory_map(str(path)) as src:
+        return pending_table(pa.ipc.open_file(src).read_all())
 
 
 def _ukeys(fl: dict[str, np.ndarray]) -> tuple[list[bytes], list[bytes]]:

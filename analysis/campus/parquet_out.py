@@ -175,7 +175,12 @@ class PartWriter:
         if w is None:
             path = self.root / rel
             path.parent.mkdir(parents=True, exist_ok=True)
-            w = pq.ParquetWriter(path, arrow.schema, **_options(arrow))
+            if rel.endswith(".arrow"):  # scratch data read back once: Arrow IPC, no encoding
+                import pyarrow as pa
+
+                w = pa.ipc.new_file(str(path), arrow.schema)
+            else:
+                w = pq.ParquetWriter(path, arrow.schema, **_options(arrow))
             self.writers[rel] = w
             self.rows[rel] = 0
         w.write_table(arrow)

@@ -6,8 +6,8 @@ Layout of a store directory::
     date=YYYY-MM-DD/hour=HH/part-<id>.parquet  the finished flows of one input file
     date=YYYY-MM-DD/hour=HH/bnd-<seq>-bNN.parquet  boundary flows of one rotation sequence,
                                              joined across file boundaries
-    _pending/<id>/bNN.parquet                boundary pieces with their packet series,
-                                             in 16 buckets by 5-tuple hash
+    _pending/<id>/bNN.arrow                  boundary pieces with their packet series
+                                             (Arrow IPC), in 8 buckets by 5-tuple hash
     _staging/                                work in progress; cleared by every run
 
 Every file appears by an atomic rename, so a reader never sees half a part file, and a
