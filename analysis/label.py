@@ -31,6 +31,7 @@ import ipaddress
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -127,10 +128,10 @@ def _stats_dict(st: ParseStats, files: list[str]) -> dict[str, Any]:
             "skipped": dict(st.skipped), "other": dict(st.other)}
 
 
-def _parse_one(kind: str, path: Path, it_fn: Callable[[ParseStats], Iterable[Any]],
+def _parse_one(kind: str, path: Path, it_fn: Callable[..., Iterable[Any]],
                stats: dict[str, ParseStats], warnings: list[str]) -> ObservationSet:
     st = ParseStats()
-    obs = ObservationSet.from_observations(it_fn(st))
+    obs = ObservationSet.from_observations(it_fn(stats=st))
     if st.lines and not st.parsed:
         warnings.append(f"{path}: nothing usable in {kind} input ({st.summary()})")
     elif st.n_skipped:
@@ -163,15 +164,17 @@ def collect(
     sets = []
     for p, proc in strace:
         files.setdefault("strace", []).append(str(p))
-        sets.append(_parse_one("strace", p, lambda st, p=p, proc=proc: iter_socket_observations(
-            p, process=proc, date=date, utc_offset=utc_offset, stats=st), stats, warnings))
-    for kind, paths, fn in (("netstat", netstat, iter_netstat_observations),
-                            ("frida", frida, iter_frida_events),
-                            ("csv", labels_csv, iter_csv_labels)):
-        for p in paths:
-            p = _exists(p, f"{kind} file")
-            files.setdefault(kind, []).append(str(p))
-            sets.append(_parse_one(kind, p, lambda st, p=p, fn=fn: fn(p, st), stats, warnings))
+        sets.append(_parse_one("strace", p, partial(
+            iter_socket_observations, p, process=proc, date=date, utc_offset=utc_offset),
+            stats, warnings))
+    parsers: tuple[tuple[str, Sequence[PathLike], Callable[..., Iterable[Any]]], ...] = (
+        ("netstat", netstat, iter_netstat_observations), ("frida", frida, iter_frida_events),
+        ("csv", labels_csv, iter_csv_labels))
+    for kind, paths, fn in parsers:
+        for name in paths:
+            q = _exists(name, f"{kind} file")
+            files.setdefault(kind, []).append(str(q))
+            sets.append(_parse_one(kind, q, partial(fn, q), stats, warnings))
     return ObservationSet.concat(sets), stats, files, warnings
 
 

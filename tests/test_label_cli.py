@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from analysis.errors import BadInputError, ParseError, SchemaError
-from analysis.flowtable import ACK, FIN, PSH, SYN
+from analysis.flowtable import ACK, FIN, PSH
 from analysis.runinfo import load_manifest
 from tests.pcapgen import Conv, Pkt, ether, write_pcap, write_pcapng
 

@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 
 from device_scripts import script_path
-from tests.netns import Netns, NetnsLab, netns_skip_reason
+from tests.netns import NetnsLab, netns_skip_reason
 
 REPO = Path(__file__).resolve().parents[1]
 STRACE = shutil.which("strace") or "/usr/bin/strace"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -13,7 +13,7 @@ import typer
 _PACKAGE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.]*(:[A-Za-z0-9_.\-]+)?$")
 
 
-class LabelFormat(str, Enum):
+class LabelFormat(StrEnum):
     mirage2019 = "mirage2019"
     mirage2022 = "mirage2022"
 
