@@ -26,7 +26,7 @@ import numpy as np
 from analysis import _fast
 from analysis.flowtable import FIN, FLOW_FIELDS, PACKET_FIELDS, RST, EndReason, FlowTable
 
-from .parquet_out import flows_arrow, pending_table, write_atomic
+from .parquet_out import flat_name, flows_arrow, pending_table, write_atomic
 from .store import STAGING, FileRecord, Store, partition_dir
 
 HOUR_NS = 3_600_000_000_000
@@ -262,7 +262,7 @@ def join_bucket(task: JoinTask) -> JoinResult:
     files = []
     for h in np.unique(hours).tolist():
         rel = f"{partition_dir(h)}/{bnd_name(sid, task.bucket)}"
-        write_atomic(arrow.filter(hours == h), staged / rel)
+        write_atomic(arrow.filter(hours == h), staged / flat_name(rel))
         files.append(rel)
     return JoinResult(task, str(staged), tuple(files), int(pieces.sum()), len(table))
 
@@ -293,7 +293,7 @@ def commit_join(store: Store, res: JoinResult) -> list[str]:
     for rel in res.files:
         dest = store.root / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(Path(res.staged) / rel, dest)  # type: ignore[arg-type]
+        os.replace(Path(res.staged) / flat_name(rel), dest)  # type: ignore[arg-type]
     for old in store.root.glob(f"date=*/hour=*/{name}"):
         if str(old.relative_to(store.root)) not in keep:
             old.unlink(missing_ok=True)

@@ -160,6 +160,11 @@ def _options(arrow: Any) -> dict[str, Any]:
             "write_statistics": [c for c in WRITE_OPTIONS["write_statistics"] if c in names]}
 
 
+def flat_name(rel: str) -> str:
+    """A staged file's name: its store path with ``/`` as ``~`` (one flat staging dir)."""
+    return rel.replace("/", "~")
+
+
 class PartWriter:
     """Streams row groups into one Parquet file per partition (rename happens at commit)."""
 
@@ -173,7 +178,7 @@ class PartWriter:
 
         w = self.writers.get(rel)
         if w is None:
-            path = self.root / rel
+            path = self.root / flat_name(rel)
             path.parent.mkdir(parents=True, exist_ok=True)
             if rel.endswith(".arrow"):  # scratch data read back once: Arrow IPC, no encoding
                 import pyarrow as pa
