@@ -238,6 +238,7 @@ class Tool:
 
 
 def tool_getprop(t: Tool) -> int:
+    """``getprop`` lists ``[key]: [value]`` lines; ``getprop KEY [DEFAULT]`` prints one value."""
     props: dict[str, str] = t.state().get("props", {})
     args = [a for a in t.args if not a.startswith("-")]
     if not args:
@@ -250,6 +251,7 @@ def tool_getprop(t: Tool) -> int:
 
 
 def tool_setprop(t: Tool) -> int:
+    """``setprop KEY VALUE`` (``ro.*`` only as root)."""
     if len(t.args) != 2:
         print("usage: setprop NAME VALUE", file=t.err)
         return 1
@@ -270,6 +272,7 @@ def _apk_path(name: str) -> str:
 
 
 def tool_pm(t: Tool) -> int:
+    """``pm list packages [-f -3 -s -U --show-versioncode] [FILTER]``, ``pm path``, ``pm clear``."""
     args = list(t.args)
     if not args:
         print("usage: pm [list|path|dump] ...", file=t.err)
@@ -349,6 +352,7 @@ def _resolve_component(component: str) -> tuple[str, str]:
 
 
 def tool_am(t: Tool) -> int:
+    """``am start [-W] -n PKG/.Activity``, ``am force-stop PKG``."""
     args = list(t.args)
     if not args:
         print("usage: am [start|force-stop|kill] ...", file=t.err)
@@ -506,6 +510,7 @@ _INPUT_ARITY = {"tap": 2, "swipe": 4, "draganddrop": 4, "press": 0, "roll": 2}
 
 
 def tool_input(t: Tool) -> int:
+    """``input [SOURCE] tap|swipe|text|keyevent|...``: appended to the phone's input log."""
     args = list(t.args)
     if args and args[0] in _INPUT_SOURCES:
         args.pop(0)
@@ -575,6 +580,7 @@ def _map_device_path(state_dir: str, path: str) -> str:
 
 
 def tool_uiautomator(t: Tool) -> int:
+    """``uiautomator dump [FILE]``: the foreground app's screen as uiautomator XML."""
     args = list(t.args)
     if not args or args[0] != "dump":
         print("Usage: uiautomator <subcommand> [options]", file=t.err)
@@ -602,6 +608,7 @@ def tool_uiautomator(t: Tool) -> int:
 
 
 def tool_dumpsys(t: Tool) -> int:
+    """``dumpsys battery|package PKG|window|activity top|activities|power``."""
     args = list(t.args)
     service = args[0] if args else ""
     state = t.state()
@@ -665,6 +672,7 @@ def tool_dumpsys(t: Tool) -> int:
 
 
 def tool_settings(t: Tool) -> int:
+    """``settings get|put|delete|list global|secure|system [KEY [VALUE]]``."""
     args = [a for a in t.args if a not in ("--user", "current", "0")]
     if len(args) < 2 or args[1] not in ("global", "secure", "system"):
         print("usage:  settings [--user <USER_ID> | current] get namespace key", file=t.err)
@@ -699,11 +707,13 @@ def tool_settings(t: Tool) -> int:
 
 
 def tool_id(t: Tool) -> int:
+    """``id``: the shell's identity, or root's under ``su``."""
     print(ROOT_ID if t.is_root else SHELL_ID, file=t.out)
     return 0
 
 
 def tool_whoami(t: Tool) -> int:
+    """``whoami``: shell, or root under ``su``."""
     print("root" if t.is_root else "shell", file=t.out)
     return 0
 
@@ -716,6 +726,7 @@ def _netns_of(pid: str) -> str | None:
 
 
 def tool_pidof(t: Tool) -> int:
+    """``pidof NAME...``: simulated apps' pids plus real processes in this network namespace."""
     names = [a for a in t.args if not a.startswith("-")]
     if not names:
         return 1
@@ -745,6 +756,7 @@ def tool_pidof(t: Tool) -> int:
 
 
 def tool_date(t: Tool) -> int:
+    """``date``: the host's clock plus the phone's offset (``date +%s.%N`` and friends)."""
     args = list(t.args)
     if any(
         a in ("-d", "--date", "-r", "--reference") or a.startswith(("--date=", "-d")) for a in args
@@ -759,6 +771,7 @@ def tool_date(t: Tool) -> int:
 
 
 def tool_wm(t: Tool) -> int:
+    """``wm size``, ``wm density``."""
     display = t.state().get("display", {})
     if t.args[:1] == ["size"]:
         print(
@@ -857,11 +870,13 @@ def tool_screencap(t: Tool) -> int:
 
 
 def tool_getenforce(t: Tool) -> int:
+    """``getenforce``: SELinux is enforcing, as on a retail phone."""
     print("Enforcing", file=t.out)
     return 0
 
 
 def tool_cmd(t: Tool) -> int:
+    """``cmd package|activity|settings|input ...``: the same tools under their service names."""
     args = list(t.args)
     if not args:
         print("cmd: No service specified; use -l to list all running services.", file=t.err)
