@@ -162,43 +162,53 @@ def build_table(chains: list[dict], tables: list) -> tuple[FlowTable, np.ndarray
         for name, v in ((f"uf_{col}", up), (f"df_{col}", down)):
             first = np.minimum.reduceat(np.where(np.isnan(v), big, pos), cstart) if F else pos
             flows[name] = np.where(first < big, v[np.minimum(first, max(len(v) - 1, 0))], np.nan)
-    i64 = np.int64
-    ts = packets["pkt_ts_ns"].astype(i64)
-    dirs = packets["pkt_dir"].astype(i64)
-    iplen = packets["pkt_ip_len"].astype(i64)
-    paylen = packets["pkt_payload_len"].astype(i64)
-    if F:
-        ci, ct = _fast.counters(offsets, dirs, ts, iplen, paylen)
-        for j, name in enumerate(("bf_packets", "uf_packets", "df_packets", "bf_ip_bytes",
-                                  "uf_ip_bytes", "df_ip_bytes", "bf_payload_bytes",
-                                  "uf_payload_bytes", "df_payload_bytes")):
-            flows[name] = ci[:, j].copy()
-        for j, name in enumerate(("uf_first_ts_ns", "uf_last_ts_ns", "df_first_ts_ns",
-                                  "df_last_ts_ns")):
-            flows[name] = ct[:, j].copy()
-        flows["last_ts_ns"] = np.maximum(ct[:, 1], ct[:, 3])
-        flows["stats"] = _fast.features(ts, dirs, iplen, offsets)
-        _tcp_end_reasons(flows, packets, offsets, n_pieces)
+    # one-piece chains keep what their worker computed; joined ones are recomputed
+    kept = ("bf_packets", "uf_packets", "df_packets", "bf_ip_bytes", "uf_ip_bytes",
+            "df_ip_bytes", "bf_payload_bytes", "uf_payload_bytes", "df_payload_bytes",
+            "uf_first_ts_ns", "uf_last_ts_ns", "df_first_ts_ns", "df_last_ts_ns", "last_ts_ns",
+            "stats")
+    for name in kept:
+        flows[name] = pf[name][cstart].copy()
+    multi = np.flatnonzero(n_pieces > 1)
+    if len(multi):
+        starts = offsets[multi]
+        lens = offsets[multi + 1] - starts
+        sub = np.zeros(len(multi) + 1, dtype=np.int64)
+        np.cumsum(lens, out=sub[1:])
+        idx = np.repeat(starts - sub[:-1], lens) + np.arange(sub[-1], dtype=np.int64)
+        i64 = np.int64
+        ts = packets["pkt_ts_ns"][idx].astype(i64)
+        dirs = packets["pkt_dir"][idx].astype(i64)
+        iplen = packets["pkt_ip_len"][idx].astype(i64)
+        paylen = packets["pkt_payload_len"][idx].astype(i64)
+        ci, ct = _fast.counters(sub, dirs, ts, iplen, paylen)
+        for j, name in enumerate(kept[:9]):
+            flows[name][multi] = ci[:, j]
+        for j, name in enumerate(kept[9:13]):
+            flows[name][multi] = ct[:, j]
+        flows["last_ts_ns"][multi] = np.maximum(ct[:, 1], ct[:, 3])
+        flows["stats"][multi] = _fast.features(ts, dirs, iplen, sub)
+        _tcp_end_reasons(flows, multi, packets["pkt_tcp_flags"][idx], dirs, sub)
     table = FlowTable(flows, packets, offsets)
     cut_s = np.fromiter((c["cut_start"] for c in chains), dtype=bool, count=F)
     cut_e = np.fromiter((c["cut_end"] for c in chains), dtype=bool, count=F)
     return table, cut_s, cut_e, n_pieces.astype(np.int32)
 
 
-def _tcp_end_reasons(flows: dict[str, np.ndarray], packets: dict[str, np.ndarray],
-                     offsets: np.ndarray, n_pieces: np.ndarray) -> None:
+def _tcp_end_reasons(flows: dict[str, np.ndarray], multi: np.ndarray, flags: np.ndarray,
+                     dirs: np.ndarray, offsets: np.ndarray) -> None:
     """A joined TCP flow open at its last piece's end but closed by FIN both ways or RST
     across its pieces ended that way (each piece alone saw only part of the close)."""
-    flags = packets["pkt_tcp_flags"]
-    dirs = packets["pkt_dir"]
     starts = offsets[:-1]
     rst = np.add.reduceat((flags & RST) != 0, starts) > 0
     fin = (flags & FIN) != 0
     fin_up = np.add.reduceat(fin & (dirs == 0), starts) > 0
     fin_down = np.add.reduceat(fin & (dirs == 1), starts) > 0
-    open_ = (n_pieces > 1) & (flows["proto"] == 6) & (flows["end_reason"] == EndReason.EOF)
-    flows["end_reason"][open_ & rst] = EndReason.RST
-    flows["end_reason"][open_ & ~rst & fin_up & fin_down] = EndReason.FIN
+    reason = flows["end_reason"][multi]
+    open_ = (flows["proto"][multi] == 6) & (reason == EndReason.EOF)
+    reason[open_ & rst] = EndReason.RST
+    reason[open_ & ~rst & fin_up & fin_down] = EndReason.FIN
+    flows["end_reason"][multi] = reason
 
 
 def bucket_of(fl: dict[str, np.ndarray]) -> np.ndarray:

@@ -86,8 +86,10 @@ def pending_arrow(table: FlowTable, source_sha256: str, cut_at_start: np.ndarray
     cols: dict[str, Any] = {}
     for name, dt in FLOW_FIELDS.items():
         if name == "stats":
-            continue
-        if isinstance(dt, tuple):
+            stats = np.ascontiguousarray(fl[name], dtype=np.float64)
+            cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(stats.ravel()),
+                                                           stats.shape[1])
+        elif isinstance(dt, tuple):
             cols[name] = pa.FixedSizeBinaryArray.from_buffers(
                 pa.binary(16), len(table), [None, pa.py_buffer(np.ascontiguousarray(fl[name]))])
         else:
@@ -102,13 +104,15 @@ def pending_arrow(table: FlowTable, source_sha256: str, cut_at_start: np.ndarray
 
 
 def pending_table(arrow: Any) -> tuple[FlowTable, np.ndarray, np.ndarray]:
-    """A FlowTable (statistics not filled) and the cut flags back from :func:`pending_arrow`."""
+    """A FlowTable (packets: only what joining needs) and the cut flags from :func:`pending_arrow`."""
     arrow = arrow.combine_chunks()
     n = arrow.num_rows
     flows: dict[str, np.ndarray] = {}
     for name, dt in FLOW_FIELDS.items():
         if name == "stats":
-            flows[name] = np.zeros((n, 102), dtype=np.float64)
+            col = arrow.column(name).chunk(0) if n else None
+            flows[name] = (col.values.to_numpy()[col.offset * dt[1]:(col.offset + n) * dt[1]]
+                           .reshape(n, dt[1]).copy() if n else np.zeros((0, dt[1])))
         elif isinstance(dt, tuple):
             col = arrow.column(name).chunk(0) if n else None
             buf = (np.frombuffer(col.buffers()[1], dtype=np.uint8)[col.offset * 16:
