@@ -1,0 +1,531 @@
+"""The device layer: a narrow ``DeviceLink`` port over adbutils, and what the engine asks a phone.
+
+:class:`AdbDeviceLink` talks to one phone through the adb server (USB or TCP serials alike);
+every call has a timeout and every adb or socket failure becomes a :class:`DeviceError`
+naming the serial, so a phone that vanishes mid-call never hangs the engine.
+:class:`RecordingDeviceLink` is the fake for unit tests: it answers from a table of
+command patterns and records every call.
+
+The functions below take any link: :func:`read_facts` (model, manufacturer, Android
+version, ABI, battery, SELinux, addresses), :func:`check_root` (``su -c id``, ``su 0 id``,
+``magisk -v``), :func:`read_apps` (``pm list packages -U --show-versioncode`` and
+``dumpsys package`` versionName), :func:`probe_clock` (bracketed ``date +%s.%N``),
+:func:`push_checked` / :func:`pull_checked` (sha256 on both ends) and :func:`preflight`
+(what a technician must fix before a run: mobile data, private DNS, IPv6, screen lock,
+battery, airplane mode).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shlex
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from controller.errors import DeviceError, RootRequired
+
+DEFAULT_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ShellResult:
+    """One shell command's outcome; a non-zero exit is data, the caller decides."""
+
+    command: str
+    returncode: int
+    stdout: str
+    stderr: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def check(self, serial: str, what: str | None = None) -> ShellResult:
+        """Raise :class:`DeviceError` unless the command succeeded."""
+        if not self.ok:
+            detail = (self.stderr or self.stdout).strip().splitlines()
+            raise DeviceError(
+                f"{serial}: {what or self.command!r} failed with exit status {self.returncode}"
+                + (f": {detail[-1]}" if detail else ""))
+        return self
+
+
+@runtime_checkable
+class DeviceLink(Protocol):
+    """The narrow port to one phone."""
+
+    serial: str
+
+    def shell(self, command: str, timeout: float = DEFAULT_TIMEOUT_S) -> ShellResult:
+        """Run a shell command line (already quoted) as the adb shell user."""
+        ...
+
+    def push(self, local: Path, remote: str, mode: int = 0o644,
+             timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        """Copy a host file to the phone."""
+        ...
+
+    def pull(self, remote: str, local: Path, timeout: float = DEFAULT_TIMEOUT_S) -> int:
+        """Copy a phone file to the host; returns its size."""
+        ...
+
+
+def root_shell(link: DeviceLink, command: str, timeout: float = DEFAULT_TIMEOUT_S) -> ShellResult:
+    """Run a command line as root through Magisk's ``su -c``."""
+    return link.shell(f"su -c {shlex.quote(command)}", timeout=timeout)
+
+
+def getprop(link: DeviceLink, name: str, timeout: float = 10.0) -> str:
+    """One system property (empty when unset)."""
+    return link.shell(f"getprop {shlex.quote(name)}", timeout=timeout).stdout.strip()
+
+
+# --------------------------------------------------------------------------- adbutils
+
+
+class AdbDeviceLink:
+    """:class:`DeviceLink` over adbutils (the adb server's USB or TCP device ``serial``)."""
+
+    def __init__(self, client: Any, serial: str) -> None:
+        self.client = client
+        self.serial = serial
+        self._device = client.device(serial)
+
+    def _fail(self, what: str, err: BaseException) -> DeviceError:
+        text = str(err).strip() or type(err).__name__
+        return DeviceError(f"{self.serial}: {what}: {text}",
+                           hint="is the phone still connected? (adb devices)")
+
+    def shell(self, command: str, timeout: float = DEFAULT_TIMEOUT_S) -> ShellResult:
+        try:
+            r = self._device.shell2(command, timeout=timeout, v2=True)
+        except Exception as err:  # adbutils.AdbError, AdbTimeout, socket errors
+            raise self._fail(f"shell {command[:60]!r}", err) from None
+        return ShellResult(command, int(r.returncode), r.stdout or "", r.stderr or "")
+
+    def push(self, local: Path, remote: str, mode: int = 0o644,
+             timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        try:
+            self._device.sync.push(str(local), remote, mode=mode)
+        except Exception as err:
+            raise self._fail(f"push {remote}", err) from None
+
+    def pull(self, remote: str, local: Path, timeout: float = DEFAULT_TIMEOUT_S) -> int:
+        try:
+            return int(self._device.sync.pull(remote, str(local)))
+        except Exception as err:
+            raise self._fail(f"pull {remote}", err) from None
+
+
+def adb_client(port: int = 5037, host: str = "127.0.0.1", socket_timeout: float = 20.0) -> Any:
+    """An adbutils client of the adb server at ``host:port`` (every socket call times out)."""
+    import adbutils
+
+    return adbutils.AdbClient(host=host, port=port, socket_timeout=socket_timeout)
+
+
+def list_serials(client: Any) -> list[tuple[str, str]]:
+    """``(serial, state)`` of every device the adb server knows (USB and TCP)."""
+    try:
+        return [(d.serial, d.state) for d in client.list()]
+    except Exception as err:
+        raise DeviceError(f"cannot list devices from the adb server: {err}",
+                          hint="is the adb server running? (adb start-server)") from None
+
+
+def connect(client: Any, address: str) -> str:
+    """``adb connect HOST:PORT`` (a TCP phone); returns its serial."""
+    try:
+        out = str(client.connect(address, timeout=10))
+    except Exception as err:
+        raise DeviceError(f"{address}: adb connect failed: {err}") from None
+    if "connected" not in out:
+        raise DeviceError(f"{address}: adb connect failed: {out.strip()}")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if (address, "device") in list_serials(client):
+            return address
+        time.sleep(0.1)
+    raise DeviceError(f"{address}: connected but never became ready", hint="adb devices")
+
+
+# --------------------------------------------------------------------------- fake
+
+
+@dataclass
+class RecordingDeviceLink:
+    """A fake :class:`DeviceLink`: answers from ``responses`` (regex -> result) and records calls.
+
+    A response is a :class:`ShellResult`, a string (stdout, exit 0), or a callable taking
+    the command line. Unmatched commands exit 0 with empty output. ``files`` is the
+    phone's file system for push/pull; ``vanish_after`` makes the phone disappear (every
+    call raises :class:`DeviceError`) after that many calls.
+    """
+
+    serial: str = "FAKE0001"
+    responses: list[tuple[str, Any]] = field(default_factory=list)
+    files: dict[str, bytes] = field(default_factory=dict)
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    vanish_after: int | None = None
+
+    def _tick(self, kind: str, what: str) -> None:
+        self.calls.append((kind, what))
+        if self.vanish_after is not None and len(self.calls) > self.vanish_after:
+            raise DeviceError(f"{self.serial}: device '{self.serial}' not found")
+
+    def on(self, pattern: str, response: Any) -> RecordingDeviceLink:
+        """Answer commands matching ``pattern`` (first match wins, newest rule first)."""
+        self.responses.insert(0, (pattern, response))
+        return self
+
+    @property
+    def commands(self) -> list[str]:
+        return [w for k, w in self.calls if k == "shell"]
+
+    def shell(self, command: str, timeout: float = DEFAULT_TIMEOUT_S) -> ShellResult:
+        self._tick("shell", command)
+        for pattern, resp in self.responses:
+            if re.search(pattern, command):
+                if callable(resp):
+                    resp = resp(command)
+                if isinstance(resp, ShellResult):
+                    return ShellResult(command, resp.returncode, resp.stdout, resp.stderr)
+                return ShellResult(command, 0, str(resp))
+        m = re.fullmatch(r"sha256sum (\S+)", command)
+        if m:
+            path = shlex.split(command)[1]
+            if path in self.files:
+                return ShellResult(command, 0,
+                                   f"{hashlib.sha256(self.files[path]).hexdigest()}  {path}\n")
+            return ShellResult(command, 1, "", f"sha256sum: {path}: No such file or directory")
+        return ShellResult(command, 0, "")
+
+    def push(self, local: Path, remote: str, mode: int = 0o644,
+             timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        self._tick("push", remote)
+        self.files[remote] = Path(local).read_bytes()
+
+    def pull(self, remote: str, local: Path, timeout: float = DEFAULT_TIMEOUT_S) -> int:
+        self._tick("pull", remote)
+        if remote not in self.files:
+            raise DeviceError(f"{self.serial}: pull {remote}: No such file or directory")
+        Path(local).write_bytes(self.files[remote])
+        return len(self.files[remote])
+
+
+# --------------------------------------------------------------------------- facts
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceFacts:
+    """What the engine records about a phone."""
+
+    serial: str
+    model: str
+    manufacturer: str
+    android: str
+    sdk: str
+    abi: str
+    selinux: str
+    battery_level: int | None
+    addresses: tuple[str, ...] = ()
+    mac: str | None = None
+
+    @property
+    def ip(self) -> str | None:
+        """The first IPv4 address (the phone's side of a flow at the AP)."""
+        return next((a for a in self.addresses if ":" not in a), None)
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {"serial": self.serial, "model": self.model, "manufacturer": self.manufacturer,
+                "android": self.android, "sdk": self.sdk, "abi": self.abi,
+                "selinux": self.selinux, "battery_level": self.battery_level,
+                "ip": self.ip, "addresses": list(self.addresses), "mac": self.mac}
+
+
+def parse_battery_level(text: str) -> int | None:
+    """``level: N`` from ``dumpsys battery``."""
+    m = re.search(r"^\s*level:\s*(\d+)", text, re.M)
+    return int(m.group(1)) if m else None
+
+
+def parse_addresses(text: str) -> list[str]:
+    """Global addresses from ``ip -o addr`` (no loopback, no link-local)."""
+    out = []
+    for m in re.finditer(r"\binet6?\s+([0-9a-fA-F.:]+)/\d+", text):
+        a = m.group(1)
+        if a.startswith("127.") or a == "::1" or a.lower().startswith("fe80"):
+            continue
+        out.append(a)
+    return out
+
+
+MARK = "----flowtruth----"
+
+
+def shell_many(link: DeviceLink, commands: Sequence[str], timeout: float = 30.0) -> list[str]:
+    """Run several commands in one shell round trip; the stdout of each (round trips over
+    adb cost tens of milliseconds each)."""
+    line = f"; echo {MARK}; ".join(f"{{ {c}; }} 2>/dev/null" for c in commands)
+    out = link.shell(line, timeout=timeout).stdout
+    parts = out.split(MARK + "\n")
+    parts = [p.rstrip("\n") for p in parts] + [""] * len(commands)
+    return parts[:len(commands)]
+
+
+_PROP = re.compile(r"^\[([^\]]+)\]: \[(.*)\]$", re.M)
+
+
+def parse_getprop(text: str) -> dict[str, str]:
+    """``getprop`` (all properties) as a dict."""
+    return {m.group(1): m.group(2) for m in _PROP.finditer(text)}
+
+
+def parse_macs(text: str) -> dict[str, str]:
+    """``IFACE MAC`` lines -> {iface: mac}."""
+    out = {}
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) == 2 and re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", f[1].lower()):
+            out[f[0]] = f[1].lower()
+    return out
+
+
+def read_facts(link: DeviceLink) -> DeviceFacts:
+    """Model, manufacturer, Android version, ABI, SELinux mode, battery, addresses and MAC."""
+    props_t, selinux, battery, addr_t, mac_t = shell_many(link, [
+        "getprop", "getenforce", "dumpsys battery", "ip -o addr",
+        'for i in /sys/class/net/*; do echo "${i##*/} $(cat "$i/address")"; done'])
+    props = parse_getprop(props_t)
+    if not props.get("ro.product.model") and not props.get("ro.product.cpu.abi"):
+        raise DeviceError(f"{link.serial}: getprop answered nothing; is this an Android device?")
+    addrs = parse_addresses(addr_t)
+    mac = None
+    ip4 = next((a for a in addrs if ":" not in a), None)
+    if ip4:
+        m = re.search(rf"^\d+:\s+(\S+)\s+inet\s+{re.escape(ip4)}/", addr_t, re.M)
+        if m:
+            mac = parse_macs(mac_t).get(m.group(1).split("@")[0])
+    return DeviceFacts(link.serial, props.get("ro.product.model", ""),
+                       props.get("ro.product.manufacturer", ""),
+                       props.get("ro.build.version.release", ""),
+                       props.get("ro.build.version.sdk", ""), props.get("ro.product.cpu.abi", ""),
+                       selinux.strip() or "unknown", parse_battery_level(battery), tuple(addrs),
+                       mac)
+
+
+@dataclass(frozen=True, slots=True)
+class RootInfo:
+    rooted: bool
+    method: str | None  # "su -c" | "su 0"
+    magisk: str | None
+
+
+def check_root(link: DeviceLink) -> RootInfo:
+    """Whether ``su`` gives uid 0 (``su -c id``, then ``su 0 id``) and Magisk's version."""
+    method = None
+    for how, cmd in (("su -c", "su -c id"), ("su 0", "su 0 id")):
+        r = link.shell(cmd, timeout=15)
+        if r.ok and "uid=0" in r.stdout:
+            method = how
+            break
+    magisk = None
+    r = link.shell("magisk -v 2>/dev/null || su -v", timeout=10)
+    if r.ok and r.stdout.strip():
+        magisk = r.stdout.strip().splitlines()[0]
+    return RootInfo(method is not None, method, magisk)
+
+
+def require_root(link: DeviceLink) -> RootInfo:
+    info = check_root(link)
+    if not info.rooted:
+        raise RootRequired(f"{link.serial}: su does not give root (su -c id, su 0 id)",
+                           hint="root the phone with Magisk and allow the shell in its su list")
+    return info
+
+
+@dataclass(frozen=True, slots=True)
+class AppFacts:
+    package: str
+    uid: int | None
+    version_code: str | None
+    version: str | None
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {"package": self.package, "uid": self.uid, "version": self.version,
+                "version_code": self.version_code}
+
+
+_PM_LINE = re.compile(r"^package:(\S+?)(?:\s+versionCode:(\d+))?(?:\s+uid:(\d+))?\s*$")
+
+
+def parse_pm_list(text: str) -> dict[str, tuple[int | None, str | None]]:
+    """``pm list packages -U --show-versioncode`` -> package -> (uid, versionCode)."""
+    out: dict[str, tuple[int | None, str | None]] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        m = re.match(r"^package:(\S+)", line)
+        if not m:
+            continue
+        uid = re.search(r"\buid:(\d+)", line)
+        vc = re.search(r"\bversionCode:(\d+)", line)
+        out[m.group(1)] = (int(uid.group(1)) if uid else None, vc.group(1) if vc else None)
+    return out
+
+
+def read_packages(link: DeviceLink) -> tuple[str, dict[str, tuple[int | None, str | None]]]:
+    """The raw ``pm list packages -U --show-versioncode`` text and its parse."""
+    r = link.shell("pm list packages -U --show-versioncode", timeout=30)
+    r.check(link.serial, "pm list packages")
+    return r.stdout, parse_pm_list(r.stdout)
+
+
+def read_apps(link: DeviceLink, packages: Iterable[str],
+              listing: dict[str, tuple[int | None, str | None]] | None = None) -> dict[str, AppFacts]:
+    """uid, versionCode and versionName of each installed target (missing ones left out)."""
+    if listing is None:
+        listing = read_packages(link)[1]
+    out = {}
+    for pkg in packages:
+        if pkg not in listing:
+            continue
+        uid, vc = listing[pkg]
+        r = link.shell(f"dumpsys package {shlex.quote(pkg)} | grep versionName", timeout=20)
+        m = re.search(r"versionName=(\S+)", r.stdout)
+        out[pkg] = AppFacts(pkg, uid, vc, m.group(1) if m else None)
+    return out
+
+
+# --------------------------------------------------------------------------- clock
+
+
+@dataclass(frozen=True, slots=True)
+class ClockProbe:
+    """Phone clock minus host clock from ``samples`` bracketed probes."""
+
+    offset_s: float
+    uncertainty_s: float
+    samples: tuple[tuple[float, float, float], ...]  # (host t0, phone time, host t1)
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {"offset_s": self.offset_s, "uncertainty_s": self.uncertainty_s,
+                "method": "adb shell date +%s.%N bracketed by host time",
+                "samples": [list(s) for s in self.samples]}
+
+
+def estimate_offset(samples: Sequence[tuple[float, float, float]]) -> tuple[float, float]:
+    """Median of ``phone - (t0+t1)/2`` and its uncertainty: the larger of half the
+    shortest round trip and the offsets' median absolute deviation."""
+    offsets = [p - (t0 + t1) / 2 for t0, p, t1 in samples]
+    med = statistics.median(offsets)
+    half_rtt = min((t1 - t0) / 2 for t0, _, t1 in samples)
+    mad = statistics.median(abs(o - med) for o in offsets)
+    return med, max(half_rtt, mad)
+
+
+def probe_clock(link: DeviceLink, probes: int = 5,
+                clock: Callable[[], float] = time.time) -> ClockProbe:
+    """Measure the phone's clock offset with ``probes`` (>= 5) bracketed ``date +%s.%N``."""
+    probes = max(5, probes)
+    samples = []
+    for _ in range(probes):
+        t0 = clock()
+        r = link.shell("date +%s.%N", timeout=10)
+        t1 = clock()
+        try:
+            phone = float(r.stdout.strip())
+        except ValueError:
+            raise DeviceError(f"{link.serial}: date +%s.%N printed {r.stdout.strip()!r}",
+                              hint="the phone's date lacks %N (toybox date has it)") from None
+        samples.append((t0, phone, t1))
+    off, unc = estimate_offset(samples)
+    return ClockProbe(off, unc, tuple(samples))
+
+
+# --------------------------------------------------------------------------- files
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def remote_sha256(link: DeviceLink, remote: str, root: bool = False) -> str | None:
+    """sha256 of a phone file (toybox ``sha256sum``), None when it does not exist."""
+    cmd = f"sha256sum {shlex.quote(remote)}"
+    r = root_shell(link, cmd) if root else link.shell(cmd)
+    if not r.ok:
+        return None
+    first = r.stdout.strip().split()
+    return first[0] if first and re.fullmatch(r"[0-9a-f]{64}", first[0]) else None
+
+
+def push_checked(link: DeviceLink, local: Path, remote: str, mode: int = 0o755) -> str:
+    """Push and compare checksums; returns the sha256."""
+    want = sha256_file(local)
+    link.push(local, remote, mode=mode)
+    got = remote_sha256(link, remote)
+    if got != want:
+        raise DeviceError(f"{link.serial}: {remote}: checksum after push is {got}, "
+                          f"expected {want}", hint="storage full or a flaky cable?")
+    return want
+
+
+def pull_checked(link: DeviceLink, remote: str, local: Path) -> tuple[int, str]:
+    """Pull and compare checksums; returns (size, sha256)."""
+    want = remote_sha256(link, remote)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    size = link.pull(remote, local)
+    got = sha256_file(local)
+    if want is not None and got != want:
+        raise DeviceError(f"{link.serial}: {remote}: checksum after pull is {got}, "
+                          f"the phone says {want}")
+    return size, got
+
+
+# --------------------------------------------------------------------------- preflight
+
+
+@dataclass(frozen=True, slots=True)
+class PreflightWarning:
+    check: str
+    message: str
+    fix: str
+
+
+def preflight(link: DeviceLink, facts: DeviceFacts | None = None,
+              battery_min: int = 20) -> list[PreflightWarning]:
+    """What would spoil a capture: traffic off the AP, encrypted DNS, a locked screen, a flat battery."""
+    out: list[PreflightWarning] = []
+    mobile, airplane, dns, lock, lock2 = (x.strip() for x in shell_many(link, [
+        "settings get global mobile_data", "settings get global airplane_mode_on",
+        "settings get global private_dns_mode", "locksettings get-disabled",
+        "settings get secure lockscreen.disabled"]))
+    if mobile == "1":
+        out.append(PreflightWarning("mobile_data", "mobile data is on: traffic may bypass the AP",
+                            "turn mobile data off (settings put global mobile_data 0)"))
+    if airplane == "1":
+        out.append(PreflightWarning("airplane_mode", "airplane mode is on",
+                            "turn airplane mode off and Wi-Fi on"))
+    if dns in ("hostname", "opportunistic"):
+        out.append(PreflightWarning("private_dns", f"private DNS is {dns}: DNS goes over TLS",
+                            "settings put global private_dns_mode off"))
+    if lock == "false" or (lock not in ("true", "false") and lock2 == "0"):
+        out.append(PreflightWarning("screen_lock", "a screen lock is set: scripted taps may hit it",
+                            "remove the lock or keep the screen on while plugged in"))
+    if facts is None:
+        facts = read_facts(link)
+    if any(":" in a for a in facts.addresses):
+        out.append(PreflightWarning("ipv6", "IPv6 is on: the phone has a global IPv6 address",
+                            "fine if the AP captures IPv6 too; otherwise disable it"))
+    if facts.battery_level is not None and facts.battery_level < battery_min:
+        out.append(PreflightWarning("battery", f"battery at {facts.battery_level} %", "charge the phone"))
+    return out

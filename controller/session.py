@@ -1,0 +1,807 @@
+"""The session engine: one scripted app session on one phone, from preflight to labels.
+
+Steps (each announced with ``StepStarted``/``StepFinished``)::
+
+    Preflight → StartCapture → PushScripts → StartTracers → RunScenario → StopTracers
+    → StopCapture → PullArtifacts → Label → Export
+
+:func:`run_session` never raises for a known failure: it returns a
+:class:`SessionResult` whose outcome is ``completed``, ``failed`` or ``stopped``
+(cancelled), and emits ``SessionFinished`` or ``SessionFailed``. Teardown (stop the
+tracers and poller, kill stragglers on the phone, stop the capture if this session
+started it, split the capture, pull whatever exists) always runs, and the run directory
+keeps every artifact collected so far with a manifest that says why it failed.
+
+The capture is one AP-side tcpdump (:class:`TcpdumpCapture`, in the lab inside the AP
+namespace). A plan starts it once for all its sessions; a lone session starts and stops
+it itself. Each session's ``capture.pcap`` is the packets of the phone's addresses
+within the session's time window (:func:`split_pcap`).
+
+Strace binary by ABI: ``arm64-v8a``/``armeabi-v7a`` (real phones) take the static build
+from :mod:`device_scripts.strace_cache`; ``x86_64`` (virtual-lab phones are namespaces of
+this host, as Android emulator images report) takes the host's ``/usr/bin/strace``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import struct
+import subprocess
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from analysis.errors import FlowtruthError
+from controller import events as ev
+from controller.device import (
+    DeviceFacts,
+    DeviceLink,
+    push_checked,
+    read_apps,
+    read_facts,
+    read_packages,
+    remote_sha256,
+    require_root,
+    root_shell,
+    sha256_file,
+)
+from controller.device import preflight as preflight_checks
+from controller.device import probe_clock as probe_clock_
+from controller.errors import CaptureError, ConfigError, ControllerError, DeviceError
+from controller.scenario import Scenario, ScenarioCancelled, ScenarioRunner, scenario_for
+
+MANIFEST_SCHEMA_VERSION = 1
+STEPS = ("Preflight", "StartCapture", "PushScripts", "StartTracers", "RunScenario",
+         "StopTracers", "StopCapture", "PullArtifacts", "Label", "Export")
+TRACERS = ("strace", "frida", "both", "none")
+
+
+# --------------------------------------------------------------------------- capture
+
+
+class CapturePort(Protocol):
+    """The AP-side capture a session or plan uses."""
+
+    interface: str
+    snaplen: int
+
+    @property
+    def running(self) -> bool: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> dict[str, int]: ...
+
+    def files(self) -> list[Path]: ...
+
+
+class TcpdumpCapture:
+    """tcpdump on the AP interface (optionally inside a network namespace) into one pcap."""
+
+    def __init__(self, interface: str, out_dir: Path, *, netns: str | None = None,
+                 snaplen: int = 262144, bpf: str | None = None,
+                 tcpdump: str = "tcpdump") -> None:
+        self.interface = interface
+        self.out_dir = Path(out_dir)
+        self.netns = netns
+        self.snaplen = snaplen
+        self.bpf = bpf
+        self.tcpdump = tcpdump
+        self.path = self.out_dir / "batch.pcap"
+        self._proc: subprocess.Popen[str] | None = None
+        self.stats: dict[str, int] = {}
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def argv(self) -> list[str]:
+        argv = [self.tcpdump, "-i", self.interface, "-n", "-U", "--immediate-mode",
+                "-s", str(self.snaplen), "-w", str(self.path)]
+        if self.bpf:
+            argv.append(self.bpf)
+        if self.netns:
+            argv = ["ip", "netns", "exec", self.netns, *argv]
+        return argv
+
+    def start(self) -> None:
+        if self.running:
+            return
+        if shutil.which(self.tcpdump) is None:
+            raise CaptureError(f"{self.tcpdump}: not found", hint="apt-get install tcpdump")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True, start_new_session=True)
+        assert self._proc.stderr is not None
+        line = ""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            line = self._proc.stderr.readline()
+            if "listening on" in line or not line:
+                break
+        if "listening on" not in line:
+            self._proc.kill()
+            rest = self._proc.communicate(timeout=5)[1]
+            self._proc = None
+            raise CaptureError(f"tcpdump did not start on {self.interface}: "
+                               f"{(line + rest).strip().splitlines()[-1:] or ['no output']}")
+
+    def stop(self) -> dict[str, int]:
+        p, self._proc = self._proc, None
+        if p is None:
+            return self.stats
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+        try:
+            _, err = p.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            _, err = p.communicate(timeout=5)
+        for m in re.finditer(r"(\d+) packets? (captured|received by filter|dropped by kernel)",
+                             err or ""):
+            self.stats[m.group(2).replace(" ", "_")] = int(m.group(1))
+        return self.stats
+
+    def files(self) -> list[Path]:
+        return [self.path] if self.path.exists() else []
+
+
+_ETH_V4, _ETH_V6 = 0x0800, 0x86DD
+
+
+def _ip_addrs(linktype: int, frame: bytes) -> tuple[bytes, bytes] | None:
+    if linktype == 1:  # Ethernet (with VLAN tags)
+        off, et = 12, None
+        while off + 2 <= len(frame):
+            et = int.from_bytes(frame[off:off + 2], "big")
+            if et in (0x8100, 0x88A8):
+                off += 4
+                continue
+            off += 2
+            break
+    elif linktype == 113:  # Linux cooked v1
+        off, et = 16, int.from_bytes(frame[14:16], "big")
+    elif linktype == 276:  # Linux cooked v2
+        off, et = 20, int.from_bytes(frame[0:2], "big")
+    elif linktype in (101, 12, 14):  # raw IP
+        off, et = 0, (_ETH_V6 if frame[:1] and frame[0] >> 4 == 6 else _ETH_V4)
+    else:
+        return None
+    ip = frame[off:]
+    if et == _ETH_V4 and len(ip) >= 20:
+        return ip[12:16], ip[16:20]
+    if et == _ETH_V6 and len(ip) >= 40:
+        return ip[8:24], ip[24:40]
+    return None
+
+
+def split_pcap(sources: Sequence[Path], out: Path, addresses: Sequence[str],
+               start: float, end: float) -> int:
+    """Write the packets to or from ``addresses`` with ``start <= ts <= end`` as one pcap;
+    returns how many. Reads classic pcap (what tcpdump writes); a truncated last record of
+    a file still being written is left out."""
+    import ipaddress
+
+    want = {ipaddress.ip_address(a).packed for a in addresses}
+    n = 0
+    tmp = out.with_name(out.name + ".part")
+    header_written = False
+    with open(tmp, "wb") as w:
+        for src in sources:
+            with open(src, "rb") as f:
+                gh = f.read(24)
+                if len(gh) < 24:
+                    continue
+                magic = gh[:4]
+                if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1"):
+                    endian = "<"
+                elif magic in (b"\xa1\xb2\xc3\xd4", b"\xa1\xb2\x3c\x4d"):
+                    endian = ">"
+                else:
+                    raise CaptureError(f"{src}: not a classic pcap file")
+                nano = magic in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d")
+                linktype = struct.unpack(endian + "I", gh[20:24])[0] & 0x0FFFFFFF
+                if not header_written:
+                    w.write(gh)
+                    header_written = True
+                rec = struct.Struct(endian + "IIII")
+                while True:
+                    h = f.read(16)
+                    if len(h) < 16:
+                        break
+                    sec, frac, incl, _orig = rec.unpack(h)
+                    data = f.read(incl)
+                    if len(data) < incl:
+                        break
+                    ts = sec + frac / (1e9 if nano else 1e6)
+                    if ts < start or ts > end:
+                        continue
+                    ips = _ip_addrs(linktype, data)
+                    if ips is None or (ips[0] not in want and ips[1] not in want):
+                        continue
+                    w.write(h)
+                    w.write(data)
+                    n += 1
+        if not header_written:  # an empty but valid pcap
+            w.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 262144, 1))
+    os.replace(tmp, out)
+    return n
+
+
+# --------------------------------------------------------------------------- spec, env
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """One session: which phone, app, activity, repetition, and how to trace it."""
+
+    serial: str
+    app: str
+    """App name (signal, telegram, whatsapp) or package."""
+    activity: str
+    repetition: int = 1
+    params: dict[str, str] = field(default_factory=dict)
+    tracer: str = "strace"
+    netstat: bool = True
+    seed: int = 0
+    wait_scale: float = 1.0
+    device_name: str | None = None
+    """A short name for run directories (default: the serial, sanitised)."""
+    ip: str | None = None
+    """The phone's address at the AP (default: read from the phone)."""
+    scenario: Scenario | None = None
+    scenario_dir: Path | None = None
+
+    @property
+    def key(self) -> str:
+        """``<device>_<package-or-app>_<activity>_r<N>``: names the run dir (without its stamp)."""
+        dev = re.sub(r"[^A-Za-z0-9.-]+", "-", self.device_name or self.serial).strip("-")
+        return f"{dev}_{self.app}_{self.activity}_r{self.repetition}"
+
+
+@dataclass
+class Environment:
+    """Everything a session needs besides its phone: adb, the capture, where runs go."""
+
+    runs_root: Path
+    client: Any = None
+    """adbutils client (plans open links through it)."""
+    capture: CapturePort | None = None
+    label: bool = True
+    label_format: str = "mirage2019"
+    export_dir: Path | None = None
+    """When set, MIRAGE JSON files are also copied here (one tree for the whole dataset)."""
+    device_dir: str = "/data/local/tmp/flowtruth"
+    strace_binary: Path | None = None
+    """Override the strace pushed to the phone."""
+    launcher_interval: float = 0.5
+    netstat_interval: float = 0.2
+    capture_margin_s: float = 1.0
+    """Seconds kept before and after the session's window in its capture split."""
+    capture_flush_s: float = 0.3
+    require_root: bool = True
+
+
+@dataclass
+class SessionResult:
+    session_id: str
+    run_dir: Path
+    outcome: str  # completed | failed | stopped
+    error: str | None = None
+    hint: str | None = None
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "completed"
+
+
+def strace_for_abi(abi: str) -> Path:
+    """The strace binary to push to a phone of this ABI (see the module docstring)."""
+    if abi in ("x86_64", "x86"):
+        host = shutil.which("strace") or "/usr/bin/strace"
+        if not Path(host).exists():
+            raise ControllerError("strace is not installed on this host",
+                                  hint="apt-get install strace")
+        return Path(host)
+    from device_scripts.strace_cache import cached_strace
+
+    p = cached_strace(abi)
+    if p is None:
+        raise ControllerError(f"no static strace for ABI {abi!r} in the cache",
+                              hint="build it with device_scripts/build_strace.sh")
+    return p
+
+
+def _utc(t: float) -> str:
+    return _dt.datetime.fromtimestamp(t, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _tool_versions() -> dict[str, str]:
+    out: dict[str, str] = {}
+    try:
+        from importlib.metadata import version
+
+        for pkg in ("flowtruth", "adbutils"):
+            try:
+                out[pkg] = version(pkg)
+            except Exception:
+                pass
+    except ImportError:
+        pass
+    for prog, args in (("tcpdump", ["--version"]), ("strace", ["-V"]), ("adb", ["version"])):
+        if shutil.which(prog):
+            try:
+                r = subprocess.run([prog, *args], capture_output=True, text=True, timeout=5)
+                first = (r.stdout or r.stderr).strip().splitlines()
+                out[prog] = first[0] if first else ""
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+    return out
+
+
+_VERSIONS: dict[str, str] = {}
+_VERSIONS_LOCK = threading.Lock()
+
+
+def tool_versions() -> dict[str, str]:
+    with _VERSIONS_LOCK:
+        if not _VERSIONS:
+            _VERSIONS.update(_tool_versions())
+        return dict(_VERSIONS)
+
+
+class _Step(Exception):
+    pass
+
+
+class Session:
+    """The state of one running session (the engine's internals; use :func:`run_session`)."""
+
+    def __init__(self, spec: SessionSpec, link: DeviceLink, env: Environment, sink: ev.Sink,
+                 cancel: threading.Event) -> None:
+        self.spec, self.link, self.env, self.sink, self.cancel = spec, link, env, sink, cancel
+        self.t_start = time.time()
+        stamp = _dt.datetime.fromtimestamp(self.t_start, _dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+        self.session_id = f"{stamp}_{spec.key}"
+        self.run_dir = Path(env.runs_root) / self.session_id
+        self.dev_dir = f"{env.device_dir}/{self.session_id}"
+        self.facts: DeviceFacts | None = None
+        self.owns_capture = False
+        self.tracer_pids: dict[str, int] = {}
+        self.window_end: float | None = None
+        self.m: dict[str, Any] = {
+            "schema_version": MANIFEST_SCHEMA_VERSION,
+            "session_id": self.session_id,
+            "device": {"serial": link.serial},
+            "apps": [],
+            "activity": spec.activity,
+            "repetition": spec.repetition,
+            "clock": {"offset_s": 0.0, "uncertainty_s": None},
+            "capture": {"files": [], "interface": None, "snaplen": None},
+            "traces": {"strace": [], "netstat": None, "frida": None, "packages": None},
+            "started_at": _utc(self.t_start),
+            "finished_at": None,
+            "outcome": "running",
+            "error": None,
+            "errors": [],
+            "steps": [],
+            "artifacts": {},
+            "scenario": {},
+            "params": dict(spec.params),
+            "tracer": spec.tracer,
+            "tool_versions": {},
+            "preflight": [],
+            "root": None,
+        }
+
+    # -- helpers -----------------------------------------------------------------------
+    def emit(self, e: ev.Event) -> None:
+        try:
+            self.sink(e)
+        except Exception:  # a front end's bug never kills a session
+            pass
+
+    def write_manifest(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.run_dir / "manifest.json.part"
+        tmp.write_text(json.dumps(self.m, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        os.replace(tmp, self.run_dir / "manifest.json")
+
+    def step(self, name: str, fn: Callable[[], str | None], *, teardown: bool = False) -> bool:
+        if not teardown and self.cancel.is_set():
+            raise ScenarioCancelled("cancelled")
+        self.emit(ev.StepStarted(self.session_id, name))
+        t0 = time.time()
+        rec: dict[str, Any] = {"step": name, "started_at": _utc(t0)}
+        try:
+            detail = fn() or ""
+        except BaseException as err:
+            msg = err.one_line() if isinstance(err, FlowtruthError) else f"{type(err).__name__}: {err}"
+            rec.update(ok=False, took_s=round(time.time() - t0, 3), error=msg)
+            self.m["steps"].append(rec)
+            self.emit(ev.StepFinished(self.session_id, name, False, msg))
+            if teardown:
+                self.m["errors"].append({"step": name, "error": msg})
+                if isinstance(err, DeviceError):
+                    self._lost(err)
+                self.write_manifest()
+                if not isinstance(err, Exception):
+                    raise
+                return False
+            self.write_manifest()
+            raise
+        rec.update(ok=True, took_s=round(time.time() - t0, 3), detail=detail)
+        self.m["steps"].append(rec)
+        self.emit(ev.StepFinished(self.session_id, name, True, detail))
+        self.write_manifest()
+        return True
+
+    def _lost(self, err: DeviceError) -> None:
+        if not getattr(self, "_lost_sent", False):
+            self._lost_sent = True
+            self.emit(ev.DeviceLost(self.link.serial, err.message))
+
+    # -- steps ---------------------------------------------------------------------------
+    def preflight(self) -> str:
+        spec, link = self.spec, self.link
+        sc = spec.scenario or scenario_for(spec.app, spec.scenario_dir)
+        self.scenario = sc
+        if spec.activity not in sc.activities:
+            raise ConfigError(f"{sc.path}: no activity {spec.activity!r}",
+                              hint="has: " + ", ".join(sc.activities))
+        self.steps_ = sc.steps(spec.activity, spec.params)
+        if spec.tracer not in TRACERS:
+            raise ConfigError(f"tracer must be one of {', '.join(TRACERS)}, not {spec.tracer!r}")
+        if spec.tracer in ("frida", "both"):
+            raise ConfigError(f"tracer {spec.tracer!r} is not wired into the session engine yet",
+                              hint="use tracer: strace")
+        self.m["scenario"] = {"file": str(sc.path), "app": sc.app, "package": sc.package,
+                              "steps": [s.describe() for s in self.steps_]}
+        facts = read_facts(link)
+        self.facts = facts
+        dev = facts.to_manifest()
+        if spec.ip:
+            dev["ip"] = spec.ip
+        self.m["device"] = dev
+        self.emit(ev.DeviceConnected(link.serial, facts.model, facts.manufacturer, facts.android,
+                                     facts.abi, False))
+        if self.env.require_root:
+            root = require_root(link)
+            self.m["root"] = {"method": root.method, "magisk": root.magisk}
+        raw, listing = read_packages(link)
+        (self.run_dir / "packages.txt").write_text(raw, encoding="utf-8")
+        self.m["traces"]["packages"] = "packages.txt"
+        apps = read_apps(link, [sc.package], listing)
+        if sc.package not in apps:
+            raise ControllerError(f"{link.serial}: {sc.package} is not installed",
+                                  hint=f"install {sc.app} on the phone")
+        self.m["apps"] = [apps[sc.package].to_manifest()]
+        clock = probe_clock_(link)
+        self.m["clock"] = clock.to_manifest()
+        self.emit(ev.ClockMeasured(link.serial, clock.offset_s, clock.uncertainty_s))
+        warns = preflight_checks(link, facts)
+        for w in warns:
+            self.emit(ev.PreflightWarned(link.serial, w.check, w.message, w.fix))
+        self.m["preflight"] = [{"check": w.check, "message": w.message, "fix": w.fix}
+                               for w in warns]
+        self.m["tool_versions"] = tool_versions()
+        addrs = self._addresses()
+        if not addrs:
+            raise ControllerError(f"{link.serial}: the phone has no address on the AP's network",
+                                  hint="is it connected to the AP's Wi-Fi?")
+        return (f"{facts.manufacturer} {facts.model}, Android {facts.android}, {facts.abi}; "
+                f"{sc.package} uid {apps[sc.package].uid}; clock {clock.offset_s:+.3f}s "
+                f"±{clock.uncertainty_s:.3f}; {len(warns)} warnings")
+
+    def _addresses(self) -> list[str]:
+        if self.spec.ip:
+            return [self.spec.ip]
+        return list(self.facts.addresses) if self.facts else []
+
+    def start_capture(self) -> str:
+        cap = self.env.capture
+        if cap is None:
+            return "no AP capture configured"
+        if not cap.running:
+            cap.start()
+            self.owns_capture = True
+        self.m["capture"].update(interface=cap.interface, snaplen=cap.snaplen)
+        return f"{'started' if self.owns_capture else 'sharing'} capture on {cap.interface}"
+
+    def push_scripts(self) -> str:
+        from device_scripts import script_path
+
+        link, d = self.link, self.dev_dir
+        bin_dir = f"{self.env.device_dir}/bin"
+        root_shell(link, f"mkdir -p {shlex.quote(d)}/strace {shlex.quote(bin_dir)} && "
+                         f"chmod 777 {shlex.quote(self.env.device_dir)} {shlex.quote(d)} "
+                         f"{shlex.quote(bin_dir)}").check(link.serial, "mkdir on the phone")
+        pushed = {}
+        for name in ("strace_launcher.sh", "netstat_poller.sh"):
+            pushed[name] = push_checked(link, script_path(name), f"{d}/{name}", mode=0o755)
+        if self.spec.tracer in ("strace", "both"):
+            assert self.facts is not None
+            binary = self.env.strace_binary or strace_for_abi(self.facts.abi)
+            remote = f"{bin_dir}/strace"
+            want = sha256_file(binary)
+            if remote_sha256(link, remote) != want:  # cached on the phone across sessions
+                push_checked(link, binary, remote, mode=0o755)
+            pushed["strace"] = want
+            self.strace_remote = remote
+        self.m["pushed"] = pushed
+        return f"{len(pushed)} files to {d}"
+
+    def _start_detached(self, argv: list[str], log: str) -> int:
+        cmd = (f"cd {shlex.quote(self.dev_dir)} && setsid "
+               + " ".join(shlex.quote(a) for a in argv)
+               + f" </dev/null >{shlex.quote(log)} 2>&1 & echo $!")
+        r = root_shell(self.link, cmd, timeout=20).check(self.link.serial, f"start {argv[1]}")
+        pid = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
+        if not pid.isdigit():
+            raise DeviceError(f"{self.link.serial}: starting {argv[1]} printed {r.stdout!r}")
+        return int(pid)
+
+    def start_tracers(self) -> str:
+        d, sc = self.dev_dir, self.scenario
+        started = []
+        if self.spec.tracer in ("strace", "both"):
+            self.tracer_pids["strace"] = self._start_detached(
+                ["sh", f"{d}/strace_launcher.sh", sc.package, f"{d}/strace", self.strace_remote,
+                 f"{self.env.launcher_interval:g}"], f"{d}/strace_launcher.err")
+            started.append("strace launcher")
+        if self.spec.netstat:
+            self.tracer_pids["netstat"] = self._start_detached(
+                ["sh", f"{d}/netstat_poller.sh", f"{d}/netstat.log",
+                 f"{self.env.netstat_interval:g}", "67108864", f"{d}/netstat.stop"],
+                f"{d}/netstat_poller.err")
+            started.append("netstat poller")
+        self.m["tracer_pids"] = dict(self.tracer_pids)
+        return ", ".join(started) or "no tracers"
+
+    def run_scenario(self) -> str:
+        def on_step(i: int, n: int, text: str) -> None:
+            self.emit(ev.ScenarioStepStarted(self.session_id, i, n, text))
+            self._progress_tracers()
+
+        runner = ScenarioRunner(self.link, self.scenario, seed=self.spec.seed,
+                                cancel=self.cancel, wait_scale=self.spec.wait_scale,
+                                on_step=on_step)
+        self.scenario_runner = runner
+        try:
+            runner.run(self.steps_)
+        finally:
+            self.m["scenario"]["log"] = runner.log
+        self._progress_tracers()
+        return f"{len(self.steps_)} steps"
+
+    def _progress_tracers(self) -> None:
+        if "strace" not in self.tracer_pids:
+            return
+        try:
+            r = root_shell(self.link, f"cat {shlex.quote(self.dev_dir)}/strace/"
+                           "strace_launcher.pids 2>/dev/null", timeout=10)
+        except DeviceError:
+            raise
+        pids = tuple(int(line.split()[0]) for line in r.stdout.splitlines()
+                     if line.split() and line.split()[0].isdigit())
+        self.emit(ev.TracerProgressed(self.session_id, "strace", pids, 0))
+
+    def stop_tracers(self) -> str:
+        if not self.tracer_pids:
+            return "nothing to stop"
+        link, d = self.link, self.dev_dir
+        q = shlex.quote
+        root_shell(link, f"touch {q(d)}/strace/strace_launcher.stop {q(d)}/netstat.stop",
+                   timeout=10)
+        pids = " ".join(str(p) for p in self.tracer_pids.values())
+        alive = ""
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            r = root_shell(link, f"for p in {pids}; do kill -0 $p 2>/dev/null && echo $p; done",
+                           timeout=10)
+            alive = r.stdout.strip()
+            if not alive:
+                break
+            time.sleep(0.2)
+        killed = ""
+        if alive:  # stragglers: TERM the launcher (it stops its stracers), then KILL
+            root_shell(link, f"kill -TERM {alive} 2>/dev/null; sleep 3; "
+                             f"kill -KILL {alive} 2>/dev/null; "
+                             f"for p in $(cut -d' ' -f2 {q(d)}/strace/strace_launcher.pids "
+                             f"2>/dev/null); do kill -KILL $p 2>/dev/null; done; true",
+                       timeout=20)
+            killed = f"; killed stragglers {alive}"
+        self.tracer_pids.clear()
+        return "stopped" + killed
+
+    def stop_capture(self) -> str:
+        cap = self.env.capture
+        self.window_end = time.time()
+        if cap is None:
+            return "no capture"
+        time.sleep(self.env.capture_flush_s)
+        if self.owns_capture:
+            stats = cap.stop()
+            self.m["capture"]["stats"] = stats
+            self.owns_capture = False
+        addrs = self._addresses()
+        files = cap.files()
+        if not files:
+            raise CaptureError("the AP capture wrote no file")
+        if not addrs:
+            raise CaptureError("the phone's address is unknown: cannot split the capture")
+        out = self.run_dir / "capture.pcap"
+        margin = self.env.capture_margin_s
+        n = split_pcap(files, out, addrs, self.t_start - margin, self.window_end + margin)
+        self.m["capture"].update(files=["capture.pcap"], source=[str(f) for f in files],
+                                 filter={"addresses": addrs, "start": self.t_start - margin,
+                                         "end": self.window_end + margin},
+                                 packets=n)
+        self._artifact("capture.pcap", out)
+        return f"{n} packets of {', '.join(addrs)}"
+
+    def _artifact(self, name: str, path: Path, sha: str | None = None) -> None:
+        sha = sha or sha256_file(path)
+        size = path.stat().st_size
+        self.m["artifacts"][name] = {"size": size, "sha256": sha}
+        self.emit(ev.ArtifactPulled(self.session_id, name, str(path), size, sha))
+
+    def pull_artifacts(self) -> str:
+        link, d, q = self.link, self.dev_dir, shlex.quote
+        # one round trip lists and checksums everything, then each file is pulled and checked
+        r = root_shell(link, f"cd {q(d)} && chmod -R a+rX . && for f in strace/* *; do "
+                             f'[ -f "$f" ] && sha256sum "$f"; done; true', timeout=60)
+        sums = {}
+        for line in r.stdout.splitlines():
+            f = line.split(None, 1)
+            if len(f) == 2 and re.fullmatch(r"[0-9a-f]{64}", f[0]):
+                sums[f[1].strip().lstrip("*")] = f[0]
+        wanted = [n for n in sums if re.fullmatch(r"strace/strace\.\d+\..+\.log", n)
+                  or n in ("strace/strace_launcher.pids", "strace_launcher.err",
+                           "netstat_poller.err", "netstat.log")]
+        strace_files = []
+        for rel in sorted(wanted):
+            local = self.run_dir / rel
+            local.parent.mkdir(parents=True, exist_ok=True)
+            link.pull(f"{d}/{rel}", local)
+            got = sha256_file(local)
+            if got != sums[rel]:
+                raise DeviceError(f"{link.serial}: {rel}: checksum after pull is {got}, "
+                                  f"the phone says {sums[rel]}")
+            self._artifact(rel, local, got)
+            if rel.endswith(".log") and rel.startswith("strace/"):
+                strace_files.append(rel)
+            if rel == "netstat.log" and local.stat().st_size > 0:
+                self.m["traces"]["netstat"] = "netstat.log"
+        self.m["traces"]["strace"] = strace_files
+        if (self.run_dir / "packages.txt").exists():
+            self._artifact("packages.txt", self.run_dir / "packages.txt")
+        return f"{len(wanted)} files"
+
+    def cleanup_phone(self) -> str:
+        root_shell(self.link, f"rm -rf {shlex.quote(self.dev_dir)}", timeout=20)
+        return "removed " + self.dev_dir
+
+    def label(self) -> str:
+        if not self.env.label:
+            return "labelling off"
+        from analysis.label import label_run
+
+        self.m["outcome"] = "completed"  # what a later `flowtruth label` sees
+        self.write_manifest()
+        res = label_run(self.run_dir, fmt=self.env.label_format)
+        q = res.quality
+        by = q.get("by_type", {})
+        flows = int(q["totals"]["flows"])
+        amb = int(by.get("ambiguous", {}).get("flows", 0))
+        unl = int(by.get("unlabelled", {}).get("flows", 0))
+        self.emit(ev.FlowsLabelled(self.session_id, flows, flows - amb - unl, amb, unl))
+        outs: dict[str, Any] = {}
+        for kind, v in res.outputs.items():
+            vs = v if isinstance(v, list) else [v]
+            outs[kind] = [os.path.relpath(p, self.run_dir) for p in vs]
+        self.m["labels"] = {"outputs": outs, "flows": flows, "ambiguous": amb, "unlabelled": unl,
+                            "targets": q.get("targets", {}), "warnings": res.warnings}
+        self.label_result = res
+        return res.line()
+
+    def export(self) -> str:
+        n = 0
+        if self.env.export_dir is not None and self.m.get("labels"):
+            for kind, rels in self.m["labels"]["outputs"].items():
+                if "mirage" not in kind and not any(r.endswith(".json") and "quality" not in r
+                                                    for r in rels):
+                    continue
+                for rel in rels:
+                    src = self.run_dir / rel
+                    if src.suffix != ".json" or src.name == "quality.json":
+                        continue
+                    dst = Path(self.env.export_dir) / os.path.relpath(src, self.run_dir / "labels")
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src, dst)
+                    n += 1
+        return f"manifest written{f'; {n} MIRAGE files exported' if n else ''}"
+
+    # -- the whole session ----------------------------------------------------------------
+    def run(self) -> SessionResult:
+        spec = self.spec
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.write_manifest()
+        self.emit(ev.SessionStarted(self.session_id, self.link.serial, spec.app, spec.activity,
+                                    str(self.run_dir)))
+        failure: BaseException | None = None
+        started_tracers = pushed = False
+        try:
+            self.step("Preflight", self.preflight)
+            self.step("StartCapture", self.start_capture)
+            pushed = True
+            self.step("PushScripts", self.push_scripts)
+            started_tracers = True
+            self.step("StartTracers", self.start_tracers)
+            self.step("RunScenario", self.run_scenario)
+        except BaseException as err:  # noqa: BLE001 - recorded, then teardown
+            failure = err
+            if isinstance(err, DeviceError):
+                self._lost(err)
+        # teardown always runs; each part on its own
+        if started_tracers:
+            self.step("StopTracers", self.stop_tracers, teardown=True)
+        self.step("StopCapture", self.stop_capture, teardown=True)
+        if pushed:
+            if self.step("PullArtifacts", self.pull_artifacts, teardown=True):
+                self.step("CleanupPhone", self.cleanup_phone, teardown=True)
+        if self.owns_capture and self.env.capture is not None:
+            try:
+                self.env.capture.stop()
+            except Exception:
+                pass
+        if failure is None and not self.m["errors"]:
+            try:
+                self.step("Label", self.label)
+                self.step("Export", self.export)
+            except BaseException as err:  # noqa: BLE001
+                failure = err
+        return self._finish(failure)
+
+    def _finish(self, failure: BaseException | None) -> SessionResult:
+        self.m["finished_at"] = _utc(time.time())
+        self.m["timings"] = {"duration_s": round(time.time() - self.t_start, 3)}
+        if failure is None and self.m["errors"]:
+            first = self.m["errors"][0]
+            failure = ControllerError(f"{first['step']}: {first['error']}")
+        if failure is None:
+            self.m["outcome"] = "completed"
+            self.write_manifest()
+            self.emit(ev.SessionFinished(self.session_id, str(self.run_dir), "ok"))
+            return SessionResult(self.session_id, self.run_dir, "completed", manifest=self.m)
+        stopped = isinstance(failure, ScenarioCancelled) or isinstance(failure, KeyboardInterrupt)
+        if isinstance(failure, FlowtruthError):
+            msg, hint = failure.message, failure.hint
+        else:
+            msg, hint = f"internal error: {type(failure).__name__}: {failure}", None
+            self.m["traceback"] = "".join(traceback.format_exception(failure))
+        self.m["outcome"] = "stopped" if stopped else "failed"
+        self.m["error"] = {"message": msg, "hint": hint, "type": type(failure).__name__}
+        self.write_manifest()
+        self.emit(ev.SessionFailed(self.session_id, str(self.run_dir), msg, hint or ""))
+        if isinstance(failure, (KeyboardInterrupt, SystemExit)):
+            raise failure
+        return SessionResult(self.session_id, self.run_dir, self.m["outcome"], msg, hint, self.m)
+
+
+def run_session(spec: SessionSpec, link: DeviceLink, env: Environment, sink: ev.Sink,
+                cancel: threading.Event | None = None) -> SessionResult:
+    """Run one session; never raises for a known failure (see the module docstring)."""
+    return Session(spec, link, env, sink, cancel or threading.Event()).run()
