@@ -6,8 +6,9 @@ capture, built once into benchmarks/data/campus_bench_<N>/ (N rotated files). Ea
 ingests every file into a fresh store (checksums, flows with MIRAGE statistics,
 Crypto-PAn, Parquet parts, the commit and the rotation join all count) and reports
 
-  wall time, packets/s in total and per worker, and each worker's peak RSS
-  (ru_maxrss, reported by the worker itself).
+  wall time, packets/s in total and per worker, each worker's peak RSS (ru_maxrss,
+  reported by the worker itself), and the file tasks' packets per CPU-second (robust to
+  other load on the machine; the wall-clock figures are not).
 
 Memory bounded regardless of file size: the same capture rotated into 2 and into 8
 files gives each worker 4x more packets per file; peak RSS should not grow with it.
@@ -18,6 +19,7 @@ files gives each worker 4x more packets per file; peak RSS should not grow with 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -45,17 +47,19 @@ def run(caps: Path, workers: int, key: Path) -> dict:
     from analysis.campus.ingest import FileIngested, ingest
 
     rss: dict[int, int] = {}
+    cpu = [0.0]
 
     def events(ev: object) -> None:
         if isinstance(ev, FileIngested):
             rss[ev.worker_pid] = max(rss.get(ev.worker_pid, 0), ev.worker_peak_rss_kb)
+            cpu[0] += ev.cpu_seconds
 
     with tempfile.TemporaryDirectory(dir=REPO / "benchmarks" / "data") as tmp:
         t0 = time.perf_counter()
         s = ingest(caps, Path(tmp) / "store", key, workers=workers, events=events)
         wall = time.perf_counter() - t0
     return {"wall": wall, "packets": s.packets, "flows": s.flows, "rss_mb": max(rss.values()) / 1024,
-            "joined": s.joined_flows}
+            "joined": s.joined_flows, "cpu": cpu[0]}
 
 
 def main() -> None:
@@ -84,8 +88,11 @@ def main() -> None:
             print(f"{workers} worker(s), {args.pieces} files: {r['packets']:,} packets, "
                   f"{r['flows']:,} flows ({r['joined']:,} boundary flows after joining) in "
                   f"{wall:.2f} s = {pps:,.0f} packets/s, {pps / workers:,.0f} per worker; "
-                  f"peak RSS per worker {max(x['rss_mb'] for x in runs):.0f} MB")
-        print(f"speed-up with 2 workers: {results[2] / results[1]:.2f}x")
+                  f"peak RSS per worker {max(x['rss_mb'] for x in runs):.0f} MB; "
+                  f"file tasks {r['packets'] / statistics.median(x['cpu'] for x in runs):,.0f} "
+                  f"packets per CPU-second")
+        print(f"speed-up with 2 workers: {results[2] / results[1]:.2f}x "
+              f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
         big = rotated(args.pcap, 2)
         r = run(big, 2, key)
         print(f"memory check, 2 files of {r['packets'] // 2:,} packets: peak RSS per worker "

@@ -63,6 +63,7 @@ class FileIngested:
     seconds: float
     worker_pid: int = 0
     worker_peak_rss_kb: int = 0  # the worker process's peak resident set so far
+    cpu_seconds: float = 0.0  # CPU time the worker spent on this file
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,7 @@ class FileResult:
     reason: str = ""
     pid: int = 0
     peak_rss_kb: int = 0
+    cpu_seconds: float = 0.0
 
 
 _CPAN: dict[str, CryptoPAn] = {}  # per worker process: key file -> anonymiser (and its cache)
@@ -206,6 +208,7 @@ def run_task(task: IngestTask) -> FileResult:
 def ingest_file(task: IngestTask) -> FileResult:
     """Worker body: one capture file to staged, anonymised Parquet parts."""
     t0 = time.perf_counter()
+    c0 = time.process_time()
     st = os.stat(task.path)
     sha = sha256_file(task.path)
     if sha in task.known_sha256:
@@ -265,7 +268,8 @@ def ingest_file(task: IngestTask) -> FileResult:
 
     return FileResult(task.path, "ingested", record, str(staged), dict(stats.skipped), list(stats.warnings),
                       time.perf_counter() - t0, sha, pid=os.getpid(),
-                      peak_rss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+                      peak_rss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      cpu_seconds=time.process_time() - c0)
 
 
 # -- the coordinator --------------------------------------------------------------------
@@ -451,7 +455,7 @@ def _ingest(store: Store, tasks: list[IngestTask], sizes: dict[str, int], n_file
         summary.bytes += size
         summary.warnings.extend(f"{task.path}: {w}" for w in res.warnings)
         emit(FileIngested(task.path, size, rec.packets, rec.flows, res.seconds, res.pid,
-                          res.peak_rss_kb))
+                          res.peak_rss_kb, res.cpu_seconds))
     if join and touched:
         from .join import join_sequences
 
