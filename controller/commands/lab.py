@@ -1,0 +1,159 @@
+"""``flowtruth lab up|status|down|truth|score``: the virtual lab from the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+StateDirOpt = Annotated[
+    Optional[Path],  # noqa: UP045 - typer needs Optional at runtime on 3.11
+    typer.Option("--state-dir", help="Where lab.json lives (default /run/flowtruth)."),
+]
+
+
+def _print_step(step: str, detail: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False).print(f"[green]•[/] {step}: {detail}")
+
+
+def _running(state_dir: Path | None):  # type: ignore[no-untyped-def]
+    from controller.errors import LabError
+    from controller.lab.topology import Lab
+
+    lab = Lab.load(state_dir)
+    if lab is None:
+        raise LabError("no lab is up", hint="`flowtruth lab up` starts one")
+    return lab
+
+
+def up(
+    phones: Annotated[int, typer.Option("--phones", "-n", help="Number of phones (1-9).")] = 2,
+    adb_port: Annotated[
+        int, typer.Option("--adb-port", help="adb server port the phones are attached to.")
+    ] = 5037,
+    no_adb: Annotated[bool, typer.Option("--no-adb", help="Do not `adb connect` the phones.")] = False,
+    capture: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--capture", help="Also capture on the AP into this directory."),
+    ] = None,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Bring the virtual lab up: internet, access point and phones in network namespaces."""
+    import time
+
+    from controller.lab.topology import Lab
+
+    started = time.monotonic()
+    lab = Lab.up(phones=phones, adb_port=None if no_adb else adb_port, state_dir=state_dir,
+                 capture_dir=capture, sink=_print_step)  # fmt: skip
+    for p in lab.phones:
+        typer.echo(f"{p.name}: {p.config.model} {p.serial} ip {p.ip} ({p.netns})")
+    typer.echo(f"lab {lab.lab_id} up in {time.monotonic() - started:.1f} s; "
+               f"capture interface {lab.ap.interface} in {lab.ap.netns}; truth {lab.truth_path}")  # fmt: skip
+
+
+def status(
+    state_dir: StateDirOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Namespaces, daemons, phones with their adb state and running apps, capture."""
+    import json
+
+    from controller.lab.topology import Lab, stale_lab_ids
+
+    lab = Lab.load(state_dir)
+    if lab is None:
+        stale = stale_lab_ids()
+        if as_json:
+            typer.echo(json.dumps({"up": False, "stale": stale}))
+        else:
+            typer.echo("no lab is up" + (f"; stale leftovers of lab(s) {', '.join(stale)} "
+                                         "(`flowtruth lab down` removes them)" if stale else ""))  # fmt: skip
+        return
+    st = lab.status()
+    if as_json:
+        typer.echo(json.dumps(st, indent=2))
+        return
+    typer.echo(f"lab {st['lab_id']}: {st['status']}, workdir {st['workdir']}")
+    for ns, present in st["namespaces"].items():
+        typer.echo(f"  namespace {ns}: {'present' if present else 'MISSING'}")
+    for name, alive in st["processes"].items():
+        typer.echo(f"  {name}: {'running' if alive else 'NOT RUNNING'}")
+    for p in st["phones"]:
+        apps = ", ".join(f"{k} ({v})" for k, v in p["running"].items()) or "none"
+        typer.echo(f"  {p['name']} {p['model']} {p['serial']} adb={p['adb']} ip {p['ip']}; "
+                   f"apps started: {apps}; foreground: {p['foreground'] or '-'}")  # fmt: skip
+    cap = st["capture"]
+    typer.echo("  capture: " + (f"{'running' if cap['running'] else 'stopped'} in {cap['dir']}"
+                                if cap else f"none (run tcpdump -i {st['ap']['interface']} "
+                                f"in {st['ap']['netns']})"))  # fmt: skip
+
+
+def down(state_dir: StateDirOpt = None) -> None:
+    """Tear the lab down, and any stale lab a killed run left behind (idempotent)."""
+    import time
+
+    from controller.lab.topology import Lab
+
+    started = time.monotonic()
+    ids = Lab.down_all(state_dir, sink=_print_step)
+    if ids:
+        typer.echo(f"lab(s) {', '.join(ids)} down in {time.monotonic() - started:.1f} s")
+    else:
+        typer.echo("nothing was up")
+
+
+def truth(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Write truth.csv here.")] = Path(
+        "truth.csv"
+    ),
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Export the running lab's ground truth (every simulated-app socket) as CSV."""
+    from controller.lab.truth import read_truth, write_truth_csv
+
+    lab = _running(state_dir)
+    rows = read_truth(lab.truth_path)
+    write_truth_csv(rows, out)
+    typer.echo(f"{len(rows)} sockets -> {out}")
+
+
+def score(
+    labels: Annotated[Path, typer.Argument(help="labels.csv written by `flowtruth label`.")],
+    truth_file: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--truth", help="Truth file (default: the running lab's)."),
+    ] = None,
+    app: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--app", help="Score these apps only (repeatable)."),
+    ] = None,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Precision and recall per app of a labelling against the lab's truth."""
+    from controller.lab.truth import read_labels_csv, read_truth, score
+
+    path = truth_file or _running(state_dir).truth_path
+    result = score(read_labels_csv(labels), read_truth(path), apps=app or None)
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    for s in result.values():
+        typer.echo(f"{s.app}: precision {pct(s.precision)} ({s.correct}/{s.labelled}), "
+                   f"recall {pct(s.recall)} ({s.recalled}/{s.truth})")  # fmt: skip
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``lab`` command group."""
+    lab = typer.Typer(help="The virtual lab: phones, AP and internet in namespaces.",
+                      no_args_is_help=True)  # fmt: skip
+    lab.command("up")(up)
+    lab.command("status")(status)
+    lab.command("down")(down)
+    lab.command("truth")(truth)
+    lab.command("score")(score)
+    app.add_typer(lab, name="lab")
