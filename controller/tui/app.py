@@ -179,6 +179,10 @@ class FlowtruthApp(App[None]):
             self.set_interval(self.ap_interval, self.probe_ap_worker)
         self.set_interval(1.0, self.tick)
 
+    def on_unmount(self) -> None:
+        # However the app ends, a running engine is told to stop and tear down.
+        self.cancel.set()
+
     def tick(self) -> None:
         if self.state.running:
             self.refresh_parts({SESSION})
