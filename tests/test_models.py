@@ -174,11 +174,12 @@ def test_kfold_keeps_sessions_apart_and_pools_every_flow(dataset):
 def test_majority_baseline_scores_the_majority_share(dataset):
     from analysis.ml.evaluate import TrainConfig, run_protocol
 
-    m = run_protocol(dataset, "kfold", TrainConfig(kind="majority", permutation_repeats=0),
+    m = run_protocol(dataset, "kfold", TrainConfig(kind="majority", permutation_repeats=1),
                      folds=3).metrics
     share = (dataset.frame["app"] == "other").mean()
     assert m["accuracy"] == pytest.approx(share)
     assert m["per_class"]["WhatsApp"]["recall"] == 0
+    assert m["importance"]["permutation"]["finding"]["top_group"] is None
 
 
 def test_genre_task_has_roc_and_pr_curves(dataset):

@@ -223,6 +223,10 @@ def importance_finding(imp: dict[str, dict[str, float]]) -> dict[str, Any]:
         return max(d, key=lambda g: d[g])
 
     ranked = sorted(imp["group"], key=lambda g: imp["group"][g], reverse=True)
+    if not ranked or imp["group"][ranked[0]] <= 0:
+        return {"top_direction": None, "top_family": None, "top_group": None,
+                "group_ranking": [], "upstream_payload_first": False,
+                "note": "no feature group changes this model's predictions"}
     top = ranked[0]
     return {"top_direction": first(imp["direction"]), "top_family": first(imp["family"]),
             "top_group": top, "group_ranking": ranked,

@@ -190,6 +190,9 @@ def finding_text(imp: dict[str, Any]) -> str:
         f = imp.get(kind, {}).get("finding")
         if not f:
             continue
+        if f.get("top_group") is None:
+            parts.append(f"By {kind} importance: {html.escape(f.get('note', 'no ranking'))}.")
+            continue
         verdict = ("confirms" if f["upstream_payload_first"] else "does not confirm")
         parts.append(f"By {kind} importance the top group is <b>{html.escape(f['top_group'])}"
                      f"</b> (top direction {html.escape(f['top_direction'])}, top family "

@@ -127,7 +127,7 @@ def _headline(m: dict) -> str:
         s += f", ROC AUC {m['binary']['roc']['auc']:.3f}"
     f = m.get("importance", {}).get("permutation", {}).get("finding") or \
         m.get("importance", {}).get("impurity", {}).get("finding")
-    if f:
+    if f and f.get("top_group"):
         s += f"; top feature group: {f['top_group']}"
     return s
 
