@@ -52,7 +52,13 @@ def campus(shared_data, tmp_path_factory):
     res = run("campus", "keygen", str(key))
     assert key.read_text().strip() not in res.stdout + res.stderr
     store = root / "store"
-    res = run("campus", "ingest", str(caps), "--store", str(store), "--key", str(key), "-j", "2")
+    # a real Dask scheduler and two worker processes on loopback, reached by address
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        res = run("campus", "ingest", str(caps), "--store", str(store), "--key", str(key),
+                  "--scheduler", cluster.scheduler_address)
     assert f"{len(CAPTURES)} file(s) ingested" in res.stdout
     return root, caps, key, store
 
