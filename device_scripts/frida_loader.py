@@ -83,6 +83,18 @@ def _frida() -> Any:
     return frida
 
 
+def _frida_errors() -> tuple[type[BaseException], ...]:
+    """Every exception class the frida bindings raise (they share no base class)."""
+    frida = _frida()
+    names = (
+        "AddressInUseError ExecutableNotFoundError ExecutableNotSupportedError "
+        "InvalidArgumentError InvalidOperationError NotSupportedError OperationCancelledError "
+        "PermissionDeniedError ProcessNotFoundError ProcessNotRespondingError ProtocolError "
+        "RPCException ServerNotRunningError TimedOutError TransportError"
+    ).split()
+    return tuple(getattr(frida, n) for n in names if isinstance(getattr(frida, n, None), type))
+
+
 def get_device(spec: str = "local") -> Any:
     """A frida device: ``local``, ``usb`` or a device id as ``frida-ls-devices`` lists it."""
     frida = _frida()
@@ -92,7 +104,7 @@ def get_device(spec: str = "local") -> Any:
         if spec == "usb":
             return frida.get_usb_device(timeout=5)
         return frida.get_device(spec, timeout=5)
-    except (frida.InvalidArgumentError, frida.TimedOutError, frida.ServerNotRunningError) as e:
+    except _frida_errors() as e:
         raise FridaTracerError(f"frida device {spec!r} not available: {e}") from e
 
 
@@ -154,24 +166,22 @@ class FridaTracer:
             if spawned:
                 device.resume(self.pid)
         except frida.ProcessNotFoundError as e:
-            self._cleanup()
+            self._abort(device, spawned)
             raise FridaTracerError(f"no process with pid {self.pid}") from e
         except frida.PermissionDeniedError as e:
-            self._cleanup()
+            self._abort(device, spawned)
             raise FridaTracerError(
                 f"frida may not attach to pid {self.pid}: {e}",
                 hint="run as root, or lower /proc/sys/kernel/yama/ptrace_scope",
             ) from e
         except (frida.ExecutableNotFoundError, frida.NotSupportedError) as e:
-            self._cleanup()
+            self._abort(device, spawned)
             raise FridaTracerError(f"frida cannot instrument {self.argv or self.pid}: {e}") from e
-        except (
-            frida.TransportError,
-            frida.InvalidOperationError,
-            frida.ProcessNotRespondingError,
-        ) as e:
-            self._cleanup()
-            raise FridaTracerError(f"frida lost pid {self.pid} while starting: {e}") from e
+        except _frida_errors() as e:  # timeouts, lost transport, RPC failures, ...
+            self._abort(device, spawned)
+            raise FridaTracerError(
+                f"frida failed on pid {self.pid} while starting: {type(e).__name__}: {e}"
+            ) from e
         if not self.info.get("hooks"):
             self.stop()
             raise FridaTracerError(f"the agent found no libc socket functions in pid {self.pid}")
@@ -204,6 +214,20 @@ class FridaTracer:
         self.stop()
 
     # -- callbacks (frida's thread) ----------------------------------------------------
+
+    def _abort(self, device: Any, spawned: bool) -> None:
+        """Undo a failed start: detach, and kill a process we spawned (it is suspended)."""
+        if self._session is not None:
+            try:
+                self._session.detach()
+            except Exception:
+                pass
+        if spawned and self.pid is not None:
+            try:
+                device.kill(self.pid)
+            except Exception:
+                pass
+        self._cleanup()
 
     def _cleanup(self) -> None:
         self._script = None
@@ -310,11 +334,10 @@ class FridaPackageTracer:
 
     def processes(self) -> dict[int, str]:
         """The package's processes on the device now: pid -> name."""
-        frida = _frida()
         try:
             procs = self._device.enumerate_processes()
-        except (frida.TransportError, frida.ServerNotRunningError) as e:
-            raise FridaTracerError(f"frida lost the device: {e}") from e
+        except _frida_errors() as e:
+            raise FridaTracerError(f"frida could not list the device's processes: {e}") from e
         prefix = self.package + ":"
         return {p.pid: p.name for p in procs if p.name == self.package or p.name.startswith(prefix)}
 
@@ -347,6 +370,8 @@ class FridaPackageTracer:
                 self.scan()
             except FridaTracerError as e:
                 self.errors.append(e.one_line())
+            except Exception as e:  # keep following the package; report, never crash
+                self.errors.append(f"scan failed: {type(e).__name__}: {e}")
 
 
 # -- command line --------------------------------------------------------------------------

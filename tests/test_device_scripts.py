@@ -518,7 +518,10 @@ def test_launcher_traces_every_process_and_follows_an_app_restart(
     stats = ParseStats()
     obs = list(iter_socket_observations(log, stats=stats))
     assert any(o.kind == "connect" and o.remote_port == server.port for o in obs)
-    assert stats.n_skipped == 0, stats.skipped
+    # A call under way when strace detached ends the log as "... <detached ...>"; the
+    # parser may count that one line as damaged. Nothing else may be.
+    detached = sum(1 for x in log.read_text().splitlines() if x.endswith("<detached ...>"))
+    assert stats.n_skipped <= detached, (stats.skipped, log.read_text().splitlines()[-4:])
 
 
 def test_launcher_secondary_role_and_exclude_file_leave_pids_untraced(
