@@ -366,12 +366,45 @@ exec 3<&0
 wait $!
 """
 
-SHIM = """#!{python} -S
-import sys
-sys.path.insert(0, {repo!r})
-from controller.lab.toolbox_runtime import run_tool
-sys.exit(run_tool({name!r}, sys.argv[1:]))
+# The tool itself runs without libfaketime (it applies the phone's clock offset itself,
+# and libfaketime breaks Python's sleeps); commands it starts (su -c ...) get it back.
+SHIM = """#!/bin/sh
+if [ -n "$LD_PRELOAD" ]; then export FLOWTRUTH_FT_PRELOAD="$LD_PRELOAD"; unset LD_PRELOAD; fi
+FLOWTRUTH_FAKETIME=0 exec {python} -S -c {code} "$@"
 """
+SHIM_CODE = (
+    "import sys; sys.path.insert(0, {repo}); "
+    "from controller.lab.toolbox_runtime import run_tool; "
+    "sys.exit(run_tool({name}, sys.argv[1:]))"
+)
+
+def libfaketime_path() -> str | None:
+    """Debian's libfaketime (package ``faketime``), if installed."""
+    import glob
+
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
+    return found[0] if found else None
+
+
+def faketime_environment(offset_s: float) -> dict[str, str]:
+    """Environment that shifts the wall clock of a phone's commands by its offset.
+
+    On a real phone every program (strace -ttt, date, the netstat poller) reads the
+    phone's clock. A lab phone shares the host's clock, so commands run through adb get
+    libfaketime preloaded: strace's timestamps then carry the phone's offset exactly
+    like a real phone's. Monotonic clocks stay real, so sleeps and timeouts are unaffected.
+    Without libfaketime only the toolbox's own ``date`` applies the offset.
+    """
+    lib = libfaketime_path()
+    if not offset_s or lib is None:
+        return {}
+    return {
+        "LD_PRELOAD": lib,
+        "FAKETIME": f"{offset_s:+.6f}s",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        rt.FAKETIME_ENV: "1",
+    }
+
 
 _REWRITE = re.compile(r"(?<![\w/.])(/data/local/tmp|/sdcard|/storage/emulated/0)(?=/|\b|$)")
 
@@ -478,7 +511,8 @@ class Toolbox:
         python = sys.executable
         for name in rt.TOOLS:
             shim = self.bin_dir / name
-            shim.write_text(SHIM.format(python=python, repo=str(REPO_ROOT), name=name))
+            code = SHIM_CODE.format(repo=json.dumps(str(REPO_ROOT)), name=json.dumps(name))
+            shim.write_text(SHIM.format(python=shlex.quote(python), code=shlex.quote(code)))
             shim.chmod(0o755)
         for name, text in (("enter.sh", ENTER_SH), ("run.sh", RUN_SH)):
             script = self.state_dir / name
@@ -508,6 +542,7 @@ class Toolbox:
             rt.UID_ENV: "2000",
             "FLOWTRUTH_MOUNTNS": "1" if self.use_mount_namespace else "0",
         }
+        env.update(faketime_environment(self.config.clock_offset_s))
         return env
 
     def rewrite(self, command: str) -> str:

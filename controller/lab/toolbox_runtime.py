@@ -114,16 +114,29 @@ def update_state(state_dir: str | os.PathLike[str], change: Callable[[dict[str, 
     return result
 
 
+FAKETIME_ENV = "FLOWTRUTH_FAKETIME"  # "1" when libfaketime shifts this process's clock
+_FAKED = os.environ.get(FAKETIME_ENV) == "1"
+
+
 def device_time(state: dict[str, Any]) -> float:
     """The phone's wall clock: the host's clock plus the phone's offset."""
+    if _FAKED:
+        return time.time()  # libfaketime already applies the offset in this process
     return time.time() + float(state.get("clock_offset_s", 0.0))
+
+
+def host_time(state: dict[str, Any]) -> float:
+    """The host's (AP's) wall clock, also from inside a faketime-shifted command."""
+    if _FAKED:
+        return time.time() - float(state.get("clock_offset_s", 0.0))
+    return time.time()
 
 
 def append_input_event(state_dir: str, state: dict[str, Any], kind: str, args: list[str]) -> None:
     """Append one ``input`` event (device and host time) to the phone's input log."""
     record = {
         "device_time": device_time(state),
-        "host_time": time.time(),
+        "host_time": host_time(state),
         "kind": kind,
         "args": args,
     }
@@ -983,6 +996,10 @@ HANDLERS: dict[str, Callable[[Tool], int]] = {
 
 def run_tool(name: str, args: list[str]) -> int:
     """Run one toolbox command the way a shim invokes it; returns the exit status."""
+    preload = os.environ.pop("FLOWTRUTH_FT_PRELOAD", None)
+    if preload:  # the shim ran us without libfaketime; what we start gets it back
+        os.environ["LD_PRELOAD"] = preload
+        os.environ[FAKETIME_ENV] = "1"
     state_dir = os.environ.get(STATE_ENV)
     if not state_dir or not os.path.exists(state_path(state_dir)):
         print(f"{name}: phone state not found (is {STATE_ENV} set?)", file=sys.stderr)
