@@ -117,7 +117,12 @@ class AdbDeviceLink:
 
     def pull(self, remote: str, local: Path, timeout: float = DEFAULT_TIMEOUT_S) -> int:
         try:
+            st = self._device.sync.stat(remote)
+            if st.mode == 0:  # adb's STAT answers zeros for a missing file
+                raise DeviceError(f"{self.serial}: pull {remote}: no such file on the phone")
             return int(self._device.sync.pull(remote, str(local)))
+        except DeviceError:
+            raise
         except Exception as err:
             raise self._fail(f"pull {remote}", err) from None
 
@@ -189,6 +194,17 @@ class RecordingDeviceLink:
 
     def shell(self, command: str, timeout: float = DEFAULT_TIMEOUT_S) -> ShellResult:
         self._tick("shell", command)
+        sep = f"; echo {MARK}; "
+        if sep in command:  # shell_many: answer each part as if run alone
+            outs = []
+            for part in command.split(sep):
+                inner = part.strip().removeprefix("{ ").removesuffix("; } 2>/dev/null")
+                outs.append(self._answer(inner).stdout.rstrip("\n"))
+            return ShellResult(command, 0, "".join(o + "\n" + MARK + "\n" for o in outs[:-1])
+                               + outs[-1] + "\n")
+        return self._answer(command)
+
+    def _answer(self, command: str) -> ShellResult:
         for pattern, resp in self.responses:
             if re.search(pattern, command):
                 if callable(resp):

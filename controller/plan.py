@@ -106,6 +106,9 @@ class Plan(_M):
     label: LabelOptions = Field(default_factory=LabelOptions)
     adb: AdbOptions = Field(default_factory=AdbOptions)
 
+    only_keys: list[str] | None = None
+    """Run only the sessions with these keys (``<device>_<app>_<activity>_r<N>``)."""
+
     path: Path | None = Field(default=None, exclude=True)
 
     @field_validator("devices")
@@ -132,7 +135,16 @@ class Plan(_M):
         p = Path(self.output)
         return p if p.is_absolute() else self.base_dir() / p
 
-    def sessions(self, serials: dict[str, str] | None = None) -> list[SessionSpec]:
+    @property
+    def sessions(self) -> list[SessionSpec]:
+        """Every session (serials as the plan names them)."""
+        return self.session_specs()
+
+    def only(self, keys: list[str]) -> Plan:
+        """The same plan restricted to the sessions with these keys."""
+        return self.model_copy(update={"only_keys": list(keys)})
+
+    def session_specs(self, serials: dict[str, str] | None = None) -> list[SessionSpec]:
         """Every session, grouped by device in plan order."""
         sdir = None
         if self.scenario_dir:
@@ -153,6 +165,8 @@ class Plan(_M):
                             seed=self.seed * 1000003 + n, wait_scale=self.wait_scale,
                             device_name=d.name or d.serial.replace("lab:", ""), ip=d.ip,
                             scenario_dir=sdir))
+        if self.only_keys is not None:
+            out = [s for s in out if s.key in set(self.only_keys)]
         return out
 
 
@@ -224,7 +238,7 @@ def completed_keys(runs_root: Path) -> set[str]:
             continue
         if isinstance(data, dict) and data.get("outcome") == "completed":
             name = m.parent.name
-            done.add(name.split("_", 1)[1] if "_" in name else name)
+            done.add(str(data.get("session_id") or name.split("_", 1)[-1]))
     return done
 
 
@@ -241,8 +255,12 @@ def run_plan(plan: Plan, env: Environment, sink: ev.Sink, cancel: threading.Even
     One AP capture (``env.capture``) is started for the batch and stopped at the end.
     """
     cancel = cancel or threading.Event()
-    specs = plan.sessions(serials)
+    specs = plan.session_specs(serials if serials is not None else env.serials)
     result = PlanResult()
+    for s in specs:
+        if s.serial.startswith("lab:"):
+            raise ConfigError(f"{plan.path or 'plan'}: field devices: {s.serial} is a virtual-lab "
+                              "phone, but no lab is in use", hint="run with --lab")
     if resume:
         done = completed_keys(Path(env.runs_root))
         todo = []

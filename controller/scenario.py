@@ -88,6 +88,8 @@ class Tap(Selector):
     retries: int = Field(default=5, ge=0)
     """Further dumps while the node is missing or uiautomator is not idle."""
     long: bool = False
+    optional: bool = False
+    """Skip the tap when the node is not there (e.g. a contact list the app skipped)."""
 
 
 class TypeText(_M):
@@ -407,7 +409,9 @@ class ScenarioRunner:
         return None
 
     def _do_tap(self, a: Tap) -> str:
-        n = self._locate(a, a.retries)
+        n = self._locate(a, 0 if a.optional else a.retries)
+        if n is None and a.optional:
+            return "not on screen; skipped"
         if n is None:
             raise ScenarioFailed(f"{self.link.serial}: no node with {a.describe()} on screen",
                                  hint="check the selector against `uiautomator dump`")

@@ -264,6 +264,17 @@ class SessionSpec:
     scenario_dir: Path | None = None
 
     @property
+    def session_id(self) -> str:
+        """The id events carry (same as :attr:`key`; unique within a plan)."""
+        return self.key
+
+    @property
+    def package(self) -> str:
+        from controller.scenario import APPS
+
+        return APPS.get(self.app, self.app)
+
+    @property
     def key(self) -> str:
         """``<device>_<package-or-app>_<activity>_r<N>``: names the run dir (without its stamp)."""
         dev = re.sub(r"[^A-Za-z0-9.-]+", "-", self.device_name or self.serial).strip("-")
@@ -291,6 +302,29 @@ class Environment:
     """Seconds kept before and after the session's window in its capture split."""
     capture_flush_s: float = 0.3
     require_root: bool = True
+    serials: dict[str, str] = field(default_factory=dict)
+    """Plan device names (``lab:phone1``) to adb serials."""
+    ips: dict[str, str] = field(default_factory=dict)
+    """adb serial to the phone's address at the AP, when known beforehand (the lab)."""
+
+    @classmethod
+    def for_lab(cls, lab: Any, runs_root: Path | str = "runs", **kw: Any) -> Environment:
+        """The environment of a running virtual lab (``controller.lab.topology.Lab``): its
+        adb server, tcpdump on its AP bridge inside the AP namespace, its phones by name."""
+        from controller.device import adb_client
+
+        if lab.adb_port is None:
+            raise ControllerError("the virtual lab has no adb server port",
+                                  hint="flowtruth lab up")
+        runs = Path(runs_root)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        cap = TcpdumpCapture(lab.ap.interface, runs / f"_capture_{stamp}", netns=lab.ap.netns)
+        serials: dict[str, str] = {}
+        for p in lab.phones:
+            for name in (p.name, f"lab:{p.name}", p.config.serial, f"lab:{p.config.serial}"):
+                serials[name] = p.serial
+        return cls(runs_root=runs, client=adb_client(int(lab.adb_port)), capture=cap,
+                   serials=serials, ips={p.serial: p.ip for p in lab.phones}, **kw)
 
 
 @dataclass
@@ -374,9 +408,9 @@ class Session:
         self.spec, self.link, self.env, self.sink, self.cancel = spec, link, env, sink, cancel
         self.t_start = time.time()
         stamp = _dt.datetime.fromtimestamp(self.t_start, _dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-        self.session_id = f"{stamp}_{spec.key}"
-        self.run_dir = Path(env.runs_root) / self.session_id
-        self.dev_dir = f"{env.device_dir}/{self.session_id}"
+        self.session_id = spec.key
+        self.run_dir = Path(env.runs_root) / f"{stamp}_{spec.key}"
+        self.dev_dir = f"{env.device_dir}/{self.run_dir.name}"
         self.facts: DeviceFacts | None = None
         self.owns_capture = False
         self.tracer_pids: dict[str, int] = {}
@@ -472,8 +506,8 @@ class Session:
         facts = read_facts(link)
         self.facts = facts
         dev = facts.to_manifest()
-        if spec.ip:
-            dev["ip"] = spec.ip
+        if spec.ip or self.env.ips.get(link.serial):
+            dev["ip"] = spec.ip or self.env.ips[link.serial]
         self.m["device"] = dev
         self.emit(ev.DeviceConnected(link.serial, facts.model, facts.manufacturer, facts.android,
                                      facts.abi, False))
@@ -506,8 +540,9 @@ class Session:
                 f"±{clock.uncertainty_s:.3f}; {len(warns)} warnings")
 
     def _addresses(self) -> list[str]:
-        if self.spec.ip:
-            return [self.spec.ip]
+        ip = self.spec.ip or self.env.ips.get(self.link.serial)
+        if ip:
+            return [ip]
         return list(self.facts.addresses) if self.facts else []
 
     def start_capture(self) -> str:
@@ -805,3 +840,11 @@ def run_session(spec: SessionSpec, link: DeviceLink, env: Environment, sink: ev.
                 cancel: threading.Event | None = None) -> SessionResult:
     """Run one session; never raises for a known failure (see the module docstring)."""
     return Session(spec, link, env, sink, cancel or threading.Event()).run()
+
+
+def run_plan(plan: Any, env: Environment, sink: ev.Sink, cancel: threading.Event | None = None,
+             resume: bool = False, **kw: Any) -> Any:
+    """:func:`controller.plan.run_plan` (here too, for front ends that import the engine)."""
+    from controller.plan import run_plan as _run_plan
+
+    return _run_plan(plan, env, sink, cancel, resume=resume, **kw)

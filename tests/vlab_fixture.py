@@ -5,7 +5,8 @@ a private real adb server, traffic-making "apps" and an echo server at the AP.
 The apps are Python processes in the phone namespace whose argv[0] and comm are the
 package name, running under the package's uid (as zygote gives them), so the real strace
 launcher finds them with ``pidof``; each talks TCP to its own port at the AP every 0.2 s.
-The phones' screens are seeded with the nodes the shipped scenarios tap.
+The phones' screens are seeded with the nodes the shipped scenarios tap (a conversation
+screen with call buttons and an "End call" button, like the lab's simulated apps).
 """
 
 from __future__ import annotations
@@ -106,23 +107,24 @@ def seed_screens(state_dir: Path, contact: str = "Alice") -> None:
     screens = {}
     for pkg, nodes in {
         "org.thoughtcrime.securesms": [
-            dict(text=contact, resource_id="org.thoughtcrime.securesms:id/conversation_list_item_name"),
+            dict(text=contact, resource_id="org.thoughtcrime.securesms:id/conversation_title_view"),
             dict(resource_id="org.thoughtcrime.securesms:id/embedded_text_editor"),
             dict(resource_id="org.thoughtcrime.securesms:id/send_button", content_desc="Send"),
             dict(resource_id="org.thoughtcrime.securesms:id/attach_button"),
-            dict(content_desc="Photo 1"), dict(content_desc="Call"),
-            dict(content_desc="Video call"), dict(content_desc="End call")],
+            dict(resource_id="org.thoughtcrime.securesms:id/menu_call_secure"),
+            dict(resource_id="org.thoughtcrime.securesms:id/menu_video_secure"),
+            dict(content_desc="End call")],
         "org.telegram.messenger": [
             dict(text=contact), dict(text="Message"), dict(content_desc="Send"),
-            dict(content_desc="Attach media"), dict(content_desc="Photo 1"),
-            dict(content_desc="Call"), dict(content_desc="Video call"),
-            dict(content_desc="End call")],
+            dict(content_desc="Attach media"), dict(content_desc="Call"),
+            dict(content_desc="Video call"), dict(content_desc="End call")],
         "com.whatsapp": [
-            dict(text=contact, resource_id="com.whatsapp:id/conversations_row_contact_name"),
+            dict(text=contact, resource_id="com.whatsapp:id/conversation_contact_name"),
             dict(resource_id="com.whatsapp:id/entry"), dict(resource_id="com.whatsapp:id/send"),
             dict(resource_id="com.whatsapp:id/input_attach_button"),
-            dict(content_desc="Photo 1"), dict(content_desc="Voice call"),
-            dict(content_desc="Video call"), dict(content_desc="End call")],
+            dict(resource_id="com.whatsapp:id/menuitem_voice_call"),
+            dict(resource_id="com.whatsapp:id/menuitem_video_call"),
+            dict(content_desc="End call")],
     }.items():
         kids = [_node(pkg, 200 + 100 * i, index=i, **n) for i, n in enumerate(nodes)]
         root = rt.make_node("android.widget.FrameLayout", pkg, (0, 0, 1080, 2400), children=kids)

@@ -1,0 +1,217 @@
+"""``flowtruth run PLAN.yaml [--lab] [--resume]``: a batch of sessions with live progress.
+
+Progress bars (the plan and each phone, with ETA) and a live status table (one row per
+phone: session, step, scenario step, last event) over the engine's events; a summary at
+the end; exit 1 when a session failed, 2 for a bad plan.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+
+class RichSink:
+    """Renders engine events as rich progress bars and a live status table."""
+
+    def __init__(self, console: Any, total: int = 0) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.console = console
+        self.lock = threading.Lock()
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TextColumn("ETA"), TimeRemainingColumn(), console=console)
+        self.plan_task = self.progress.add_task("plan", total=total or None)
+        self.device_tasks: dict[str, Any] = {}
+        self.rows: dict[str, dict[str, str]] = {}
+        self.session_serial: dict[str, str] = {}
+        self.finished: list[Any] = []
+        self.warnings: list[str] = []
+
+    def _row(self, serial: str) -> dict[str, str]:
+        return self.rows.setdefault(serial, {"session": "", "step": "", "scenario": "",
+                                             "last": "", "state": "idle"})
+
+    def __call__(self, e: Any) -> None:
+        from controller import events as ev
+
+        with self.lock:
+            if isinstance(e, ev.PlanStarted):
+                self.progress.update(self.plan_task, total=e.sessions,
+                                     description=f"plan {e.plan}")
+            elif isinstance(e, ev.PlanProgressed):
+                self.progress.update(self.plan_task, completed=e.done + e.failed + e.skipped)
+            elif isinstance(e, ev.SessionStarted):
+                self.session_serial[e.session_id] = e.serial
+                r = self._row(e.serial)
+                r.update(session=e.session_id, step="", scenario="", state="running")
+                if e.serial not in self.device_tasks:
+                    self.device_tasks[e.serial] = self.progress.add_task(
+                        f"  {e.serial}", total=len(_STEPS))
+                self.progress.update(self.device_tasks[e.serial], completed=0)
+            elif isinstance(e, ev.StepStarted):
+                serial = self.session_serial.get(e.session_id, "?")
+                self._row(serial)["step"] = e.step
+            elif isinstance(e, ev.StepFinished):
+                serial = self.session_serial.get(e.session_id, "?")
+                task = self.device_tasks.get(serial)
+                if task is not None and e.step in _STEPS:
+                    self.progress.update(task, completed=_STEPS.index(e.step) + 1)
+                if not e.ok:
+                    self._row(serial)["last"] = f"{e.step} failed: {e.detail}"[:80]
+            elif isinstance(e, ev.ScenarioStepStarted):
+                serial = self.session_serial.get(e.session_id, "?")
+                self._row(serial)["scenario"] = f"{e.index + 1}/{e.total} {e.description}"[:60]
+            elif isinstance(e, ev.PreflightWarned):
+                self.warnings.append(f"{e.serial}: {e.message} ({e.fix})")
+            elif isinstance(e, ev.FlowsLabelled):
+                serial = self.session_serial.get(e.session_id, "?")
+                self._row(serial)["last"] = (f"{e.flows} flows, {e.labelled} labelled, "
+                                             f"{e.ambiguous} ambiguous")
+            elif isinstance(e, ev.SessionFinished):
+                serial = self.session_serial.get(e.session_id, "?")
+                self._row(serial).update(state="done", scenario="")
+                self.finished.append(e)
+            elif isinstance(e, ev.SessionFailed):
+                serial = self.session_serial.get(e.session_id, "?")
+                self._row(serial).update(state="FAILED", last=e.error[:80], scenario="")
+                self.finished.append(e)
+            elif isinstance(e, ev.DeviceLost):
+                self._row(e.serial).update(state="LOST", last=e.reason[:80])
+            elif isinstance(e, ev.LogRecorded) and e.level != "info":
+                self.warnings.append(e.text)
+
+    def render(self) -> Any:
+        from rich.console import Group
+        from rich.table import Table
+
+        with self.lock:
+            t = Table(expand=True)
+            for c in ("device", "state", "session", "step", "scenario step", "last"):
+                t.add_column(c, overflow="fold")
+            for serial, r in sorted(self.rows.items()):
+                t.add_row(serial, r["state"], r["session"], r["step"], r["scenario"], r["last"])
+            return Group(self.progress, t)
+
+
+_STEPS = ("Preflight", "StartCapture", "PushScripts", "StartTracers", "RunScenario",
+          "StopTracers", "StopCapture", "PullArtifacts", "Label", "Export")
+
+
+def _lab_environment(plan: Any) -> Any:
+    from controller.errors import LabError
+
+    try:
+        from controller.lab.topology import Lab
+    except ImportError:
+        raise LabError("--lab: the virtual lab (controller.lab.topology) is not installed",
+                       hint="run without --lab against real phones") from None
+    lab = Lab.load()
+    if lab is None:
+        raise LabError("--lab: no virtual lab is running", hint="flowtruth lab up")
+    from controller.plan import environment_for
+    from controller.session import Environment
+
+    base = environment_for(plan.model_copy(update={"capture": plan.capture.model_copy(
+        update={"enabled": False})}))
+    return Environment.for_lab(lab, runs_root=base.runs_root, label=base.label,
+                               label_format=base.label_format, export_dir=base.export_dir)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("run")
+    def run(
+        plan_file: Annotated[Path, typer.Argument(metavar="PLAN.yaml", help="the plan: devices × apps × activities × repetitions")],
+        lab: Annotated[bool, typer.Option("--lab", help="use the running virtual lab (its phones, adb server and AP)")] = False,
+        resume: Annotated[bool, typer.Option("--resume", help="skip sessions whose run directory is already completed")] = False,
+        interface: Annotated[str | None, typer.Option("--interface", help="AP interface to capture on (overrides the plan)")] = None,
+        netns: Annotated[str | None, typer.Option("--netns", help="network namespace of the AP interface")] = None,
+        adb_port: Annotated[int | None, typer.Option("--adb-port", help="adb server port (overrides the plan)")] = None,
+        quiet: Annotated[bool, typer.Option("-q", "--quiet", help="no live display, one line per session")] = False,
+    ) -> None:
+        """Run a batch of sessions: phones in parallel over one AP capture."""
+        from rich.console import Console
+        from rich.live import Live
+        from rich.table import Table
+
+        from controller import events as ev
+        from controller.device import adb_client, connect, list_serials
+        from controller.plan import environment_for, load_plan, run_plan
+
+        plan = load_plan(plan_file)
+        if lab:
+            env = _lab_environment(plan)
+        else:
+            port = adb_port or plan.adb.port
+            client = adb_client(port, plan.adb.host)
+            known = {s for s, _ in list_serials(client)}
+            for d in plan.device_entries:
+                if ":" in d.serial and not d.serial.startswith("lab:") and d.serial not in known:
+                    connect(client, d.serial)
+            env = environment_for(plan, client=client, interface=interface, netns=netns)
+        console = Console(stderr=False)
+        sink = RichSink(console)
+        cancel = threading.Event()
+        box: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                box["result"] = run_plan(plan, env, out, cancel, resume=resume)
+            except BaseException as err:  # re-raised in the main thread
+                box["error"] = err
+
+        def out(e: ev.Event) -> None:
+            sink(e)
+            if quiet and isinstance(e, (ev.SessionFinished, ev.SessionFailed)):
+                line = (f"ok      {e.session_id}  {e.run_dir}" if isinstance(e, ev.SessionFinished)
+                        else f"FAILED  {e.session_id}  {e.error}")
+                console.print(line, highlight=False)
+
+        t = threading.Thread(target=work, name="plan", daemon=True)
+        t0 = time.monotonic()
+        try:
+            if quiet:
+                t.start()
+                while t.is_alive():
+                    t.join(0.2)
+            else:
+                with Live(sink.render(), console=console, refresh_per_second=4,
+                          transient=False) as live:
+                    t.start()
+                    while t.is_alive():
+                        t.join(0.25)
+                        live.update(sink.render())
+        except KeyboardInterrupt:
+            console.print("stopping: tearing down the running sessions ...")
+            cancel.set()
+            t.join()
+        if "error" in box:
+            raise box["error"]
+        res = box["result"]
+        summary = Table(title=f"{plan.name}: {len(res.results)} sessions run, "
+                              f"{len(res.failed)} failed, {len(res.skipped)} skipped "
+                              f"({time.monotonic() - t0:.0f} s)")
+        for c in ("session", "outcome", "run dir / reason"):
+            summary.add_column(c, overflow="fold")
+        for r in res.results:
+            summary.add_row(r.session_id, r.outcome,
+                            str(r.run_dir) if r.ok else f"{r.run_dir}\n{r.error}")
+        for k in res.skipped:
+            summary.add_row(k, "skipped", "completed before (--resume)")
+        console.print(summary)
+        for w in sink.warnings:
+            console.print(f"warning: {w}", highlight=False)
+        if res.failed or res.cancelled:
+            raise typer.Exit(1)

@@ -1,0 +1,274 @@
+"""Scenarios: the shipped files, the schema's errors, the runner over a recording fake, the
+``flowtruth scenario`` command, and a scenario played on an emulated phone through the
+real adb server (its input log shows the taps and text)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from controller.device import RecordingDeviceLink, ShellResult
+from controller.errors import ConfigError
+from controller.scenario import (
+    ACTIVITIES,
+    SCENARIO_DIR,
+    ScenarioCancelled,
+    ScenarioFailed,
+    ScenarioRunner,
+    escape_input_text,
+    load_scenario,
+    parse_screen,
+    scenario_for,
+)
+from controller.lab import toolbox_runtime as rt
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_screen(*nodes: dict[str, str]) -> str:
+    """A uiautomator dump with these nodes stacked 100 px apart."""
+    kids = [rt.make_node("android.widget.TextView", "x", (0, 100 * i, 200, 100 * i + 80),
+                         index=i, clickable=True, **n) for i, n in enumerate(nodes)]
+    return rt.make_hierarchy([rt.make_node("android.widget.FrameLayout", "x", (0, 0, 1080, 2400),
+                                           children=kids)])
+
+
+def write(tmp: Path, text: str) -> Path:
+    p = tmp / "s.yaml"
+    p.write_text(text)
+    return p
+
+
+BASE = "app: t\npackage: com.example.t\nactivity: com.example.t.Main\n"
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def test_shipped_scenarios_cover_every_app_and_activity() -> None:
+    for app, package in (("signal", "org.thoughtcrime.securesms"),
+                         ("telegram", "org.telegram.messenger"), ("whatsapp", "com.whatsapp")):
+        sc = scenario_for(app)
+        assert sc.package == package
+        assert set(ACTIVITIES) <= set(sc.activities)
+        assert scenario_for(package).path == sc.path
+        steps = sc.steps("chat", {"contact": "Bob", "message": "ciao"})
+        assert steps[0].kind == "launch"
+        texts = [s.args.text for s in steps if s.kind == "type"]
+        assert texts[0] == "ciao"
+        assert any(getattr(s.args, "text", None) == "Bob" for s in steps if s.kind == "tap")
+
+
+@pytest.mark.parametrize(("body", "match"), [
+    ("activities:\n  chat:\n    - jump: {}\n", r"activities\.chat\[0\]: unknown step 'jump'"),
+    ("activities:\n  chat:\n    - tap: {text: a, colour: red}\n",
+     r"activities\.chat\[0\]\.tap\.colour: Extra inputs"),
+    ("activities:\n  chat:\n    - tap: {index: 1}\n", r"chat\[0\]\.tap: .*selector needs"),
+    ("activities:\n  chat:\n    - wait: {seconds: soon}\n", r"chat\[0\]\.wait.*seconds"),
+    ("activities:\n  chat:\n    - wait: {seconds: 1, dwell: [3, 1]}\n", r"dwell"),
+    ("activities:\n  chat:\n    - type: {text: '{who}'}\n", r"parameter 'who' is not given"),
+    ("activities:\n  chat:\n    - {tap: {text: a}, key: {key: HOME}}\n", r"exactly one key"),
+    ("activities:\n  chat: []\n", r"activities\.chat: no steps"),
+    ("activities: {}\n", None),
+])
+def test_schema_errors_name_the_file_and_field(tmp_path: Path, body: str, match: str | None) -> None:
+    p = write(tmp_path, BASE + body)
+    if match is None:  # an empty activity table is allowed (nothing to run)
+        assert load_scenario(p).activities == {}
+        return
+    with pytest.raises(ConfigError, match=match) as ei:
+        load_scenario(p)
+    assert str(p) in ei.value.message
+
+
+def test_top_level_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="field package"):
+        load_scenario(write(tmp_path, "app: t\npackage: 'not a package'\nactivity: A\nactivities: {}\n"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_scenario(write(tmp_path, "app: [\n"))
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_scenario(write(tmp_path, "- 1\n"))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_scenario(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="no activity 'dance'"):
+        scenario_for("signal").steps("dance")
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+def scenario(tmp: Path, steps: str, params: str = "") -> tuple:
+    sc = load_scenario(write(tmp, BASE + params + "activities:\n  a:\n" + steps))
+    return sc, sc.steps("a")
+
+
+def test_tap_by_selector_retries_while_uiautomator_is_not_idle(tmp_path: Path) -> None:
+    sc, steps = scenario(tmp_path, "    - tap: {resource_id: 'com.example.t:id/send'}\n"
+                                   "    - tap: {content_desc: '~^Photo', index: 1}\n")
+    screen = make_screen({"text": "Alice"}, {"resource_id": "com.example.t:id/send"},
+                         {"content_desc": "Photo 1"}, {"content_desc": "Photo 2"})
+    answers = iter(["ERROR: could not get idle state.", screen, screen])
+    link = RecordingDeviceLink().on(r"^uiautomator dump", lambda _c: next(answers))
+    ScenarioRunner(link, sc, retry_delay=0).run(steps)
+    taps = [c for c in link.commands if c.startswith("input tap")]
+    assert taps == ["input tap 100 140", "input tap 100 340"]
+    assert sum(c.startswith("uiautomator") for c in link.commands) == 3
+
+
+def test_missing_node_fails_optional_node_is_skipped(tmp_path: Path) -> None:
+    sc, steps = scenario(tmp_path, "    - tap: {text: Bob, optional: true}\n"
+                                   "    - tap: {text: Bob, retries: 2}\n")
+    link = RecordingDeviceLink().on(r"^uiautomator dump", make_screen({"text": "Alice"}))
+    r = ScenarioRunner(link, sc, retry_delay=0)
+    with pytest.raises(ScenarioFailed, match="no node with text='Bob'"):
+        r.run(steps)
+    assert r.log[0]["detail"] == "not on screen; skipped"
+    assert sum(c.startswith("uiautomator") for c in link.commands) == 1 + 3
+
+
+def test_type_escapes_text_and_sends_non_ascii_through_the_ime(tmp_path: Path) -> None:
+    sc, steps = scenario(tmp_path, "    - type: {text: \"it's 100% ok; rm -rf /\", enter: true}\n"
+                                   "    - type: {text: 'ciao, città 👋'}\n"
+                                   "    - key: {key: HOME}\n    - key: {key: '4'}\n"
+                                   "    - swipe: {x1: 1, y1: 2, x2: 3, y2: 4}\n"
+                                   "    - launch: {}\n    - stop: {}\n")
+    link = RecordingDeviceLink().on(r"^am start", "Status: ok\nTotalTime: 321\nComplete\n")
+    ScenarioRunner(link, sc).run(steps)
+    cmds = link.commands
+    assert cmds[0] == "input text " + escape_input_text("it's 100% ok; rm -rf /")
+    import shlex
+
+    assert shlex.split(cmds[0])[2] == "it's%s100\\%%sok;%srm%s-rf%s/"
+    assert cmds[1] == "input keyevent KEYCODE_ENTER"
+    assert cmds[2].startswith("am broadcast -a ADB_INPUT_B64 --es msg ")
+    import base64
+
+    assert base64.b64decode(shlex.split(cmds[2])[-1]).decode() == "ciao, città 👋"
+    assert cmds[3:6] == ["input keyevent KEYCODE_HOME", "input keyevent 4",
+                         "input swipe 1 2 3 4 300"]
+    assert cmds[6] == "am start -W -n com.example.t/com.example.t.Main"
+    assert cmds[7] == "am force-stop com.example.t"
+
+
+def test_a_failing_command_and_a_missing_app_are_scenario_failures(tmp_path: Path) -> None:
+    sc, steps = scenario(tmp_path, "    - launch: {}\n")
+    link = RecordingDeviceLink().on(r"^am start", "Error type 3\nError: Activity class "
+                                                  "{com.example.t/.Main} does not exist.\n")
+    with pytest.raises(ScenarioFailed, match="does not exist"):
+        ScenarioRunner(link, sc).run(steps)
+    sc, steps = scenario(tmp_path, "    - key: {key: BACK}\n")
+    link = RecordingDeviceLink().on(r"^input", ShellResult("", 1, "", "Error: injection failed"))
+    with pytest.raises(ScenarioFailed, match="injection failed"):
+        ScenarioRunner(link, sc).run(steps)
+
+
+def test_waits_use_a_seeded_dwell_and_cancel_interrupts_them(tmp_path: Path) -> None:
+    sc, steps = scenario(tmp_path, "    - wait: {seconds: '{w}', dwell: [0, 0.05]}\n",
+                         params="params: {w: '0.01'}\n")
+    logs = []
+    for _ in range(2):
+        r = ScenarioRunner(RecordingDeviceLink(), sc, seed=7)
+        r.run(steps)
+        logs.append(r.log[0]["detail"])
+    assert logs[0] == logs[1]
+    sc, steps = scenario(tmp_path, "    - wait: {seconds: 30}\n    - key: {key: HOME}\n")
+    cancel = threading.Event()
+    link = RecordingDeviceLink()
+    threading.Timer(0.2, cancel.set).start()
+    t0 = time.monotonic()
+    with pytest.raises(ScenarioCancelled):
+        ScenarioRunner(link, sc, cancel=cancel).run(steps)
+    assert time.monotonic() - t0 < 5
+    assert link.commands == []
+
+
+def test_assert_present_and_absent(tmp_path: Path) -> None:
+    sc, steps = scenario(tmp_path, "    - assert: {text: Alice}\n"
+                                   "    - assert: {text: Bob, absent: true}\n"
+                                   "    - assert: {text: Alice, absent: true, retries: 1}\n")
+    link = RecordingDeviceLink().on(r"^uiautomator dump", make_screen({"text": "Alice"}))
+    with pytest.raises(ScenarioFailed, match="still on screen"):
+        ScenarioRunner(link, sc, retry_delay=0).run(steps)
+    assert parse_screen("garbage") == []
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "controller.cli", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_cli_scenario_check(tmp_path: Path) -> None:
+    ok = _cli("scenario", "check", *map(str, sorted(SCENARIO_DIR.glob("*.yaml"))))
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.count(": ok: ") == 3
+    bad = write(tmp_path, BASE + "activities:\n  chat:\n    - tap: {txt: Alice}\n")
+    r = _cli("scenario", "check", str(bad))
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"flowtruth: error: {bad}: field activities.chat[0].tap.txt: "
+                                "Extra inputs are not permitted")
+    assert "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def phone() -> Iterator[tuple]:
+    adb = shutil.which("adb")
+    if adb is None:
+        pytest.skip("the Debian adb package is not installed")
+    from controller.device import AdbDeviceLink, adb_client, connect
+    from controller.lab.adbd import EmulatedAdbd
+    from controller.lab.toolbox import xiaomi_poco_x3_pro
+    from tests.vlab_fixture import seed_screens
+
+    with tempfile.TemporaryDirectory(prefix="flowtruth-sctest-") as d:
+        home = Path(d) / "home"
+        home.mkdir()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = dict(os.environ, HOME=str(home), ANDROID_USER_HOME=str(home / ".android"),
+                   TMPDIR=str(home))
+        run = lambda *a: subprocess.run([adb, "-P", str(port), *a], env=env, timeout=30,  # noqa: E731
+                                        capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        assert run("start-server").returncode == 0
+        adbd = EmulatedAdbd(xiaomi_poco_x3_pro(), "127.0.0.1", 0, Path(d) / "phone").start()
+        try:
+            seed_screens(adbd.state_dir, contact="Zoë")
+            client = adb_client(port)
+            yield adbd, AdbDeviceLink(client, connect(client, adbd.address))
+        finally:
+            run("disconnect", adbd.address)
+            adbd.stop()
+            run("kill-server")
+
+
+def test_e2e_chat_scenario_on_an_emulated_phone(phone) -> None:  # type: ignore[no-untyped-def]
+    adbd, link = phone
+    sc = scenario_for("whatsapp")
+    steps = sc.steps("chat", {"contact": "Zoë", "message": "hi there"})
+    seen = []
+    ScenarioRunner(link, sc, wait_scale=0.01,
+                   on_step=lambda i, n, d: seen.append((i, n))).run(steps)
+    assert seen == [(i, len(steps)) for i in range(len(steps))]
+    state = rt.read_state(adbd.state_dir)
+    assert state["foreground"]["package"] == "com.whatsapp"
+    events = [json.loads(x) for x in (adbd.state_dir / rt.INPUT_LOG).read_text().splitlines()]
+    kinds = [(e.get("kind"), e.get("args")) for e in events]
+    assert ("text", ["hi there"]) in kinds and ("text", ["hi there (2)"]) in kinds
+    assert sum(k == "tap" for k, _ in kinds) == 3  # editor, send, send (no contact list)
