@@ -253,3 +253,27 @@ def test_a_dask_cluster_of_worker_processes_ingests_and_scores_like_one_process(
     assert predictions(tmp_path / "dask") == predictions(tmp_path / "local")
     again = predict_store(tmp_path / "local", model)
     assert again.flows == 0 and again.skipped == local_scores.parts
+
+
+def test_a_coordinator_that_died_before_joining_is_finished_by_the_next_run(mixed_dir, tmp_path,
+                                                                             key):
+    from analysis.assemble import FlowOptions
+    from analysis.campus.ingest import find_captures
+    from analysis.campus.store import Store
+
+    store = Store(tmp_path / "store", create=True)
+    ingest(mixed_dir, tmp_path / "store", key, workers=1)  # records the key
+    # commit every file of a second sequence, as a coordinator does, then "die"
+    rot = tmp_path / "rot"
+    split_pcap(mixed_dir / "telegram.pcap", rot, 3)
+    for p in find_captures(rot):
+        res = run_task(IngestTask(str(p.resolve()), str(store.root), str(key),
+                                  str(rot.resolve()), FlowOptions()))
+        store.commit(res.record, Path(res.staged))
+    assert store.unjoined() == {str(rot.resolve())}
+    summary = ingest(rot, tmp_path / "store", key)
+    assert summary.ingested == 0 and summary.joined_flows > 0 and not store.unjoined()
+    clean = tmp_path / "clean"
+    ingest(mixed_dir, clean, key)
+    ingest(rot, clean, key)
+    assert list(rows(tmp_path / "store").flow_id) == list(rows(clean).flow_id)

@@ -215,7 +215,7 @@ def ingest_file(task: IngestTask) -> FileResult:
         return FileResult(task.path, "duplicate", None, None, seconds=time.perf_counter() - t0,
                           sha256=sha)
     cpan = _anonymiser(task.key_file)
-    store = Store(task.store)
+    store = Store(task.store, worker=True)
     fid = file_id(sha)
     staged = store.staging_dir(fid)
     staged.mkdir(parents=True, exist_ok=True)
@@ -424,7 +424,6 @@ def _ingest(store: Store, tasks: list[IngestTask], sizes: dict[str, int], n_file
     summary = IngestSummary(files=n_files)
     emit(IngestStarted(n_files, sum(sizes.values()), already))
     summary.skipped = already
-    touched: set[str] = set()
     seen_sha: set[str] = set(known)
     by_path = {t.path: t for t in tasks}
     for res in runner.run(run_task, tasks):
@@ -448,7 +447,6 @@ def _ingest(store: Store, tasks: list[IngestTask], sizes: dict[str, int], n_file
         seen_sha.add(rec.sha256)
         if sink is not None:
             sink.write_parts(store, rec.parts)
-        touched.add(rec.sequence)
         summary.ingested += 1
         summary.packets += rec.packets
         summary.flows += rec.flows
@@ -456,11 +454,13 @@ def _ingest(store: Store, tasks: list[IngestTask], sizes: dict[str, int], n_file
         summary.warnings.extend(f"{task.path}: {w}" for w in res.warnings)
         emit(FileIngested(task.path, size, rec.packets, rec.flows, res.seconds, res.pid,
                           res.peak_rss_kb, res.cpu_seconds))
-    if join and touched:
+    touched = store.unjoined() if join else set()  # this run's and any a crash left
+    if touched:
         from .join import join_sequences
 
         pieces, flows, written = join_sequences(store, touched, options.idle_timeout,
                                                 runner.run)
+        store.mark_joined(touched)
         summary.joined_flows = flows
         if sink is not None:
             sink.write_parts(store, written)

@@ -252,7 +252,7 @@ def join_bucket(task: JoinTask) -> JoinResult:
     """Fold one bucket's pieces and stage its ``bnd-<seq>-bNN.parquet`` files."""
     import secrets
 
-    store = Store(task.store)
+    store = Store(task.store, worker=True)
     recs = list(task.records)
     tables = [_load(store, r, task.bucket) for r in recs]
     chains = fold_sequence(recs, tables, task.idle_ns)

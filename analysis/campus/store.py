@@ -78,8 +78,13 @@ def partition_dir(hour_index: int) -> str:
 class Store:
     """A store directory: manifest access, staging, commits."""
 
-    def __init__(self, root: str | os.PathLike[str], create: bool = False) -> None:
+    def __init__(self, root: str | os.PathLike[str], create: bool = False,
+                 worker: bool = False) -> None:
+        """``worker``: a task in a worker process, which never opens the manifest (only the
+        coordinating process writes it, so the store can sit on a shared file system)."""
         self.root = Path(root)
+        if worker:
+            return
         if self.root.exists() and not self.root.is_dir():
             raise BadInputError(f"{self.root} is not a directory")
         if not create and not (self.root / MANIFEST).is_file():
@@ -109,6 +114,7 @@ class Store:
                 "size INTEGER, mtime_ns INTEGER, sequence TEXT, first_ts_ns INTEGER, "
                 "last_ts_ns INTEGER, packets INTEGER, flows INTEGER, parts TEXT, "
                 "pending TEXT, ingested_at REAL)")
+            con.execute("CREATE TABLE IF NOT EXISTS unjoined (sequence TEXT PRIMARY KEY)")
             con.execute("INSERT OR IGNORE INTO meta VALUES ('store_version', ?)",
                         (STORE_VERSION,))
             row = con.execute("SELECT value FROM meta WHERE key='store_version'").fetchone()
@@ -131,6 +137,15 @@ class Store:
                                "FROM files").fetchall()
         return [FileRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8],
                            tuple(json.loads(r[9])), r[10], r[11]) for r in rows]
+
+    def unjoined(self) -> set[str]:
+        """Sequences with files committed since their boundary flows were last joined."""
+        with closing(self._db()) as con:
+            return {r[0] for r in con.execute("SELECT sequence FROM unjoined")}
+
+    def mark_joined(self, sequences: set[str]) -> None:
+        with closing(self._db()) as con, con:
+            con.executemany("DELETE FROM unjoined WHERE sequence=?", [(q,) for q in sequences])
 
     # -- staging and commits ----------------------------------------------------------
     def staging_dir(self, fid: str) -> Path:
@@ -176,6 +191,8 @@ class Store:
                         (rec.sha256, rec.path, rec.size, rec.mtime_ns, rec.sequence,
                          rec.first_ts_ns, rec.last_ts_ns, rec.packets, rec.flows,
                          json.dumps(list(rec.parts)), rec.pending, rec.ingested_at))
+            # the sequence's boundary flows must be joined again (survives a crash)
+            con.execute("INSERT OR IGNORE INTO unjoined VALUES (?)", (rec.sequence,))
         shutil.rmtree(staged, ignore_errors=True)
 
     def data_glob(self) -> str:
