@@ -110,7 +110,8 @@ class PlanQueue(SyncedTable):
         filled = int(round(s.progress * 5))
         bar = Text("█" * filled, style="cyan") + Text("░" * (5 - filled), style="dim")
         bar.append(f" {100 * s.progress:3.0f}%")
-        step = s.step if s.status == "running" else (s.error[:16] if s.error else "")
+        # A failed session keeps the step it failed in; the error is in the log and views.
+        step = s.step if s.status in ("running", "failed", "cancelled") else ""
         return [s.session_id, short_package(s.package), s.serial,
                 Text(s.status, style=STATUS_STYLE.get(s.status, "")), bar, step]
 
