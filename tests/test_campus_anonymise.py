@@ -93,7 +93,7 @@ def test_vectorised_slots_equal_one_at_a_time(ref):
     twice = np.concatenate([slots, slots])  # repeats go through the cache
     out = ref.anonymise_slots(twice, np.concatenate([vers, vers]))
     got = []
-    for row, v in zip(out[:len(texts)], vers):
+    for row, v in zip(out[:len(texts)], vers, strict=True):
         got.append(str(ipaddress.IPv4Address(row[:4].tobytes())) if v == 4
                    else str(ipaddress.IPv6Address(row.tobytes())))
     assert got == [b for _, b in REFERENCE_V4] + [b for _, b in REFERENCE_V6]

@@ -248,7 +248,8 @@ def test_a_dask_cluster_of_worker_processes_ingests_and_scores_like_one_process(
 
     def predictions(store):
         t = pq.read_table(sorted(store.glob("_predictions/model=*/date=*/hour=*/*.parquet")))
-        return dict(zip(t.column("flow_id").to_pylist(), t.column("messaging_proba").to_pylist()))
+        return dict(zip(t.column("flow_id").to_pylist(), t.column("messaging_proba").to_pylist(),
+                        strict=True))
 
     assert predictions(tmp_path / "dask") == predictions(tmp_path / "local")
     again = predict_store(tmp_path / "local", model)

@@ -34,7 +34,7 @@ import numpy as np
 
 from analysis.assemble import FlowOptions, iter_flow_chunks
 from analysis.errors import BadInputError, FlowtruthError
-from analysis.flowtable import SYN, ACK, CaptureStats, EndReason, FlowTable
+from analysis.flowtable import ACK, SYN, CaptureStats, EndReason, FlowTable
 
 from .anonymise import CryptoPAn, anonymise_table, load_key
 from .join import bucket_of
@@ -178,7 +178,7 @@ def boundary_flags(table: FlowTable, file_start: int | None, file_end: int | Non
     n = len(table)
     if n == 0 or file_start is None:
         return np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
-    first_flags = table.packets["pkt_tcp_flags"][table.pkt_offsets[:-1]] if n else np.zeros(0)
+    first_flags = table.packets["pkt_tcp_flags"][table.pkt_offsets[:-1]]
     opens = (fl["proto"] == 6) & ((first_flags & SYN) != 0) & ((first_flags & ACK) == 0)
     start = (fl["first_ts_ns"] < file_start + idle_ns) & ~opens
     end = fl["end_reason"] == EndReason.EOF

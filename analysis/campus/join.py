@@ -75,7 +75,7 @@ def fold_sequence(records: list[FileRecord], tables: list, idle_ns: int):
     chains: list[dict] = []
     carry: dict[tuple, dict] = {}
     prev: FileRecord | None = None
-    for k, (rec, loaded) in enumerate(zip(records, tables)):
+    for k, (rec, loaded) in enumerate(zip(records, tables, strict=True)):
         adjacent_prev = (prev is not None and prev.last_ts_ns is not None
                          and rec.first_ts_ns is not None
                          and rec.first_ts_ns - prev.last_ts_ns <= idle_ns)
@@ -99,10 +99,10 @@ def fold_sequence(records: list[FileRecord], tables: list, idle_ns: int):
                     if cand is not None and first_ts[i] - cand["last"] <= idle_ns:
                         chain = carry.pop(key)
                 if chain is None:
-                    over = carry.pop(key, None)
-                    if over is not None:  # a new flow on the 5-tuple: the open one is over
-                        over["cut_end"] = False
-                        over["idle"] = True
+                    ended = carry.pop(key) if key in carry else None
+                    if ended is not None:  # a new flow on the 5-tuple: the open one is over
+                        ended["cut_end"] = False
+                        ended["idle"] = True
                     chain = {"pieces": [], "src": a, "last": 0,
                              "cut_start": cut_s[i] and not adjacent_prev}
                     chains.append(chain)
@@ -285,7 +285,7 @@ def join_tasks(store: Store, sequences: Iterable[str], idle_timeout: float) -> l
     """Every (sequence, bucket) task of a join pass."""
     idle_ns = int(idle_timeout * 1e9)
     records = store.records()
-    out = []
+    out: list[JoinTask] = []
     for seq in sorted(set(sequences)):
         recs = tuple(sorted((r for r in records if r.sequence == seq),
                             key=lambda r: (r.first_ts_ns is None, r.first_ts_ns or 0, r.path)))

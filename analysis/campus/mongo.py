@@ -31,6 +31,7 @@ class MongoSink:
             raise BadInputError("the MongoDB sink needs pymongo",
                                 "pip install pymongo") from None
         self._errors = PyMongoError
+        self.client: Any = None
         try:
             self.client = pymongo.MongoClient(url, serverSelectionTimeoutMS=timeout_ms)
             self.db = self.client.get_default_database(default="flowtruth")

@@ -110,15 +110,17 @@ def pending_table(arrow: Any) -> tuple[FlowTable, np.ndarray, np.ndarray]:
     flows: dict[str, np.ndarray] = {}
     for name, dt in FLOW_FIELDS.items():
         if name == "stats":
-            col = arrow.column(name).chunk(0) if n else None
-            flows[name] = (col.values.to_numpy()[col.offset * dt[1]:(col.offset + n) * dt[1]]
-                           .reshape(n, dt[1]).copy() if n else np.zeros((0, dt[1])))
+            flows[name] = np.zeros((0, dt[1]))
+            if n:
+                col: Any = arrow.column(name).chunk(0)
+                vals = col.values.to_numpy()[col.offset * dt[1]:(col.offset + n) * dt[1]]
+                flows[name] = vals.reshape(n, dt[1]).copy()
         elif isinstance(dt, tuple):
-            col = arrow.column(name).chunk(0) if n else None
-            buf = (np.frombuffer(col.buffers()[1], dtype=np.uint8)[col.offset * 16:
-                                                                    (col.offset + n) * 16]
-                   if n else np.zeros(0, dtype=np.uint8))
-            flows[name] = buf.reshape(n, 16).copy()
+            flows[name] = np.zeros((0, 16), dtype=np.uint8)
+            if n:
+                col = arrow.column(name).chunk(0)
+                buf = np.frombuffer(col.buffers()[1], dtype=np.uint8)
+                flows[name] = buf[col.offset * 16:(col.offset + n) * 16].reshape(n, 16).copy()
         else:
             flows[name] = arrow.column(name).to_numpy().astype(dt, copy=True)
     packets = {}

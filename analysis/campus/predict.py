@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,8 @@ import numpy as np
 
 from analysis.errors import BadInputError, FlowtruthError
 
-from .store import PREDICTIONS, Store
 from .parquet_out import write_atomic
+from .store import PREDICTIONS, Store
 
 MESSAGING = "messaging"
 
@@ -45,7 +45,7 @@ class PredictSummary:
     skipped: int = 0
     flows: int = 0
     seconds: float = 0.0
-    failed: list[tuple[str, str]] | None = None
+    failed: list[tuple[str, str]] = field(default_factory=list)
 
     def line(self) -> str:
         return (f"{self.flows:,} flows scored in {self.parts} file(s) "
@@ -192,7 +192,7 @@ def predict_store(
     model = _load(model_dir)  # fail early, in this process, on a bad or unsuitable model
     out_root = store.root / PREDICTIONS / f"model={mid}"
     tasks = []
-    summary = PredictSummary(mid, failed=[])
+    summary = PredictSummary(mid)
     live = set()
     for part in sorted(store.root.glob("date=*/hour=*/*.parquet")):
         rel = part.relative_to(store.root)
@@ -205,21 +205,15 @@ def predict_store(
     for old in out_root.glob("date=*/hour=*/*.parquet"):
         if old not in live:
             old.unlink(missing_ok=True)  # its flows file was replaced or removed
-    if client is not None:
-        from distributed import as_completed
+    from .ingest import Runner
 
-        futs = client.map(_score_task, tasks, pure=False)
-        results = (f.result() for f in as_completed(futs))
-    elif workers > 1 and len(tasks) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
-        results = pool.map(_score_task, tasks)
-    else:
-        pool = None
-        results = (_score_task_local(t, model) for t in tasks)
+    runner = Runner(workers if len(tasks) > 1 else 1, client)
     try:
+        if runner.pool is None and client is None:
+            results: Iterable[tuple[str, int, float, str]] = (
+                _score_task_local(t, model) for t in tasks)
+        else:
+            results = runner.run(_score_task, tasks)
         for src, n, secs, err in results:
             if err:
                 summary.failed.append((src, err))
@@ -228,8 +222,7 @@ def predict_store(
             summary.flows += n
             emit(PartScored(src, n, secs))
     finally:
-        if client is None and workers > 1 and len(tasks) > 1:
-            pool.shutdown()
+        runner.close()
     summary.seconds = time.perf_counter() - t0
     return summary
 

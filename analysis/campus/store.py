@@ -33,7 +33,6 @@ import time
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from analysis.errors import BadInputError, OutputError
 

@@ -6,7 +6,7 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -62,8 +62,8 @@ class _Progress:
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self.bar = None
-        self.task = None
+        self.bar: Any = None
+        self.task: Any = None
 
     def __call__(self, ev: object) -> None:
         from analysis.campus import ingest as I
@@ -72,8 +72,13 @@ class _Progress:
             if ev.already:
                 sys.stderr.write(f"{ev.already} file(s) already in the store\n")
             if self.enabled and ev.files:
-                from rich.progress import (BarColumn, DownloadColumn, Progress,
-                                           TimeRemainingColumn, TransferSpeedColumn)
+                from rich.progress import (
+                    BarColumn,
+                    DownloadColumn,
+                    Progress,
+                    TimeRemainingColumn,
+                    TransferSpeedColumn,
+                )
 
                 self.bar = Progress("[progress.description]{task.description}", BarColumn(),
                                     DownloadColumn(), TransferSpeedColumn(),
@@ -226,7 +231,7 @@ def register(app: typer.Typer) -> None:
 
         with _dask_client(scheduler, local_dask, workers) as client:
             res = predict_store(store, model, workers=workers, client=client)
-        for src, err in res.failed or []:
+        for _src, err in res.failed:
             sys.stderr.write(f"flowtruth: warning: {err}\n")
         sys.stderr.write(res.line() + "\n")
         table = hourly_share(store, res.model_id)
