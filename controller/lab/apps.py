@@ -422,7 +422,7 @@ class SimulatedApp:
             if ep.transport == "tls":
                 sock: socket.socket = self.tls.wrap_socket(raw, server_hostname=ep.host)
                 with self.open_lock:
-                    self.open[id(sock)] = self.open.pop(id(raw))
+                    self.open[id(sock)] = (sock, self.open.pop(id(raw))[1])
             else:
                 sock = raw
                 if ep.transport == "mtproto":

@@ -230,11 +230,14 @@ async def serve(cert: Path, key: Path, stop: asyncio.Event) -> None:
             )
         )
     transports = []
-    for port in UDP_PORTS:
-        t, _ = await loop.create_datagram_endpoint(
-            _Relay, local_addr=("0.0.0.0", port), family=socket.AF_INET
-        )
-        transports.append(t)
+    # One UDP socket per address: a wildcard socket would answer from the uplink's
+    # address, which the AP's NAT does not map back to the phone.
+    for ip in sorted({s.ip for s in SERVICES}):
+        for port in UDP_PORTS:
+            t, _ = await loop.create_datagram_endpoint(
+                _Relay, local_addr=(ip, port), family=socket.AF_INET
+            )
+            transports.append(t)
     print("serving", flush=True)
     await stop.wait()
     for s in servers:

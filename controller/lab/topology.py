@@ -193,6 +193,30 @@ def default_state_dir() -> Path:
     return Path(base) / "flowtruth"
 
 
+REGISTRY = Path("/run/flowtruth/labs")
+"""One file per lab id naming its state file, so ``lab down`` tells live labs from stale ones."""
+
+
+def _register(lab_id: str, state_path: Path) -> None:
+    with contextlib.suppress(OSError):
+        REGISTRY.mkdir(parents=True, exist_ok=True)
+        (REGISTRY / lab_id).write_text(str(state_path.resolve()))
+
+
+def _unregister(lab_id: str) -> None:
+    with contextlib.suppress(OSError):
+        (REGISTRY / lab_id).unlink()
+
+
+def registered_state(lab_id: str) -> Path | None:
+    """The state file a lab id was registered with, if that file still exists."""
+    try:
+        path = Path((REGISTRY / lab_id).read_text().strip())
+    except OSError:
+        return None
+    return path if path.exists() else None
+
+
 def _save(path: Path, state: LabState) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".lab.", dir=path.parent)
@@ -448,6 +472,7 @@ class Lab:
                          adb_port=adb_port)  # fmt: skip
         lab = cls(state, path)
         lab._save()
+        _register(lab_id, path)
         try:
             lab._bring_up(phones, mgmt_base, capture_dir, sink)
         except BaseException as exc:
@@ -766,19 +791,35 @@ class Lab:
         sink("namespaces", "removed")
         with contextlib.suppress(FileNotFoundError):
             self.state_path.unlink()
+        _unregister(state.lab_id)
         if state.own_workdir and not keep_workdir:
             shutil.rmtree(state.workdir, ignore_errors=True)
 
     @classmethod
     def down_all(cls, state_dir: str | os.PathLike[str] | None = None,
                  sink: Sink = _quiet) -> list[str]:  # fmt: skip
-        """Take down the recorded lab and every stale ``ftl-*`` lab; the lab ids removed."""
+        """Take down the recorded lab and every stale ``ftl-*`` lab; the lab ids removed.
+
+        A lab whose state file (in another state directory) still exists is live and left
+        alone; a lab without one (a killed run that lost it, or never wrote it) is stale.
+        """
         done = []
         lab = cls.load(state_dir)
         if lab is not None:
             lab.down(sink=sink)
             done.append(lab.lab_id)
-        done += cleanup_stale()
+        for lab_id in stale_lab_ids():
+            other = registered_state(lab_id)
+            if other is not None:
+                stale_lab = Lab.load(other.parent)
+                if stale_lab is not None and stale_lab.lab_id == lab_id:
+                    sink("skipped", f"lab {lab_id} is recorded in {other}; "
+                         f"`flowtruth lab down --state-dir {other.parent}` removes it")  # fmt: skip
+                    continue
+            cleanup_stale(lab_id)
+            _unregister(lab_id)
+            sink("stale", f"removed the leftovers of lab {lab_id}")
+            done.append(lab_id)
         return done
 
 
