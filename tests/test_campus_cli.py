@@ -325,3 +325,14 @@ def test_a_rotated_header_only_tcpdump_capture_on_loopback_is_ingested(tmp_path)
     assert 2 <= row["pieces"] <= len(files) and row["pk"] == captured > 0.8 * sent
     assert row["maxlen"] == 628  # IP length from the header, though only 128 bytes were kept
     assert row["src"] != "127.0.0.1"
+
+
+def test_an_unreachable_mongodb_is_a_known_error():
+    from analysis.campus.mongo import MongoSink
+    from analysis.errors import OutputError
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(OutputError, match="cannot reach MongoDB"):
+        MongoSink(f"mongodb://127.0.0.1:{port}/flowtruth", timeout_ms=300)
