@@ -3,8 +3,9 @@
 Recipe (a monitoring host on a SPAN/mirror port or tap of the Wi-Fi aggregation):
 
 1. Capture L2-L4 headers only, into rotated files in one directory per monitoring
-   point (a directory is one *rotation sequence*: flows cut by rotation are joined
-   within it)::
+   point under a common root (each first-level directory is one *rotation sequence*:
+   flows cut by rotation are joined within it, including across nested date/hour
+   directories such as n2disk's)::
 
        tcpdump -i IFACE -n -p -s 128 -G 3600 -w DIR/campus-%Y%m%d-%H%M%S.pcap 'ip or ip6 or (vlan and (ip or ip6))'
        dumpcap -i IFACE -n -p -s 128 -b duration:3600 -P -w DIR/campus.pcap -f 'ip or ip6 ...'

@@ -278,3 +278,18 @@ def test_a_coordinator_that_died_before_joining_is_finished_by_the_next_run(mixe
     ingest(mixed_dir, clean, key)
     ingest(rot, clean, key)
     assert list(rows(tmp_path / "store").flow_id) == list(rows(clean).flow_id)
+
+
+def test_each_first_level_directory_is_one_rotation_sequence(tmp_path):
+    from analysis.campus.ingest import sequence_of
+
+    root = tmp_path / "caps"
+    for rel in ("ap1/2026/11/28/22/a.pcap", "ap1/2026/11/28/23/b.pcap", "ap2/c.pcap", "d.pcap"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"")
+    r = root.resolve()
+    assert sequence_of(root, root / "ap1/2026/11/28/22/a.pcap") == str(r / "ap1")
+    assert sequence_of(root, root / "ap1/2026/11/28/23/b.pcap") == str(r / "ap1")
+    assert sequence_of(root, root / "ap2/c.pcap") == str(r / "ap2")
+    assert sequence_of(root, root / "d.pcap") == str(r)
+    assert sequence_of(root / "d.pcap", root / "d.pcap") == str(r)

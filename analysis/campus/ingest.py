@@ -13,7 +13,8 @@ packet lies within ``idle_timeout`` of the file's first packet (and that do not 
 with a TCP SYN), and those still open at the end of the file whose last packet lies
 within ``idle_timeout`` of its last - as *pending pieces* with their packet series.
 After the tasks, :func:`analysis.campus.join.join_sequences` walks each rotation
-sequence (the files of one directory, by time) and joins pieces with the same
+sequence (the files under one first-level directory of the input, or directly in it,
+ordered by their first packet) and joins pieces with the same
 5-tuple and a gap below ``idle_timeout``, recomputing their statistics exactly. With
 joining off, those flows go straight to the parts, flagged ``cut_at_start`` /
 ``cut_at_end``.
@@ -293,6 +294,21 @@ def find_captures(root: str | os.PathLike[str], min_age: float = 0.0) -> list[Pa
     return out
 
 
+def sequence_of(root: str | os.PathLike[str], path: Path) -> str:
+    """The rotation sequence of a capture: the first-level directory under ``root`` that
+    holds it (one per monitoring point; n2disk's nested date/hour directories below it
+    stay one sequence), or ``root`` itself for files directly in it."""
+    base = Path(root).resolve()
+    p = path.resolve()
+    if base.is_file():
+        return str(base.parent)
+    try:
+        rel = p.relative_to(base)
+    except ValueError:
+        return str(p.parent)
+    return str(base / rel.parts[0]) if len(rel.parts) > 1 else str(base)
+
+
 def key_fingerprint(key: bytes) -> str:
     """A fingerprint that tells keys apart without revealing them."""
     return hashlib.sha256(b"flowtruth campus key fingerprint\0" + key).hexdigest()[:16]
@@ -407,8 +423,8 @@ def ingest(
         if (ap, st.st_size, st.st_mtime_ns) in by_path:
             already += 1
             continue
-        tasks.append(IngestTask(ap, str(store.root.resolve()), key_file, str(p.resolve().parent),
-                                options, join, known))
+        tasks.append(IngestTask(ap, str(store.root.resolve()), key_file,
+                                sequence_of(pcap_dir, p), options, join, known))
     sizes = {t.path: os.path.getsize(t.path) for t in tasks}
     runner = Runner(workers if tasks else 1, client)
     try:
