@@ -269,7 +269,7 @@ def test_signal_end_to_end(lab: Lab, devices, tmp_path: Path) -> None:  # type: 
     assert call.remote_port == 3478 and call.remote_ip == "3.121.83.105"
     ckey = ("udp", call.local_ip, call.local_port, call.remote_ip, call.remote_port)
     rate = (flows[ckey] - 1) / (times[ckey][-1] - times[ckey][0])
-    gaps = sorted((b - a for a, b in zip(times[ckey], times[ckey][1:])), reverse=True)
+    gaps = sorted((b - a for a, b in zip(times[ckey], times[ckey][1:], strict=False)), reverse=True)
     assert flows[ckey] >= 40 and 40 <= rate <= 60, (flows[ckey], rate, gaps[:8], call)
 
 

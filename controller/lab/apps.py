@@ -124,6 +124,7 @@ PROFILES: dict[str, Profile] = {
 }
 
 MEDIA_BYTES = 600_000
+UPLOAD_PACING_S = 0.005
 CALL_PPS = 50
 
 
@@ -510,6 +511,7 @@ class SimulatedApp:
                 n = min(16384, total - sent)
                 self.exchange(sock, n, 0)
                 sent += n
+                time.sleep(UPLOAD_PACING_S)  # a phone's uplink, not a veth's: ~3 MB/s
             self.exchange(sock, 64, self.rng.randint(200, 400))
         except OSError:
             pass

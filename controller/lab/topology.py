@@ -54,7 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -317,6 +317,29 @@ def _host_links() -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def _allocation_lock() -> Iterator[None]:
+    import fcntl
+
+    REGISTRY.mkdir(parents=True, exist_ok=True)
+    with open(REGISTRY / ".lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _free_mgmt_subnet(after: int) -> int:
+    """The first X > ``after`` whose 10.254.X.0/30 no host interface uses."""
+    used = _run(["ip", "-4", "-o", "addr", "show"], check=False).stdout
+    taken = {int(m) for m in re.findall(r"inet 10\.254\.(\d+)\.", used)}
+    for x in range(after + 1, 255):
+        if x not in taken:
+            return x
+    raise LabError("no free management subnet in 10.254.0.0/16", hint="`flowtruth lab down`")
+
+
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.3)
@@ -425,14 +448,14 @@ class Lab:
         adb_port: int | None = 5037,
         workdir: str | os.PathLike[str] | None = None,
         state_dir: str | os.PathLike[str] | None = None,
-        mgmt_base: int = 0,
+        mgmt_base: int | None = None,
         capture_dir: str | os.PathLike[str] | None = None,
         sink: Sink = _quiet,
     ) -> Lab:
         """Create namespaces, servers, AP and phones; attach the phones to the adb server.
 
-        ``adb_port=None`` leaves adb alone.  ``mgmt_base`` shifts the management subnets
-        (10.254.(mgmt_base+N).0/30) so two labs can coexist.  On failure everything made
+        ``adb_port=None`` leaves adb alone.  Phone N's management subnet is the first free
+        10.254.X.0/30 on the host (X > ``mgmt_base`` when given), so labs can coexist.  On failure everything made
         so far is removed and :class:`LabError` is raised.
         """
         if sys.platform != "linux":
@@ -444,7 +467,7 @@ class Lab:
             )
         if not 1 <= phones <= 9:
             raise LabError(f"--phones must be 1 to 9, not {phones}")
-        if not 0 <= mgmt_base <= 240:
+        if mgmt_base is not None and not 0 <= mgmt_base <= 240:
             raise LabError("mgmt_base must be 0 to 240")
         missing = [p for p in PROGRAMS if shutil.which(p) is None]
         if adb_port is not None and shutil.which("adb") is None:
@@ -532,7 +555,7 @@ class Lab:
                 raise LabError(f"{name} did not start within {timeout:g} s", hint=f"see {log}")
             time.sleep(0.03)
 
-    def _bring_up(self, phones: int, mgmt_base: int, capture_dir: Any, sink: Sink) -> None:
+    def _bring_up(self, phones: int, mgmt_base: int | None, capture_dir: Any, sink: Sink) -> None:
         from ap_setup.config import ApConfig, CaptureConfig, StaticLease
         from ap_setup.lifecycle import ap_up
         from controller.lab import servers
@@ -621,14 +644,15 @@ class Lab:
             if str(lease.ip) not in got:
                 raise LabError(f"phone{i} got no DHCP lease from the AP: "
                                f"{(res.stderr or res.stdout).strip()[-300:]}")  # fmt: skip
-            n = mgmt_base + i
             host_link = f"{PREFIX}{self.lab_id}a{i}"
-            host_ip, mgmt_ip = f"10.254.{n}.1", f"10.254.{n}.2"
             self.state.host_links.append(host_link)
             self._save()
             _run(["ip", "link", "add", host_link, "type", "veth", "peer", "name", "adb0",
                   "netns", pns])  # fmt: skip
-            _run(["ip", "addr", "add", f"{host_ip}/30", "dev", host_link])
+            with _allocation_lock():
+                n = _free_mgmt_subnet(mgmt_base or 0)
+                host_ip, mgmt_ip = f"10.254.{n}.1", f"10.254.{n}.2"
+                _run(["ip", "addr", "add", f"{host_ip}/30", "dev", host_link])
             _run(["ip", "link", "set", host_link, "up"])
             _run(["ip", "-n", pns, "addr", "add", f"{mgmt_ip}/30", "dev", "adb0"])
             _run(["ip", "-n", pns, "link", "set", "adb0", "up"])

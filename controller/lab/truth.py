@@ -205,15 +205,22 @@ def score(
     apps: Iterable[str] | None = None,
     window: tuple[float, float] | None = None,
     tolerance: float = 2.0,
+    min_lifetime: float = 0.0,
 ) -> dict[str, AppScore]:
-    """Precision and recall per app (``apps``: the traced apps; default every label seen)."""
+    """Precision and recall per app (``apps``: the traced apps; default every label seen).
+
+    ``window`` keeps the truth sockets alive within (start, end); ``min_lifetime`` leaves
+    sockets shorter than that out of the recall (a poller that samples the socket
+    tables every 50 ms cannot see a DNS socket that lives 2 ms).
+    """
     flows = list(flows)
+    all_truth = list(truth)
     truth = [
-        t for t in truth
+        t for t in all_truth
         if window is None or (t.start <= window[1] and (t.end or t.start) >= window[0])
     ]  # fmt: skip
     index: dict[Any, list[TruthSocket]] = {}
-    for t in truth:
+    for t in all_truth:
         index.setdefault(t.key(), []).append(t)
     wanted = set(apps) if apps is not None else {f.label for f in flows}
     scores = {a: AppScore(a) for a in sorted(wanted)}
@@ -228,6 +235,8 @@ def score(
         if sock is not None and sock.app == f.label:
             recalled.add(id(sock))
     for t in truth:
+        if t.end is not None and t.end - t.start < min_lifetime:
+            continue
         if t.app in scores:
             scores[t.app].truth += 1
             if id(t) in recalled:
