@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "controller.commands.campus",
     "controller.commands.ml",
     "controller.commands.label",
+    "controller.commands.lab",
     "controller.commands.tui",
 ]
 
