@@ -212,13 +212,13 @@ class RecordingDeviceLink:
                 if isinstance(resp, ShellResult):
                     return ShellResult(command, resp.returncode, resp.stdout, resp.stderr)
                 return ShellResult(command, 0, str(resp))
-        m = re.fullmatch(r"sha256sum (\S+)", command)
-        if m:
-            path = shlex.split(command)[1]
-            if path in self.files:
-                return ShellResult(command, 0,
-                                   f"{hashlib.sha256(self.files[path]).hexdigest()}  {path}\n")
-            return ShellResult(command, 1, "", f"sha256sum: {path}: No such file or directory")
+        if command.startswith("sha256sum "):
+            paths = shlex.split(command)[1:]
+            out = "".join(f"{hashlib.sha256(self.files[p]).hexdigest()}  {p}\n"
+                          for p in paths if p in self.files)
+            missing = [p for p in paths if p not in self.files]
+            err = "".join(f"sha256sum: {p}: No such file or directory\n" for p in missing)
+            return ShellResult(command, 1 if missing else 0, out, err)
         return ShellResult(command, 0, "")
 
     def push(self, local: Path, remote: str, mode: int = 0o644,
@@ -344,16 +344,9 @@ class RootInfo:
 
 def check_root(link: DeviceLink) -> RootInfo:
     """Whether ``su`` gives uid 0 (``su -c id``, then ``su 0 id``) and Magisk's version."""
-    method = None
-    for how, cmd in (("su -c", "su -c id"), ("su 0", "su 0 id")):
-        r = link.shell(cmd, timeout=15)
-        if r.ok and "uid=0" in r.stdout:
-            method = how
-            break
-    magisk = None
-    r = link.shell("magisk -v 2>/dev/null || su -v", timeout=10)
-    if r.ok and r.stdout.strip():
-        magisk = r.stdout.strip().splitlines()[0]
+    by_c, by_0, mg = shell_many(link, ["su -c id", "su 0 id", "magisk -v || su -v"], timeout=20)
+    method = "su -c" if "uid=0" in by_c else "su 0" if "uid=0" in by_0 else None
+    magisk = mg.strip().splitlines()[0] if mg.strip() else None
     return RootInfo(method is not None, method, magisk)
 
 

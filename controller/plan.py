@@ -29,10 +29,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from controller import events as ev
 from controller.device import DeviceLink
@@ -45,6 +45,15 @@ from controller.session import (
     TcpdumpCapture,
     run_session,
 )
+
+
+def _app_name(a: str) -> str:
+    if a not in APPS and a not in APPS.values():
+        raise ValueError(f"unknown app {a!r} (known: {', '.join(APPS)})")
+    return next((k for k, p in APPS.items() if p == a), a)
+
+
+AppName = Annotated[str, AfterValidator(_app_name)]
 
 
 class _M(BaseModel):
@@ -87,7 +96,7 @@ class Plan(_M):
 
     name: str = "plan"
     devices: list[DeviceEntry | str] = Field(min_length=1)
-    apps: list[str] = Field(min_length=1)
+    apps: list[AppName] = Field(min_length=1)
     """App names (signal, telegram, whatsapp) or their packages."""
     activities: list[str] = Field(min_length=1)
     repetitions: int = Field(default=1, ge=1)
@@ -116,13 +125,6 @@ class Plan(_M):
     def _entries(cls, v: list[DeviceEntry | str]) -> list[DeviceEntry | str]:
         return [DeviceEntry(serial=d) if isinstance(d, str) else d for d in v]
 
-    @field_validator("apps")
-    @classmethod
-    def _apps(cls, v: list[str]) -> list[str]:
-        for a in v:
-            if a not in APPS and a not in APPS.values():
-                raise ValueError(f"unknown app {a!r} (known: {', '.join(APPS)})")
-        return [next((k for k, p in APPS.items() if p == a), a) for a in v]
 
     @property
     def device_entries(self) -> list[DeviceEntry]:
@@ -151,7 +153,7 @@ class Plan(_M):
             sdir = Path(self.scenario_dir)
             sdir = sdir if sdir.is_absolute() else self.base_dir() / sdir
         out = []
-        for d in self.device_entries:
+        for di, d in enumerate(self.device_entries):
             serial = (serials or {}).get(d.serial, d.serial)
             n = 0
             for rep in range(1, self.repetitions + 1):
@@ -162,7 +164,7 @@ class Plan(_M):
                             serial=serial, app=app, activity=act, repetition=rep,
                             params={**self.params, **self.scenario_overrides.get(app, {})},
                             tracer=self.tracer, netstat=self.netstat,
-                            seed=self.seed * 1000003 + n, wait_scale=self.wait_scale,
+                            seed=self.seed * 1000003 + di * 10007 + n, wait_scale=self.wait_scale,
                             device_name=d.name or d.serial.replace("lab:", ""), ip=d.ip,
                             scenario_dir=sdir))
         if self.only_keys is not None:
@@ -193,7 +195,8 @@ def load_plan(path: str | Path) -> Plan:
     except ValidationError as err:
         e = err.errors()[0]
         more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-        raise ConfigError(f"{p}: field {_loc(e['loc'])}: {e['msg']}{more}") from None
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"{p}: field {_loc(e['loc'])}: {msg}{more}") from None
     plan.path = p.resolve()
     from controller.scenario import scenario_for
 

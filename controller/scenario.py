@@ -449,7 +449,7 @@ class ScenarioRunner:
 
     def _do_assert(self, a: Assert) -> str:
         if a.absent:
-            for attempt in range(a.retries + 1):
+            for _attempt in range(a.retries + 1):
                 nodes = self.dump()
                 if nodes is not None and find(nodes, a) is None:
                     return "absent"

@@ -46,11 +46,9 @@ from controller import events as ev
 from controller.device import (
     DeviceFacts,
     DeviceLink,
-    push_checked,
     read_apps,
     read_facts,
     read_packages,
-    remote_sha256,
     require_root,
     root_shell,
     sha256_file,
@@ -558,25 +556,48 @@ class Session:
     def push_scripts(self) -> str:
         from device_scripts import script_path
 
-        link, d = self.link, self.dev_dir
+        link, d, q = self.link, self.dev_dir, shlex.quote
         bin_dir = f"{self.env.device_dir}/bin"
-        root_shell(link, f"mkdir -p {shlex.quote(d)}/strace {shlex.quote(bin_dir)} && "
-                         f"chmod 777 {shlex.quote(self.env.device_dir)} {shlex.quote(d)} "
-                         f"{shlex.quote(bin_dir)}").check(link.serial, "mkdir on the phone")
-        pushed = {}
-        for name in ("strace_launcher.sh", "netstat_poller.sh"):
-            pushed[name] = push_checked(link, script_path(name), f"{d}/{name}", mode=0o755)
+        files: dict[str, tuple[Path, str]] = {
+            name: (script_path(name), f"{d}/{name}")
+            for name in ("strace_launcher.sh", "netstat_poller.sh")}
         if self.spec.tracer in ("strace", "both"):
             assert self.facts is not None
             binary = self.env.strace_binary or strace_for_abi(self.facts.abi)
-            remote = f"{bin_dir}/strace"
-            want = sha256_file(binary)
-            if remote_sha256(link, remote) != want:  # cached on the phone across sessions
-                push_checked(link, binary, remote, mode=0o755)
-            pushed["strace"] = want
-            self.strace_remote = remote
-        self.m["pushed"] = pushed
-        return f"{len(pushed)} files to {d}"
+            files["strace"] = (binary, f"{bin_dir}/strace")
+            self.strace_remote = f"{bin_dir}/strace"
+        want = {name: sha256_file(local) for name, (local, _r) in files.items()}
+        # one round trip: make the directories and checksum what is already there (the
+        # strace binary stays on the phone across sessions)
+        r = root_shell(link, f"mkdir -p {q(d)}/strace {q(bin_dir)} && chmod 777 "
+                             f"{q(self.env.device_dir)} {q(d)} {q(bin_dir)} && "
+                             f"sha256sum {q(files['strace'][1]) if 'strace' in files else ''} "
+                             "2>/dev/null; true", timeout=20)
+        r.check(link.serial, "mkdir on the phone")
+        have = {}
+        for line in r.stdout.splitlines():
+            f = line.split()
+            if len(f) == 2:
+                have[f[1]] = f[0]
+        pushed = []
+        for name, (local, remote) in files.items():
+            if have.get(remote) != want[name]:
+                link.push(local, remote, mode=0o755)
+                pushed.append(name)
+        r = link.shell("sha256sum " + " ".join(q(remote) for _l, remote in files.values()),
+                       timeout=30)
+        got = {}
+        for line in r.stdout.splitlines():
+            f = line.split()
+            if len(f) == 2:
+                got[f[1]] = f[0]
+        for name, (_local, remote) in files.items():
+            if got.get(remote) != want[name]:
+                raise DeviceError(f"{link.serial}: {remote}: checksum after push is "
+                                  f"{got.get(remote)}, expected {want[name]}",
+                                  hint="storage full or a flaky cable?")
+        self.m["pushed"] = want
+        return f"{len(pushed)} of {len(files)} files pushed to {d} (checksums verified)"
 
     def _start_detached(self, argv: list[str], log: str) -> int:
         cmd = (f"cd {shlex.quote(self.dev_dir)} && setsid "
@@ -590,25 +611,38 @@ class Session:
 
     def start_tracers(self) -> str:
         d, sc = self.dev_dir, self.scenario
-        started = []
+        jobs: list[tuple[str, list[str], str]] = []
         if self.spec.tracer in ("strace", "both"):
-            self.tracer_pids["strace"] = self._start_detached(
-                ["sh", f"{d}/strace_launcher.sh", sc.package, f"{d}/strace", self.strace_remote,
-                 f"{self.env.launcher_interval:g}"], f"{d}/strace_launcher.err")
-            started.append("strace launcher")
+            jobs.append(("strace", ["sh", f"{d}/strace_launcher.sh", sc.package, f"{d}/strace",
+                                    self.strace_remote, f"{self.env.launcher_interval:g}"],
+                         f"{d}/strace_launcher.err"))
         if self.spec.netstat:
-            self.tracer_pids["netstat"] = self._start_detached(
-                ["sh", f"{d}/netstat_poller.sh", f"{d}/netstat.log",
-                 f"{self.env.netstat_interval:g}", "67108864", f"{d}/netstat.stop"],
-                f"{d}/netstat_poller.err")
-            started.append("netstat poller")
+            jobs.append(("netstat", ["sh", f"{d}/netstat_poller.sh", f"{d}/netstat.log",
+                                     f"{self.env.netstat_interval:g}", "67108864",
+                                     f"{d}/netstat.stop"], f"{d}/netstat_poller.err"))
+        if not jobs:
+            return "no tracers"
+        # detached (setsid, no terminal), so they outlive this adb shell; one round trip
+        cmd = f"cd {shlex.quote(d)} && " + " ".join(
+            "setsid " + " ".join(shlex.quote(a) for a in argv)
+            + f" </dev/null >{shlex.quote(log)} 2>&1 & echo $!;" for _n, argv, log in jobs)
+        r = root_shell(self.link, cmd, timeout=20).check(self.link.serial, "start the tracers")
+        pids = [x for x in r.stdout.split() if x.isdigit()]
+        if len(pids) != len(jobs):
+            raise DeviceError(f"{self.link.serial}: starting the tracers printed {r.stdout!r}")
+        for (name, _a, _l), pid in zip(jobs, pids, strict=True):
+            self.tracer_pids[name] = int(pid)
         self.m["tracer_pids"] = dict(self.tracer_pids)
-        return ", ".join(started) or "no tracers"
+        return ", ".join(f"{n} (pid {p})" for n, p in self.tracer_pids.items())
 
     def run_scenario(self) -> str:
+        last = [0.0]
+
         def on_step(i: int, n: int, text: str) -> None:
             self.emit(ev.ScenarioStepStarted(self.session_id, i, n, text))
-            self._progress_tracers()
+            if time.monotonic() - last[0] > 5:  # a round trip: not on every step
+                last[0] = time.monotonic()
+                self._progress_tracers()
 
         runner = ScenarioRunner(self.link, self.scenario, seed=self.spec.seed,
                                 cancel=self.cancel, wait_scale=self.spec.wait_scale,
@@ -636,20 +670,15 @@ class Session:
     def stop_tracers(self) -> str:
         if not self.tracer_pids:
             return "nothing to stop"
-        link, d = self.link, self.dev_dir
-        q = shlex.quote
-        root_shell(link, f"touch {q(d)}/strace/strace_launcher.stop {q(d)}/netstat.stop",
-                   timeout=10)
+        link, d, q = self.link, self.dev_dir, shlex.quote
         pids = " ".join(str(p) for p in self.tracer_pids.values())
-        alive = ""
-        deadline = time.monotonic() + 8
-        while time.monotonic() < deadline:
-            r = root_shell(link, f"for p in {pids}; do kill -0 $p 2>/dev/null && echo $p; done",
-                           timeout=10)
-            alive = r.stdout.strip()
-            if not alive:
-                break
-            time.sleep(0.2)
+        # stop files, then wait on the phone (one round trip) up to ~8 s for both to exit
+        r = root_shell(link, f"touch {q(d)}/strace/strace_launcher.stop {q(d)}/netstat.stop; "
+                             f"i=0; while [ $i -lt 80 ]; do alive=; for p in {pids}; do "
+                             f'kill -0 $p 2>/dev/null && alive="$alive $p"; done; '
+                             f'[ -z "$alive" ] && break; sleep 0.1; i=$((i+1)); done; '
+                             f"echo alive:$alive", timeout=30)
+        alive = r.stdout.strip().rpartition("alive:")[2].strip()
         killed = ""
         if alive:  # stragglers: TERM the launcher (it stops its stracers), then KILL
             root_shell(link, f"kill -TERM {alive} 2>/dev/null; sleep 3; "

@@ -20,6 +20,7 @@ import pytest
 
 from controller.device import RecordingDeviceLink, ShellResult
 from controller.errors import ConfigError
+from controller.lab import toolbox_runtime as rt
 from controller.scenario import (
     ACTIVITIES,
     SCENARIO_DIR,
@@ -31,7 +32,6 @@ from controller.scenario import (
     parse_screen,
     scenario_for,
 )
-from controller.lab import toolbox_runtime as rt
 
 REPO = Path(__file__).resolve().parents[1]
 

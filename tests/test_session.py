@@ -49,7 +49,7 @@ def make_fake_phone() -> RecordingDeviceLink:
     link.on(r"^pm list packages", "package:com.example.app versionCode:7 uid:10111\n")
     link.on(r"^dumpsys package com.example.app", "    versionName=1.2.3\n")
     link.on(r"^date \+%s\.%N$", lambda _c: f"{time.time() + 1.5:.9f}\n")
-    link.on(r"echo \$!", "4242\n")
+    link.on(r"echo \$!", "4242\n4243\n")
     link.on(r"^am start", "Status: ok\nTotalTime: 100\nComplete\n")
     return link
 

