@@ -23,6 +23,9 @@ COMMAND_MODULES = [
     "controller.commands.label",
     "controller.commands.lab",
     "controller.commands.tui",
+    "controller.commands.run",
+    "controller.commands.scenario",
+    "controller.commands.devices",
 ]
 
 app = typer.Typer(
