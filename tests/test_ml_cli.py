@@ -98,6 +98,12 @@ def test_evaluate_cross_device_on_two_device_folders(capsys, tmp_path):
     assert code == 0, err
     assert json.loads((tmp_path / "cd1" / "metrics.json").read_text())["folds"][0]["test"] \
         == [folders[1]]
+    code, out, err = run_cli(["evaluate", "--protocol", "cross-device", tmp_path / "two",
+                              "--train-on", "PhoneB", "--trees", "5", "-o", tmp_path / "cd2"],
+                             capsys)
+    assert code == 0, err
+    fold = json.loads((tmp_path / "cd2" / "metrics.json").read_text())["folds"][0]
+    assert fold["train"] == [folders[1]] and fold["test"] == [folders[0]]
 
 
 def test_evaluate_kfold_protocol(ndpi_mirage, capsys, tmp_path):

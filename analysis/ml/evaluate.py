@@ -376,12 +376,9 @@ def run_protocol(dataset: Dataset, protocol: str = "kfold", cfg: TrainConfig | N
         values = df[axis].astype(str).to_numpy()
         names = sorted(set(values.tolist()))
         if train or test:
+            train, test = _resolve(train, names, axis), _resolve(test, names, axis)
             tr_names = list(train) or [n for n in names if n not in set(test)]
             te_names = list(test) or [n for n in names if n not in set(train)]
-            missing = [n for n in [*tr_names, *te_names] if n not in names]
-            if missing:
-                raise BadInputError(f"no flows of {axis} {', '.join(missing)}",
-                                    hint=f"the dataset has {', '.join(names)}")
             if set(tr_names) & set(te_names):
                 raise BadInputError(f"{axis} {', '.join(set(tr_names) & set(te_names))} is "
                                     "in both train and test")
@@ -414,6 +411,18 @@ def run_protocol(dataset: Dataset, protocol: str = "kfold", cfg: TrainConfig | N
         metrics["cross_matrix"] = cross
     metrics["distributions"] = distributions(df)
     return Evaluation(metrics)
+
+
+def _resolve(given: Sequence[str], names: list[str], axis: str) -> list[str]:
+    """Names as given, or a device model standing for its ``<Model>_<mac>`` folder(s)."""
+    out: list[str] = []
+    for g in given:
+        hits = [g] if g in names else [n for n in names if n.startswith(g + "_")]
+        if not hits:
+            raise BadInputError(f"no flows of {axis} {g}",
+                                hint=f"the dataset has {', '.join(names)}")
+        out.extend(h for h in hits if h not in out)
+    return out
 
 
 def _run_fold(X, y, tr, te, cfg, infos, pool, imps, labels, doc) -> dict[str, Any]:
