@@ -18,6 +18,11 @@ map), runs the correlator and writes into ``out_dir``:
 :func:`label_run` does the same for a run directory, taking files, device, apps and
 clock offset from its manifest (:mod:`analysis.runinfo`).
 
+When the correlator could refine the clock from connect()/SYN pairs, the flows are
+correlated a second time with that offset and a tolerance of three times the median
+residual (at least 50 ms) instead of the loose first-pass one, on both sides of every
+socket's lifetime; the report's ``clock.tolerance`` says which was used.
+
 Damaged trace lines are counted and reported, never fatal; when no trace file gives a
 single usable line, :class:`BadInputError` says what was skipped.
 """
@@ -46,6 +51,7 @@ OUTPUT_FORMATS = ("mirage2019", "mirage2022")
 LABELS_CSV_COLUMNS = ("proto", "local_ip", "local_port", "remote_ip", "remote_port", "label",
                       "start", "end", "labeling_type", "sublabel", "source")
 NOT_A_LABEL = ("ambiguous", "unlabelled")
+MIN_TOLERANCE = 0.05  # seconds: the least socket/flow time slack of the second pass
 PathLike = str | os.PathLike[str]
 
 
@@ -319,8 +325,20 @@ def label_capture(
     opts = replace(flow_options or FlowOptions(), device_nets=tuple(ips))
     table = read_flows(pcaps, opts)
 
-    res = correlate(flowkeys_from_table(table), obs, clock_offset=clock_offset,
-                    target_packages=targets, uid_map=umap or None, tolerance=tolerance)
+    fk = flowkeys_from_table(table)
+    res = correlate(fk, obs, clock_offset=clock_offset, target_packages=targets,
+                    uid_map=umap or None, tolerance=tolerance)
+    clock = res.report.get("clock", {})
+    if clock.get("refined"):
+        # Second pass with the refined clock and a tolerance from its spread on both
+        # sides of a socket's life: the correlator widens the start side by the full
+        # tolerance, so a socket opened (say) 0.5 s after another app's flow on the same
+        # port ended would still claim that flow.
+        tight = max(MIN_TOLERANCE, 3.0 * float(clock["residual_median"]))
+        if tight < tolerance:
+            res = correlate(fk, obs, clock_offset=res.clock_offset, refine_clock=False,
+                            target_packages=targets, uid_map=umap or None, tolerance=tight)
+            res.report["clock"] = {**clock, "tolerance": tight, "second_pass": True}
     res.apply(table)
     inputs = {k: _stats_dict(st, files.get(k, [])) for k, st in stats.items()}
     quality = quality_report(table, res.report, targets=targets, inputs=inputs,

@@ -33,7 +33,7 @@ from analysis.flowtable import FlowTable
 from analysis.pcap import MAX_RECORD, PCAP_MAGICS
 
 NO_FLOW_COMMENT = "flowtruth: no flow"
-BATCH = 4096
+CHUNK = 1 << 20  # bytes of packets per batch: bounds the writers' memory
 
 
 @dataclass(slots=True)
@@ -45,6 +45,41 @@ class RawRecord:
     ts_ns: int
     wirelen: int
     data: bytes
+
+
+@dataclass(slots=True)
+class RawBatch:
+    """Consecutive records of one capture as columns over one byte buffer."""
+
+    buf: np.ndarray  # uint8
+    off: np.ndarray  # int64 start of each record's bytes in buf
+    cap: np.ndarray  # int64 captured length
+    wire: np.ndarray  # int64 original length
+    ts: np.ndarray  # int64 ns since the epoch
+    frame: np.ndarray  # int64 record number in its file
+    linktype: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.off)
+
+    @staticmethod
+    def of(recs: Sequence[RawRecord]) -> RawBatch:
+        cap = np.fromiter((len(r.data) for r in recs), dtype=np.int64, count=len(recs))
+        off = np.zeros(len(recs), dtype=np.int64)
+        np.cumsum(cap[:-1], out=off[1:])
+        return RawBatch(
+            np.frombuffer(b"".join(r.data for r in recs), dtype=np.uint8), off, cap,
+            np.fromiter((r.wirelen for r in recs), dtype=np.int64, count=len(recs)),
+            np.fromiter((r.ts_ns for r in recs), dtype=np.int64, count=len(recs)),
+            np.fromiter((r.frame for r in recs), dtype=np.int64, count=len(recs)),
+            np.fromiter((r.linktype for r in recs), dtype=np.int64, count=len(recs)))
+
+    def records(self) -> Iterator[RawRecord]:
+        raw = memoryview(self.buf)  # type: ignore[arg-type]
+        for o, c, w, t, f, lt in zip(self.off.tolist(), self.cap.tolist(), self.wire.tolist(),
+                                     self.ts.tolist(), self.frame.tolist(),
+                                     self.linktype.tolist(), strict=True):
+            yield RawRecord(f, lt, t, w, bytes(raw[o:o + c]))
 
 
 @dataclass
@@ -79,15 +114,19 @@ def capture_kind(path: str | os.PathLike[str]) -> tuple[str, int]:
 def iter_raw_records(path: str | os.PathLike[str]) -> Iterator[RawRecord]:
     """Every usable packet record of one capture, in file order, numbered as
     :mod:`analysis.pcap` numbers them (damage ends the iteration where the reader stops)."""
-    kind, _ = capture_kind(path)
-    with open(path, "rb") as fh:
-        if kind == "pcap":
-            yield from _pcap_records(fh)
-        else:
-            yield from _pcapng_records(fh)
+    for _k, batch in _batches([path]):
+        yield from batch.records()
 
 
 def _pcap_records(fh) -> Iterator[RawRecord]:
+    for b in _pcap_batches(fh):
+        yield from b.records()
+
+
+def _pcap_batches(fh, chunk: int = CHUNK) -> Iterator[RawBatch]:
+    """Record batches of a libpcap file, found by the C walker a chunk at a time."""
+    from analysis import _fast
+
     head = fh.read(24)
     if len(head) < 24:
         return
@@ -97,20 +136,41 @@ def _pcap_records(fh) -> Iterator[RawRecord]:
     _maj, _min, _z, _s, snaplen, network = struct.unpack(endian + "HHiIII", head[4:24])
     linktype = network & 0x0FFFFFFF
     limit = max(snaplen, MAX_RECORD)
-    rec = struct.Struct(endian + "IIII")
+    buf = bytearray(chunk)
+    keep = 0
     frame = 0
     while True:
-        h = fh.read(16)
-        if len(h) < 16:
+        view = memoryview(buf)
+        valid = keep
+        while valid < len(buf):
+            got = fh.readinto(view[valid:])
+            if not got:
+                break
+            valid += got
+        del view
+        eof = valid < len(buf)
+        arr = np.frombuffer(buf, dtype=np.uint8)
+        cap_n = len(buf) // 16 + 1
+        off = np.empty(cap_n, np.int64)
+        caplen = np.empty(cap_n, np.int64)
+        wire = np.empty(cap_n, np.int64)
+        ts = np.empty(cap_n, np.int64)
+        n, pos, bad = _fast.walk_pcap(arr, 0, valid, endian == ">", frac_ns, limit, off,
+                                      caplen, wire, ts)
+        if n:
+            data = arr[:pos].copy()
+            yield RawBatch(data, off[:n].copy(), caplen[:n].copy(), wire[:n].copy(),
+                           ts[:n].copy(), np.arange(frame, frame + n, dtype=np.int64),
+                           np.full(n, linktype, dtype=np.int64))
+            frame += n
+        del arr
+        if bad >= 0 or eof:
             return
-        sec, frac, incl, orig = rec.unpack(h)
-        if incl > limit:
-            return
-        data = fh.read(incl)
-        if len(data) < incl:
-            return
-        yield RawRecord(frame, linktype, sec * 1_000_000_000 + frac * frac_ns, orig, data)
-        frame += 1
+        if n == 0 and pos == 0:  # a record larger than the buffer
+            buf.extend(bytes(len(buf)))
+        rest = valid - pos
+        buf[:rest] = buf[pos:valid]
+        keep = rest
 
 
 def _pcapng_records(fh) -> Iterator[RawRecord]:
@@ -200,16 +260,26 @@ def _pcapng_records(fh) -> Iterator[RawRecord]:
         pos += blen
 
 
-def _batches(paths: Sequence[str | os.PathLike[str]]) -> Iterator[tuple[int, list[RawRecord]]]:
+def _pcapng_batches(fh) -> Iterator[RawBatch]:
+    recs: list[RawRecord] = []
+    size = 0
+    for r in _pcapng_records(fh):
+        recs.append(r)
+        size += len(r.data)
+        if size >= CHUNK or len(recs) >= 16384:
+            yield RawBatch.of(recs)
+            recs, size = [], 0
+    if recs:
+        yield RawBatch.of(recs)
+
+
+def _batches(paths: Sequence[str | os.PathLike[str]]) -> Iterator[tuple[int, RawBatch]]:
+    """(file number, batch) of every input in order, a bounded chunk at a time."""
     for k, p in enumerate(paths):
-        batch: list[RawRecord] = []
-        for r in iter_raw_records(p):
-            batch.append(r)
-            if len(batch) >= BATCH:
-                yield k, batch
-                batch = []
-        if batch:
-            yield k, batch
+        kind, _ = capture_kind(p)
+        with open(p, "rb") as fh:
+            for b in (_pcap_batches(fh) if kind == "pcap" else _pcapng_batches(fh)):
+                yield k, b
 
 
 # ----------------------------------------------------------------------------- packet -> flow
@@ -235,16 +305,17 @@ class FrameIndex:
             self.keys = keys[order]
             self.flow = flow[order]
 
-    def flows_of(self, records: Sequence[RawRecord]) -> np.ndarray:
-        frames = np.fromiter((r.frame for r in records), dtype=np.int64, count=len(records))
+    def flows_of(self, batch: RawBatch) -> np.ndarray:
+        """The flow of each record of a batch (-1 for none)."""
+        frames = batch.frame
         if not self.by_ts:
             out = np.full(len(frames), -1, dtype=np.int64)
             ok = frames < len(self.dense)
             out[ok] = self.dense[frames[ok]]
             return out
-        q = np.empty(len(records), dtype=self._KEY)
+        q = np.empty(len(frames), dtype=self._KEY)
         q["f"] = frames
-        q["t"] = np.fromiter((r.ts_ns for r in records), dtype=np.int64, count=len(records))
+        q["t"] = batch.ts
         pos = np.searchsorted(self.keys, q)
         inb = pos < len(self.keys)
         hit = np.zeros(len(q), dtype=bool)
@@ -337,39 +408,49 @@ def _idb(linktype: int, name: str) -> bytes:
     return _block(1, struct.pack("<HHI", linktype, 0, MAX_RECORD) + opts)
 
 
-def _epb(ifid: int, r: RawRecord, comment: bytes) -> bytes:
-    data = r.data
-    body = (struct.pack("<IIIII", ifid, (r.ts_ns >> 32) & 0xFFFFFFFF, r.ts_ns & 0xFFFFFFFF,
-                        len(data), r.wirelen)
-            + data + b"\0" * (-len(data) % 4) + _opt(1, comment) + _opt(0, b""))
-    return _block(6, body)
-
-
 def write_labelled_pcapng(paths: Sequence[str | os.PathLike[str]], table: FlowTable,
                           out: str | os.PathLike[str],
                           comments: Sequence[str] | None = None) -> WriteStats:
     """Every packet of ``paths`` into one pcapng at ``out``, each with its flow's comment
     (``comments[i]`` for flow i; default :func:`flow_comments`), nanosecond timestamps."""
     comments = list(flow_comments(table) if comments is None else comments)
-    encoded = [c.encode("utf-8", "replace") for c in comments]
-    no_flow = NO_FLOW_COMMENT.encode()
+    # Each flow's options (comment, end of options) encoded once; the last is "no flow".
+    opts = [_opt(1, c.encode("utf-8", "replace")) + _opt(0, b"") for c in comments]
+    opts.append(_opt(1, NO_FLOW_COMMENT.encode()) + _opt(0, b""))
+    opt_len = np.array([len(o) for o in opts], dtype=np.int64)
+    padopts = [[b"\0" * k + o for k in range(4)] for o in opts]  # data padding, then options
     index = FrameIndex(table, len(paths))
     st = WriteStats()
-    counts = np.zeros(len(encoded) + 1, dtype=np.int64)
+    counts = np.zeros(len(opts), dtype=np.int64)
     with _AtomicFile(out) as fh:
         fh.write(_shb())
         ifaces: dict[tuple[int, int], int] = {}  # (file, linktype) -> interface id
-        for k, batch in _batches(paths):
-            flows = index.flows_of(batch)
+        for k, b in _batches(paths):
+            flows = index.flows_of(b)
             np.add.at(counts, flows, 1)  # -1 counts in the last slot: no flow
-            for r, f in zip(batch, flows.tolist(), strict=True):
-                ifid = ifaces.get((k, r.linktype))
-                if ifid is None:
-                    ifid = ifaces[(k, r.linktype)] = len(ifaces)
-                    fh.write(_idb(r.linktype, Path(os.fspath(paths[k])).name))
-                fh.write(_epb(ifid, r, no_flow if f < 0 else encoded[f]))
-            st.packets += len(batch)
-            st.written += len(batch)
+            ifid = np.empty(len(b), dtype=np.int64)
+            for lt in np.unique(b.linktype).tolist():
+                if (k, lt) not in ifaces:
+                    ifaces[(k, lt)] = len(ifaces)
+                    fh.write(_idb(lt, Path(os.fspath(paths[k])).name))
+                ifid[b.linktype == lt] = ifaces[(k, lt)]
+            pad = -b.cap % 4
+            n = 28 + b.cap + pad + opt_len[flows] + 4
+            hdr = np.empty((len(b), 7), dtype="<u4")
+            for j, col in enumerate((6, n, ifid, (b.ts >> 32) & 0xFFFFFFFF, b.ts & 0xFFFFFFFF,
+                                     b.cap, b.wire)):
+                hdr[:, j] = col
+            hb = hdr.tobytes()
+            tb = n.astype("<u4").tobytes()
+            mv = memoryview(b.buf)  # type: ignore[arg-type]
+            parts: list[bytes | memoryview] = []
+            for i, (o, c, f, pd) in enumerate(zip(b.off.tolist(), b.cap.tolist(),
+                                                  flows.tolist(), pad.tolist(), strict=True)):
+                parts += (hb[28 * i:28 * i + 28], mv[o:o + c], padopts[f][pd],
+                          tb[4 * i:4 * i + 4])
+            fh.write(b"".join(parts))
+            st.packets += len(b)
+            st.written += len(b)
     st.per_comment = {NO_FLOW_COMMENT: int(counts[-1])} if counts[-1] else {}
     for i in np.nonzero(counts[:-1])[0].tolist():
         st.per_comment[comments[i]] = int(counts[i])
@@ -392,29 +473,40 @@ def write_filtered_pcap(paths: Sequence[str | os.PathLike[str]], table: FlowTabl
     st = WriteStats()
     linktype: int | None = None
     first_seen: int | None = None
-    rec = struct.Struct("<IIII")
     with _AtomicFile(out) as fh:
-        for _k, batch in _batches(paths):
-            if first_seen is None and batch:
-                first_seen = batch[0].linktype
-            flows = index.flows_of(batch)
+        for _k, b in _batches(paths):
+            if first_seen is None and len(b):
+                first_seen = int(b.linktype[0])
+            st.packets += len(b)
+            flows = index.flows_of(b)
             sel = flows >= 0
             sel[sel] = keep[flows[sel]]
-            st.packets += len(batch)
-            for i in np.nonzero(sel)[0].tolist():
-                r = batch[i]
-                if linktype is None:
-                    linktype = r.linktype
-                    fh.write(struct.pack("<IHHiIII", magic, 2, 4, 0, 0, MAX_RECORD, linktype))
-                if r.linktype != linktype:
-                    st.skip(f"link type {r.linktype} differs from the output's {linktype}")
-                    continue
-                sec, frac = divmod(r.ts_ns, 1_000_000_000)
-                if micro:
-                    frac //= 1000
-                fh.write(rec.pack(sec, frac, len(r.data), r.wirelen))
-                fh.write(r.data)
-                st.written += 1
+            idx = np.nonzero(sel)[0]
+            if not len(idx):
+                continue
+            if linktype is None:
+                linktype = int(b.linktype[idx[0]])
+                fh.write(struct.pack("<IHHiIII", magic, 2, 4, 0, 0, MAX_RECORD, linktype))
+            other = b.linktype[idx] != linktype
+            if other.any():
+                for lt, c in zip(*np.unique(b.linktype[idx][other], return_counts=True),
+                                 strict=True):
+                    st.skip(f"link type {lt} differs from the output's {linktype}", int(c))
+                idx = idx[~other]
+            cap = b.cap[idx]
+            ts = b.ts[idx]
+            hdr = np.empty((len(idx), 4), dtype="<u4")
+            hdr[:, 0] = ts // 1_000_000_000
+            hdr[:, 1] = (ts % 1_000_000_000) // (1000 if micro else 1)
+            hdr[:, 2] = cap
+            hdr[:, 3] = b.wire[idx]
+            hb = hdr.tobytes()
+            mv = memoryview(b.buf)  # type: ignore[arg-type]
+            parts: list[bytes | memoryview] = []
+            for i, (o, c) in enumerate(zip(b.off[idx].tolist(), cap.tolist(), strict=True)):
+                parts += (hb[16 * i:16 * i + 16], mv[o:o + c])
+            fh.write(b"".join(parts))
+            st.written += len(idx)
         if linktype is None:  # nothing kept: still a valid, empty capture
             fh.write(struct.pack("<IHHiIII", magic, 2, 4, 0, 0, MAX_RECORD,
                                  1 if first_seen is None else first_seen))

@@ -160,8 +160,10 @@ def udp_connected(host, port, n=2, bind_port=None):
     s.close()
     note(17, local, host, port, t0)
 
-def udp_unconnected(host, ports):
+def udp_unconnected(host, ports, bind_port=None):
     s = socket.socket(fam(host), socket.SOCK_DGRAM); s.settimeout(5)
+    if bind_port:
+        s.bind(("", bind_port))
     t0 = time.time()
     local = None
     for p in ports:
@@ -217,8 +219,12 @@ if cfg["role"] == "alpha":
     until(R["at"]); tcp(V4, P["t0"], bind_port=R["tcp"]); udp_connected(V4, P["u0"], bind_port=R["udp"])
 elif cfg["role"] == "gamma":
     until(R["at"] + 3); tcp(V4, P["t1"], bind_port=R["tcp"]); udp_connected(V4, P["u0"], bind_port=R["udp"])
+    # A traced socket opened half a second after the untraced app's flow on its port.
+    # Unconnected UDP: its close() names no remote end.
+    until(R["at"] + 6.5); tcp(V4, P["t1"], bind_port=R["tcp2"]); udp_unconnected(V4, [P["u1"]], bind_port=R["udp2"])
 elif cfg["role"] == "delta":
     until(R["at"] + 6); tcp(V4, P["t2"], bind_port=R["tcp"]); udp_connected(V4, P["u0"], bind_port=R["udp"])
+    tcp(V4, P["t0"], bind_port=R["tcp2"]); udp_connected(V4, P["u0"], bind_port=R["udp2"])
 print(json.dumps(truth), flush=True)
 '''
 
@@ -291,7 +297,8 @@ def _run_lab(tmp: Path) -> LabRun:
     ]
     ports = {"t0": 7000, "t1": 7001, "t2": 7002, "u0": 9000, "u1": 9001}
     # Outside the ephemeral range, so no kernel-chosen port collides with it.
-    reuse = {"tcp": random.randrange(61000, 63000), "udp": random.randrange(63000, 65000)}
+    reuse = {"tcp": random.randrange(61000, 62000), "udp": random.randrange(62000, 63000),
+             "tcp2": random.randrange(63000, 64000), "udp2": random.randrange(64000, 65000)}
     bindir = _applets(tmp)
     env = {"PATH": str(bindir)}
     with NetnsLab("ftl") as lab:
@@ -461,14 +468,15 @@ def test_netns_every_traced_flow_gets_its_app_and_no_flow_a_wrong_one(lab_run, l
 
 def test_netns_one_port_three_apps_seconds_apart(lab_run, labelled) -> None:  # type: ignore[no-untyped-def]
     """The same local port (TCP, and UDP even with the same 5-tuple) used by alpha, then
-    gamma, then the untraced delta: each flow gets its own owner or no traced label."""
+    gamma, then the untraced delta: each flow gets its own owner or no traced label; and
+    a port the untraced app used half a second before a traced socket took it."""
     res, _ = labelled
     sc = score(res.table, lab_run)
     fl = res.table.flows
     labels = res.table.label_column("BF_label", "unknown").tolist()
-    got: dict[str, list[tuple[str | None, str]]] = {"tcp": [], "udp": []}
+    got: dict[str, list[tuple[str | None, str]]] = {"tcp": [], "udp": [], "tcp2": [], "udp2": []}
     for i in range(len(res.table)):
-        for kind, proto in (("tcp", 6), ("udp", 17)):
+        for kind, proto in (("tcp", 6), ("udp", 17), ("tcp2", 6), ("udp2", 17)):
             if fl["proto"][i] == proto and fl["src_port"][i] == lab_run.reuse[kind]:
                 got[kind].append((sc.owner[i], labels[i]))
     base = lab_run.traced[0].rsplit(".", 1)[0]
@@ -477,6 +485,10 @@ def test_netns_one_port_three_apps_seconds_apart(lab_run, labelled) -> None:  # 
         assert owners == [f"{base}.alpha", f"{base}.gamma", f"{base}.delta"], got[kind]
         assert [lab for _, lab in got[kind][:2]] == owners[:2]
         assert got[kind][2][1] not in lab_run.traced
+    # The untraced app's flow just before a traced socket took its port stays unlabelled.
+    for kind in ("tcp2", "udp2"):
+        assert [o for o, _ in got[kind]] == [f"{base}.delta", f"{base}.gamma"], got[kind]
+        assert got[kind][0][1] not in lab_run.traced and got[kind][1][1] == f"{base}.gamma"
 
 
 def test_netns_quality_report_strace_netstat_agree_and_clock(lab_run, labelled) -> None:  # type: ignore[no-untyped-def]
@@ -484,8 +496,9 @@ def test_netns_quality_report_strace_netstat_agree_and_clock(lab_run, labelled) 
     q = json.loads((out / "quality.json").read_text())
     assert q["schema_version"] == 1
     sn = q["strace_netstat"]
-    assert sn["both"] >= 20 and sn["disagree"] == 0, sn
-    assert q["clock"]["refined"] and q["clock"]["residual_p95"] < 0.05
+    assert sn["both"] >= 10 and sn["disagree"] == 0, sn
+    assert q["clock"]["refined"] and q["clock"]["residual_median"] < 0.01
+    assert q["clock"]["residual_p95"] < 0.25 and q["clock"]["second_pass"]
     assert q["inputs"]["strace"]["parsed"] > 0
     assert q["inputs"]["netstat"]["parsed"] > 0
     assert q["totals"]["flows"] == len(res.table)
