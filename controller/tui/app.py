@@ -98,12 +98,13 @@ class FlowtruthApp(App[None]):
     #topbar { height: 1; padding: 0 1; background: $boost; }
     TabbedContent { height: 1fr; }
     TabPane { padding: 0; }
-    .panel { border: round $primary 60%; border-title-color: $text; padding: 0 1; }
+    .panel { border: round $primary 60%; border-title-color: $text; padding: 0 1;
+             border-subtitle-color: $text-muted; }
     DataTable.panel { padding: 0; }
     #ap { height: auto; }
     #devices { height: auto; max-height: 9; }
     #queue { height: auto; max-height: 12; }
-    #log { height: 1fr; min-height: 3; }
+    #log { height: 1fr; min-height: 3; overflow-y: auto; }
     #session-panel { height: auto; }
     #rate { height: 1fr; min-height: 4; max-height: 16; }
     #results { height: auto; max-height: 14; }
@@ -155,7 +156,7 @@ class FlowtruthApp(App[None]):
                 yield LogPane(id="log", classes="panel", max_lines=1000, wrap=True, min_width=20)
             with TabPane("Session [2]", id="session"):
                 yield SessionPanel(id="session-panel", classes="panel")
-                yield RateSparkline([0.0], id="rate", classes="panel")
+                yield RateSparkline([], id="rate", classes="panel")
             with TabPane("Results [3]", id="results-tab"):
                 yield ResultsTable(id="results", classes="panel")
                 yield AppsPanel(id="apps", classes="panel")
@@ -198,7 +199,9 @@ class FlowtruthApp(App[None]):
         if PLAN in parts:
             self.query_one(TopBar).show(st, self.engine.name)
         if DEVICES in parts:
-            self.query_one(DevicesTable).show(st.devices.values())
+            table = self.query_one(DevicesTable)
+            table.show(st.devices.values())
+            table.border_subtitle = "" if st.devices else "no phones yet: d provisions"
         if QUEUE in parts:
             self.query_one(PlanQueue).show(st.sessions.values())
         if SESSION in parts:

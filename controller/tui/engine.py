@@ -8,7 +8,7 @@ objects. ``cancel`` stops cooperatively (the engine tears down and returns);
 :class:`DemoEngine` is a rehearsal engine: it emits the event sequence of a real plan
 (devices, clocks, steps, capture counters, artifacts, labels) with delays, touching no
 phone. ``flowtruth tui --demo`` uses it, and so do the fast Pilot tests.
-:class:`SessionEngine` adapts ``controller.session.run_plan`` once that module exists.
+:class:`SessionEngine` adapts the real engine (``controller.plan.run_plan``).
 """
 
 from __future__ import annotations
@@ -53,9 +53,10 @@ def outline_of(plan: Any) -> PlanOutline:
     sessions = []
     for i, s in enumerate(getattr(plan, "sessions", []) or []):
         sid = str(getattr(s, "session_id", None) or getattr(s, "id", None) or f"s{i + 1}")
+        activity = getattr(s, "activity", "") or ""
         device = getattr(s, "serial", None) or getattr(s, "device", None) or "?"
         package = getattr(s, "package", None) or getattr(s, "app", None) or "?"
-        scenario = getattr(s, "scenario", "") or ""
+        scenario = getattr(s, "scenario", None) or activity
         duration = getattr(s, "duration_s", None) or getattr(scenario, "duration_s", None)
         sessions.append(
             QueuedSession(sid, str(device), str(package), str(getattr(scenario, "name", scenario)),
@@ -254,51 +255,114 @@ def rehearsal_events(fail: frozenset[str] = frozenset(), start: float = 1_764_36
 
 # ----------------------------------------------------------------------------- real engine
 
+
+@dataclass(frozen=True, slots=True)
+class BatteryRead(ev.Event):
+    """The TUI adapter's own note of a phone's battery level (the engine's events lack it)."""
+
+    serial: str
+    level: int
+
+
 @dataclass
 class SessionEngine:
-    """The real session engine (``controller.session.run_plan``) behind the TUI's port.
+    """The real session engine (``controller.plan.run_plan``) behind the TUI's port.
 
-    The engine knows only ``cancel``; pause is done here by setting the engine's cancel
-    event when the running session finishes, and the next start passes ``resume=True``
-    so finished sessions are skipped.
+    The engine knows only ``cancel``, shared by every phone of a batch. So that pause can
+    let running sessions finish, the plan runs in rounds of at most one session per phone
+    (``plan.only(keys)``), phones in parallel within a round; pause stops between rounds,
+    stop cancels the running round (the engine tears down). One AP capture spans all
+    rounds. The environment is built on first use, in the worker (``env_factory``), so
+    bringing a lab up never blocks the screen.
     """
 
-    env: Any
+    env: Any = None
+    env_factory: Callable[[Sink], Any] | None = None
     name: str = "rig"
-    provisioner: Callable[[Sink, threading.Event], None] | None = None
-    _started_once: bool = field(default=False, init=False)
+
+    def environment(self, sink: Sink) -> Any:
+        if self.env is None:
+            if self.env_factory is None:
+                from controller.errors import ControllerError
+
+                raise ControllerError("no environment for the session engine")
+            self.env = self.env_factory(sink)
+        return self.env
 
     def run_plan(self, plan: Any, sink: Sink, cancel: threading.Event, pause: threading.Event,
                  only: Sequence[str] | None = None) -> None:
         from controller import session
 
-        inner = threading.Event()
+        env = self.environment(sink)
+        specs = plan.session_specs(env.serials)
+        by_phone: dict[str, list[str]] = {}
+        for s in specs:
+            if only is None or s.key in only:
+                by_phone.setdefault(s.serial, []).append(s.key)
+        total = sum(len(v) for v in by_phone.values())
+        rounds = [[q[i] for q in by_phone.values() if i < len(q)]
+                  for i in range(max((len(q) for q in by_phone.values()), default=0))]
+        sink(ev.PlanStarted(plan.name, total))
+        counts = {"done": 0, "failed": 0}
+        lock = threading.Lock()
 
-        def relay(event: ev.Event) -> None:
-            sink(event)
-            if pause.is_set() and isinstance(event, (ev.SessionFinished, ev.SessionFailed)):
-                inner.set()
+        def relay(e: ev.Event) -> None:
+            if isinstance(e, (ev.PlanStarted, ev.PlanProgressed, ev.PlanFinished)):
+                return  # one plan for the front end, not one per round
+            if isinstance(e, (ev.SessionFinished, ev.SessionFailed)):
+                with lock:
+                    counts["done" if isinstance(e, ev.SessionFinished) else "failed"] += 1
+            sink(e)
 
-        def watch() -> None:
-            while not inner.is_set():
-                if cancel.wait(0.1):
-                    inner.set()
-
-        watcher = threading.Thread(target=watch, daemon=True, name="tui-cancel-relay")
-        watcher.start()
+        capture = getattr(env, "capture", None)
+        owns = capture is not None and total > 0 and not capture.running
+        if owns:
+            capture.start()
         try:
-            if only is not None and hasattr(plan, "only"):
-                plan = plan.only(list(only))
-            session.run_plan(plan, self.env, relay, inner, resume=self._started_once)
+            for keys in rounds:
+                if cancel.is_set():
+                    break
+                if pause.is_set():
+                    sink(ev.LogRecorded("info", f"paused before {', '.join(keys)}"))
+                    break
+                session.run_plan(plan.only(keys), env, relay, cancel)
+                sink(ev.PlanProgressed(counts["done"], counts["failed"], 0, total))
         finally:
-            self._started_once = True
-            inner.set()
-            watcher.join(timeout=1)
+            if owns:
+                stats = capture.stop()
+                sink(ev.LogRecorded("info", f"AP capture stopped: {stats}"))
+        skipped = total - counts["done"] - counts["failed"]
+        sink(ev.PlanFinished(counts["done"], counts["failed"], skipped, total,
+                             cancelled=cancel.is_set()))
 
     def provision(self, sink: Sink, cancel: threading.Event) -> None:
-        if self.provisioner is None:
-            from controller.errors import ControllerError
+        """Each phone the adb server sees: facts, root, clock offset, preflight warnings."""
+        from controller.device import (
+            AdbDeviceLink,
+            check_root,
+            list_serials,
+            preflight,
+            probe_clock,
+            read_facts,
+        )
+        from controller.errors import DeviceError
 
-            raise ControllerError("provisioning is not available from this engine",
-                                  "run the plan: it checks and provisions each phone first")
-        self.provisioner(sink, cancel)
+        env = self.environment(sink)
+        serials = sorted(set(env.serials.values())) or [s for s, _ in list_serials(env.client)]
+        if not serials:
+            raise DeviceError("no phone is attached to adb",
+                              "plug the phones in and accept the USB debugging prompt")
+        for serial in serials:
+            if cancel.is_set():
+                return
+            link = AdbDeviceLink(env.client, serial)
+            facts = read_facts(link)
+            root = check_root(link)
+            sink(ev.DeviceConnected(serial, facts.model, facts.manufacturer, facts.android,
+                                    facts.abi, root.rooted))
+            if facts.battery_level is not None:
+                sink(BatteryRead(serial, facts.battery_level))
+            clock = probe_clock(link)
+            sink(ev.ClockMeasured(serial, clock.offset_s, clock.uncertainty_s))
+            for w in preflight(link, facts):
+                sink(ev.PreflightWarned(serial, w.check, w.message, w.fix))

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from controller import events as ev
-from controller.tui.engine import PlanOutline
+from controller.tui.engine import BatteryRead, PlanOutline
 
 # Parts of the screen an event can change.
 DEVICES, QUEUE, SESSION, RESULTS, LOG, AP, PLAN = (
@@ -277,6 +277,9 @@ class RigState:
                 self._log(e.at, "warning" if cancelled else "error",
                           f"{e.session_id}: {e.error}{fix}")
                 return {QUEUE, SESSION, RESULTS, LOG}
+            case BatteryRead():
+                self.devices.setdefault(e.serial, DeviceRow(e.serial)).battery = e.level
+                return {DEVICES}
             case ev.LogRecorded():
                 self._log(e.at, e.level, e.text)
                 return {LOG}

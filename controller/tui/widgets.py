@@ -35,7 +35,8 @@ def clock(seconds: float | None) -> str:
 def short_package(package: str) -> str:
     """``org.thoughtcrime.securesms`` -> a name a technician recognises."""
     known = {"org.thoughtcrime.securesms": "Signal", "org.telegram.messenger": "Telegram",
-             "com.whatsapp": "WhatsApp"}
+             "com.whatsapp": "WhatsApp", "signal": "Signal", "telegram": "Telegram",
+             "whatsapp": "WhatsApp"}
     return known.get(package, package.rsplit(".", 1)[-1] or package)
 
 
@@ -167,13 +168,14 @@ class ApPanel(Static):
         else:
             state = Text.assemble("AP ", ("down", "bold yellow"), f" {ap.interface}")
         rate = session.packet_rate if session and session.status == "running" else 0.0
+        rate_text = f"  {rate:,.0f} pkt/s" if session and session.rate else "  - pkt/s"
         drops = session.drops if session else 0
         size = ap.capture_bytes
         if session is not None and session.bytes and (size is None or session.bytes > size):
             size = session.bytes
         line = Text.assemble(
             state, "  SSID ", (ap.ssid or "-", "bold"), f"  clients {ap.clients}",
-            f"  capture {human_bytes(size)}", f"  {rate:,.0f} pkt/s",
+            f"  capture {human_bytes(size)}", rate_text,
             "  drops ", (str(drops), "bold red" if drops else "green"))
         if ap.detail:
             line.append(f"\n{ap.detail}", style="dim")
@@ -202,7 +204,8 @@ class SessionPanel(Static):
             return
         head = Text.assemble(
             ("Session ", "bold"), (s.session_id, "bold"), "  ",
-            (short_package(s.package), "bold"), f" ({s.package}) on {s.serial}  ",
+            (short_package(s.package), "bold"),
+            f" ({s.package})" if "." in s.package else "", f" on {s.serial}  ",
             (s.status, STATUS_STYLE.get(s.status, "")))
         scen = (f"{s.scenario_index}/{s.scenario_total} {s.scenario_step}"
                 if s.scenario_total else "-")
@@ -236,7 +239,7 @@ class RateSparkline(Sparkline):
     """Packet rate of the current session, one bar per capture update."""
 
     def show(self, session: SessionRow | None) -> None:
-        self.data = list(session.rate) if session and session.rate else [0.0]
+        self.data = list(session.rate) if session and session.rate else []
 
 
 class AppsPanel(Static):
