@@ -126,7 +126,15 @@ def strace_files(strace: Mapping[str, Iterable[PathLike]] | Iterable[PathLike]
         if got is not None and (pkg is None or got[1].split(":", 1)[0] == pkg):
             proc = got[1]
         out.append((p, proc))
-    return out
+    # A log named twice (on its own and in its directory) is read once, as first named.
+    seen: set[Path] = set()
+    unique = []
+    for p, proc in out:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append((p, proc))
+    return unique
 
 
 def _stats_dict(st: ParseStats, files: list[str]) -> dict[str, Any]:

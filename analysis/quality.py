@@ -152,7 +152,7 @@ def quality_tables(report: Mapping[str, Any]) -> list[Any]:
     c = Table(title="Checks", title_justify="left", show_header=False)
     c.add_column("what")
     c.add_column("value")
-    if sn:
+    if sn and ("netstat" in (report.get("inputs") or {}) or sn.get("both")):
         c.add_row("strace and netstat both saw", f"{sn.get('both', 0):,} flows: "
                   f"{sn.get('agree', 0):,} agree, {sn.get('disagree', 0):,} disagree")
     if clock:

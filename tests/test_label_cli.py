@@ -137,7 +137,10 @@ def test_rotated_pcapng_input_gives_one_output_of_each(case: dict[str, Path]) ->
     f1 = write_pcapng(case["tmp"] / "c1.pcapng", pkts[:10], (Iface(tsresol=9),))
     f2 = write_pcapng(case["tmp"] / "c2.pcapng", pkts[10:], (Iface(tsresol=9),))
     out = case["tmp"] / "rot"
-    res = label_capture([f1, f2], strace={"": [case["logs"]]}, out_dir=out)
+    # The alpha log is named twice (in its directory and on its own): read once.
+    res = label_capture([f1, f2], strace={"": [case["logs"]], ALPHA: [case["alpha"]]},
+                        out_dir=out, targets=[ALPHA, BETA])
+    assert res.quality["inputs"]["strace"]["files"] == [str(case["alpha"]), str(case["beta"])]
     assert res.targets == [ALPHA, BETA]
     labels = Counter(res.table.label_column("BF_label").tolist())
     assert labels == {ALPHA: 2, BETA: 1, "unknown": 1}
