@@ -33,6 +33,7 @@ from analysis.flowtable import FlowTable
 
 QUALITY_SCHEMA_VERSION = 1
 UNLABELLED_TYPES = ("ambiguous", "unlabelled")
+ALWAYS_TYPES = ("exact", "ambiguous", "unlabelled")  # in by_type even when none
 
 
 def _sums(mask: np.ndarray, pk: np.ndarray, by: np.ndarray) -> dict[str, int]:
@@ -83,7 +84,8 @@ def quality_report(
                     "packets_in_flows": table.n_packets, "bytes": cap.bytes,
                     "skipped": dict(cap.skipped)},
         "totals": _sums(np.ones(n, dtype=bool), pk, by),
-        "by_type": _grouped(typ, pk, by),
+        "by_type": {**{t: {"flows": 0, "packets": 0, "bytes": 0} for t in ALWAYS_TYPES},
+                    **_grouped(typ, pk, by)},
         "by_source": _grouped(np.array([s or "none" for s in src[named].tolist()],
                                        dtype=object), pk[named], by[named]),
         "by_app": by_app,

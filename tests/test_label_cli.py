@@ -100,7 +100,10 @@ def test_cli_offline_writes_all_outputs_with_labels(case: dict[str, Path]) -> No
     assert p.returncode == 0, p.stderr
     assert p.stderr == ""
     assert "4 bi-flows" in p.stdout and "3 exact" in p.stdout and "1 unlabelled" in p.stdout
+    assert "strace and netstat" not in p.stdout  # no netstat given
     q = json.loads((out / "quality.json").read_text())
+    assert q["by_type"]["ambiguous"] == {"flows": 0, "packets": 0, "bytes": 0}
+    assert q["by_source"] == {"strace": {"flows": 3, "packets": 19, "bytes": 773}}
     assert q["by_app"][ALPHA]["flows"] == 2 and q["by_app"][BETA]["flows"] == 1
     assert q["by_app"][BETA]["by_type"] == {"exact": 1}
     assert q["targets"]["packages"] == [ALPHA, BETA] and q["targets"]["flows"] == 3
@@ -275,3 +278,23 @@ def test_library_errors_are_typed(case: dict[str, Path]) -> None:
         label_capture(case["alpha"], strace={ALPHA: [case["alpha"]]})
     with pytest.raises(BadInputError, match="unknown format"):
         label_capture(case["pcap"], strace={ALPHA: [case["alpha"]]}, fmt="csv")
+
+
+def test_frida_events_label_a_flow_strace_did_not_see(case: dict[str, Path]) -> None:
+    """The frida agent's JSON lines are a source like the others (``--frida``)."""
+    fr = case["tmp"] / "frida.jsonl"
+    ev = {"ts": T0 + 1.0, "event": "connect", "pid": 77, "tid": 77, "fd": 9, "proto": "tcp",
+          "family": 4, "local": {"ip": PHONE, "port": 40004},
+          "remote": {"ip": "198.51.100.8", "port": 80}, "ret": -1, "errno": "EINPROGRESS",
+          "process": "org.example.gamma"}
+    close = {**ev, "ts": T0 + 1.2, "event": "close", "ret": 0}
+    fr.write_text(json.dumps(ev) + "\n" + json.dumps(close) + "\n" + "{broken\n")
+    out = case["tmp"] / "o"
+    p = cli("--pcap", case["pcap"], "--strace", f"{ALPHA}={case['alpha']}", "--frida", fr,
+            "--out", out, "-q")
+    assert p.returncode == 0, p.stderr
+    assert "1 not JSON" in p.stderr  # the damaged line is counted and named
+    q = json.loads((out / "quality.json").read_text())
+    assert q["by_app"]["org.example.gamma"]["flows"] == 1
+    assert q["by_source"]["frida"]["flows"] == 1
+    assert q["inputs"]["frida"]["skipped"] == {"not JSON": 1}
