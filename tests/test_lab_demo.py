@@ -119,8 +119,10 @@ def test_demo_session_scored_against_the_truth(demo_lab) -> None:  # type: ignor
     )  # fmt: skip
     truth = [t for t in read_truth(lab.truth_path) if t.phone == phone.config.serial]
     write_truth_csv(truth, d / "truth.csv")
-    assert (d / "truth.csv").read_text().startswith(
-        "proto,local_ip,local_port,remote_ip,remote_port,app,time"
+    assert (
+        (d / "truth.csv")
+        .read_text()
+        .startswith("proto,local_ip,local_port,remote_ip,remote_port,app,time")
     )
     flows = read_labels_csv(out / "labels.csv")
     every = score(flows, truth, apps=list(MESSENGERS), window=(t0, t1))
@@ -128,9 +130,16 @@ def test_demo_session_scored_against_the_truth(demo_lab) -> None:  # type: ignor
     # is a Python shim): sockets living a second or more are always seen
     scores = score(flows, truth, apps=list(MESSENGERS), window=(t0, t1), min_lifetime=1.0)
     report = {a: (s.precision, s.recall, s.labelled, s.truth) for a, s in scores.items()}
-    print("\n" + result.line() + "\n" + "\n".join(
-        f"{a}: precision {s.precision}, recall {s.recall} of {s.truth} sockets living >= 1 s, "
-        f"{every[a].recall} of all {every[a].truth}" for a, s in scores.items()))
+    print(
+        "\n"
+        + result.line()
+        + "\n"
+        + "\n".join(
+            f"{a}: precision {s.precision}, recall {s.recall} of {s.truth} sockets living >= 1 s, "
+            f"{every[a].recall} of all {every[a].truth}"
+            for a, s in scores.items()
+        )
+    )
     for app, s in scores.items():
         assert s.truth >= 2, (app, report)  # the chat connection and the call
         assert s.precision is not None and s.precision >= 0.95, (app, report)

@@ -163,9 +163,10 @@ def test_shell_exit_codes_su_and_large_push_pull(devices, tmp_path: Path) -> Non
     src = tmp_path / "big.bin"
     src.write_bytes(os.urandom(3 * 1024 * 1024 + 17))
     d.sync.push(str(src), "/data/local/tmp/big.bin")
-    assert d.shell("sha256sum /data/local/tmp/big.bin").split()[0] == hashlib.sha256(
-        src.read_bytes()
-    ).hexdigest()
+    assert (
+        d.shell("sha256sum /data/local/tmp/big.bin").split()[0]
+        == hashlib.sha256(src.read_bytes()).hexdigest()
+    )
     back = tmp_path / "back.bin"
     d.sync.pull("/data/local/tmp/big.bin", str(back))
     assert back.read_bytes() == src.read_bytes()
@@ -213,9 +214,11 @@ def test_signal_end_to_end(lab: Lab, devices, tmp_path: Path) -> None:  # type: 
         out = d.shell(f"am start -W -n {SIGNAL}/.RoutingActivity")
         assert "Starting: Intent { cmp=org.thoughtcrime.securesms/.RoutingActivity }" in out
         pid = wait_until(
-            lambda: (p := d.shell(f"pidof {SIGNAL}").strip())
-            and d.shell(f"cat /proc/{p}/status").find("Uid:\t10263") >= 0
-            and p,
+            lambda: (
+                (p := d.shell(f"pidof {SIGNAL}").strip())
+                and d.shell(f"cat /proc/{p}/status").find("Uid:\t10263") >= 0
+                and p
+            ),
             timeout=10,
         )
         assert d.shell(f"cat /proc/{pid}/cmdline").split("\0")[0] == SIGNAL
@@ -246,7 +249,9 @@ def test_signal_end_to_end(lab: Lab, devices, tmp_path: Path) -> None:  # type: 
         with open(pcap, "rb") as f:
             for ts, buf in dpkt.pcap.UniversalReader(f):
                 ip = dpkt.ethernet.Ethernet(buf).data
-                if not isinstance(ip, dpkt.ip.IP) or not isinstance(ip.data, dpkt.tcp.TCP | dpkt.udp.UDP):
+                if not isinstance(ip, dpkt.ip.IP) or not isinstance(
+                    ip.data, dpkt.tcp.TCP | dpkt.udp.UDP
+                ):
                     continue
                 proto = "tcp" if isinstance(ip.data, dpkt.tcp.TCP) else "udp"
                 src, dst = socket.inet_ntoa(ip.src), socket.inet_ntoa(ip.dst)
@@ -256,7 +261,9 @@ def test_signal_end_to_end(lab: Lab, devices, tmp_path: Path) -> None:  # type: 
                     times.setdefault(key, []).append(float(ts))
     assert ("udp", phone.ip) in {(k[0], k[1]) for k in flows if k[3] == "192.168.77.1"}  # DNS
     assert not any(k[3].startswith("10.254.") for k in flows)  # adb stays off the air
-    truth = [t for t in read_truth(lab.truth_path) if t.app == SIGNAL and t.phone == phone.config.serial]
+    truth = [
+        t for t in read_truth(lab.truth_path) if t.app == SIGNAL and t.phone == phone.config.serial
+    ]
     roles = {t.role for t in truth}
     assert {"dns", "chat", "media", "call-audio"} <= roles, roles
     for t in truth:
@@ -264,7 +271,10 @@ def test_signal_end_to_end(lab: Lab, devices, tmp_path: Path) -> None:  # type: 
             key = (t.proto, t.local_ip, t.local_port, t.remote_ip, t.remote_port)
             assert key in flows, (key, sorted(flows)[:10])
     media = next(t for t in truth if t.role == "media")
-    assert flows[(media.proto, media.local_ip, media.local_port, media.remote_ip, media.remote_port)] > 30
+    assert (
+        flows[(media.proto, media.local_ip, media.local_port, media.remote_ip, media.remote_port)]
+        > 30
+    )
     call = next(t for t in truth if t.role == "call-audio")
     assert call.remote_port == 3478 and call.remote_ip == "3.121.83.105"
     ckey = ("udp", call.local_ip, call.local_port, call.remote_ip, call.remote_port)
@@ -278,7 +288,10 @@ def test_force_stop_ends_the_app_and_closes_its_truth(lab: Lab, devices) -> None
 
     d = devices[0]
     d.shell(f"am start -W -n {SIGNAL}/.RoutingActivity")
-    pid = wait_until(lambda: (p := d.shell(f"pidof {SIGNAL}").strip()) and Path(f"/proc/{p}").exists() and p, timeout=10)
+    pid = wait_until(
+        lambda: (p := d.shell(f"pidof {SIGNAL}").strip()) and Path(f"/proc/{p}").exists() and p,
+        timeout=10,
+    )
     d.shell(f"am force-stop {SIGNAL}")
     wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout=10)
     assert d.shell2(f"pidof {SIGNAL}", v2=True).returncode == 1

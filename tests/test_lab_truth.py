@@ -55,7 +55,9 @@ def test_read_truth_pairs_open_and_close(truth_file: Path) -> None:
     ]
     csv = truth_csv_text(truth).splitlines()
     assert csv[0].startswith("proto,local_ip,local_port,remote_ip,remote_port,app,time")
-    assert csv[1].startswith("tcp,192.168.77.11,40000,76.223.92.165,443,org.thoughtcrime.securesms,100.0")
+    assert csv[1].startswith(
+        "tcp,192.168.77.11,40000,76.223.92.165,443,org.thoughtcrime.securesms,100.0"
+    )
 
 
 def test_score_precision_and_recall(truth_file: Path) -> None:
@@ -64,8 +66,15 @@ def test_score_precision_and_recall(truth_file: Path) -> None:
         make_flow(40000, SIGNAL, 100.1, 104.0),  # right
         make_flow(40000, SIGNAL, 200.1, 200.9),  # port reuse: that one was WhatsApp's
         # the reverse direction of WhatsApp's chat flow, right
-        make_flow(443, WA, 101.0, 110.0, local_ip="157.240.0.53", remote_ip="192.168.77.11",
-                  remote_port=40001),  # fmt: skip
+        make_flow(
+            443,
+            WA,
+            101.0,
+            110.0,
+            local_ip="157.240.0.53",
+            remote_ip="192.168.77.11",
+            remote_port=40001,
+        ),  # fmt: skip
         make_flow(9999, WA, 101.0, 102.0),  # no such socket: wrong
     ]
     s = score(flows, truth)
@@ -101,14 +110,18 @@ def test_lab_up_without_root_is_one_line(monkeypatch: pytest.MonkeyPatch,
     assert list(tmp_path.iterdir()) == []
 
 
-def test_lab_status_and_truth_without_a_lab(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_lab_status_and_truth_without_a_lab(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     code, out, _err = run_cli(["lab", "status", "--state-dir", str(tmp_path)], capsys)
     assert code == 0 and "no lab is up" in out
     code, _out, err = run_cli(["lab", "truth", "--state-dir", str(tmp_path)], capsys)
     assert code == 1 and "no lab is up" in err and "Traceback" not in err
 
 
-def test_lab_score_command(truth_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_lab_score_command(
+    truth_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     labels = tmp_path / "labels.csv"
     labels.write_text(
         "proto,local_ip,local_port,remote_ip,remote_port,label,start,end,labeling_type,sublabel,source\n"

@@ -34,7 +34,9 @@ def up(
     adb_port: Annotated[
         int, typer.Option("--adb-port", help="adb server port the phones are attached to.")
     ] = 5037,
-    no_adb: Annotated[bool, typer.Option("--no-adb", help="Do not `adb connect` the phones.")] = False,
+    no_adb: Annotated[
+        bool, typer.Option("--no-adb", help="Do not `adb connect` the phones.")
+    ] = False,
     capture: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option("--capture", help="Also capture on the AP into this directory."),

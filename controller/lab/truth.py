@@ -52,7 +52,9 @@ class TruthSocket:
 
     def key(self) -> tuple[str, frozenset[tuple[str, int]]]:
         """Direction-agnostic flow key."""
-        return flow_key(self.proto, self.local_ip, self.local_port, self.remote_ip, self.remote_port)
+        return flow_key(
+            self.proto, self.local_ip, self.local_port, self.remote_ip, self.remote_port
+        )
 
 
 @dataclass(slots=True)
@@ -99,7 +101,9 @@ class AppScore:
         }
 
 
-def flow_key(proto: str, a_ip: str, a_port: int, b_ip: str, b_port: int) -> tuple[str, frozenset[tuple[str, int]]]:
+def flow_key(
+    proto: str, a_ip: str, a_port: int, b_ip: str, b_port: int
+) -> tuple[str, frozenset[tuple[str, int]]]:
     """(proto, {endpoint, endpoint}): the same for both directions of a flow."""
     return proto.lower(), frozenset({(a_ip, int(a_port)), (b_ip, int(b_port))})
 
@@ -171,10 +175,14 @@ def read_labels_csv(path: str | os.PathLike[str]) -> list[LabelledFlow]:
                 try:
                     flows.append(
                         LabelledFlow(
-                            proto=row["proto"], local_ip=row["local_ip"],
-                            local_port=int(row["local_port"]), remote_ip=row["remote_ip"],
-                            remote_port=int(row["remote_port"]), label=row["label"],
-                            start=float(row["start"]), end=float(row["end"]),
+                            proto=row["proto"],
+                            local_ip=row["local_ip"],
+                            local_port=int(row["local_port"]),
+                            remote_ip=row["remote_ip"],
+                            remote_port=int(row["remote_port"]),
+                            label=row["label"],
+                            start=float(row["start"]),
+                            end=float(row["end"]),
                         )  # fmt: skip
                     )
                 except (KeyError, ValueError, TypeError):
