@@ -124,6 +124,8 @@ class IngestTask:
     sequence: str
     options: FlowOptions
     join: bool = True
+    # checksums already in the store; small stores send them so a renamed copy is not
+    # even parsed (the coordinator drops duplicates in any case)
     known_sha256: frozenset[str] = frozenset()
 
 
@@ -424,7 +426,8 @@ def ingest(
             already += 1
             continue
         tasks.append(IngestTask(ap, str(store.root.resolve()), key_file,
-                                sequence_of(pcap_dir, p), options, join, known))
+                                sequence_of(pcap_dir, p), options, join,
+                                known if len(known) <= 2000 else frozenset()))
     sizes = {t.path: os.path.getsize(t.path) for t in tasks}
     runner = Runner(workers if tasks else 1, client)
     try:
