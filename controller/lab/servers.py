@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import ipaddress
 import os
 import signal
@@ -226,7 +227,10 @@ async def serve(cert: Path, key: Path, stop: asyncio.Event) -> None:
     for port in TCP_PORTS:
         servers.append(
             await asyncio.start_server(
-                lambda r, w, p=port: _serve_tcp(r, w, ctx, p), "0.0.0.0", port, reuse_address=True
+                functools.partial(_serve_tcp, ctx=ctx, port=port),
+                "0.0.0.0",
+                port,
+                reuse_address=True,
             )
         )
     transports = []
