@@ -343,6 +343,8 @@ class Runner:
             _warm_imports()
             self.pool = ProcessPoolExecutor(max_workers=workers,
                                             mp_context=multiprocessing.get_context("fork"))
+            # fork every worker now, before a front end starts threads (progress bars)
+            list(self.pool.map(abs, range(workers)))
 
     def run(self, fn: Callable, items: list) -> Iterator:
         if self.client is not None:
