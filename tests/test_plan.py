@@ -234,3 +234,62 @@ def test_e2e_killing_one_adbd_mid_session_fails_it_cleanly_other_phone_carries_o
     fails = [e for e in sink.of(ev.SessionFailed) if e.session_id == bad.session_id]
     assert len(fails) == 1
     assert list((good.run_dir / "labels").rglob("*_org.thoughtcrime.securesms_*.json"))
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_e2e_flowtruth_run_lab_with_the_lab_simulated_apps(tmp_path: Path) -> None:
+    """``flowtruth run --lab`` against the lab helper's virtual lab (its simulated apps make
+    the traffic); every flow labelled with the app belongs to it by the lab's truth."""
+    try:
+        from controller.lab import topology
+        from controller.lab.truth import read_labels_csv, read_truth, score
+    except ImportError as exc:
+        pytest.skip(f"the virtual lab is not installed: {exc}")
+    reason = topology.skip_reason()
+    if reason or shutil.which("adb") is None:
+        pytest.skip(reason or "adb is not installed")
+    import os
+
+    from tests.vlab_fixture import free_port
+
+    home = tmp_path / "home"
+    home.mkdir()
+    port = free_port()
+    env = dict(os.environ, HOME=str(home), ANDROID_USER_HOME=str(home / ".android"),
+               TMPDIR=str(home), FLOWTRUTH_LAB_STATE_DIR=str(tmp_path / "state"),
+               COLUMNS="200")
+
+    def adb(*a: str) -> None:
+        subprocess.run(["adb", "-P", str(port), *a], env=env, capture_output=True,
+                       stdin=subprocess.DEVNULL, timeout=30)
+
+    adb("start-server")
+    lab = topology.Lab.up(phones=2, adb_port=port, workdir=tmp_path / "lab",
+                          state_dir=tmp_path / "state", mgmt_base=230)
+    try:
+        plan = tmp_path / "plan.yaml"
+        plan.write_text(yaml.safe_dump({
+            "name": "lab", "devices": ["lab:phone1", "lab:phone2"], "apps": ["signal"],
+            "activities": ["chat"], "wait_scale": 0.3, "output": str(tmp_path / "runs")}))
+        r = subprocess.run([sys.executable, "-m", "controller.cli", "run", str(plan), "--lab"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr
+        truth = read_truth(lab.truth_path)
+        runs = sorted((tmp_path / "runs").glob("*_signal_chat_r1"))
+        assert len(runs) == 2
+        for run in runs:
+            m = json.loads((run / "manifest.json").read_text())
+            phone = next(p for p in lab.phones if p.name in run.name)
+            assert m["outcome"] == "completed" and m["device"]["ip"] == phone.ip
+            # the lab phones' clocks run off by their preset offsets; the probe sees it
+            assert abs(m["clock"]["offset_s"] - phone.config.clock_offset_s) <= \
+                m["clock"]["uncertainty_s"] + 0.1
+            flows = read_labels_csv(run / "labels" / "labels.csv")
+            s = score(flows, truth, apps=["org.thoughtcrime.securesms"])
+            sc = s["org.thoughtcrime.securesms"]
+            assert sc.precision == 1.0, sc.to_dict()
+            assert list((run / "labels").rglob("*_org.thoughtcrime.securesms_*.json"))
+    finally:
+        lab.down()
+        adb("kill-server")

@@ -38,7 +38,9 @@ def register(app: typer.Typer) -> None:
                 from controller.lab.topology import Lab
             except ImportError:
                 raise LabError("--lab: the virtual lab is not installed") from None
-            the_lab = Lab.load()
+            import os
+
+            the_lab = Lab.load(os.environ.get("FLOWTRUTH_LAB_STATE_DIR") or None)
             if the_lab is None or the_lab.adb_port is None:
                 raise LabError("--lab: no virtual lab is running", hint="flowtruth lab up")
             adb_port = int(the_lab.adb_port)

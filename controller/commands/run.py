@@ -1,5 +1,10 @@
 """``flowtruth run PLAN.yaml [--lab] [--resume]``: a batch of sessions with live progress.
 
+With ``--lab`` the running virtual lab (``controller.lab.topology.Lab.load()``; its state
+directory from ``FLOWTRUTH_LAB_STATE_DIR`` when set) gives the adb server, the phones
+(plan devices ``lab:phone1`` ...) and the AP capture (tcpdump on its bridge, inside the
+AP namespace).
+
 Progress bars (the plan and each phone, with ETA) and a live status table (one row per
 phone: session, step, scenario step, last event) over the engine's events; a summary at
 the end; exit 1 when a session failed, 2 for a bad plan.
@@ -118,7 +123,10 @@ def _lab_environment(plan: Any) -> Any:
     except ImportError:
         raise LabError("--lab: the virtual lab (controller.lab.topology) is not installed",
                        hint="run without --lab against real phones") from None
-    lab = Lab.load()
+    import os
+
+    # FLOWTRUTH_LAB_STATE_DIR: a lab brought up with its own state directory (tests)
+    lab = Lab.load(os.environ.get("FLOWTRUTH_LAB_STATE_DIR") or None)
     if lab is None:
         raise LabError("--lab: no virtual lab is running", hint="flowtruth lab up")
     from controller.plan import environment_for
