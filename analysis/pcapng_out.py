@@ -123,9 +123,11 @@ def _pcap_records(fh) -> Iterator[RawRecord]:
         yield from b.records()
 
 
-def _pcap_batches(fh, chunk: int = CHUNK) -> Iterator[RawBatch]:
+def _pcap_batches(fh, chunk: int | None = None) -> Iterator[RawBatch]:
     """Record batches of a libpcap file, found by the C walker a chunk at a time."""
     from analysis import _fast
+
+    chunk = max(64, chunk or CHUNK)
 
     head = fh.read(24)
     if len(head) < 24:

@@ -298,3 +298,33 @@ def test_frida_events_label_a_flow_strace_did_not_see(case: dict[str, Path]) -> 
     assert q["by_app"]["org.example.gamma"]["flows"] == 1
     assert q["by_source"]["frida"]["flows"] == 1
     assert q["inputs"]["frida"]["skipped"] == {"not JSON": 1}
+
+
+@pytest.mark.parametrize("fmt", ["pcap", "pcapng"])
+def test_writers_give_the_same_bytes_whatever_the_batch_size(
+        case: dict[str, Path], fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches of a few records (and records larger than a batch) change nothing."""
+    import analysis.pcapng_out as po
+    from analysis.label import label_capture, target_mask
+
+    pkts, _ = make_capture(case["tmp"])
+    if fmt == "pcap":
+        files = [write_pcap(case["tmp"] / "a.pcap", pkts[:13]),
+                 write_pcap(case["tmp"] / "b.pcap", pkts[13:])]
+    else:
+        files = [write_pcapng(case["tmp"] / "a.pcapng", pkts[:13]),
+                 write_pcapng(case["tmp"] / "b.pcapng", pkts[13:])]
+    res = label_capture(files, strace={"": [case["logs"]]})
+    keep = target_mask(res.table, res.targets)
+    outs = {}
+    default = po.CHUNK
+    for chunk in (default, 100):
+        monkeypatch.setattr(po, "CHUNK", chunk)
+        d = case["tmp"] / f"w{chunk}"
+        po.write_labelled_pcapng(files, res.table, d / "l.pcapng")
+        st = po.write_filtered_pcap(files, res.table, keep, d / "f.pcap")
+        assert st.written == 8 + 3 + 8
+        outs[chunk] = ((d / "l.pcapng").read_bytes(), (d / "f.pcap").read_bytes())
+    assert len(outs) == 2 and outs[default] == outs[100]
+    assert [r.data for r in po.iter_raw_records(d / "l.pcapng")] == [p.data for p in pkts]
+    assert not list(d.glob(".*.tmp"))  # no temp file left beside the outputs
