@@ -231,6 +231,20 @@ def test_e2e_push_pull_checksummed(adb_phone, tmp_path: Path) -> None:  # type: 
         link.pull("/data/local/tmp/does-not-exist", tmp_path / "x")
 
 
+def test_e2e_cli_devices_lists_the_phone(adb_phone) -> None:  # type: ignore[no-untyped-def]
+    import sys
+
+    _adbd, link, client = adb_phone
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "devices", "--adb-port",
+                        str(client.port), "--no-clock"], capture_output=True, text=True,
+                       timeout=60, cwd=Path(__file__).resolve().parents[1],
+                       env={**os.environ, "COLUMNS": "250"})
+    assert r.returncode == 0, r.stderr
+    for text in (link.serial, "SM-G991B", "14 / arm64-v8a", "87 %", "Enforcing", "su -c",
+                 "org.thoughtcrime.securesms (10263, 7.8.1)"):
+        assert text in r.stdout, (text, r.stdout)
+
+
 def test_e2e_a_phone_vanishing_mid_call_is_a_device_error_not_a_hang(adb_phone) -> None:  # type: ignore[no-untyped-def]
     adbd, link, _client = adb_phone
     box: dict[str, BaseException | ShellResult] = {}
@@ -253,3 +267,4 @@ def test_e2e_a_phone_vanishing_mid_call_is_a_device_error_not_a_hang(adb_phone) 
     assert isinstance(r, DeviceError) or (isinstance(r, ShellResult) and not r.ok), r
     with pytest.raises(DeviceError, match=link.serial):
         link.shell("id", timeout=5)
+
