@@ -213,8 +213,10 @@ work = {"alpha": alpha, "beta": beta, "push": push, "gamma": gamma, "delta": del
 threads = [threading.Thread(target=work, args=(k,)) for k in range(cfg["threads"])]
 for t in threads: t.start()
 for t in threads: t.join()
-# One local port, reused by two traced apps and then the untraced one, seconds apart.
-R = cfg["reuse"]
+# One local port, reused by two traced apps and then the untraced one, seconds apart,
+# from a start time the test sends once every app has done the work above.
+print("phase1", flush=True)
+R = {**cfg["reuse"], "at": float(sys.stdin.readline())}
 if cfg["role"] == "alpha":
     until(R["at"]); tcp(V4, P["t0"], bind_port=R["tcp"]); udp_connected(V4, P["u0"], bind_port=R["udp"])
 elif cfg["role"] == "gamma":
@@ -328,16 +330,26 @@ def _run_lab(tmp: Path) -> LabRun:
                 [BUSYBOX, "sh", str(script_path("strace_launcher.sh")), pkg, str(d), STRACE,
                  "0.1"], env=env, stderr=subprocess.DEVNULL)
         _wait_file(netstat, lambda t: "=== " in t)
-        at = time.time() + 3.0
         procs = []
         for a in apps:
             cfg = {"traced": a.traced, "v4": AP_V4, "v6": AP_V6, "ports": ports,
-                   "role": a.role, "threads": a.threads, "loops": a.loops, "reuse": {**reuse, "at": at}}
+                   "role": a.role, "threads": a.threads, "loops": a.loops, "reuse": reuse}
             assert CLIENT_PY is not None
             p = phone.popen([a.name, "-I", "-S", "-c", CLIENT, a.name, json.dumps(cfg)],
-                            executable=CLIENT_PY, uid=a.uid, gid=a.uid, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            executable=CLIENT_PY, uid=a.uid, gid=a.uid, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             procs.append((a, p))
+        for a, p in procs:
+            assert p.stdout is not None
+            line = p.stdout.readline().strip()
+            if line != "phase1":
+                _, err = p.communicate(timeout=10)
+                raise AssertionError(f"{a.name}: {line!r} {err}")
+        at = time.time() + 0.5
+        for _a, p in procs:
+            assert p.stdin is not None
+            p.stdin.write(f"{at}\n")
+            p.stdin.flush()
         truth = []
         for a, p in procs:
             out, err = p.communicate(timeout=40)
