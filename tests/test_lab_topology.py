@@ -339,3 +339,28 @@ def test_stale_lab_of_a_killed_run_is_cleaned(workdir: Path, lab: Lab) -> None:
     assert killed.lab_id in r.stdout
     assert lab_leftovers(killed.lab_id, str(wd)) == []
     assert lab.lab_id not in r.stdout and all(lab.status()["namespaces"].values())
+
+
+def test_telegram_reaches_its_data_centre_over_ipv6_without_nat(lab: Lab, devices) -> None:  # type: ignore[no-untyped-def]
+    from controller.lab.truth import read_truth
+
+    phone, d = lab.phones[1], devices[1]
+    assert phone.ip6.startswith("fd77:7466::")
+    assert phone.ip6 in d.shell("ip -6 addr show dev wlan0")
+    d.shell("am start -W -n org.telegram.messenger/org.telegram.ui.LaunchActivity")
+    try:
+        sock = wait_until(
+            lambda: next(
+                (t for t in read_truth(lab.truth_path)
+                 if t.app == "org.telegram.messenger" and t.role == "chat" and t.end is None),
+                None,
+            ),
+            timeout=10,
+        )  # fmt: skip
+        assert (sock.local_ip, sock.remote_ip, sock.remote_port) == (
+            phone.ip6, "2001:67c:4e8:f004::a", 443)  # fmt: skip
+        ss = subprocess.run(["ip", "netns", "exec", lab.ns("inet"), "ss", "-tn"],
+                            capture_output=True, text=True).stdout  # fmt: skip
+        assert f"[{phone.ip6}]:{sock.local_port}" in ss  # routed: the server sees the phone
+    finally:
+        d.shell("am force-stop org.telegram.messenger")

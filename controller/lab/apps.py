@@ -109,7 +109,7 @@ PROFILES: dict[str, Profile] = {
         message_bytes=(120, 500),
     ),
     TELEGRAM: Profile(
-        chat=Endpoint("149.154.167.50", 443, "mtproto"),
+        chat=Endpoint("2001:67c:4e8:f004::a|149.154.167.50", 443, "mtproto"),
         media=Endpoint("149.154.167.51", 443, "mtproto"),
         relay=Endpoint("91.108.56.130", 596, "udp"),
         keepalive_s=7.0,
@@ -388,11 +388,12 @@ class SimulatedApp:
 
     def resolve(self, host: str) -> str:
         """The address of ``host``: literal, cached, or asked of the phone's resolver."""
-        try:
-            socket.inet_aton(host)
-            return host
-        except OSError:
-            pass
+        for family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                socket.inet_pton(family, host)
+                return host
+            except OSError:
+                pass
         cached = self.dns_cache.get(host)
         if cached and cached[1] > time.monotonic():
             return cached[0]
@@ -416,8 +417,16 @@ class SimulatedApp:
 
     def connect(self, ep: Endpoint, role: str) -> socket.socket:
         """A connected TCP socket (TLS-wrapped when the endpoint says so), recorded in the truth."""
-        ip = self.resolve(ep.host)
-        raw = socket.create_connection((ip, ep.port), timeout=5.0)
+        raw = None
+        hosts = ep.host.split("|")  # literal alternatives, IPv6 first (as Telegram's DC list)
+        for i, host in enumerate(hosts):
+            try:
+                raw = socket.create_connection((self.resolve(host), ep.port), timeout=3.0)
+                break
+            except OSError:
+                if i == len(hosts) - 1:
+                    raise
+        assert raw is not None
         self._opened(raw, "tcp", ep.host, role)
         try:
             if ep.transport == "tls":

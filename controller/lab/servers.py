@@ -41,7 +41,13 @@ TCP_PORTS = (80, 443, 5222, 5228)
 UDP_PORTS = (596, 3478)
 FRAME = struct.Struct("!II")
 MAX_FRAME = 4 * 1024 * 1024
-TELEGRAM_NETS = (ipaddress.ip_network("149.154.160.0/20"), ipaddress.ip_network("91.108.0.0/16"))
+TELEGRAM_NETS = (
+    ipaddress.ip_network("149.154.160.0/20"),
+    ipaddress.ip_network("91.108.0.0/16"),
+    ipaddress.ip_network("2001:67c:4e8::/48"),
+)
+TELEGRAM_DC2_V6 = "2001:67c:4e8:f004::a"
+"""Telegram's DC 2 over IPv6: the one lab service reached without NAT, as IPv6 is routed."""
 PLAIN_TCP_HOSTS = {"157.240.0.53"}  # g.whatsapp.net: WhatsApp's chat is Noise over TCP, not TLS
 STUN_MAGIC = 0x2112A442
 
@@ -81,8 +87,13 @@ def service(app: str, role: str) -> Service:
 
 
 def server_addresses() -> list[str]:
-    """Every address the internet namespace must hold: the services and the DNS server."""
+    """Every IPv4 address the internet namespace must hold: the services and the DNS server."""
     return sorted({s.ip for s in SERVICES} | {DNS_SERVER})
+
+
+def server_addresses_v6() -> list[str]:
+    """The IPv6 addresses the internet namespace holds."""
+    return [TELEGRAM_DC2_V6]
 
 
 def dnsmasq_lines() -> list[str]:
@@ -117,6 +128,7 @@ def make_certificates(out_dir: Path) -> tuple[Path, Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = [x509.DNSName(s.name) for s in SERVICES]
     sans += [x509.IPAddress(ipaddress.ip_address(s.ip)) for s in SERVICES]
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in server_addresses_v6()]
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flowtruth lab")]))
@@ -228,7 +240,7 @@ async def serve(cert: Path, key: Path, stop: asyncio.Event) -> None:
         servers.append(
             await asyncio.start_server(
                 functools.partial(_serve_tcp, ctx=ctx, port=port),
-                "0.0.0.0",
+                None,  # every address, IPv4 and IPv6 (asyncio sets IPV6_V6ONLY)
                 port,
                 reuse_address=True,
             )
@@ -236,11 +248,10 @@ async def serve(cert: Path, key: Path, stop: asyncio.Event) -> None:
     transports = []
     # One UDP socket per address: a wildcard socket would answer from the uplink's
     # address, which the AP's NAT does not map back to the phone.
-    for ip in sorted({s.ip for s in SERVICES}):
+    for ip in sorted({s.ip for s in SERVICES}) + server_addresses_v6():
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         for port in UDP_PORTS:
-            t, _ = await loop.create_datagram_endpoint(
-                _Relay, local_addr=(ip, port), family=socket.AF_INET
-            )
+            t, _ = await loop.create_datagram_endpoint(_Relay, local_addr=(ip, port), family=family)
             transports.append(t)
     print("serving", flush=True)
     await stop.wait()

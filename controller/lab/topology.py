@@ -2,9 +2,9 @@
 
 ::
 
-    host ── ftl<id>a<N> ═══ adb0 (10.254.N.2:5555, emulated adbd)      management, like USB
+    host ── ftl<id>a<N> ═══ adb0 (10.254.X.2:5555, emulated adbd)      management, like USB
                               │
-    ftl-<id>-phone<N>:  wlan0 (MAC 02:66:74:00:00:0N, DHCP 192.168.77.1N)
+    ftl-<id>-phone<N>:  wlan0 (MAC 02:66:74:00:00:0N, DHCP 192.168.77.1N, SLAAC fd77:7466::/64)
                               ║ veth
     ftl-<id>-ap:        sta<N> ─ bridge wlan0 (192.168.77.1/24; ap_setup: dnsmasq DHCP/DNS,
                                   nftables NAT, tcpdump capture)   wan0 (100.64.0.2/30)
@@ -17,6 +17,9 @@ the bridge as its interface: exactly what a real AP host runs, minus hostapd.  P
 their address from the AP's dnsmasq through a real DHCP client (busybox ``udhcpc``, run
 once at ``lab up``: it obtains the static lease for the phone's MAC and exits, so the lease
 is not renewed) and their resolver (``/etc/netns/<ns>/resolv.conf``) points at the AP.
+IPv6 is routed without NAT: the AP's dnsmasq sends router advertisements for
+fd77:7466::/64 (``ipv6_ra``), phones configure themselves (SLAAC), and Telegram's data
+centre answers at 2001:67c:4e8:f004::a (the other services are IPv4 only).
 The host's adb server reaches each phone's adbd over a separate management veth, so adb
 traffic never shows in the AP capture (on a real phone it goes over USB).
 
@@ -24,8 +27,8 @@ API::
 
     lab = Lab.up(phones=2, adb_port=5037, workdir=None, state_dir=None)   # needs root
     lab = Lab.load(state_dir=None)      # the running lab from its state file, or None
-    lab.phones      # [LabPhone(name, index, serial="10.254.N.2:5555", netns, ip, mac,
-                    #           config: PhoneConfig, state_dir)]
+    lab.phones      # [LabPhone(name, index, serial="10.254.X.2:5555", netns, ip, mac,
+                    #           mgmt_ip, host_ip, host_link, state_dir, config: PhoneConfig, ip6)]
     lab.ap          # LabAp(netns, interface="wlan0", subnet, address, uplink)
     lab.truth_path  # JSON lines of every simulated-app socket (controller.lab.truth)
     lab.start_capture(out_dir) -> ap_setup.capture.Capture   # tcpdump on the AP bridge
@@ -70,6 +73,9 @@ SCHEMA_VERSION = 1
 PHONE_SUBNET = ipaddress.IPv4Interface("192.168.77.1/24")
 UPLINK_INET = "100.64.0.1/30"
 UPLINK_AP = "100.64.0.2/30"
+PHONE_SUBNET6 = "fd77:7466::1/64"
+UPLINK6_INET = "fd64:7466::1/64"
+UPLINK6_AP = "fd64:7466::2/64"
 ADBD_PORT = 5555
 PROGRAMS = ("ip", "dnsmasq", "tcpdump", "busybox", "nft", "ethtool", "unshare", "nsenter")
 
@@ -77,7 +83,7 @@ UDHCPC_SCRIPT = """#!/bin/sh
 # busybox udhcpc event script: apply the lease to the interface, route and resolver.
 case "$1" in
     bound|renew)
-        ip addr flush dev "$interface"
+        ip -4 addr flush dev "$interface"
         ip addr add "$ip/${mask:-24}" dev "$interface"
         if [ -n "$router" ]; then
             set -- $router
@@ -87,7 +93,7 @@ case "$1" in
         for d in $dns; do echo "nameserver $d" >> /etc/resolv.conf; done
         ;;
     deconfig)
-        ip addr flush dev "$interface"
+        ip -4 addr flush dev "$interface"
         ;;
 esac
 exit 0
@@ -119,6 +125,7 @@ class LabPhone:
     host_link: str
     state_dir: str
     config: PhoneConfig
+    ip6: str = ""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -315,6 +322,20 @@ def _host_links() -> list[str]:
         if len(parts) >= 2:
             out.append(parts[1].strip().split("@")[0])
     return out
+
+
+def _slaac_address(netns: str, timeout: float = 6.0) -> str:
+    """The global IPv6 address the phone built from the AP's router advertisement ('' if none)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = _run(["ip", "-6", "-o", "addr", "show", "dev", "wlan0", "scope", "global"],
+                   netns=netns, check=False).stdout  # fmt: skip
+        m = re.search(r"inet6 ([0-9a-f:]+)/64", out)
+        if m and "tentative" not in out:
+            return m.group(1)
+        if time.monotonic() > deadline:
+            return ""
+        time.sleep(0.1)
 
 
 @contextlib.contextmanager
@@ -575,6 +596,15 @@ class Lab:
         _run(["ip", "-n", ap, "addr", "add", UPLINK_AP, "dev", "wan0"])
         _run(["ip", "-n", ap, "link", "set", "wan0", "up"])
         _run(["ip", "-n", ap, "route", "add", "default", "via", UPLINK_INET.split("/")[0]])
+        # IPv6 is routed, not NATed (as on real networks): a ULA prefix for the phones
+        _run(["ip", "-n", inet, "addr", "add", UPLINK6_INET, "dev", "up0", "nodad"])
+        for addr in servers.server_addresses_v6():
+            _run(["ip", "-n", inet, "addr", "add", f"{addr}/128", "dev", "lo"])
+        _run(["ip", "-n", ap, "addr", "add", UPLINK6_AP, "dev", "wan0", "nodad"])
+        _run(["ip", "-n", inet, "-6", "route", "add", str(ipaddress.ip_interface(PHONE_SUBNET6)
+              .network), "via", UPLINK6_AP.split("/")[0]])  # fmt: skip
+        _run(["ip", "-n", ap, "-6", "route", "add", "default", "via", UPLINK6_INET.split("/")[0]])
+        _run(["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"], netns=ap)
         # the AP's phone-facing interface: a bridge of one veth per phone
         _run(["ip", "-n", ap, "link", "add", "wlan0", "type", "bridge", "stp_state", "0",
               "forward_delay", "0"])  # fmt: skip
@@ -590,8 +620,14 @@ class Lab:
             for ns, dev in ((ap, f"sta{i}"), (pns, "wlan0")):
                 _run(["ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off"], netns=ns,
                      check=False)  # fmt: skip
-            _run(["ip", "-n", pns, "link", "set", "wlan0", "up"])
+            # no duplicate address detection: the link-local address and the router
+            # solicitation go out at once when the phone's Wi-Fi comes up after the AP
+            for key in ("accept_dad=0", "router_solicitation_delay=0"):
+                _run(["sysctl", "-q", "-w", f"net.ipv6.conf.wlan0.{key}"], netns=pns)
             leases.append(StaticLease(mac=mac, ip=ipaddress.IPv4Address(ip), name=f"phone{i}"))
+        # an IPv6 address added to a link that is down is lost when it comes up
+        _run(["ip", "-n", ap, "link", "set", "wlan0", "up"])
+        _run(["ip", "-n", ap, "addr", "add", PHONE_SUBNET6, "dev", "wlan0", "nodad"])
         sink("links", f"uplink, bridge wlan0 with {phones} phone(s)")
 
         # TLS material, the internet's DNS and servers
@@ -616,7 +652,7 @@ class Lab:
         cfg = ApConfig(
             interface="wlan0", uplink="wan0", netns=ap, radio=False, address=PHONE_SUBNET,
             static_leases=leases, upstream_dns=[ipaddress.IPv4Address(servers.DNS_SERVER)],
-            state_dir=ap_dir, run_dir=ap_dir, lease_time="12h",
+            state_dir=ap_dir, run_dir=ap_dir, lease_time="12h", ipv6_ra=True,
             capture=CaptureConfig(tool="tcpdump"),
         )  # fmt: skip
         self.state.ap = LabAp(netns=ap, interface="wlan0", subnet=str(PHONE_SUBNET.network),
@@ -630,6 +666,8 @@ class Lab:
         script = wd / "udhcpc.script"
         script.write_text(UDHCPC_SCRIPT)
         script.chmod(0o755)
+        for pns in phone_ns:  # the phones join the Wi-Fi together (solicitations answered once)
+            _run(["ip", "-n", pns, "link", "set", "wlan0", "up"])
         self.truth_path.touch()
         os.chmod(self.truth_path, 0o644)
         for i, pns in enumerate(phone_ns, start=1):
@@ -674,6 +712,11 @@ class Lab:
                         "manager", "--state-dir", str(pdir), "--truth", str(self.truth_path),
                         "--ca", str(ca)], ready="managing")  # fmt: skip
             sink(f"phone{i}", f"{config.model} at {lease.ip}, adb {phone.serial}")
+
+        for phone in self.phones:  # router advertisements: all phones at once
+            phone.ip6 = _slaac_address(phone.netns)
+            sink(f"{phone.name} IPv6", phone.ip6 or "none (no router advertisement)")
+        self._save()
 
         if self.state.adb_port is not None:
             self.connect_adb()
