@@ -622,8 +622,8 @@ class Lab:
                      check=False)  # fmt: skip
             # no duplicate address detection: the link-local address and the router
             # solicitation go out at once when the phone's Wi-Fi comes up after the AP
-            for key in ("accept_dad=0", "router_solicitation_delay=0"):
-                _run(["sysctl", "-q", "-w", f"net.ipv6.conf.wlan0.{key}"], netns=pns)
+            for setting in ("accept_dad=0", "router_solicitation_delay=0"):
+                _run(["sysctl", "-q", "-w", f"net.ipv6.conf.wlan0.{setting}"], netns=pns)
             leases.append(StaticLease(mac=mac, ip=ipaddress.IPv4Address(ip), name=f"phone{i}"))
         # an IPv6 address added to a link that is down is lost when it comes up
         _run(["ip", "-n", ap, "link", "set", "wlan0", "up"])
