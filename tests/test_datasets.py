@@ -82,7 +82,7 @@ def test_mirage_and_parquet_exports_load_to_the_same_table(ndpi_dirs) -> None:
     a = load_dataset([ndpi_dirs["mirage2022"]]).frame
     b = load_dataset([ndpi_dirs["parquet"]]).frame
     assert len(a) == len(b) == 766  # DNS (109) and the one unlabelled flow dropped
-    a["token"] = a["session"].str.split("_").str[1]
+    a["token"] = a["session"].str.split("/").str[1].str.split("_").str[1]
     b["token"] = b["session"]
     key = ["token", "src_ip", "src_port", "dst_ip", "dst_port", "proto", "BF_duration"]
     a = a.sort_values(key).reset_index(drop=True)
@@ -270,3 +270,33 @@ def test_original_2022_and_2024_layouts_take_device_and_app_from_the_right_place
         assert (df["app"] == "org.thoughtcrime.securesms").all()
         assert (df["target_app"] == "org.thoughtcrime.securesms").all()
         assert (df["activity"] == "chat").all()
+
+
+def test_a_run_directory_loads_its_flows_not_its_manifest_or_capture(tmp_path):
+    """Run directories hold manifest.json, quality.json and capture.pcap beside the MIRAGE
+    files: a folder scan takes the MIRAGE-named JSON; a folder of captures only, the captures."""
+    import shutil
+
+    from analysis.assemble import read_flows
+    from analysis.mirage import write_mirage_dir
+    from analysis.ml.datasets import DatasetFilter, expand_inputs, load_dataset
+    from analysis.pipeline import label_all
+
+    run = tmp_path / "20261128T224913Z_phone0_signal_chat_r1"
+    (run / "labels").mkdir(parents=True)
+    shutil.copy(PCAPS / "signal.pcap", run / "capture.pcap")
+    (run / "manifest.json").write_text('{"outcome": "completed"}')
+    (run / "labels" / "quality.json").write_text('{"exact": 1}')
+    table = read_flows(PCAPS / "signal.pcap")
+    label_all(table, "org.thoughtcrime.securesms")
+    write_mirage_dir(table, run / "labels", "org.thoughtcrime.securesms", "SM-G991B",
+                     "36:c8:80:39:6c:c8", 1795906162)
+    kinds = expand_inputs([tmp_path])
+    assert [k for k, _ in kinds] == ["mirage"]
+    df = load_dataset([tmp_path], DatasetFilter(drop_dns=False)).frame
+    assert len(df) == 18 and (df["device"] == "SM-G991B_36_c8_80_39_6c_c8").all()
+    assert df["session"].iloc[0].startswith("SM-G991B_36_c8_80_39_6c_c8/1795906162_")
+    only_caps = tmp_path / "caps"
+    only_caps.mkdir()
+    shutil.copy(PCAPS / "signal.pcap", only_caps / "a.pcap")
+    assert [k for k, _ in expand_inputs([only_caps])] == ["capture"]

@@ -42,6 +42,7 @@ BACKGROUND_TYPES = ("ambiguous", "unlabelled", "resolver")
 UNKNOWN_ACTIVITY = "Unknown"
 _MAC_FOLDER = re.compile(r"^(.+?)((?:_[0-9a-fA-F]{2}){6})$")
 _CAPTURE_SUFFIXES = (".pcap", ".pcapng", ".cap")
+_MIRAGE_NAME = re.compile(r"^\d+_.+\.json$", re.IGNORECASE)
 
 
 # ------------------------------------------------------------------------- filters
@@ -146,7 +147,9 @@ def from_mirage_frame(raw: Any) -> Any:
            zip(sub, label, strict=True)]
     bf_dev = col("flow_metadata_BF_device")
     out: dict[str, Any] = {
-        "session": raw["session"].astype(str).tolist(),
+        # a file stem names a capture only within its device folder
+        "session": [f"{d}/{s}" for d, s in zip(raw["device"].astype(str).tolist(),
+                                                raw["session"].astype(str).tolist(), strict=True)],
         "device": [_device_name(f, d) for f, d in zip(raw["device"].tolist(), bf_dev,
                                                        strict=True)],
         "app": app,
@@ -317,15 +320,21 @@ def capture_frame(path: str | os.PathLike[str], options: Any = None) -> Any:
 
 
 def expand_inputs(paths: Iterable[str | os.PathLike[str]]) -> list[tuple[str, Path]]:
-    """Each input as (kind, file): ``mirage``, ``parquet`` or ``capture``; folders are
-    searched recursively (a flow store is a folder of such files)."""
+    """Each input as (kind, file): ``mirage``, ``parquet`` or ``capture``. Folders (a flow
+    store, run directories) are searched recursively for MIRAGE-named JSON and Parquet, and
+    only when they hold neither, for captures."""
     out: list[tuple[str, Path]] = []
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
-            kinds = [(_kind(f), f) for f in found]
+            # In a folder (a run directory, a flow store) only MIRAGE-named JSON counts:
+            # manifests, quality reports and metrics sit beside the flows.
+            kinds = [(_kind(f), f) for f in found
+                     if not f.name.lower().endswith(".json") or _MIRAGE_NAME.match(f.name)]
             kinds = [(k, f) for k, f in kinds if k]
+            if any(k != "capture" for k, _ in kinds):  # flows there: the raw captures not again
+                kinds = [(k, f) for k, f in kinds if k != "capture"]
             if not kinds:
                 raise BadInputError(f"no MIRAGE .json, .parquet or capture files under {p}")
             out.extend(kinds)  # type: ignore[arg-type]

@@ -125,10 +125,11 @@ def _headline(m: dict) -> str:
          f"weighted-F1 {m['weighted_f1']:.3f}")
     if "roc" in m.get("binary", {}):
         s += f", ROC AUC {m['binary']['roc']['auc']:.3f}"
-    f = m.get("importance", {}).get("permutation", {}).get("finding") or \
-        m.get("importance", {}).get("impurity", {}).get("finding")
-    if f and f.get("top_group"):
-        s += f"; top feature group: {f['top_group']}"
+    for kind in ("permutation", "impurity"):
+        f = m.get("importance", {}).get(kind, {}).get("finding") or {}
+        if f.get("top_group"):
+            s += f"; top feature group ({kind}): {f['top_group']}"
+            break
     return s
 
 
