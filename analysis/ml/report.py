@@ -10,6 +10,7 @@ import base64
 import html
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,18 @@ def _plt() -> Any:
 
 def _short(label: str, n: int = 28) -> str:
     return label if len(label) <= n else "…" + label[-(n - 1):]
+
+
+_MAC_FOLDER = re.compile(r"^(.+?)_((?:[0-9a-fA-F]{2}_){5}[0-9a-fA-F]{2})$")
+
+
+def _short_group(name: str) -> str:
+    """A ``<Model>_<mac>`` device folder as ``Model (…ee:ff)``; other names shortened."""
+    m = _MAC_FOLDER.match(name)
+    if m:
+        octets = m.group(2).split("_")
+        return f"{_short(m.group(1), 20)} (…{octets[-2]}:{octets[-1]})"
+    return _short(name, 24)
 
 
 def plot_confusion(m: dict[str, Any], path: Path) -> Path:
@@ -130,7 +143,7 @@ def plot_cross_matrix(cross: dict[str, Any], path: Path) -> Path | None:
     if not cross:
         return None
     plt = _plt()
-    names = [_short(n, 24) for n in cross["names"]]
+    names = [_short_group(n) for n in cross["names"]]
     mat = np.array([[np.nan if v is None else v for v in row] for row in cross["macro_f1"]])
     k = len(names)
     side = max(4, 0.8 * k + 2.5)
