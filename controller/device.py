@@ -127,10 +127,35 @@ class AdbDeviceLink:
             raise self._fail(f"pull {remote}", err) from None
 
 
-def adb_client(port: int = 5037, host: str = "127.0.0.1", socket_timeout: float = 20.0) -> Any:
-    """An adbutils client of the adb server at ``host:port`` (every socket call times out)."""
+def adb_client(port: int = 5037, host: str = "127.0.0.1", socket_timeout: float = 20.0,
+               start_server: bool = False) -> Any:
+    """An adbutils client of the adb server at ``host:port`` (every socket call times out).
+
+    A server that does not answer is started (``adb -P PORT start-server``) only with
+    ``start_server``; otherwise :class:`DeviceError` says so. (Left to itself, adbutils
+    would start one on the default port, whatever port was asked for.)
+    """
+    import socket
+    import subprocess
+
     import adbutils
 
+    def reachable() -> bool:
+        with socket.socket() as s:
+            s.settimeout(3)
+            return s.connect_ex((host, port)) == 0
+
+    if not reachable():
+        if start_server and host in ("127.0.0.1", "localhost"):
+            try:
+                subprocess.run(["adb", "-P", str(port), "start-server"], capture_output=True,
+                               timeout=30, stdin=subprocess.DEVNULL)
+            except (OSError, subprocess.TimeoutExpired) as err:
+                raise DeviceError(f"cannot start the adb server on port {port}: {err}",
+                                  hint="apt-get install adb") from None
+        if not reachable():
+            raise DeviceError(f"no adb server answers at {host}:{port}",
+                              hint=f"start it: adb -P {port} start-server")
     return adbutils.AdbClient(host=host, port=port, socket_timeout=socket_timeout)
 
 

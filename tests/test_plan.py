@@ -85,6 +85,41 @@ def test_cli_run_exits_2_on_a_bad_plan_and_lab_devices_need_lab(tmp_path: Path) 
     assert ei.value.hint == "run with --lab"
 
 
+def test_cli_run_continues_after_failed_sessions_and_exits_1(tmp_path: Path) -> None:
+    import os
+
+    from tests.vlab_fixture import free_port
+
+    if shutil.which("adb") is None:
+        pytest.skip("the Debian adb package is not installed")
+    port = free_port()
+    home = tmp_path / "home"
+    home.mkdir()
+    env = dict(os.environ, HOME=str(home), TMPDIR=str(home), COLUMNS="200")
+    cli = [sys.executable, "-m", "controller.cli", "run"]
+    p = write_plan(tmp_path, devices=["NOSUCH1", "NOSUCH2"], apps=["signal"],
+                   activities=["chat"], adb={"port": port}, capture={"enabled": False})
+    r = subprocess.run([*cli, str(p)], cwd=REPO, capture_output=True, text=True, timeout=60,
+                       env=env)
+    assert r.returncode == 1 and r.stderr.startswith(
+        f"flowtruth: error: no adb server answers at 127.0.0.1:{port}"), r.stderr
+    subprocess.run(["adb", "-P", str(port), "start-server"], env=env, capture_output=True,
+                   stdin=subprocess.DEVNULL, timeout=30)
+    try:
+        r = subprocess.run([*cli, str(p)], cwd=REPO, capture_output=True, text=True,
+                           timeout=60, env=env)
+    finally:
+        subprocess.run(["adb", "-P", str(port), "kill-server"], env=env, capture_output=True,
+                       stdin=subprocess.DEVNULL, timeout=30)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "2 sessions run, 2 failed, 0 skipped" in r.stdout
+    assert r.stderr.strip().startswith("flowtruth: error: 2 of 2 sessions failed")
+    assert "NOSUCH1" in r.stdout and "Traceback" not in r.stdout + r.stderr
+    manifests = [json.loads(m.read_text()) for m in (tmp_path / "runs").glob("*/manifest.json")]
+    assert sorted(m["outcome"] for m in manifests) == ["failed", "failed"]
+    assert all("NOSUCH" in m["error"]["message"] for m in manifests)
+
+
 def test_resume_skips_completed_sessions(tmp_path: Path) -> None:
     plan = load_plan(write_plan(tmp_path, devices=["A1"], apps=["signal"]))
     runs = tmp_path / "runs"

@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
             if the_lab is None or the_lab.adb_port is None:
                 raise LabError("--lab: no virtual lab is running", hint="flowtruth lab up")
             adb_port = int(the_lab.adb_port)
-        client = adb_client(adb_port)
+        client = adb_client(adb_port, start_server=adb_port == 5037)
         for addr in connect_to:
             connect(client, addr)
         console = Console()

@@ -163,11 +163,14 @@ def register(app: typer.Typer) -> None:
             env = _lab_environment(plan)
         else:
             port = adb_port or plan.adb.port
-            client = adb_client(port, plan.adb.host)
-            known = {s for s, _ in list_serials(client)}
-            for d in plan.device_entries:
-                if ":" in d.serial and not d.serial.startswith("lab:") and d.serial not in known:
-                    connect(client, d.serial)
+            client = adb_client(port, plan.adb.host, start_server=port == 5037)
+            tcp = [d.serial for d in plan.device_entries
+                   if ":" in d.serial and not d.serial.startswith("lab:")]
+            if tcp:  # TCP phones are attached with adb connect; USB ones are just there
+                known = {s for s, _ in list_serials(client)}
+                for serial in tcp:
+                    if serial not in known:
+                        connect(client, serial)
             env = environment_for(plan, client=client, interface=interface, netns=netns)
         console = Console(stderr=False)
         sink = RichSink(console)
@@ -222,4 +225,9 @@ def register(app: typer.Typer) -> None:
         for w in sink.warnings:
             console.print(f"warning: {w}", highlight=False)
         if res.failed or res.cancelled:
-            raise typer.Exit(1)
+            from controller.errors import ControllerError
+
+            raise ControllerError(
+                f"{len(res.failed)} of {len(res.results)} sessions failed"
+                + (" (stopped)" if res.cancelled else ""),
+                hint="their run directories keep the artifacts and say why; rerun with --resume")
