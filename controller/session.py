@@ -98,6 +98,9 @@ class TcpdumpCapture:
         self.path = self.out_dir / "batch.pcap"
         self._proc: subprocess.Popen[str] | None = None
         self.stats: dict[str, int] = {}
+        self._count_at = 24
+        self._packets = 0
+        self._count_lock = threading.Lock()
 
     @property
     def running(self) -> bool:
@@ -153,6 +156,29 @@ class TcpdumpCapture:
 
     def files(self) -> list[Path]:
         return [self.path] if self.path.exists() else []
+
+    def counters(self) -> tuple[int, int]:
+        """(packets, bytes) written so far; reads only what was added since the last call."""
+        with self._count_lock:
+            try:
+                size = self.path.stat().st_size
+                with open(self.path, "rb") as f:
+                    magic = f.read(4)
+                    endian = "<" if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
+                    f.seek(self._count_at)
+                    while True:
+                        h = f.read(16)
+                        if len(h) < 16:
+                            break
+                        incl = struct.unpack(endian + "I", h[8:12])[0]
+                        if self._count_at + 16 + incl > size:
+                            break
+                        f.seek(incl, 1)
+                        self._count_at += 16 + incl
+                        self._packets += 1
+            except OSError:
+                return self._packets, 0
+            return self._packets, size
 
 
 _ETH_V4, _ETH_V6 = 0x0800, 0x86DD
@@ -640,6 +666,7 @@ class Session:
 
         def on_step(i: int, n: int, text: str) -> None:
             self.emit(ev.ScenarioStepStarted(self.session_id, i, n, text))
+            self._progress_capture()
             if time.monotonic() - last[0] > 5:  # a round trip: not on every step
                 last[0] = time.monotonic()
                 self._progress_tracers()
@@ -654,6 +681,13 @@ class Session:
             self.m["scenario"]["log"] = runner.log
         self._progress_tracers()
         return f"{len(self.steps_)} steps"
+
+    def _progress_capture(self) -> None:
+        counters = getattr(self.env.capture, "counters", None)
+        if counters is None:
+            return
+        packets, size = counters()
+        self.emit(ev.CaptureProgressed(self.session_id, packets, size, 0))
 
     def _progress_tracers(self) -> None:
         if "strace" not in self.tracer_pids:
@@ -714,6 +748,9 @@ class Session:
                                          "end": self.window_end + margin},
                                  packets=n)
         self._artifact("capture.pcap", out)
+        stats = self.m["capture"].get("stats") or getattr(cap, "stats", {}) or {}
+        self.emit(ev.CaptureProgressed(self.session_id, n, out.stat().st_size,
+                                       int(stats.get("dropped_by_kernel", 0))))
         return f"{n} packets of {', '.join(addrs)}"
 
     def _artifact(self, name: str, path: Path, sha: str | None = None) -> None:

@@ -206,6 +206,9 @@ def test_e2e_session_in_the_virtual_lab_produces_labelled_mirage_json(vlab: VLab
         [f"StepFinished:{s}" for s in STEPS[:8]] + ["StepFinished:CleanupPhone"] + \
         [f"StepFinished:{s}" for s in STEPS[8:]]
     assert "FlowsLabelled" in k and k[-1] == "SessionFinished"
+    caps = sink.of(ev.CaptureProgressed)
+    assert len(caps) >= 2 and caps[-1].packets > 0  # live counters, then the session's split
+    assert [c.packets for c in caps[:-1]] == sorted(c.packets for c in caps[:-1])
 
     from analysis.runinfo import load_manifest
 
