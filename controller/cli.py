@@ -61,13 +61,28 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except SystemExit:
         raise
-    except Exception as err:  # click usage errors and the like
-        import click
+    except Exception as err:  # usage errors from typer's (bundled) click, and plain click's
+        usage_types: list[type] = []
+        abort_types: list[type] = [typer.Abort]
+        try:
+            from typer._click import exceptions as tce
 
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
-            sys.exit(2)
-        if isinstance(err, click.exceptions.Abort):
+            usage_types.append(tce.ClickException)
+        except ImportError:  # older typer uses the installed click
+            pass
+        try:
+            import click
+
+            usage_types.append(click.exceptions.ClickException)
+            abort_types.append(click.exceptions.Abort)
+        except ImportError:
+            pass
+        if isinstance(err, tuple(usage_types)):
+            err.show()  # type: ignore[attr-defined]
+            code = getattr(err, "exit_code", 2)
+            sys.exit(2 if code in (None, 1) else code)
+        if isinstance(err, tuple(abort_types)):
+            sys.stderr.write("flowtruth: aborted\n")
             sys.exit(1)
         raise
     sys.exit(0)

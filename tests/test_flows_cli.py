@@ -117,3 +117,12 @@ def test_unwritable_output_is_one_line(tmp_path, capsys, shared_data):
     code, so, se = run_cli(["flows", shared_data / "ndpi_pcaps" / "signal.pcap", "-o",
                             blocker / "sub" / "o.json"], capsys)
     assert code == 1 and "cannot write" in se and len(se.strip().splitlines()) == 1
+
+
+def test_usage_errors_exit_2_without_traceback(tmp_path):
+    exe = [sys.executable, "-m", "controller.cli"]
+    for args in (["flows", "--format", "json", "x.pcap", "-o", "y.json"], ["nosuch"],
+                 ["flows", "--no-such-option"]):
+        r = subprocess.run([*exe, *args], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, (args, r.stderr)
+        assert "Traceback" not in r.stderr and "Error" in r.stderr
