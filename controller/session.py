@@ -595,7 +595,11 @@ class Session:
         want = {name: sha256_file(local) for name, (local, _r) in files.items()}
         # one round trip: make the directories and checksum what is already there (the
         # strace binary stays on the phone across sessions)
-        r = root_shell(link, f"mkdir -p {q(d)}/strace {q(bin_dir)} && chmod 777 "
+        # tracers of an earlier session whose phone vanished are still running: stop them
+        stale = (f"for o in {q(self.env.device_dir)}/*/; do [ \"$o\" = {q(d + '/')} ] || "
+                 f'touch "$o/strace/strace_launcher.stop" "$o/netstat.stop" 2>/dev/null; '
+                 "done; ")
+        r = root_shell(link, stale + f"mkdir -p {q(d)}/strace {q(bin_dir)} && chmod 777 "
                              f"{q(self.env.device_dir)} {q(d)} {q(bin_dir)} && "
                              f"sha256sum {q(files['strace'][1]) if 'strace' in files else ''} "
                              "2>/dev/null; true", timeout=20)
@@ -800,6 +804,9 @@ class Session:
             return "labelling off"
         from analysis.label import label_run
 
+        if not self.m["capture"]["files"]:
+            raise ControllerError("nothing to label: the session has no capture",
+                                  hint="configure the AP capture (capture.interface)")
         self.m["outcome"] = "completed"  # what a later `flowtruth label` sees
         self.write_manifest()
         res = label_run(self.run_dir, fmt=self.env.label_format)

@@ -269,6 +269,22 @@ def test_e2e_killing_one_adbd_mid_session_fails_it_cleanly_other_phone_carries_o
     fails = [e for e in sink.of(ev.SessionFailed) if e.session_id == bad.session_id]
     assert len(fails) == 1
     assert list((good.run_dir / "labels").rglob("*_org.thoughtcrime.securesms_*.json"))
+    # the phone comes back (a new adbd, as after replugging USB): its next session stops
+    # the tracers the failed session left running on it
+    stale = [p for p in m["tracer_pids"].values() if Path(f"/proc/{p}").exists()]
+    assert stale, "the failed session's tracers should outlive its adbd, as on a phone"
+    from controller.device import AdbDeviceLink
+    from controller.session import SessionSpec, run_session
+    from tests.vlab_fixture import start_adbd
+
+    start_adbd(vlab, victim)
+    again = run_session(SessionSpec(serial=victim.address, app="signal", activity="idle",
+                                    device_name=victim.name, wait_scale=0.05,
+                                    params={"idle_seconds": "1"}),
+                        AdbDeviceLink(vlab.client, victim.address), lab_env(vlab, plan),
+                        ev.null_sink)
+    assert again.outcome == "completed", again.error
+    assert [p for p in stale if Path(f"/proc/{p}").exists()] == []
 
 
 @pytest.mark.root
