@@ -112,8 +112,15 @@ def test_evaluate_kfold_protocol(ndpi_mirage, capsys, tmp_path):
                              capsys)
     assert code == 0, err
     m = json.loads((tmp_path / "kf" / "metrics.json").read_text())
-    assert m["model"] == "extratrees" and len(m["folds"]) == 3
+    assert m["model"] == "extratrees" and len(m["folds"]) == 3 and m["split_by"] == "session"
     assert "accuracy" in out and "top feature group" in out
+    code, out, err = run_cli(["evaluate", "--protocol", "kfold", ndpi_mirage, "--folds", "3",
+                              "--split-by", "flow", "--trees", "10", "--permutations", "0",
+                              "-o", tmp_path / "leaky"], capsys)
+    assert code == 0, err
+    leaky = json.loads((tmp_path / "leaky" / "metrics.json").read_text())
+    assert leaky["split_by"] == "flow" and leaky["macro_f1"] > m["macro_f1"]
+    assert "optimistic" in (tmp_path / "leaky" / "report.html").read_text()
 
 
 @pytest.mark.parametrize("kind", ["pcap", "mirage", "parquet"])

@@ -340,8 +340,13 @@ def _fit(X: np.ndarray, y: np.ndarray, cfg: TrainConfig, infos: list[FeatureInfo
 
 def run_protocol(dataset: Dataset, protocol: str = "kfold", cfg: TrainConfig | None = None,
                  folds: int = 5, train: Sequence[str] = (), test: Sequence[str] = (),
-                 sink: Callable[[object], None] | None = None) -> Evaluation:
-    """Train and test ``cfg``'s model under ``protocol`` (see the module docstring)."""
+                 sink: Callable[[object], None] | None = None,
+                 split_by: str = "session") -> Evaluation:
+    """Train and test ``cfg``'s model under ``protocol`` (see the module docstring).
+
+    ``split_by="flow"`` makes the k-fold ignore sessions (flows of one capture on both
+    sides): leaky, only to show how much session splits matter.
+    """
     cfg = cfg or TrainConfig()
     if protocol not in PROTOCOLS:
         raise BadInputError(f"unknown protocol {protocol!r}",
@@ -363,7 +368,15 @@ def run_protocol(dataset: Dataset, protocol: str = "kfold", cfg: TrainConfig | N
     cross: dict[str, Any] | None = None
     if protocol == "kfold":
         sessions = df["session"].astype(str).to_numpy()
-        splits = session_folds(y, sessions, folds, cfg.seed)
+        if split_by == "flow":
+            from sklearn.model_selection import StratifiedKFold
+
+            cv = StratifiedKFold(n_splits=max(2, folds), shuffle=True, random_state=cfg.seed)
+            splits = list(cv.split(X, y))
+        elif split_by == "session":
+            splits = session_folds(y, sessions, folds, cfg.seed)
+        else:
+            raise BadInputError(f"unknown split {split_by!r}", hint="session or flow")
         for i, (tr, te) in enumerate(splits):
             what = f"fold {i + 1}: {len(tr):,} train, {len(te):,} test flows"
             emit(FoldStarted(protocol, i, len(splits), what))
@@ -402,6 +415,7 @@ def run_protocol(dataset: Dataset, protocol: str = "kfold", cfg: TrainConfig | N
     metrics = pool.metrics(_positive(cfg.task, labels))
     metrics.update({
         "task": cfg.task, "model": cfg.kind, "protocol": protocol,
+        "split_by": split_by if protocol == "kfold" else _AXIS[protocol],
         "features": cfg.features.to_dict(), "n_estimators": cfg.n_estimators,
         "folds": fold_docs, "importance": imps.result(), "dataset": dataset.card(),
     })

@@ -264,10 +264,14 @@ def render_html(m: dict[str, Any], plots: list[tuple[str, Path]], title: str) ->
     """The report page, with every plot inlined as a data: URI."""
     esc = html.escape
     head = (f"<p>Task <b>{esc(str(m.get('task', '?')))}</b>, model <b>{esc(str(m.get('model', '?')))}"
-            f"</b>, protocol <b>{esc(str(m.get('protocol', '?')))}</b>, "
+            f"</b>, protocol <b>{esc(str(m.get('protocol', '?')))}</b> (split by "
+            f"{esc(str(m.get('split_by', '?')))}), "
             f"{m.get('flows', 0):,} test flows.</p>")
     if m.get("warning"):
         head += f"<p class=warn>{esc(m['warning'])}</p>"
+    if m.get("split_by") == "flow":
+        head += ("<p class=warn>Split by flow: flows of one capture are in both train and test, "
+                 "so these scores are optimistic; compare with the split by session.</p>")
     if "ndpi" in m.get("dataset", {}).get("per_labeling_type", {}):
         head += ("<p class=warn>Labels of type <code>ndpi</code> are nDPI's per-flow verdicts: "
                  "nDPI's opinion (e.g. Telegram recognised by IP address), not ground truth."

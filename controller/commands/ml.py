@@ -34,6 +34,11 @@ class Protocol(StrEnum):
     cross_activity = "cross-activity"
 
 
+class Split(StrEnum):
+    session = "session"
+    flow = "flow"
+
+
 class DatasetFormat(StrEnum):
     mirage2022 = "mirage2022"
     parquet = "parquet"
@@ -68,6 +73,8 @@ TargetOnlyOpt = Annotated[bool, typer.Option(
 HandshakeOpt = Annotated[bool, typer.Option(
     "--require-handshake", help="drop TCP flows that do not start SYN, SYN-ACK")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="random seed")]
+PermOpt = Annotated[int, typer.Option(
+    "--permutations", help="repeats of the grouped permutation importance (0: skip it)")]
 
 
 def _filter(labeling_type, min_packets, keep_dns, keep_background, target_only, handshake):
@@ -105,17 +112,20 @@ def _load(data, flt):
     return ds
 
 
-def _config(task, model, features, with_endpoints, packets, trees, seed, messaging):
+def _config(task, model, features, with_endpoints, packets, trees, seed, messaging,
+            permutations=3):
     from analysis.errors import BadInputError
     from analysis.ml.evaluate import TrainConfig
     from analysis.ml.features import FeatureSpec, parse_sets
     from analysis.ml.models import DEFAULT_MESSAGING_APPS
 
-    if trees < 1 or packets < 1:
-        raise BadInputError("--trees and --packets must be positive")
+    if trees < 1 or packets < 1 or permutations < 0:
+        raise BadInputError("--trees and --packets must be positive, --permutations not "
+                            "negative")
     spec = FeatureSpec(parse_sets(features), packets, with_endpoints)
     return TrainConfig(task=task.value, kind=model.value, features=spec, n_estimators=trees,
-                       seed=seed, messaging_apps=(*DEFAULT_MESSAGING_APPS, *messaging))
+                       seed=seed, messaging_apps=(*DEFAULT_MESSAGING_APPS, *messaging),
+                       permutation_repeats=permutations)
 
 
 def _headline(m: dict) -> str:
@@ -154,6 +164,7 @@ def register(app: typer.Typer) -> None:
         target_app_only: TargetOnlyOpt = False,
         require_handshake: HandshakeOpt = False,
         seed: SeedOpt = 0,
+        permutations: PermOpt = 3,
     ) -> None:
         """Train a classifier on labelled flows; writes the model, metrics.json and a report."""
         from analysis.ml.datasets import write_card
@@ -163,7 +174,7 @@ def register(app: typer.Typer) -> None:
         from analysis.ml.report import write_report
 
         cfg = _config(task, model, features, with_endpoints, packets, trees, seed,
-                      messaging_app)
+                      messaging_app, permutations)
         ds = _load(data, _filter(labeling_type, min_packets, keep_dns, keep_background,
                                  target_app_only, require_handshake))
         X = build_features(ds.frame, cfg.features)
@@ -179,7 +190,7 @@ def register(app: typer.Typer) -> None:
             _say(f"scoring with {cv}-fold cross-validation grouped by session")
             metrics = run_protocol(ds, "kfold", cfg, folds=cv, sink=_print_event).metrics
         else:
-            metrics = evaluate_model(trained, ds).metrics
+            metrics = evaluate_model(trained, ds, permutations).metrics
         report = write_report(metrics, out, "flowtruth train")
         write_card(card, out)
         sys.stdout.write(f"{_headline(metrics)}\nmodel and report in {out} ({report.name})\n")
@@ -197,6 +208,9 @@ def register(app: typer.Typer) -> None:
         test_on: Annotated[list[str], typer.Option(
             "--test-on", help="device/activity to test on (repeatable)")] = [],  # noqa: B006
         folds: Annotated[int, typer.Option("--folds", help="k of the k-fold protocol")] = 5,
+        split_by: Annotated[Optional[Split], typer.Option(  # noqa: UP045
+            "--split-by", help="kfold groups: session (flows of a capture stay together, the "
+                               "default) or flow (leaky, for comparison only)")] = None,
         task: TaskOpt = Task.app,
         features: FeaturesOpt = "stats",
         model: ModelOpt = Model.rf,
@@ -211,6 +225,7 @@ def register(app: typer.Typer) -> None:
         target_app_only: TargetOnlyOpt = False,
         require_handshake: HandshakeOpt = False,
         seed: SeedOpt = 0,
+        permutations: PermOpt = 3,
     ) -> None:
         """Test a trained model on DATA, or run a protocol (kfold, cross-device, cross-activity)."""
         from analysis.errors import BadInputError
@@ -227,15 +242,18 @@ def register(app: typer.Typer) -> None:
                                     hint=f"{inputs[0]} is not a model directory (no model.json)")
             trained = load_model(inputs[0])
             ds = _load(inputs[1:], flt)
-            metrics = evaluate_model(trained, ds).metrics
+            metrics = evaluate_model(trained, ds, permutations).metrics
         else:
             if (train_on or test_on) and protocol == Protocol.kfold:
                 raise BadInputError("--train-on/--test-on go with cross-device or cross-activity")
             cfg = _config(task, model, features, with_endpoints, packets, trees, seed,
-                          messaging_app)
+                          messaging_app, permutations)
             ds = _load(inputs, flt)
+            if split_by is not None and protocol != Protocol.kfold:
+                raise BadInputError("--split-by goes with --protocol kfold")
             metrics = run_protocol(ds, protocol.value, cfg, folds, train_on, test_on,
-                                   sink=_print_event).metrics
+                                   sink=_print_event,
+                                   split_by=(split_by or Split.session).value).metrics
         report = write_report(metrics, out, f"flowtruth evaluate ({metrics['protocol']})")
         write_card(ds.card(), out)
         sys.stdout.write(f"{_headline(metrics)}\nreport in {report}\n")
