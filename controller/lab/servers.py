@@ -102,7 +102,58 @@ def dnsmasq_lines() -> list[str]:
 
 
 def make_certificates(out_dir: Path) -> tuple[Path, Path, Path]:
-    """Write a lab CA and a server certificate for every service name; (ca, cert, key)."""
+    """Write a lab CA and a server certificate for every service name; (ca, cert, key).
+
+    Uses the ``cryptography`` package when installed, else the ``openssl`` command.
+    """
+    try:
+        import cryptography  # noqa: F401
+    except ImportError:
+        return _make_certificates_openssl(out_dir)
+    return _make_certificates_cryptography(out_dir)
+
+
+def _make_certificates_openssl(out_dir: Path) -> tuple[Path, Path, Path]:
+    import shutil
+    import subprocess
+
+    from controller.errors import LabError
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise LabError(
+            "the lab's TLS certificates need the openssl command or the cryptography package",
+            hint="apt-get install openssl",
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ca_key, ca = out_dir / "ca.key", out_dir / "ca.pem"
+    key, csr, cert = out_dir / "server.key", out_dir / "server.csr", out_dir / "server.pem"
+    ext = out_dir / "server.ext"
+    sans = [f"DNS:{s.name}" for s in SERVICES]
+    sans += [f"IP:{ip}" for ip in sorted({s.ip for s in SERVICES}) + server_addresses_v6()]
+    ext.write_text("subjectAltName=" + ",".join(sans) + "\n")
+    curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    steps = [
+        [openssl, "req", "-x509", *curve, "-keyout", str(ca_key), "-out", str(ca), "-days",
+         "30", "-subj", "/CN=flowtruth lab CA", "-addext",
+         "basicConstraints=critical,CA:TRUE,pathlen:0", "-addext",
+         "keyUsage=critical,keyCertSign,cRLSign"],
+        [openssl, "req", *curve, "-keyout", str(key), "-out", str(csr), "-subj",
+         "/CN=flowtruth lab"],
+        [openssl, "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+         "-CAcreateserial", "-out", str(cert), "-days", "30", "-extfile", str(ext)],
+    ]  # fmt: skip
+    for argv in steps:
+        res = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if res.returncode != 0:
+            raise LabError(f"openssl {argv[1]} failed: {res.stderr.strip()[-300:]}")
+    os.chmod(key, 0o600)
+    os.chmod(ca_key, 0o600)
+    os.chmod(ca, 0o644)
+    return ca, cert, key
+
+
+def _make_certificates_cryptography(out_dir: Path) -> tuple[Path, Path, Path]:
     import datetime
 
     from cryptography import x509
