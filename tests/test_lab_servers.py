@@ -23,7 +23,7 @@ def test_openssl_certificates_verify_for_every_service(tmp_path: Path) -> None:
     client_ctx = ssl.create_default_context(cafile=str(ca))
     for name in ("chat.signal.org", "mmg.whatsapp.net", "mtalk.google.com"):
         a, b = socket.socketpair()
-        t = threading.Thread(target=lambda: server_ctx.wrap_socket(a, server_side=True).recv(1))
+        t = threading.Thread(target=lambda a=a: server_ctx.wrap_socket(a, server_side=True).recv(1))
         t.start()
         with client_ctx.wrap_socket(b, server_hostname=name) as c:
             c.send(b"x")
