@@ -228,9 +228,13 @@ class FlowtruthApp(App[None]):
         from controller import events as ev
 
         e = message.event
+        if isinstance(e, (ev.SessionFailed, ev.PreflightWarned, ev.DeviceLost)):
+            # One engine toast at a time, so toasts never pile over the tables; the log
+            # keeps every message.
+            self.clear_notifications()
         if isinstance(e, ev.SessionFailed) and "cancel" not in e.error:
             self.notify(f"{e.error}\nFix: {e.hint}" if e.hint else e.error,
-                        title=f"{e.session_id} failed", severity="error", timeout=10)
+                        title=f"{e.session_id} failed", severity="error", timeout=8)
         elif isinstance(e, ev.PreflightWarned):
             self.notify(f"{e.message}\nFix: {e.fix}", title=f"{e.serial}: {e.check}",
                         severity="warning", timeout=8)
@@ -249,6 +253,9 @@ class FlowtruthApp(App[None]):
     @on(WorkFinished)
     def handle_work_finished(self, message: WorkFinished) -> None:
         self.busy = None
+        if message.kind == "provision":
+            n = sum(1 for d in self.state.devices.values() if d.connected)
+            self.log_note("info", f"provisioned {n} phone(s)")
         if self.state.running:  # the engine returned without PlanFinished (it raised)
             self.state.plan_state = "stopped"
             for row in self.state.sessions.values():
@@ -372,7 +379,9 @@ class FlowtruthApp(App[None]):
 
     def action_start(self) -> None:
         if self.busy:
-            self.notify("The plan is already running.", severity="warning")
+            self.notify("The plan is already running." if self.busy == "plan"
+                        else "Provisioning is running; start when it is done.",
+                        severity="warning")
             return
         todo = [s.session_id for s in self.state.sessions.values() if s.status == "queued"]
         if self.state.plan_state in ("idle",) or not self.state.sessions:
