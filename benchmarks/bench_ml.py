@@ -66,14 +66,18 @@ def main() -> None:
         noise = rng.normal(1.0, 0.05, (args.flows, X0.shape[1])).astype(np.float32)
         X = X0[idx] * noise
         y = y0[idx]
-        print(f"training data: {len(X):,} flows x {X.shape[1]} MIRAGE statistics "
-              f"(from {len(X0)} real flows), {len(set(y))} classes")
+        print(
+            f"training data: {len(X):,} flows x {X.shape[1]} MIRAGE statistics "
+            f"(from {len(X0)} real flows), {len(set(y))} classes"
+        )
 
         t0, c0 = time.perf_counter(), time.process_time()
         model = fit_model(X, y, "rf", n_estimators=args.trees, n_jobs=-1)
         fit_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
-        print(f"RF fit ({args.trees} trees, n_jobs=-1): {fit_s:.1f} s wall, {cpu_s:.1f} s CPU "
-              f"(load average now {os.getloadavg()[0]:.1f})  (target <= 60 s)")
+        print(
+            f"RF fit ({args.trees} trees, n_jobs=-1): {fit_s:.1f} s wall, {cpu_s:.1f} s CPU "
+            f"(load average now {os.getloadavg()[0]:.1f})  (target <= 60 s)"
+        )
 
         t0 = time.perf_counter()
         model.predict_proba(X)
@@ -86,16 +90,25 @@ def main() -> None:
         while n_files < args.files:
             name, t = tables[k % len(tables)]
             epoch = 1_500_000_000 + k
-            written = write_mirage_dir(t, out, session_token(name), f"Phone{k % 2}",
-                                       f"02:00:00:00:00:0{k % 2}", epoch, args.layout)
+            written = write_mirage_dir(
+                t,
+                out,
+                session_token(name),
+                f"Phone{k % 2}",
+                f"02:00:00:00:00:0{k % 2}",
+                epoch,
+                args.layout,
+            )
             n_files += len(written)
             k += 1
         size = sum(f.stat().st_size for f in out.rglob("*.json"))
         t0 = time.perf_counter()
         ds = load_dataset([out])
         load_s = time.perf_counter() - t0
-        print(f"load {n_files:,} {args.layout} files ({size / 1e6:.0f} MB, {ds.raw_flows:,} "
-              f"flows): {load_s:.1f} s  (target <= 30 s)")
+        print(
+            f"load {n_files:,} {args.layout} files ({size / 1e6:.0f} MB, {ds.raw_flows:,} "
+            f"flows): {load_s:.1f} s  (target <= 30 s)"
+        )
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ from analysis.errors import BadInputError, ParseError, SchemaError
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PCAPS = DATA / "ndpi_pcaps"
 MIRAGE19 = DATA / "mirage2019"
-pytestmark = pytest.mark.skipif(not (PCAPS / "flow_labels.csv").exists(),
-                                reason="shared data not found")
+pytestmark = pytest.mark.skipif(
+    not (PCAPS / "flow_labels.csv").exists(), reason="shared data not found"
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,17 +54,24 @@ def test_ndpi_flows_carry_ndpis_verdict_for_their_5_tuple(ndpi_dirs) -> None:
     from analysis.ml.ndpi import session_token
     from analysis.traces.model import norm_ip
 
-    ds = load_dataset([ndpi_dirs["parquet"]], DatasetFilter(drop_background=False,
-                                                            drop_dns=False))
+    ds = load_dataset([ndpi_dirs["parquet"]], DatasetFilter(drop_background=False, drop_dns=False))
     df = ds.frame
     assert len(df) == 876
-    by_token = {session_token(r["pcap"]): r["pcap"] for r in
-                csv.DictReader(open(PCAPS / "flow_labels.csv", newline=""))}
+    by_token = {
+        session_token(r["pcap"]): r["pcap"]
+        for r in csv.DictReader(open(PCAPS / "flow_labels.csv", newline=""))
+    }
     verdict = _verdicts()
     checked = 0
     for row in df.itertuples():
-        key = (by_token[row.session], row.proto, norm_ip(row.src_ip), row.src_port,
-               norm_ip(row.dst_ip), row.dst_port)
+        key = (
+            by_token[row.session],
+            row.proto,
+            norm_ip(row.src_ip),
+            row.src_port,
+            norm_ip(row.dst_ip),
+            row.dst_port,
+        )
         want = verdict.get(key)
         if want and len(want) == 1:
             assert row.app == next(iter(want))
@@ -89,10 +97,15 @@ def test_mirage_and_parquet_exports_load_to_the_same_table(ndpi_dirs) -> None:
     b = b.sort_values(key).reset_index(drop=True)
     for c in ("src_ip", "src_port", "dst_port", "app", "labeling_type", "has_handshake"):
         assert a[c].tolist() == b[c].tolist(), c
-    np.testing.assert_allclose(a[list(STAT_COLUMNS)].to_numpy(), b[list(STAT_COLUMNS)]
-                               .to_numpy(), rtol=1e-9, equal_nan=True)
-    np.testing.assert_allclose(a[list(COUNTER_COLUMNS)].to_numpy(),
-                               b[list(COUNTER_COLUMNS)].to_numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        a[list(STAT_COLUMNS)].to_numpy(),
+        b[list(STAT_COLUMNS)].to_numpy(),
+        rtol=1e-9,
+        equal_nan=True,
+    )
+    np.testing.assert_allclose(
+        a[list(COUNTER_COLUMNS)].to_numpy(), b[list(COUNTER_COLUMNS)].to_numpy(), rtol=1e-6
+    )
     for c in ("pkt_payload", "pkt_dir", "pkt_iat"):
         for x, y in zip(a[c], b[c], strict=True):
             np.testing.assert_allclose(x, y, atol=1e-6)
@@ -120,8 +133,10 @@ def test_real_mirage2019_file_loads_into_the_same_table() -> None:
         assert row.UF_L4_payload_bytes == md["UF_L4_payload_bytes"]
         assert len(row.pkt_payload) == min(32, md["BF_num_packets"])
         assert row.pkt_payload.tolist() == rec["packet_data"]["L4_payload_bytes"][:32]
-        assert row.packet_length_upstream_flow_mean == \
-            rec["flow_features"]["packet_length"]["upstream_flow"]["mean"]
+        assert (
+            row.packet_length_upstream_flow_mean
+            == rec["flow_features"]["packet_length"]["upstream_flow"]["mean"]
+        )
     assert df[list(STAT_COLUMNS)].notna().any(axis=1).all()
     # MIRAGE-2019 has no TCP flags: the handshake test falls back to payload-less packets
     assert df["has_handshake"].all()
@@ -133,8 +148,9 @@ def test_capture_frame_matches_the_mirage_export_of_it(tmp_path) -> None:
 
     cap = PCAPS / "signal.pcap"
     export_flows([cap], tmp_path / "sig.json", "mirage2019")
-    m = load_dataset([tmp_path / "sig.json"], DatasetFilter(drop_background=False,
-                                                            drop_dns=False)).frame
+    m = load_dataset(
+        [tmp_path / "sig.json"], DatasetFilter(drop_background=False, drop_dns=False)
+    ).frame
     c = capture_frame(cap)
     assert len(c) == len(m) == 18
     m = m.sort_values(["src_port", "dst_port"]).reset_index(drop=True)
@@ -148,8 +164,9 @@ def test_capture_frame_matches_the_mirage_export_of_it(tmp_path) -> None:
 def test_filters_drop_what_they_say(ndpi_dirs) -> None:
     from analysis.ml.datasets import DatasetFilter, is_background, load_dataset
 
-    every = load_dataset([ndpi_dirs["parquet"]], DatasetFilter(drop_background=False,
-                                                               drop_dns=False))
+    every = load_dataset(
+        [ndpi_dirs["parquet"]], DatasetFilter(drop_background=False, drop_dns=False)
+    )
     df = every.frame
     dns = ((df["src_port"] == 53) | (df["dst_port"] == 53)).sum()
     assert dns == 109
@@ -161,7 +178,10 @@ def test_filters_drop_what_they_say(ndpi_dirs) -> None:
     assert len(tcp) and hs.dropped["no_handshake"] > 0
     # tcbench's rule: flows not of the session's own app are background; the session
     # token of telegram.pcap is "telegram", never a family label
-    tb = load_dataset([ndpi_dirs["parquet"]], DatasetFilter(background_is_other_apps=True),)
+    tb = load_dataset(
+        [ndpi_dirs["parquet"]],
+        DatasetFilter(background_is_other_apps=True),
+    )
     assert len(tb) == 0
     only = load_dataset([ndpi_dirs["parquet"]], DatasetFilter(labeling_types=("exact",)))
     assert len(only) == 0 and only.dropped["labeling_type"] == 875
@@ -250,15 +270,25 @@ def test_original_2022_and_2024_layouts_take_device_and_app_from_the_right_place
     from analysis.pipeline import export_flows
 
     src = tmp_path / "x.json"
-    export_flows([PCAPS / "signal.pcap"], src, "mirage2022", label="org.thoughtcrime.securesms",
-                 device_mac="aa:bb:cc:dd:ee:ff", activity="chat")
+    export_flows(
+        [PCAPS / "signal.pcap"],
+        src,
+        "mirage2022",
+        label="org.thoughtcrime.securesms",
+        device_mac="aa:bb:cc:dd:ee:ff",
+        activity="chat",
+    )
     obj = json.loads(src.read_text())
     for rec in obj.values():
         rec["flow_metadata"]["BF_sublabel"] = "org.thoughtcrime.securesms:remote"
     suffix = "mirage2020dataset_labeled_biflows_all_packets_encryption_metadata.json"
     f22 = tmp_path / "Raw_JSON" / "Signal" / f"1619019338_org.thoughtcrime.securesms_{suffix}"
-    f24 = tmp_path / "AppAct" / "Signal" / \
-        f"1670836390_aa:bb:cc:dd:ee:ff_org.thoughtcrime.securesms_{suffix}"
+    f24 = (
+        tmp_path
+        / "AppAct"
+        / "Signal"
+        / f"1670836390_aa:bb:cc:dd:ee:ff_org.thoughtcrime.securesms_{suffix}"
+    )
     for f in (f22, f24):
         f.parent.mkdir(parents=True)
         f.write_text(json.dumps(obj))
@@ -289,8 +319,14 @@ def test_a_run_directory_loads_its_flows_not_its_manifest_or_capture(tmp_path):
     (run / "labels" / "quality.json").write_text('{"exact": 1}')
     table = read_flows(PCAPS / "signal.pcap")
     label_all(table, "org.thoughtcrime.securesms")
-    write_mirage_dir(table, run / "labels", "org.thoughtcrime.securesms", "SM-G991B",
-                     "36:c8:80:39:6c:c8", 1795906162)
+    write_mirage_dir(
+        table,
+        run / "labels",
+        "org.thoughtcrime.securesms",
+        "SM-G991B",
+        "36:c8:80:39:6c:c8",
+        1795906162,
+    )
     kinds = expand_inputs([tmp_path])
     assert [k for k, _ in kinds] == ["mirage"]
     df = load_dataset([tmp_path], DatasetFilter(drop_dns=False)).frame

@@ -13,8 +13,9 @@ from controller.cli import main
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PCAPS = DATA / "ndpi_pcaps"
-pytestmark = pytest.mark.skipif(not (PCAPS / "flow_labels.csv").exists(),
-                                reason="shared data not found")
+pytestmark = pytest.mark.skipif(
+    not (PCAPS / "flow_labels.csv").exists(), reason="shared data not found"
+)
 KEYS = ("accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix", "labels")
 
 
@@ -38,8 +39,22 @@ def ndpi_mirage(tmp_path_factory) -> Path:
 def genre_model(ndpi_mirage, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("model") / "m"
     with pytest.raises(SystemExit) as ei:
-        main(["train", str(ndpi_mirage), "--task", "genre", "--features", "stats,series",
-              "--trees", "15", "--cv", "3", "-o", str(out)])
+        main(
+            [
+                "train",
+                str(ndpi_mirage),
+                "--task",
+                "genre",
+                "--features",
+                "stats,series",
+                "--trees",
+                "15",
+                "--cv",
+                "3",
+                "-o",
+                str(out),
+            ]
+        )
     assert ei.value.code == 0
     return out
 
@@ -57,8 +72,15 @@ def test_dataset_ndpi_writes_labelled_mirage_files(ndpi_mirage, capsys, tmp_path
 
 def test_train_writes_model_metrics_and_report(genre_model):
     names = {p.name for p in genre_model.iterdir()}
-    assert {"model.json", "model.skops", "metrics.json", "report.html", "dataset_card.json",
-            "confusion_matrix.png", "roc_pr.png"} <= names
+    assert {
+        "model.json",
+        "model.skops",
+        "metrics.json",
+        "report.html",
+        "dataset_card.json",
+        "confusion_matrix.png",
+        "roc_pr.png",
+    } <= names
     assert "nDPI's opinion" in (genre_model / "report.html").read_text()
     m = json.loads((genre_model / "metrics.json").read_text())
     assert all(k in m for k in KEYS)
@@ -69,8 +91,7 @@ def test_train_writes_model_metrics_and_report(genre_model):
 
 
 def test_evaluate_a_model_on_data(genre_model, ndpi_mirage, capsys, tmp_path):
-    code, out, err = run_cli(["evaluate", genre_model, ndpi_mirage, "-o", tmp_path / "ev"],
-                             capsys)
+    code, out, err = run_cli(["evaluate", genre_model, ndpi_mirage, "-o", tmp_path / "ev"], capsys)
     assert code == 0, err
     assert "optimistic" in err  # its own training data
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
@@ -81,42 +102,115 @@ def test_evaluate_a_model_on_data(genre_model, ndpi_mirage, capsys, tmp_path):
 def test_evaluate_cross_device_on_two_device_folders(capsys, tmp_path):
     from analysis.ml.ndpi import build_ndpi_dataset
 
-    build_ndpi_dataset(PCAPS, tmp_path / "two", "mirage2022",
-                       devices=lambda c: "PhoneA" if zlib.crc32(c.encode()) % 2 else "PhoneB")
+    build_ndpi_dataset(
+        PCAPS,
+        tmp_path / "two",
+        "mirage2022",
+        devices=lambda c: "PhoneA" if zlib.crc32(c.encode()) % 2 else "PhoneB",
+    )
     folders = sorted(p.name for p in (tmp_path / "two").iterdir())
     assert len(folders) == 2 and folders[0].startswith("PhoneA_")
-    code, out, err = run_cli(["evaluate", "--protocol", "cross-device", tmp_path / "two",
-                              "--task", "genre", "--trees", "10", "-o", tmp_path / "cd"],
-                             capsys)
+    code, out, err = run_cli(
+        [
+            "evaluate",
+            "--protocol",
+            "cross-device",
+            tmp_path / "two",
+            "--task",
+            "genre",
+            "--trees",
+            "10",
+            "-o",
+            tmp_path / "cd",
+        ],
+        capsys,
+    )
     assert code == 0, err
     m = json.loads((tmp_path / "cd" / "metrics.json").read_text())
     assert m["protocol"] == "cross-device" and len(m["cross_matrix"]["names"]) == 2
     assert (tmp_path / "cd" / "cross_matrix.png").is_file()
-    code, out, err = run_cli(["evaluate", "--protocol", "cross-device", tmp_path / "two",
-                              "--train-on", folders[0], "--test-on", folders[1],
-                              "--trees", "5", "-o", tmp_path / "cd1"], capsys)
+    code, out, err = run_cli(
+        [
+            "evaluate",
+            "--protocol",
+            "cross-device",
+            tmp_path / "two",
+            "--train-on",
+            folders[0],
+            "--test-on",
+            folders[1],
+            "--trees",
+            "5",
+            "-o",
+            tmp_path / "cd1",
+        ],
+        capsys,
+    )
     assert code == 0, err
-    assert json.loads((tmp_path / "cd1" / "metrics.json").read_text())["folds"][0]["test"] \
-        == [folders[1]]
-    code, out, err = run_cli(["evaluate", "--protocol", "cross-device", tmp_path / "two",
-                              "--train-on", "PhoneB", "--trees", "5", "-o", tmp_path / "cd2"],
-                             capsys)
+    assert json.loads((tmp_path / "cd1" / "metrics.json").read_text())["folds"][0]["test"] == [
+        folders[1]
+    ]
+    code, out, err = run_cli(
+        [
+            "evaluate",
+            "--protocol",
+            "cross-device",
+            tmp_path / "two",
+            "--train-on",
+            "PhoneB",
+            "--trees",
+            "5",
+            "-o",
+            tmp_path / "cd2",
+        ],
+        capsys,
+    )
     assert code == 0, err
     fold = json.loads((tmp_path / "cd2" / "metrics.json").read_text())["folds"][0]
     assert fold["train"] == [folders[1]] and fold["test"] == [folders[0]]
 
 
 def test_evaluate_kfold_protocol(ndpi_mirage, capsys, tmp_path):
-    code, out, err = run_cli(["evaluate", "--protocol", "kfold", ndpi_mirage, "--folds", "3",
-                              "--model", "extratrees", "--trees", "10", "-o", tmp_path / "kf"],
-                             capsys)
+    code, out, err = run_cli(
+        [
+            "evaluate",
+            "--protocol",
+            "kfold",
+            ndpi_mirage,
+            "--folds",
+            "3",
+            "--model",
+            "extratrees",
+            "--trees",
+            "10",
+            "-o",
+            tmp_path / "kf",
+        ],
+        capsys,
+    )
     assert code == 0, err
     m = json.loads((tmp_path / "kf" / "metrics.json").read_text())
     assert m["model"] == "extratrees" and len(m["folds"]) == 3 and m["split_by"] == "session"
     assert "accuracy" in out and "top feature group" in out
-    code, out, err = run_cli(["evaluate", "--protocol", "kfold", ndpi_mirage, "--folds", "3",
-                              "--split-by", "flow", "--trees", "10", "--permutations", "0",
-                              "-o", tmp_path / "leaky"], capsys)
+    code, out, err = run_cli(
+        [
+            "evaluate",
+            "--protocol",
+            "kfold",
+            ndpi_mirage,
+            "--folds",
+            "3",
+            "--split-by",
+            "flow",
+            "--trees",
+            "10",
+            "--permutations",
+            "0",
+            "-o",
+            tmp_path / "leaky",
+        ],
+        capsys,
+    )
     assert code == 0, err
     leaky = json.loads((tmp_path / "leaky" / "metrics.json").read_text())
     assert leaky["split_by"] == "flow" and leaky["macro_f1"] > m["macro_f1"]
@@ -124,8 +218,9 @@ def test_evaluate_kfold_protocol(ndpi_mirage, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["pcap", "mirage", "parquet"])
-def test_predict_on_a_pcap_a_mirage_file_and_a_flow_store(kind, genre_model, ndpi_mirage,
-                                                          capsys, tmp_path):
+def test_predict_on_a_pcap_a_mirage_file_and_a_flow_store(
+    kind, genre_model, ndpi_mirage, capsys, tmp_path
+):
     if kind == "pcap":
         src = PCAPS / "signal.pcap"
         n = 18
@@ -145,32 +240,41 @@ def test_predict_on_a_pcap_a_mirage_file_and_a_flow_store(kind, genre_model, ndp
     if n is not None:
         assert len(rows) == n
     assert {"src_ip", "dst_port", "predicted", "confidence", "p_messaging", "p_other"} <= set(
-        rows[0])
+        rows[0]
+    )
     for r in rows:
         assert abs(float(r["p_messaging"]) + float(r["p_other"]) - 1) < 1e-6
     assert "flows predicted" in so
 
 
 def test_report_rerenders_from_metrics(genre_model, capsys, tmp_path):
-    code, out, err = run_cli(["report", genre_model / "metrics.json", "-o", tmp_path / "r"],
-                             capsys)
+    code, out, err = run_cli(["report", genre_model / "metrics.json", "-o", tmp_path / "r"], capsys)
     assert code == 0, err
     assert (tmp_path / "r" / "report.html").read_text().count("data:image/png") >= 4
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["train", "/nonexistent/x.json", "-o", "{tmp}/m"], "no such file"),
-    (["train", str(DATA / "mirage2019"), "-o", "{tmp}/m"], "only one class"),
-    (["train", str(PCAPS / "signal.pcap"), "-o", "{tmp}/m"], "no labels"),
-    (["train", str(DATA / "mirage2019"), "--features", "sni", "-o", "{tmp}/m"],
-     "unknown feature set"),
-    (["evaluate", str(DATA / "mirage2019"), str(DATA / "mirage2019"), "-o", "{tmp}/e"],
-     "not a model directory"),
-    (["evaluate", "--protocol", "cross-device", str(DATA / "mirage2019"), "-o", "{tmp}/e"],
-     "only one class"),
-    (["predict", "{tmp}", str(PCAPS / "signal.pcap"), "-o", "{tmp}/p.csv"], "no model.json"),
-    (["report", "{tmp}", "-o", "{tmp}/r"], "no metrics.json"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["train", "/nonexistent/x.json", "-o", "{tmp}/m"], "no such file"),
+        (["train", str(DATA / "mirage2019"), "-o", "{tmp}/m"], "only one class"),
+        (["train", str(PCAPS / "signal.pcap"), "-o", "{tmp}/m"], "no labels"),
+        (
+            ["train", str(DATA / "mirage2019"), "--features", "sni", "-o", "{tmp}/m"],
+            "unknown feature set",
+        ),
+        (
+            ["evaluate", str(DATA / "mirage2019"), str(DATA / "mirage2019"), "-o", "{tmp}/e"],
+            "not a model directory",
+        ),
+        (
+            ["evaluate", "--protocol", "cross-device", str(DATA / "mirage2019"), "-o", "{tmp}/e"],
+            "only one class",
+        ),
+        (["predict", "{tmp}", str(PCAPS / "signal.pcap"), "-o", "{tmp}/p.csv"], "no model.json"),
+        (["report", "{tmp}", "-o", "{tmp}/r"], "no metrics.json"),
+    ],
+)
 def test_known_failures_are_one_line_exit_2(args, needle, capsys, tmp_path):
     code, out, err = run_cli([a.replace("{tmp}", str(tmp_path)) for a in args], capsys)
     assert code == 2, err
@@ -185,6 +289,7 @@ def test_predict_refuses_a_tampered_model(genre_model, capsys, tmp_path):
     shutil.copytree(genre_model, bad)
     blob = bad / "model.skops"
     blob.write_bytes(blob.read_bytes()[:-10] + b"0123456789")
-    code, out, err = run_cli(["predict", bad, PCAPS / "signal.pcap", "-o", tmp_path / "p.csv"],
-                             capsys)
+    code, out, err = run_cli(
+        ["predict", bad, PCAPS / "signal.pcap", "-o", tmp_path / "p.csv"], capsys
+    )
     assert code == 2 and "sha256" in err and "Traceback" not in err

@@ -14,8 +14,9 @@ from analysis.errors import BadInputError, SchemaError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PCAPS = DATA / "ndpi_pcaps"
-pytestmark = pytest.mark.skipif(not (PCAPS / "flow_labels.csv").exists(),
-                                reason="shared data not found")
+pytestmark = pytest.mark.skipif(
+    not (PCAPS / "flow_labels.csv").exists(), reason="shared data not found"
+)
 TREES = 15
 
 
@@ -40,8 +41,10 @@ def xy(dataset):
 
 def pseudo_devices(df) -> dict[str, str]:
     """Captures split deterministically over two pseudo-phones (no two-phone lab data yet)."""
-    return {s: ("PhoneA" if zlib.crc32(s.encode()) % 2 else "PhoneB")
-            for s in sorted(set(df["session"]))}
+    return {
+        s: ("PhoneA" if zlib.crc32(s.encode()) % 2 else "PhoneB")
+        for s in sorted(set(df["session"]))
+    }
 
 
 @pytest.mark.parametrize("kind", ["rf", "extratrees", "hgb", "knn", "majority"])
@@ -50,8 +53,9 @@ def test_every_model_fits_saves_and_reloads_to_the_same_predictions(kind, xy, tm
     from analysis.ml.models import fit_model, load_model, save_model
 
     X, y, spec = xy
-    m = fit_model(X, y, kind, "app", spec, [f.name for f in feature_infos(spec)],
-                  n_estimators=TREES)
+    m = fit_model(
+        X, y, kind, "app", spec, [f.name for f in feature_infos(spec)], n_estimators=TREES
+    )
     assert m.labels == ["Signal", "Telegram", "WhatsApp", "other"]
     save_model(m, tmp_path / "m")
     meta = json.loads((tmp_path / "m" / "model.json").read_text())
@@ -125,8 +129,9 @@ def test_loading_refuses_a_file_with_an_untrusted_type(xy, tmp_path):
 def test_genre_task_labels_messaging_apps():
     from analysis.ml.models import task_labels
 
-    got = task_labels(["Signal", "other", "com.whatsapp", "org.telegram.messenger", "viber"],
-                      "genre")
+    got = task_labels(
+        ["Signal", "other", "com.whatsapp", "org.telegram.messenger", "viber"], "genre"
+    )
     assert got.tolist() == ["messaging", "other", "messaging", "messaging", "other"]
     got = task_labels(["viber"], "genre", ("Signal", "viber"))
     assert got.tolist() == ["messaging"]
@@ -156,8 +161,13 @@ def test_kfold_keeps_sessions_apart_and_pools_every_flow(dataset):
         seen[te] += 1
     assert (seen == 1).all()
     events: list[object] = []
-    m = run_protocol(dataset, "kfold", TrainConfig(n_estimators=TREES, permutation_repeats=1),
-                     folds=4, sink=events.append).metrics
+    m = run_protocol(
+        dataset,
+        "kfold",
+        TrainConfig(n_estimators=TREES, permutation_repeats=1),
+        folds=4,
+        sink=events.append,
+    ).metrics
     assert [type(e).__name__ for e in events] == ["FoldStarted", "FoldFinished"] * 4
     assert [e.macro_f1 for e in events[1::2]] == [f["macro_f1"] for f in m["folds"]]
     for k in ("accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix", "labels"):
@@ -174,8 +184,9 @@ def test_kfold_keeps_sessions_apart_and_pools_every_flow(dataset):
 def test_majority_baseline_scores_the_majority_share(dataset):
     from analysis.ml.evaluate import TrainConfig, run_protocol
 
-    m = run_protocol(dataset, "kfold", TrainConfig(kind="majority", permutation_repeats=1),
-                     folds=3).metrics
+    m = run_protocol(
+        dataset, "kfold", TrainConfig(kind="majority", permutation_repeats=1), folds=3
+    ).metrics
     share = (dataset.frame["app"] == "other").mean()
     assert m["accuracy"] == pytest.approx(share)
     assert m["per_class"]["WhatsApp"]["recall"] == 0
@@ -187,28 +198,34 @@ def test_genre_task_has_roc_and_pr_curves(dataset):
 
     from analysis.ml.evaluate import TrainConfig, binary_curves, run_protocol
 
-    m = run_protocol(dataset, "kfold", TrainConfig(task="genre", n_estimators=TREES,
-                                                   permutation_repeats=0), folds=3).metrics
+    m = run_protocol(
+        dataset,
+        "kfold",
+        TrainConfig(task="genre", n_estimators=TREES, permutation_repeats=0),
+        folds=3,
+    ).metrics
     assert m["labels"] == ["messaging", "other"]
     b = m["binary"]
     assert b["positive"] == "messaging"
-    assert b["positives"] == int(dataset.frame["app"].isin(
-        ["Signal", "Telegram", "WhatsApp"]).sum())
+    assert b["positives"] == int(
+        dataset.frame["app"].isin(["Signal", "Telegram", "WhatsApp"]).sum()
+    )
     assert 0 <= b["roc"]["auc"] <= 1 and len(b["roc"]["fpr"]) <= 200
     rng = np.random.default_rng(1)
     pos = rng.random(500) < 0.3
     score = pos + rng.normal(0, 1, 500)
-    assert binary_curves(pos, score, "x")["roc"]["auc"] == pytest.approx(
-        roc_auc_score(pos, score))
+    assert binary_curves(pos, score, "x")["roc"]["auc"] == pytest.approx(roc_auc_score(pos, score))
 
 
 def test_importance_is_grouped_by_direction_and_family(dataset):
     from analysis.ml.evaluate import TrainConfig, run_protocol
     from analysis.ml.features import FeatureSpec
 
-    cfg = TrainConfig(n_estimators=TREES, features=FeatureSpec(("stats", "series",
-                                                                "counters"), 8),
-                      permutation_repeats=2)
+    cfg = TrainConfig(
+        n_estimators=TREES,
+        features=FeatureSpec(("stats", "series", "counters"), 8),
+        permutation_repeats=2,
+    )
     imp = run_protocol(dataset, "kfold", cfg, folds=3).metrics["importance"]
     impurity = imp["impurity"]
     assert sum(impurity["direction"].values()) == pytest.approx(1.0)
@@ -219,8 +236,9 @@ def test_importance_is_grouped_by_direction_and_family(dataset):
     for kind in ("impurity", "permutation"):
         f = imp[kind]["finding"]
         assert f["top_group"] == f["group_ranking"][0]
-        assert f["upstream_payload_first"] == (f["top_group"] in (
-            "upstream packet_length", "upstream payload_series"))
+        assert f["upstream_payload_first"] == (
+            f["top_group"] in ("upstream packet_length", "upstream payload_series")
+        )
     assert imp["permutation"]["score"] == "drop in macro-F1"
 
 
@@ -230,17 +248,22 @@ def test_cross_device_on_two_pseudo_phones(dataset):
 
     df = assign_devices(dataset.frame, pseudo_devices(dataset.frame))
     ds = Dataset(df)
-    m = run_protocol(ds, "cross-device", TrainConfig(task="genre", n_estimators=TREES,
-                                                     permutation_repeats=0)).metrics
+    m = run_protocol(
+        ds, "cross-device", TrainConfig(task="genre", n_estimators=TREES, permutation_repeats=0)
+    ).metrics
     assert [f["test"] for f in m["folds"]] == [["PhoneA"], ["PhoneB"]]
     assert [f["train"] for f in m["folds"]] == [["PhoneB"], ["PhoneA"]]
     assert m["flows"] == len(df)
     cm = m["cross_matrix"]
     assert cm["axis"] == "device" and cm["names"] == ["PhoneA", "PhoneB"]
     assert np.array(cm["macro_f1"], dtype=float).shape == (2, 2)
-    one = run_protocol(ds, "cross-device", TrainConfig(n_estimators=TREES,
-                                                       permutation_repeats=0),
-                       train=["PhoneA"], test=["PhoneB"]).metrics
+    one = run_protocol(
+        ds,
+        "cross-device",
+        TrainConfig(n_estimators=TREES, permutation_repeats=0),
+        train=["PhoneA"],
+        test=["PhoneB"],
+    ).metrics
     assert one["flows"] == int((df["device"] == "PhoneB").sum())
     with pytest.raises(BadInputError, match="no flows of device"):
         run_protocol(ds, "cross-device", TrainConfig(n_estimators=2), train=["PhoneC"])
@@ -253,12 +276,16 @@ def test_cross_activity_uses_the_activity_column(dataset):
     from analysis.ml.evaluate import TrainConfig, run_protocol
 
     df = dataset.frame.copy()
-    acts = {s: ("call" if "call" in s or "stun" in s or "video" in s else "chat")
-            for s in set(df["session"])}
+    acts = {
+        s: ("call" if "call" in s or "stun" in s or "video" in s else "chat")
+        for s in set(df["session"])
+    }
     df["activity"] = df["session"].map(acts)
-    m = run_protocol(Dataset(df), "cross-activity",
-                     TrainConfig(task="genre", n_estimators=TREES, permutation_repeats=0)
-                     ).metrics
+    m = run_protocol(
+        Dataset(df),
+        "cross-activity",
+        TrainConfig(task="genre", n_estimators=TREES, permutation_repeats=0),
+    ).metrics
     assert m["cross_matrix"]["names"] == ["call", "chat"]
     assert m["protocol"] == "cross-activity"
 
@@ -270,8 +297,13 @@ def test_evaluating_a_model_on_its_training_data_warns(dataset, tmp_path):
 
     spec = FeatureSpec()
     X = build_features(dataset.frame, spec)
-    m = fit_model(X, task_labels(dataset.frame["app"], "genre"), task="genre", features=spec,
-                  n_estimators=TREES)
+    m = fit_model(
+        X,
+        task_labels(dataset.frame["app"], "genre"),
+        task="genre",
+        features=spec,
+        n_estimators=TREES,
+    )
     m.fingerprint = dataset.card()["fingerprint"]
     ev = evaluate_model(m, dataset, permutation_repeats=1).metrics
     assert "optimistic" in ev["warning"]
@@ -284,12 +316,21 @@ def test_report_has_metrics_json_pngs_and_self_contained_html(dataset, tmp_path)
     from analysis.ml.report import load_metrics, write_report
 
     ds = Dataset(assign_devices(dataset.frame, pseudo_devices(dataset.frame)))
-    m = run_protocol(ds, "cross-device", TrainConfig(task="genre", n_estimators=TREES,
-                                                     permutation_repeats=1)).metrics
+    m = run_protocol(
+        ds, "cross-device", TrainConfig(task="genre", n_estimators=TREES, permutation_repeats=1)
+    ).metrics
     html_path = write_report(m, tmp_path / "r")
     names = {p.name for p in (tmp_path / "r").iterdir()}
-    assert {"metrics.json", "report.html", "confusion_matrix.png", "per_class_f1.png",
-            "importance.png", "roc_pr.png", "cross_matrix.png", "distributions.png"} <= names
+    assert {
+        "metrics.json",
+        "report.html",
+        "confusion_matrix.png",
+        "per_class_f1.png",
+        "importance.png",
+        "roc_pr.png",
+        "cross_matrix.png",
+        "distributions.png",
+    } <= names
     html = html_path.read_text()
     assert html.count("data:image/png;base64,") == 6
     assert "http://" not in html and "https://" not in html

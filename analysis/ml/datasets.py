@@ -29,14 +29,30 @@ from analysis.errors import BadInputError, OutputError, SchemaError
 from analysis.flowtable import DIRECTIONS, METRICS, STAT_NAMES, FlowTable
 
 SERIES_PACKETS = 32  # MIRAGE-2019 keeps 32; longer series are cut to this
-STAT_COLUMNS: tuple[str, ...] = tuple(f"{m}_{d}_{s}" for m in METRICS for d in DIRECTIONS
-                                      for s in STAT_NAMES)
+STAT_COLUMNS: tuple[str, ...] = tuple(
+    f"{m}_{d}_{s}" for m in METRICS for d in DIRECTIONS for s in STAT_NAMES
+)
 COUNTER_COLUMNS: tuple[str, ...] = tuple(
-    f"{p}_{c}" for p in ("BF", "UF", "DF")
-    for c in ("num_packets", "IP_packet_bytes", "L4_payload_bytes", "duration"))
+    f"{p}_{c}"
+    for p in ("BF", "UF", "DF")
+    for c in ("num_packets", "IP_packet_bytes", "L4_payload_bytes", "duration")
+)
 META_COLUMNS: tuple[str, ...] = (
-    "session", "device", "app", "target_app", "activity", "labeling_type", "label_source",
-    "src_ip", "src_port", "dst_ip", "dst_port", "proto", "has_handshake", "source_file")
+    "session",
+    "device",
+    "app",
+    "target_app",
+    "activity",
+    "labeling_type",
+    "label_source",
+    "src_ip",
+    "src_port",
+    "dst_ip",
+    "dst_port",
+    "proto",
+    "has_handshake",
+    "source_file",
+)
 SERIES_COLUMNS: tuple[str, ...] = ("pkt_payload", "pkt_dir", "pkt_iat")
 BACKGROUND_TYPES = ("ambiguous", "unlabelled", "resolver")
 UNKNOWN_ACTIVITY = "Unknown"
@@ -66,9 +82,14 @@ def is_background(df: Any, other_apps: bool = False) -> np.ndarray:
     app = df["app"].astype(object)
     lt = df["labeling_type"].astype(object)
     text = app.astype(str)
-    bg = np.array(app.isna() | app.isin(["", "unknown", "background", "None"])
-                  | text.str.startswith("uid:") | text.str.startswith("android:")
-                  | lt.isin(BACKGROUND_TYPES), dtype=bool)
+    bg = np.array(
+        app.isna()
+        | app.isin(["", "unknown", "background", "None"])
+        | text.str.startswith("uid:")
+        | text.str.startswith("android:")
+        | lt.isin(BACKGROUND_TYPES),
+        dtype=bool,
+    )
     if other_apps:
         bg |= np.array(app != df["target_app"], dtype=bool)
     return bg
@@ -112,8 +133,7 @@ def _handshake_flags(proto: int, dirs: Sequence[int], flags: Sequence[str]) -> b
     if len(dirs) < 2 or len(flags) < 2:
         return False
     f0, f1 = str(flags[0]), str(flags[1])
-    return (dirs[0] == 0 and "S" in f0 and "A" not in f0 and dirs[1] == 1
-            and "S" in f1 and "A" in f1)
+    return dirs[0] == 0 and "S" in f0 and "A" not in f0 and dirs[1] == 1 and "S" in f1 and "A" in f1
 
 
 def _handshake_sizes(proto: int, dirs: Sequence[int], payload: Sequence[float]) -> bool:
@@ -143,23 +163,32 @@ def from_mirage_frame(raw: Any) -> Any:
 
     label = col("flow_metadata_BF_label")
     sub = col("flow_metadata_BF_sublabel")
-    app = [s.split(":")[0] if isinstance(s, str) and s else lab for s, lab in
-           zip(sub, label, strict=True)]
+    app = [
+        s.split(":")[0] if isinstance(s, str) and s else lab
+        for s, lab in zip(sub, label, strict=True)
+    ]
     bf_dev = col("flow_metadata_BF_device")
     out: dict[str, Any] = {
         # a file stem names a capture only within its device folder
-        "session": [f"{d}/{s}" for d, s in zip(raw["device"].astype(str).tolist(),
-                                                raw["session"].astype(str).tolist(), strict=True)],
-        "device": [_device_name(f, d) for f, d in zip(raw["device"].tolist(), bf_dev,
-                                                       strict=True)],
+        "session": [
+            f"{d}/{s}"
+            for d, s in zip(
+                raw["device"].astype(str).tolist(), raw["session"].astype(str).tolist(), strict=True
+            )
+        ],
+        "device": [_device_name(f, d) for f, d in zip(raw["device"].tolist(), bf_dev, strict=True)],
         "app": app,
         "target_app": raw["app"].astype(str).tolist(),
-        "activity": [a if isinstance(a, str) and a else UNKNOWN_ACTIVITY
-                     for a in col("flow_metadata_BF_activity")],
+        "activity": [
+            a if isinstance(a, str) and a else UNKNOWN_ACTIVITY
+            for a in col("flow_metadata_BF_activity")
+        ],
         "labeling_type": col("flow_metadata_BF_labeling_type"),
         "label_source": col("flow_metadata_BF_label_source"),
-        "src_ip": raw["src_ip"].tolist(), "src_port": raw["src_port"].astype(np.int64),
-        "dst_ip": raw["dst_ip"].tolist(), "dst_port": raw["dst_port"].astype(np.int64),
+        "src_ip": raw["src_ip"].tolist(),
+        "src_port": raw["src_port"].astype(np.int64),
+        "dst_ip": raw["dst_ip"].tolist(),
+        "dst_port": raw["dst_port"].astype(np.int64),
         "proto": raw["proto"].astype(np.int64),
     }
     dirs_full = col("packet_data_packet_dir", [])
@@ -169,28 +198,34 @@ def from_mirage_frame(raw: Any) -> Any:
     hs = []
     for p, d, pl, fl in zip(protos, dirs_full, pay_full, flags_full, strict=True):
         d = d or []
-        hs.append(_handshake_flags(p, d, fl) if fl is not None
-                  else _handshake_sizes(p, d, pl or []))
+        hs.append(
+            _handshake_flags(p, d, fl) if fl is not None else _handshake_sizes(p, d, pl or [])
+        )
     out["has_handshake"] = hs
     out["source_file"] = raw["file"].astype(str).tolist()
     for c in COUNTER_COLUMNS:
         src = f"flow_metadata_{c}"
         if src not in raw.columns:
-            raise SchemaError(f"MIRAGE data lacks {src}",
-                              hint="every MIRAGE layout has the BF/UF/DF counters")
+            raise SchemaError(
+                f"MIRAGE data lacks {src}", hint="every MIRAGE layout has the BF/UF/DF counters"
+            )
         out[c] = pd.to_numeric(raw[src], errors="coerce").astype(np.float64).to_numpy()
     for c in STAT_COLUMNS:
         src = f"flow_features_{c}"
-        out[c] = (pd.to_numeric(raw[src], errors="coerce").astype(np.float64).to_numpy()
-                  if src in raw.columns else np.full(n, np.nan))
+        out[c] = (
+            pd.to_numeric(raw[src], errors="coerce").astype(np.float64).to_numpy()
+            if src in raw.columns
+            else np.full(n, np.nan)
+        )
     out["pkt_payload"] = [_series_cut(v) for v in pay_full]
     out["pkt_dir"] = [_series_cut(v) for v in dirs_full]
     out["pkt_iat"] = [_series_cut(v) for v in col("packet_data_iat", [])]
     return pd.DataFrame(out)
 
 
-def from_flowtable(table: FlowTable, session: str, device: str = "unknown",
-                   source_file: str = "") -> Any:
+def from_flowtable(
+    table: FlowTable, session: str, device: str = "unknown", source_file: str = ""
+) -> Any:
     """The dataset table of a :class:`FlowTable` (labels taken from ``table.labels``)."""
     import pandas as pd
 
@@ -211,9 +246,9 @@ def from_flowtable(table: FlowTable, session: str, device: str = "unknown",
     dirs = pk["pkt_dir"].astype(np.float64)
     series_p, series_d, series_i = [], [], []
     for s, c in zip(offs[:-1].tolist(), counts.tolist(), strict=True):
-        series_p.append(pay[s:s + c])
-        series_d.append(dirs[s:s + c])
-        series_i.append(gap[s:s + c])
+        series_p.append(pay[s : s + c])
+        series_d.append(dirs[s : s + c])
+        series_i.append(gap[s : s + c])
     proto = fl["proto"].astype(np.int64)
     hs = np.ones(n, dtype=bool)
     has2 = np.diff(offs) >= 2
@@ -224,8 +259,15 @@ def from_flowtable(table: FlowTable, session: str, device: str = "unknown",
         f1 = pk["pkt_tcp_flags"][p1] if len(ts) else np.zeros(n, np.uint8)
         d0 = pk["pkt_dir"][p0] if len(ts) else np.zeros(n, np.uint8)
         d1 = pk["pkt_dir"][p1] if len(ts) else np.zeros(n, np.uint8)
-        ok = (has2 & (d0 == 0) & ((f0 & SYN) != 0) & ((f0 & ACK) == 0) & (d1 == 1)
-              & ((f1 & SYN) != 0) & ((f1 & ACK) != 0))
+        ok = (
+            has2
+            & (d0 == 0)
+            & ((f0 & SYN) != 0)
+            & ((f0 & ACK) == 0)
+            & (d1 == 1)
+            & ((f1 & SYN) != 0)
+            & ((f1 & ACK) != 0)
+        )
         hs = np.where(proto == 6, ok, True)
 
     def lab(name: str, default: Any = None) -> list[Any]:
@@ -233,8 +275,9 @@ def from_flowtable(table: FlowTable, session: str, device: str = "unknown",
 
     label = lab("BF_label")
     sub = lab("BF_sublabel")
-    app = [s.split(":")[0] if isinstance(s, str) and s else a for s, a in
-           zip(sub, label, strict=True)]
+    app = [
+        s.split(":")[0] if isinstance(s, str) and s else a for s, a in zip(sub, label, strict=True)
+    ]
     out: dict[str, Any] = {
         "session": [session] * n,
         "device": lab("BF_device", device),
@@ -243,9 +286,13 @@ def from_flowtable(table: FlowTable, session: str, device: str = "unknown",
         "activity": lab("BF_activity", UNKNOWN_ACTIVITY),
         "labeling_type": lab("BF_labeling_type"),
         "label_source": lab("BF_label_source"),
-        "src_ip": src, "src_port": fl["src_port"].astype(np.int64),
-        "dst_ip": dst, "dst_port": fl["dst_port"].astype(np.int64), "proto": proto,
-        "has_handshake": hs, "source_file": [source_file] * n,
+        "src_ip": src,
+        "src_port": fl["src_port"].astype(np.int64),
+        "dst_ip": dst,
+        "dst_port": fl["dst_port"].astype(np.int64),
+        "proto": proto,
+        "has_handshake": hs,
+        "source_file": [source_file] * n,
     }
     for p, pre in (("BF", "bf"), ("UF", "uf"), ("DF", "df")):
         out[f"{p}_num_packets"] = fl[f"{pre}_packets"].astype(np.float64)
@@ -262,8 +309,9 @@ def from_flowtable(table: FlowTable, session: str, device: str = "unknown",
     out["pkt_dir"] = series_d
     out["pkt_iat"] = series_i
     df = pd.DataFrame(out)
-    return df[list(META_COLUMNS) + list(COUNTER_COLUMNS) + list(STAT_COLUMNS)
-              + list(SERIES_COLUMNS)]
+    return df[
+        list(META_COLUMNS) + list(COUNTER_COLUMNS) + list(STAT_COLUMNS) + list(SERIES_COLUMNS)
+    ]
 
 
 def _parquet_frame(path: Path) -> Any:
@@ -284,8 +332,11 @@ def _parquet_frame(path: Path) -> Any:
         if k not in names:
             raise SchemaError(f"{path}: no column {k!r}")
         flows[k] = tbl.column(k).to_numpy().astype(dt)
-    stats = np.column_stack([tbl.column(c).to_numpy() for c in STAT_COLUMNS]) if n else \
-        np.zeros((0, len(STAT_COLUMNS)))
+    stats = (
+        np.column_stack([tbl.column(c).to_numpy() for c in STAT_COLUMNS])
+        if n
+        else np.zeros((0, len(STAT_COLUMNS)))
+    )
     flows["stats"] = stats.astype(np.float64)
     packets: dict[str, np.ndarray] = {}
     offsets = np.zeros(n + 1, dtype=np.int64)
@@ -295,8 +346,14 @@ def _parquet_frame(path: Path) -> Any:
         offsets = np.asarray(colm.offsets, dtype=np.int64)
     # Addresses stay text: from_flowtable only needs them as strings.
     table = FlowTable(flows, packets, offsets)
-    for k in ("BF_label", "BF_sublabel", "BF_labeling_type", "BF_label_source", "BF_device",
-              "BF_activity"):
+    for k in (
+        "BF_label",
+        "BF_sublabel",
+        "BF_labeling_type",
+        "BF_label_source",
+        "BF_device",
+        "BF_activity",
+    ):
         if k in names:
             table.labels[k] = np.array(tbl.column(k).to_pylist(), dtype=object)
     src = tbl.column("src_ip").to_pylist()
@@ -330,8 +387,11 @@ def expand_inputs(paths: Iterable[str | os.PathLike[str]]) -> list[tuple[str, Pa
             found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
             # In a folder (a run directory, a flow store) only MIRAGE-named JSON counts:
             # manifests, quality reports and metrics sit beside the flows.
-            kinds = [(_kind(f), f) for f in found
-                     if not f.name.lower().endswith(".json") or _MIRAGE_NAME.match(f.name)]
+            kinds = [
+                (_kind(f), f)
+                for f in found
+                if not f.name.lower().endswith(".json") or _MIRAGE_NAME.match(f.name)
+            ]
             kinds = [(k, f) for k, f in kinds if k]
             if any(k != "capture" for k, _ in kinds):  # flows there: the raw captures not again
                 kinds = [(k, f) for k, f in kinds if k != "capture"]
@@ -341,8 +401,10 @@ def expand_inputs(paths: Iterable[str | os.PathLike[str]]) -> list[tuple[str, Pa
         elif p.is_file():
             k = _kind(p)
             if not k:
-                raise BadInputError(f"{p}: not a MIRAGE .json, .parquet or pcap file",
-                                    hint="give MIRAGE JSON files or folders, Parquet or pcap")
+                raise BadInputError(
+                    f"{p}: not a MIRAGE .json, .parquet or pcap file",
+                    hint="give MIRAGE JSON files or folders, Parquet or pcap",
+                )
             out.append((k, p))
         else:
             raise BadInputError(f"no such file or directory: {p}")
@@ -360,9 +422,11 @@ def _kind(path: Path) -> str | None:
     return None
 
 
-def load_dataset(paths: Iterable[str | os.PathLike[str]],
-                 flt: DatasetFilter | None = None,
-                 allow_captures: bool = False) -> Dataset:
+def load_dataset(
+    paths: Iterable[str | os.PathLike[str]],
+    flt: DatasetFilter | None = None,
+    allow_captures: bool = False,
+) -> Dataset:
     """Load MIRAGE JSON (any layout), flowtruth Parquet (and, with ``allow_captures``,
     pcaps) into one table; ``flt`` (default: :class:`DatasetFilter`) curates it."""
     import pandas as pd
@@ -379,9 +443,11 @@ def load_dataset(paths: Iterable[str | os.PathLike[str]],
             frames.append(_parquet_frame(f))
         elif k == "capture":
             if not allow_captures:
-                raise BadInputError(f"{f}: a capture has no labels to learn from",
-                                    hint="label it first (flowtruth dataset / the session "
-                                         "pipeline) or use it with predict")
+                raise BadInputError(
+                    f"{f}: a capture has no labels to learn from",
+                    hint="label it first (flowtruth dataset / the session "
+                    "pipeline) or use it with predict",
+                )
             frames.append(capture_frame(f))
     frames = [f for f in frames if len(f)]
     if not frames:
@@ -439,12 +505,22 @@ class Dataset:
 
 def card_text(card: dict[str, Any]) -> str:
     """The dataset card as a few readable lines (what the CLI prints)."""
-    lines = [f"{card['flows']:,} flows in {card['sessions']} sessions from {card['files']} "
-             f"files ({card['raw_flows']:,} before filtering"
-             + (": dropped " + ", ".join(f"{k} {v:,}" for k, v in card["dropped"].items() if v)
-                if any(card["dropped"].values()) else "") + ")"]
-    for title, key in (("app", "per_app"), ("device", "per_device"),
-                       ("activity", "per_activity"), ("labelling", "per_labeling_type")):
+    lines = [
+        f"{card['flows']:,} flows in {card['sessions']} sessions from {card['files']} "
+        f"files ({card['raw_flows']:,} before filtering"
+        + (
+            ": dropped " + ", ".join(f"{k} {v:,}" for k, v in card["dropped"].items() if v)
+            if any(card["dropped"].values())
+            else ""
+        )
+        + ")"
+    ]
+    for title, key in (
+        ("app", "per_app"),
+        ("device", "per_device"),
+        ("activity", "per_activity"),
+        ("labelling", "per_labeling_type"),
+    ):
         items = ", ".join(f"{k} {v:,}" for k, v in card[key].items())
         lines.append(f"  {title:<10} {items}")
     return "\n".join(lines)
@@ -459,8 +535,7 @@ def write_card(card: dict[str, Any], out_dir: str | os.PathLike[str]) -> Path:
         path = out / "dataset_card.json"
         path.write_text(json.dumps(card, indent=2, default=str) + "\n")
     except OSError as err:
-        raise OutputError(f"cannot write the dataset card to {out}: {err.strerror or err}") \
-            from err
+        raise OutputError(f"cannot write the dataset card to {out}: {err.strerror or err}") from err
     return path
 
 

@@ -85,10 +85,13 @@ class TrainConfig:
 # ------------------------------------------------------------------------- metrics
 
 
-def compute_metrics(y_true: Sequence[str] | np.ndarray, y_pred: Sequence[str] | np.ndarray,
-                    labels: Sequence[str] | None = None,
-                    proba: np.ndarray | None = None, positive: str | None = None
-                    ) -> dict[str, Any]:
+def compute_metrics(
+    y_true: Sequence[str] | np.ndarray,
+    y_pred: Sequence[str] | np.ndarray,
+    labels: Sequence[str] | None = None,
+    proba: np.ndarray | None = None,
+    positive: str | None = None,
+) -> dict[str, Any]:
     """Accuracy, macro/weighted F1, per-class precision/recall/F1, confusion matrix and,
     for two classes with probabilities, ROC and PR curves of ``positive``."""
     from sklearn.metrics import (
@@ -107,11 +110,16 @@ def compute_metrics(y_true: Sequence[str] | np.ndarray, y_pred: Sequence[str] | 
     out: dict[str, Any] = {
         "accuracy": float(accuracy_score(yt, yp)),
         "macro_f1": float(f1_score(yt, yp, labels=labs, average="macro", zero_division=0)),
-        "weighted_f1": float(f1_score(yt, yp, labels=labs, average="weighted",
-                                      zero_division=0)),
-        "per_class": {str(lab): {"precision": float(p[i]), "recall": float(r[i]),
-                                 "f1": float(f[i]), "support": int(s[i])}
-                      for i, lab in enumerate(labs)},
+        "weighted_f1": float(f1_score(yt, yp, labels=labs, average="weighted", zero_division=0)),
+        "per_class": {
+            str(lab): {
+                "precision": float(p[i]),
+                "recall": float(r[i]),
+                "f1": float(f[i]),
+                "support": int(s[i]),
+            }
+            for i, lab in enumerate(labs)
+        },
         "confusion_matrix": confusion_matrix(yt, yp, labels=labs).astype(int).tolist(),
         "labels": [str(x) for x in labs],
         "flows": int(len(yt)),
@@ -133,17 +141,22 @@ def binary_curves(is_pos: np.ndarray, score: np.ndarray, positive: str) -> dict[
         roc_curve,
     )
 
-    res: dict[str, Any] = {"positive": positive, "positives": int(is_pos.sum()),
-                           "negatives": int((~is_pos).sum())}
+    res: dict[str, Any] = {
+        "positive": positive,
+        "positives": int(is_pos.sum()),
+        "negatives": int((~is_pos).sum()),
+    }
     if is_pos.all() or not is_pos.any():
         res["note"] = "one class only in the test flows: no curves"
         return res
     fpr, tpr, _ = roc_curve(is_pos, score)
     prec, rec, _ = precision_recall_curve(is_pos, score)
-    res["roc"] = {"fpr": _thin(fpr), "tpr": _thin(tpr),
-                  "auc": float(roc_auc_score(is_pos, score))}
-    res["pr"] = {"precision": _thin(prec), "recall": _thin(rec),
-                 "average_precision": float(average_precision_score(is_pos, score))}
+    res["roc"] = {"fpr": _thin(fpr), "tpr": _thin(tpr), "auc": float(roc_auc_score(is_pos, score))}
+    res["pr"] = {
+        "precision": _thin(prec),
+        "recall": _thin(rec),
+        "average_precision": float(average_precision_score(is_pos, score)),
+    }
     return res
 
 
@@ -187,14 +200,20 @@ def impurity_importance(estimator: Any) -> np.ndarray | None:
     return None
 
 
-def _grouped_sum(values: np.ndarray, groups: dict[str, dict[str, np.ndarray]]
-                 ) -> dict[str, dict[str, float]]:
+def _grouped_sum(
+    values: np.ndarray, groups: dict[str, dict[str, np.ndarray]]
+) -> dict[str, dict[str, float]]:
     return {k: {g: float(values[idx].sum()) for g, idx in d.items()} for k, d in groups.items()}
 
 
-def permutation_importance_grouped(model: TrainedModel, X: np.ndarray, y: np.ndarray,
-                                   groups: dict[str, dict[str, np.ndarray]], repeats: int = 3,
-                                   seed: int = 0) -> dict[str, dict[str, float]]:
+def permutation_importance_grouped(
+    model: TrainedModel,
+    X: np.ndarray,
+    y: np.ndarray,
+    groups: dict[str, dict[str, np.ndarray]],
+    repeats: int = 3,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
     """Drop in macro-F1 when a group's columns are shuffled together (mean over repeats)."""
     from sklearn.metrics import f1_score
 
@@ -210,8 +229,9 @@ def permutation_importance_grouped(model: TrainedModel, X: np.ndarray, y: np.nda
                 Xp = X.copy()
                 perm = rng.permutation(len(X))
                 Xp[:, idx] = X[perm][:, idx]
-                score = f1_score(y, model.predict(Xp), labels=labs, average="macro",
-                                 zero_division=0)
+                score = f1_score(
+                    y, model.predict(Xp), labels=labs, average="macro", zero_division=0
+                )
                 drops.append(base - score)
             out[kind][g] = float(np.mean(drops))
     return out
@@ -219,39 +239,60 @@ def permutation_importance_grouped(model: TrainedModel, X: np.ndarray, y: np.nda
 
 def importance_finding(imp: dict[str, dict[str, float]]) -> dict[str, Any]:
     """Which direction and which "direction family" group rank first."""
+
     def first(d: dict[str, float]) -> str:
         return max(d, key=lambda g: d[g])
 
     ranked = sorted(imp["group"], key=lambda g: imp["group"][g], reverse=True)
     if not ranked or imp["group"][ranked[0]] <= 0:
-        return {"top_direction": None, "top_family": None, "top_group": None,
-                "group_ranking": [], "upstream_payload_first": False,
-                "note": "no feature group changes this model's predictions"}
+        return {
+            "top_direction": None,
+            "top_family": None,
+            "top_group": None,
+            "group_ranking": [],
+            "upstream_payload_first": False,
+            "note": "no feature group changes this model's predictions",
+        }
     top = ranked[0]
-    return {"top_direction": first(imp["direction"]), "top_family": first(imp["family"]),
-            "top_group": top, "group_ranking": ranked,
-            "upstream_payload_first": top in UPSTREAM_PAYLOAD_GROUPS}
+    return {
+        "top_direction": first(imp["direction"]),
+        "top_family": first(imp["family"]),
+        "top_group": top,
+        "group_ranking": ranked,
+        "upstream_payload_first": top in UPSTREAM_PAYLOAD_GROUPS,
+    }
 
 
-def _top_features(values: np.ndarray, infos: Sequence[FeatureInfo], k: int = 15
-                  ) -> list[dict[str, Any]]:
+def _top_features(
+    values: np.ndarray, infos: Sequence[FeatureInfo], k: int = 15
+) -> list[dict[str, Any]]:
     order = np.argsort(values)[::-1][:k]
-    return [{"name": infos[j].name, "direction": infos[j].direction, "family": infos[j].family,
-             "importance": float(values[j])} for j in order]
+    return [
+        {
+            "name": infos[j].name,
+            "direction": infos[j].direction,
+            "family": infos[j].family,
+            "importance": float(values[j]),
+        }
+        for j in order
+    ]
 
 
 # ------------------------------------------------------------------------- splits
 
 
-def session_folds(y: np.ndarray, sessions: np.ndarray, k: int, seed: int = 0
-                  ) -> list[tuple[np.ndarray, np.ndarray]]:
+def session_folds(
+    y: np.ndarray, sessions: np.ndarray, k: int, seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified k-fold grouped by session (k is lowered to the number of sessions)."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     n_sessions = len(set(sessions.tolist()))
     if n_sessions < 2:
-        raise BadInputError(f"{n_sessions} capture session: splitting by session needs two",
-                            hint="add captures or use another protocol")
+        raise BadInputError(
+            f"{n_sessions} capture session: splitting by session needs two",
+            hint="add captures or use another protocol",
+        )
     k = max(2, min(k, n_sessions))
     cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     return [(tr, te) for tr, te in cv.split(np.zeros(len(y)), y, sessions)]
@@ -289,8 +330,9 @@ class _Pool:
 
     def metrics(self, positive: str | None) -> dict[str, Any]:
         y = np.concatenate(self.y)
-        return compute_metrics(y, np.concatenate(self.pred), self.labels,
-                               np.vstack(self.proba), positive)
+        return compute_metrics(
+            y, np.concatenate(self.pred), self.labels, np.vstack(self.proba), positive
+        )
 
 
 class _ImportanceSum:
@@ -307,22 +349,39 @@ class _ImportanceSum:
             self.impurity += imp
             self.n_imp += 1
         if cfg.permutation_repeats > 0 and len(X):
-            self.perm.append((len(X), permutation_importance_grouped(
-                model, X, y, self.groups, cfg.permutation_repeats, cfg.seed)))
+            self.perm.append(
+                (
+                    len(X),
+                    permutation_importance_grouped(
+                        model, X, y, self.groups, cfg.permutation_repeats, cfg.seed
+                    ),
+                )
+            )
 
     def result(self) -> dict[str, Any]:
         out: dict[str, Any] = {"features": len(self.infos)}
         if self.n_imp:
             imp = self.impurity / self.n_imp
             grouped = _grouped_sum(imp, self.groups)
-            out["impurity"] = {**grouped, "top_features": _top_features(imp, self.infos),
-                               "finding": importance_finding(grouped)}
+            out["impurity"] = {
+                **grouped,
+                "top_features": _top_features(imp, self.infos),
+                "finding": importance_finding(grouped),
+            }
         if self.perm:
             w = np.array([n for n, _ in self.perm], dtype=np.float64)
-            avg = {k: {g: float(np.average([p[k][g] for _, p in self.perm], weights=w))
-                       for g in self.perm[0][1][k]} for k in self.perm[0][1]}
-            out["permutation"] = {**avg, "finding": importance_finding(avg),
-                                  "score": "drop in macro-F1"}
+            avg = {
+                k: {
+                    g: float(np.average([p[k][g] for _, p in self.perm], weights=w))
+                    for g in self.perm[0][1][k]
+                }
+                for k in self.perm[0][1]
+            }
+            out["permutation"] = {
+                **avg,
+                "finding": importance_finding(avg),
+                "score": "drop in macro-F1",
+            }
         return out
 
 
@@ -332,16 +391,31 @@ def _positive(cfg_task: str, labels: list[str]) -> str | None:
     return labels[1] if len(labels) == 2 else None
 
 
-def _fit(X: np.ndarray, y: np.ndarray, cfg: TrainConfig, infos: list[FeatureInfo]
-         ) -> TrainedModel:
-    return fit_model(X, y, cfg.kind, cfg.task, cfg.features, [f.name for f in infos],
-                     cfg.n_estimators, cfg.seed, cfg.n_jobs, cfg.messaging_apps)
+def _fit(X: np.ndarray, y: np.ndarray, cfg: TrainConfig, infos: list[FeatureInfo]) -> TrainedModel:
+    return fit_model(
+        X,
+        y,
+        cfg.kind,
+        cfg.task,
+        cfg.features,
+        [f.name for f in infos],
+        cfg.n_estimators,
+        cfg.seed,
+        cfg.n_jobs,
+        cfg.messaging_apps,
+    )
 
 
-def run_protocol(dataset: Dataset, protocol: str = "kfold", cfg: TrainConfig | None = None,
-                 folds: int = 5, train: Sequence[str] = (), test: Sequence[str] = (),
-                 sink: Callable[[object], None] | None = None,
-                 split_by: str = "session") -> Evaluation:
+def run_protocol(
+    dataset: Dataset,
+    protocol: str = "kfold",
+    cfg: TrainConfig | None = None,
+    folds: int = 5,
+    train: Sequence[str] = (),
+    test: Sequence[str] = (),
+    sink: Callable[[object], None] | None = None,
+    split_by: str = "session",
+) -> Evaluation:
     """Train and test ``cfg``'s model under ``protocol`` (see the module docstring).
 
     ``split_by="flow"`` makes the k-fold ignore sessions (flows of one capture on both
@@ -349,8 +423,9 @@ def run_protocol(dataset: Dataset, protocol: str = "kfold", cfg: TrainConfig | N
     """
     cfg = cfg or TrainConfig()
     if protocol not in PROTOCOLS:
-        raise BadInputError(f"unknown protocol {protocol!r}",
-                            hint=f"choose from {', '.join(PROTOCOLS)}")
+        raise BadInputError(
+            f"unknown protocol {protocol!r}", hint=f"choose from {', '.join(PROTOCOLS)}"
+        )
     df = dataset.frame
     if not len(df):
         raise BadInputError("the dataset is empty after filtering")
@@ -359,8 +434,10 @@ def run_protocol(dataset: Dataset, protocol: str = "kfold", cfg: TrainConfig | N
     y = task_labels(df["app"], cfg.task, cfg.messaging_apps)
     labels = sorted(set(y.tolist()))
     if len(labels) < 2:
-        raise BadInputError(f"only one class ({labels[0]}) in the dataset",
-                            hint="a classifier needs flows of at least two classes")
+        raise BadInputError(
+            f"only one class ({labels[0]}) in the dataset",
+            hint="a classifier needs flows of at least two classes",
+        )
     emit = sink or (lambda _e: None)
     pool = _Pool(labels)
     imps = _ImportanceSum(infos)
@@ -380,8 +457,18 @@ def run_protocol(dataset: Dataset, protocol: str = "kfold", cfg: TrainConfig | N
         for i, (tr, te) in enumerate(splits):
             what = f"fold {i + 1}: {len(tr):,} train, {len(te):,} test flows"
             emit(FoldStarted(protocol, i, len(splits), what))
-            doc = _run_fold(X, y, tr, te, cfg, infos, pool, imps, labels,
-                            {"fold": i, "test_sessions": sorted(set(sessions[te].tolist()))})
+            doc = _run_fold(
+                X,
+                y,
+                tr,
+                te,
+                cfg,
+                infos,
+                pool,
+                imps,
+                labels,
+                {"fold": i, "test_sessions": sorted(set(sessions[te].tolist()))},
+            )
             fold_docs.append(doc)
             emit(FoldFinished(protocol, i, len(splits), what, doc["accuracy"], doc["macro_f1"]))
     else:
@@ -393,32 +480,44 @@ def run_protocol(dataset: Dataset, protocol: str = "kfold", cfg: TrainConfig | N
             tr_names = list(train) or [n for n in names if n not in set(test)]
             te_names = list(test) or [n for n in names if n not in set(train)]
             if set(tr_names) & set(te_names):
-                raise BadInputError(f"{axis} {', '.join(set(tr_names) & set(te_names))} is "
-                                    "in both train and test")
+                raise BadInputError(
+                    f"{axis} {', '.join(set(tr_names) & set(te_names))} is in both train and test"
+                )
             plan = [(tr_names, te_names)]
         else:
             if len(names) < 2:
-                raise BadInputError(f"one {axis} only ({names[0]}): {protocol} needs two",
-                                    hint=f"load data of two or more {axis}s")
+                raise BadInputError(
+                    f"one {axis} only ({names[0]}): {protocol} needs two",
+                    hint=f"load data of two or more {axis}s",
+                )
             plan = [([n for n in names if n != held], [held]) for held in names]
         for i, (tr_names, te_names) in enumerate(plan):
             tr = np.flatnonzero(np.isin(values, tr_names))
             te = np.flatnonzero(np.isin(values, te_names))
             what = f"train on {', '.join(tr_names)}, test on {', '.join(te_names)}"
             emit(FoldStarted(protocol, i, len(plan), what))
-            doc = _run_fold(X, y, tr, te, cfg, infos, pool, imps, labels,
-                            {"train": tr_names, "test": te_names})
+            doc = _run_fold(
+                X, y, tr, te, cfg, infos, pool, imps, labels, {"train": tr_names, "test": te_names}
+            )
             fold_docs.append(doc)
             emit(FoldFinished(protocol, i, len(plan), what, doc["accuracy"], doc["macro_f1"]))
-        cross = _cross_matrix(X, y, values, names, df["session"].astype(str).to_numpy(),
-                              cfg, infos, axis, emit)
+        cross = _cross_matrix(
+            X, y, values, names, df["session"].astype(str).to_numpy(), cfg, infos, axis, emit
+        )
     metrics = pool.metrics(_positive(cfg.task, labels))
-    metrics.update({
-        "task": cfg.task, "model": cfg.kind, "protocol": protocol,
-        "split_by": split_by if protocol == "kfold" else _AXIS[protocol],
-        "features": cfg.features.to_dict(), "n_estimators": cfg.n_estimators,
-        "folds": fold_docs, "importance": imps.result(), "dataset": dataset.card(),
-    })
+    metrics.update(
+        {
+            "task": cfg.task,
+            "model": cfg.kind,
+            "protocol": protocol,
+            "split_by": split_by if protocol == "kfold" else _AXIS[protocol],
+            "features": cfg.features.to_dict(),
+            "n_estimators": cfg.n_estimators,
+            "folds": fold_docs,
+            "importance": imps.result(),
+            "dataset": dataset.card(),
+        }
+    )
     if cfg.task == "genre":
         metrics["messaging_apps"] = list(cfg.messaging_apps)
     if cross is not None:
@@ -433,23 +532,31 @@ def _resolve(given: Sequence[str], names: list[str], axis: str) -> list[str]:
     for g in given:
         hits = [g] if g in names else [n for n in names if n.startswith(g + "_")]
         if not hits:
-            raise BadInputError(f"no flows of {axis} {g}",
-                                hint=f"the dataset has {', '.join(names)}")
+            raise BadInputError(
+                f"no flows of {axis} {g}", hint=f"the dataset has {', '.join(names)}"
+            )
         out.extend(h for h in hits if h not in out)
     return out
 
 
 def _run_fold(X, y, tr, te, cfg, infos, pool, imps, labels, doc) -> dict[str, Any]:
     if len(set(y[tr].tolist())) < 2:
-        raise BadInputError(f"a training split ({doc}) holds one class only",
-                            hint="use fewer folds or more sessions")
+        raise BadInputError(
+            f"a training split ({doc}) holds one class only",
+            hint="use fewer folds or more sessions",
+        )
     model = _fit(X[tr], y[tr], cfg, infos)
     pred = pool.add(model, X[te], y[te])
     imps.add(model, X[te], y[te], cfg)
     m = compute_metrics(y[te], pred, labels)
-    return {**doc, "train_flows": int(len(tr)), "test_flows": int(len(te)),
-            "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
-            "weighted_f1": m["weighted_f1"]}
+    return {
+        **doc,
+        "train_flows": int(len(tr)),
+        "test_flows": int(len(te)),
+        "accuracy": m["accuracy"],
+        "macro_f1": m["macro_f1"],
+        "weighted_f1": m["weighted_f1"],
+    }
 
 
 def _cross_matrix(X, y, values, names, sessions, cfg, infos, axis, emit) -> dict[str, Any]:
@@ -490,12 +597,18 @@ def _cross_matrix(X, y, values, names, sessions, cfg, infos, axis, emit) -> dict
     def clean(m: np.ndarray) -> list[list[float | None]]:
         return [[None if np.isnan(v) else float(v) for v in row] for row in m]
 
-    return {"axis": axis, "names": names, "accuracy": clean(acc), "macro_f1": clean(mf1),
-            "diagonal": "session-grouped 2-fold within the group"}
+    return {
+        "axis": axis,
+        "names": names,
+        "accuracy": clean(acc),
+        "macro_f1": clean(mf1),
+        "diagonal": "session-grouped 2-fold within the group",
+    }
 
 
-def evaluate_model(model: TrainedModel, dataset: Dataset, permutation_repeats: int = 3
-                   ) -> Evaluation:
+def evaluate_model(
+    model: TrainedModel, dataset: Dataset, permutation_repeats: int = 3
+) -> Evaluation:
     """Test a trained model on a dataset (labels mapped to the model's task)."""
     df = dataset.frame
     if not len(df):
@@ -510,12 +623,19 @@ def evaluate_model(model: TrainedModel, dataset: Dataset, permutation_repeats: i
     imps.add(model, X, y, TrainConfig(permutation_repeats=permutation_repeats))
     metrics = pool.metrics(_positive(model.task, labels))
     unseen = sorted(set(y.tolist()) - set(model.labels))
-    metrics.update({
-        "task": model.task, "model": model.kind, "protocol": "holdout",
-        "features": model.features.to_dict(), "importance": imps.result(),
-        "dataset": dataset.card(), "trained_on": model.fingerprint,
-        "labels_unknown_to_model": unseen, "distributions": distributions(df),
-    })
+    metrics.update(
+        {
+            "task": model.task,
+            "model": model.kind,
+            "protocol": "holdout",
+            "features": model.features.to_dict(),
+            "importance": imps.result(),
+            "dataset": dataset.card(),
+            "trained_on": model.fingerprint,
+            "labels_unknown_to_model": unseen,
+            "distributions": distributions(df),
+        }
+    )
     if dataset.card()["fingerprint"] == model.fingerprint:
         metrics["warning"] = "evaluated on its own training data: scores are optimistic"
     return Evaluation(metrics)
@@ -531,10 +651,12 @@ def distributions(df: Any, max_apps: int = 12) -> dict[str, Any]:
     apps = df["app"].astype(str).value_counts().index.tolist()[:max_apps]
     for app in apps:
         sub = df[df["app"].astype(str) == app]
-        sizes = np.concatenate([np.zeros(0)] + [np.asarray(s, dtype=np.float64)
-                                                for s in sub["pkt_payload"]])
-        iats = np.concatenate([np.zeros(0)] + [np.asarray(s, dtype=np.float64)[1:]
-                                               for s in sub["pkt_iat"]])
+        sizes = np.concatenate(
+            [np.zeros(0)] + [np.asarray(s, dtype=np.float64) for s in sub["pkt_payload"]]
+        )
+        iats = np.concatenate(
+            [np.zeros(0)] + [np.asarray(s, dtype=np.float64)[1:] for s in sub["pkt_iat"]]
+        )
         out["payload_bytes"][app] = _box(sizes[sizes > 0])
         out["iat_seconds"][app] = _box(iats[iats > 0])
     return out
@@ -544,5 +666,11 @@ def _box(x: np.ndarray) -> dict[str, float] | None:
     if not len(x):
         return None
     q = np.percentile(x, [5, 25, 50, 75, 95])
-    return {"whislo": float(q[0]), "q1": float(q[1]), "med": float(q[2]), "q3": float(q[3]),
-            "whishi": float(q[4]), "n": int(len(x))}
+    return {
+        "whislo": float(q[0]),
+        "q1": float(q[1]),
+        "med": float(q[2]),
+        "q3": float(q[3]),
+        "whishi": float(q[4]),
+        "n": int(len(x)),
+    }

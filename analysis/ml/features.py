@@ -32,8 +32,14 @@ DEFAULT_SETS = ("stats",)
 DEFAULT_SERIES_PACKETS = 20
 MISSING = -1.0
 DIRECTION_NAMES = ("upstream", "downstream", "biflow")
-_DIR_OF = {"biflow": "biflow", "upstream_flow": "upstream", "downstream_flow": "downstream",
-           "BF": "biflow", "UF": "upstream", "DF": "downstream"}
+_DIR_OF = {
+    "biflow": "biflow",
+    "upstream_flow": "upstream",
+    "downstream_flow": "downstream",
+    "BF": "biflow",
+    "UF": "upstream",
+    "DF": "downstream",
+}
 
 
 @dataclass(frozen=True)
@@ -62,8 +68,10 @@ def parse_sets(text: str | Sequence[str] | None) -> tuple[str, ...]:
         return FEATURE_SETS
     bad = [s for s in names if s not in FEATURE_SETS]
     if bad or not names:
-        raise BadInputError(f"unknown feature set(s) {', '.join(bad) or '(none)'}",
-                            hint=f"choose from {', '.join(FEATURE_SETS)} or all")
+        raise BadInputError(
+            f"unknown feature set(s) {', '.join(bad) or '(none)'}",
+            hint=f"choose from {', '.join(FEATURE_SETS)} or all",
+        )
     return tuple(dict.fromkeys(names))
 
 
@@ -82,9 +90,12 @@ def feature_infos(spec: FeatureSpec) -> list[FeatureInfo]:
     if "stats" in spec.sets:
         for c in STAT_COLUMNS:
             metric = "packet_length" if c.startswith("packet_length_") else "iat"
-            rest = c[len(metric) + 1:]
-            d = next(k for k in ("biflow", "upstream_flow", "downstream_flow")
-                     if rest.startswith(k + "_"))
+            rest = c[len(metric) + 1 :]
+            d = next(
+                k
+                for k in ("biflow", "upstream_flow", "downstream_flow")
+                if rest.startswith(k + "_")
+            )
             out.append(FeatureInfo(c, _DIR_OF[d], metric))
     if "series" in spec.sets:
         for i in range(spec.series_packets):

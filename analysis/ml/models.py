@@ -47,14 +47,20 @@ TRUSTED_TYPES = (
     "sklearn.neighbors._ball_tree.BallTree",
 )
 DEFAULT_MESSAGING_APPS = (
-    "Signal", "Telegram", "WhatsApp",
-    "org.thoughtcrime.securesms", "org.telegram.messenger", "org.telegram.messenger.web",
-    "com.whatsapp", "com.whatsapp.w4b",
+    "Signal",
+    "Telegram",
+    "WhatsApp",
+    "org.thoughtcrime.securesms",
+    "org.telegram.messenger",
+    "org.telegram.messenger.web",
+    "com.whatsapp",
+    "com.whatsapp.w4b",
 )
 
 
-def make_estimator(kind: str = "rf", n_estimators: int = 200, seed: int = 0,
-                   n_jobs: int = -1, task: str = "app") -> Any:
+def make_estimator(
+    kind: str = "rf", n_estimators: int = 200, seed: int = 0, n_jobs: int = -1, task: str = "app"
+) -> Any:
     """A fresh scikit-learn estimator of ``kind`` (see :data:`MODEL_KINDS`)."""
     from sklearn.dummy import DummyClassifier
     from sklearn.ensemble import (
@@ -67,8 +73,9 @@ def make_estimator(kind: str = "rf", n_estimators: int = 200, seed: int = 0,
     from sklearn.preprocessing import StandardScaler
 
     if kind == "rf":
-        est: Any = RandomForestClassifier(n_estimators=n_estimators, n_jobs=n_jobs,
-                                          random_state=seed)
+        est: Any = RandomForestClassifier(
+            n_estimators=n_estimators, n_jobs=n_jobs, random_state=seed
+        )
     elif kind == "extratrees":
         est = ExtraTreesClassifier(n_estimators=n_estimators, n_jobs=n_jobs, random_state=seed)
     elif kind == "hgb":
@@ -86,8 +93,9 @@ def make_estimator(kind: str = "rf", n_estimators: int = 200, seed: int = 0,
     return est
 
 
-def task_labels(apps: Any, task: str, messaging_apps: tuple[str, ...] = DEFAULT_MESSAGING_APPS
-                ) -> np.ndarray:
+def task_labels(
+    apps: Any, task: str, messaging_apps: tuple[str, ...] = DEFAULT_MESSAGING_APPS
+) -> np.ndarray:
     """The target of each flow: its app (``app``, ``ovr``) or messaging/other (``genre``)."""
     if task not in TASKS:
         raise BadInputError(f"unknown task {task!r}", hint=f"choose from {', '.join(TASKS)}")
@@ -102,8 +110,12 @@ def library_versions() -> dict[str, str]:
     import sklearn
     import skops
 
-    return {"python": platform.python_version(), "numpy": np.__version__,
-            "scikit-learn": sklearn.__version__, "skops": skops.__version__}
+    return {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "scikit-learn": sklearn.__version__,
+        "skops": skops.__version__,
+    }
 
 
 @dataclass
@@ -121,8 +133,7 @@ class TrainedModel:
     train_flows: int = 0
     dataset_card: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=library_versions)
-    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(
-        timespec="seconds"))
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """(F, len(labels)) class probabilities, columns in :attr:`labels` order."""
@@ -134,32 +145,58 @@ class TrainedModel:
 
     def metadata(self) -> dict[str, Any]:
         return {
-            "format_version": MODEL_FORMAT, "kind": self.kind, "task": self.task,
-            "labels": self.labels, "features": self.features.to_dict(),
-            "feature_names": self.feature_names, "messaging_apps": list(self.messaging_apps),
-            "training_data": {"fingerprint": self.fingerprint, "flows": self.train_flows,
-                              "card": self.dataset_card},
-            "versions": self.versions, "created": self.created,
+            "format_version": MODEL_FORMAT,
+            "kind": self.kind,
+            "task": self.task,
+            "labels": self.labels,
+            "features": self.features.to_dict(),
+            "feature_names": self.feature_names,
+            "messaging_apps": list(self.messaging_apps),
+            "training_data": {
+                "fingerprint": self.fingerprint,
+                "flows": self.train_flows,
+                "card": self.dataset_card,
+            },
+            "versions": self.versions,
+            "created": self.created,
         }
 
 
-def fit_model(X: np.ndarray, y: np.ndarray, kind: str = "rf", task: str = "app",
-              features: FeatureSpec | None = None, feature_names: list[str] | None = None,
-              n_estimators: int = 200, seed: int = 0, n_jobs: int = -1,
-              messaging_apps: tuple[str, ...] = DEFAULT_MESSAGING_APPS) -> TrainedModel:
+def fit_model(
+    X: np.ndarray,
+    y: np.ndarray,
+    kind: str = "rf",
+    task: str = "app",
+    features: FeatureSpec | None = None,
+    feature_names: list[str] | None = None,
+    n_estimators: int = 200,
+    seed: int = 0,
+    n_jobs: int = -1,
+    messaging_apps: tuple[str, ...] = DEFAULT_MESSAGING_APPS,
+) -> TrainedModel:
     """Fit ``kind`` on (X, y); needs at least two classes."""
     classes = sorted(set(y.tolist()))
     if len(classes) < 2:
-        raise BadInputError(f"only one class ({classes[0] if classes else 'none'}) to learn",
-                            hint="a classifier needs flows of at least two classes")
+        raise BadInputError(
+            f"only one class ({classes[0] if classes else 'none'}) to learn",
+            hint="a classifier needs flows of at least two classes",
+        )
     est = make_estimator(kind, n_estimators, seed, n_jobs, task)
     if kind == "rf" and len(y) > RF_MAX_SAMPLES:
         key = "estimator__max_samples" if task == "ovr" else "max_samples"
         est.set_params(**{key: RF_MAX_SAMPLES})
     est.fit(X, y)
     labels = [str(c) for c in est.classes_]
-    return TrainedModel(est, kind, task, labels, features or FeatureSpec(),
-                        feature_names or [], messaging_apps, train_flows=len(y))
+    return TrainedModel(
+        est,
+        kind,
+        task,
+        labels,
+        features or FeatureSpec(),
+        feature_names or [],
+        messaging_apps,
+        train_flows=len(y),
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -197,16 +234,20 @@ def read_model_metadata(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     d = Path(model_dir)
     path = d / "model.json"
     if not path.is_file():
-        raise BadInputError(f"{d} is not a flowtruth model directory (no model.json)",
-                            hint="give the -o directory of flowtruth train")
+        raise BadInputError(
+            f"{d} is not a flowtruth model directory (no model.json)",
+            hint="give the -o directory of flowtruth train",
+        )
     try:
         meta = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise SchemaError(f"{path}: unreadable model metadata ({err})") from err
     if not isinstance(meta, dict) or meta.get("format_version") != MODEL_FORMAT:
         got = meta.get("format_version") if isinstance(meta, dict) else None
-        raise SchemaError(f"{path}: model format {got!r}, this flowtruth reads {MODEL_FORMAT!r}",
-                          hint="retrain the model with this version")
+        raise SchemaError(
+            f"{path}: model format {got!r}, this flowtruth reads {MODEL_FORMAT!r}",
+            hint="retrain the model with this version",
+        )
     return meta
 
 
@@ -221,15 +262,19 @@ def load_model(model_dir: str | os.PathLike[str]) -> TrainedModel:
         raise BadInputError(f"{d}: model file {blob.name} is missing")
     digest = _sha256(blob)
     if digest != meta.get("sha256"):
-        raise SchemaError(f"{blob}: sha256 {digest[:12]}… does not match model.json "
-                          f"({str(meta.get('sha256'))[:12]}…); refusing to load",
-                          hint="the model file was changed after training")
+        raise SchemaError(
+            f"{blob}: sha256 {digest[:12]}… does not match model.json "
+            f"({str(meta.get('sha256'))[:12]}…); refusing to load",
+            hint="the model file was changed after training",
+        )
     now = library_versions()
     saved = meta.get("versions", {})
     for lib in ("scikit-learn",):
         if _minor(saved.get(lib)) != _minor(now[lib]):
-            raise SchemaError(f"{d}: trained with {lib} {saved.get(lib)}, this is {now[lib]}",
-                              hint="retrain the model with the installed version")
+            raise SchemaError(
+                f"{d}: trained with {lib} {saved.get(lib)}, this is {now[lib]}",
+                hint="retrain the model with the installed version",
+            )
     try:
         untrusted = sio.get_untrusted_types(file=blob)
     except Exception as err:  # noqa: BLE001 - any failure to parse is a damaged file
@@ -240,11 +285,20 @@ def load_model(model_dir: str | os.PathLike[str]) -> TrainedModel:
     est = sio.load(blob, trusted=list(TRUSTED_TYPES))
     spec = FeatureSpec.from_dict(meta["features"])
     td = meta.get("training_data", {})
-    return TrainedModel(est, meta["kind"], meta["task"], list(meta["labels"]), spec,
-                        list(meta.get("feature_names", [])),
-                        tuple(meta.get("messaging_apps", DEFAULT_MESSAGING_APPS)),
-                        td.get("fingerprint", ""), int(td.get("flows", 0)),
-                        td.get("card", {}), dict(saved), meta.get("created", ""))
+    return TrainedModel(
+        est,
+        meta["kind"],
+        meta["task"],
+        list(meta["labels"]),
+        spec,
+        list(meta.get("feature_names", [])),
+        tuple(meta.get("messaging_apps", DEFAULT_MESSAGING_APPS)),
+        td.get("fingerprint", ""),
+        int(td.get("flows", 0)),
+        td.get("card", {}),
+        dict(saved),
+        meta.get("created", ""),
+    )
 
 
 def _minor(version: str | None) -> str | None:

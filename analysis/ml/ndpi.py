@@ -34,8 +34,10 @@ class NdpiDatasetSummary:
 
     def line(self) -> str:
         fam = ", ".join(f"{k}: {v}" for k, v in sorted(self.per_family.items()))
-        return (f"{self.captures} captures, {self.flows:,} bi-flows, {self.labelled:,} labelled "
-                f"by nDPI ({fam})")
+        return (
+            f"{self.captures} captures, {self.flows:,} bi-flows, {self.labelled:,} labelled "
+            f"by nDPI ({fam})"
+        )
 
 
 def session_token(capture: str) -> str:
@@ -80,8 +82,10 @@ def build_ndpi_dataset(
     pcap_dir = Path(pcap_dir)
     labels_csv = pcap_dir / "flow_labels.csv"
     if not labels_csv.is_file():
-        raise BadInputError(f"no flow_labels.csv in {pcap_dir}",
-                            "point at nDPI's captures with their flow_labels.csv")
+        raise BadInputError(
+            f"no flow_labels.csv in {pcap_dir}",
+            "point at nDPI's captures with their flow_labels.csv",
+        )
     out = Path(out_dir)
     summary = NdpiDatasetSummary()
     names = list(captures) if captures is not None else _captures(labels_csv)
@@ -102,20 +106,30 @@ def build_ndpi_dataset(
             model = devices(name) if devices else "nDPI"
             summary.captures += 1
             summary.flows += len(table)
-            for lab, lt in zip(table.labels["BF_label"].tolist(),
-                               table.labels["BF_labeling_type"].tolist(), strict=True):
+            for lab, lt in zip(
+                table.labels["BF_label"].tolist(),
+                table.labels["BF_labeling_type"].tolist(),
+                strict=True,
+            ):
                 if lt == "ndpi":
                     summary.labelled += 1
                     summary.per_family[lab] = summary.per_family.get(lab, 0) + 1
             token = session_token(name)
             if fmt == "parquet":
-                summary.outputs.append(write_parquet(
-                    table, out / f"{token}.parquet",
-                    {"session": token, "device": model, "capture": name}))
+                summary.outputs.append(
+                    write_parquet(
+                        table,
+                        out / f"{token}.parquet",
+                        {"session": token, "device": model, "capture": name},
+                    )
+                )
             else:
                 epoch = (table.capture.first_ts_ns or 0) // 1_000_000_000
-                summary.outputs.extend(write_mirage_dir(
-                    table, out, token, model, _pseudo_mac(model), epoch, "mirage2022"))
+                summary.outputs.extend(
+                    write_mirage_dir(
+                        table, out, token, model, _pseudo_mac(model), epoch, "mirage2022"
+                    )
+                )
     if not summary.captures:
         raise BadInputError(f"no capture of {labels_csv} could be read")
     return summary

@@ -11,8 +11,17 @@ import numpy as np
 
 from analysis.errors import BadInputError, OutputError
 
-KEEP_COLUMNS = ("session", "src_ip", "src_port", "dst_ip", "dst_port", "proto", "app",
-                "labeling_type", "source_file")
+KEEP_COLUMNS = (
+    "session",
+    "src_ip",
+    "src_port",
+    "dst_ip",
+    "dst_port",
+    "proto",
+    "app",
+    "labeling_type",
+    "source_file",
+)
 OUT_SUFFIXES = (".csv", ".parquet", ".json")
 
 
@@ -32,15 +41,17 @@ def predict_frame(model: Any, df: Any) -> Any:
     return pd.concat([out, probs], axis=1)
 
 
-def predict_inputs(model_dir: str | os.PathLike[str],
-                   inputs: Sequence[str | os.PathLike[str]]) -> tuple[Any, dict[str, int]]:
+def predict_inputs(
+    model_dir: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]]
+) -> tuple[Any, dict[str, int]]:
     """Load the model and every flow of ``inputs`` (unfiltered); predictions and counts."""
     from analysis.ml.datasets import DatasetFilter, load_dataset
     from analysis.ml.models import load_model
 
     model = load_model(model_dir)
-    ds = load_dataset(inputs, DatasetFilter(drop_background=False, drop_dns=False),
-                      allow_captures=True)
+    ds = load_dataset(
+        inputs, DatasetFilter(drop_background=False, drop_dns=False), allow_captures=True
+    )
     frame = predict_frame(model, ds.frame)
     counts = frame["predicted"].value_counts()
     return frame, {str(k): int(v) for k, v in counts.items()}
@@ -51,8 +62,9 @@ def write_predictions(frame: Any, out: str | os.PathLike[str]) -> Path:
     p = Path(out)
     suffix = p.suffix.lower()
     if suffix not in OUT_SUFFIXES:
-        raise BadInputError(f"{p}: unknown predictions format",
-                            hint=f"name a {', '.join(OUT_SUFFIXES)} file")
+        raise BadInputError(
+            f"{p}: unknown predictions format", hint=f"name a {', '.join(OUT_SUFFIXES)} file"
+        )
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
         if suffix == ".csv":

@@ -31,7 +31,7 @@ def _plt() -> Any:
 
 
 def _short(label: str, n: int = 28) -> str:
-    return label if len(label) <= n else "…" + label[-(n - 1):]
+    return label if len(label) <= n else "…" + label[-(n - 1) :]
 
 
 _MAC_FOLDER = re.compile(r"^(.+?)_((?:[0-9a-fA-F]{2}_){5}[0-9a-fA-F]{2})$")
@@ -64,8 +64,15 @@ def plot_confusion(m: dict[str, Any], path: Path) -> Path:
     if k <= 20:
         for i in range(k):
             for j in range(k):
-                ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=8,
-                        color="white" if norm[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{int(cm[i, j])}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     ax.set_title("Confusion matrix (counts; colour = row share)")
     return _save(fig, path)
@@ -95,16 +102,17 @@ def plot_importance(imp: dict[str, Any], path: Path) -> Path | None:
     groups = sorted({g for k in kinds for g in imp[k]["group"]})
     ref = imp[kinds[-1]]["group"]
     groups.sort(key=lambda g: ref.get(g, 0.0))
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), max(3, 0.38 * len(groups)
-                                                                            + 1.5)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(kinds), figsize=(5.5 * len(kinds), max(3, 0.38 * len(groups) + 1.5)), squeeze=False
+    )
     colours = {"upstream": "#c0504d", "downstream": "#4472c4", "biflow": "#7f7f7f"}
     for ax, kind in zip(axes[0], kinds, strict=True):
         vals = [imp[kind]["group"].get(g, 0.0) for g in groups]
         ax.barh(range(len(groups)), vals, color=[colours.get(g.split()[0], "#999") for g in groups])
         ax.set_yticks(range(len(groups)), groups if ax is axes[0][0] else [""] * len(groups))
-        ax.set_xlabel("sum of impurity importance" if kind == "impurity"
-                      else "drop in macro-F1 when shuffled")
+        ax.set_xlabel(
+            "sum of impurity importance" if kind == "impurity" else "drop in macro-F1 when shuffled"
+        )
         ax.set_title(f"{kind} importance by direction and family", fontsize=10)
         ax.axvline(0, color="black", linewidth=0.6)
     return _save(fig, path)
@@ -117,15 +125,21 @@ def plot_distributions(dist: dict[str, Any], path: Path) -> Path | None:
     plt = _plt()
     apps = list(dist["payload_bytes"])
     fig, axes = plt.subplots(1, 2, figsize=(11, max(3, 0.4 * len(apps) + 1.5)))
-    for ax, key, title, log in ((axes[0], "payload_bytes", "L4 payload per packet (bytes)",
-                                 False),
-                                (axes[1], "iat_seconds", "inter-arrival time (s)", True)):
+    for ax, key, title, log in (
+        (axes[0], "payload_bytes", "L4 payload per packet (bytes)", False),
+        (axes[1], "iat_seconds", "inter-arrival time (s)", True),
+    ):
         stats, names = [], []
         for a in apps:
             s = dist[key].get(a)
             if s:
-                stats.append({**{k: s[k] for k in ("whislo", "q1", "med", "q3", "whishi")},
-                              "fliers": [], "label": ""})
+                stats.append(
+                    {
+                        **{k: s[k] for k in ("whislo", "q1", "med", "q3", "whishi")},
+                        "fliers": [],
+                        "label": "",
+                    }
+                )
                 names.append(f"{_short(a, 22)} (n={s['n']})")
         if stats:
             ax.bxp(stats, orientation="horizontal", showfliers=False)
@@ -134,8 +148,9 @@ def plot_distributions(dist: dict[str, Any], path: Path) -> Path | None:
             ax.set_xscale("log")
         ax.set_xlabel(title)
         ax.set_title(title.split(" (")[0] + " per app", fontsize=10)
-    fig.suptitle("First packets of each flow, per app (box: quartiles, whiskers: 5-95 %)",
-                 fontsize=10)
+    fig.suptitle(
+        "First packets of each flow, per app (box: quartiles, whiskers: 5-95 %)", fontsize=10
+    )
     return _save(fig, path)
 
 
@@ -156,8 +171,15 @@ def plot_cross_matrix(cross: dict[str, Any], path: Path) -> Path | None:
     for i in range(k):
         for j in range(k):
             txt = "n/a" if np.isnan(mat[i, j]) else f"{mat[i, j]:.2f}"
-            ax.text(j, i, txt, ha="center", va="center", fontsize=9,
-                    color="black" if not np.isnan(mat[i, j]) and mat[i, j] > 0.6 else "white")
+            ax.text(
+                j,
+                i,
+                txt,
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="black" if not np.isnan(mat[i, j]) and mat[i, j] > 0.6 else "white",
+            )
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="macro-F1")
     ax.set_title(f"Cross-{cross['axis']} macro-F1")
     return _save(fig, path)
@@ -206,18 +228,21 @@ def finding_text(imp: dict[str, Any]) -> str:
         if f.get("top_group") is None:
             parts.append(f"By {kind} importance: {html.escape(f.get('note', 'no ranking'))}.")
             continue
-        verdict = ("confirms" if f["upstream_payload_first"] else "does not confirm")
-        parts.append(f"By {kind} importance the top group is <b>{html.escape(f['top_group'])}"
-                     f"</b> (top direction {html.escape(f['top_direction'])}, top family "
-                     f"{html.escape(f['top_family'])}): this {verdict} that the upstream "
-                     "L4 payload matters most.")
+        verdict = "confirms" if f["upstream_payload_first"] else "does not confirm"
+        parts.append(
+            f"By {kind} importance the top group is <b>{html.escape(f['top_group'])}"
+            f"</b> (top direction {html.escape(f['top_direction'])}, top family "
+            f"{html.escape(f['top_family'])}): this {verdict} that the upstream "
+            "L4 payload matters most."
+        )
     return " ".join(parts) or "No importance available for this model."
 
 
 def _table(rows: list[list[Any]], head: list[str]) -> str:
     th = "".join(f"<th>{html.escape(str(h))}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>"
-                   for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows
+    )
     return f"<table><tr>{th}</tr>{body}</table>"
 
 
@@ -228,8 +253,11 @@ def check_metrics(m: Any, where: str = "metrics") -> dict[str, Any]:
     return m
 
 
-def write_report(metrics: dict[str, Any], out_dir: str | os.PathLike[str],
-                 title: str = "flowtruth classifier report") -> Path:
+def write_report(
+    metrics: dict[str, Any],
+    out_dir: str | os.PathLike[str],
+    title: str = "flowtruth classifier report",
+) -> Path:
     """Write ``metrics.json``, the PNG plots and ``report.html`` into ``out_dir``."""
     check_metrics(metrics)
     out = Path(out_dir)
@@ -243,14 +271,19 @@ def write_report(metrics: dict[str, Any], out_dir: str | os.PathLike[str],
     plots = [
         ("Confusion matrix", plot_confusion(metrics, out / "confusion_matrix.png")),
         ("Per-class F1", plot_per_class_f1(metrics, out / "per_class_f1.png")),
-        ("Feature importance", plot_importance(metrics.get("importance", {}),
-                                               out / "importance.png")),
-        ("ROC and precision-recall", plot_binary(metrics.get("binary", {}),
-                                                 out / "roc_pr.png")),
-        ("Cross matrix", plot_cross_matrix(metrics.get("cross_matrix", {}),
-                                           out / "cross_matrix.png")),
-        ("Per-app distributions", plot_distributions(metrics.get("distributions", {}),
-                                                     out / "distributions.png")),
+        (
+            "Feature importance",
+            plot_importance(metrics.get("importance", {}), out / "importance.png"),
+        ),
+        ("ROC and precision-recall", plot_binary(metrics.get("binary", {}), out / "roc_pr.png")),
+        (
+            "Cross matrix",
+            plot_cross_matrix(metrics.get("cross_matrix", {}), out / "cross_matrix.png"),
+        ),
+        (
+            "Per-app distributions",
+            plot_distributions(metrics.get("distributions", {}), out / "distributions.png"),
+        ),
     ]
     path = out / "report.html"
     try:
@@ -263,54 +296,83 @@ def write_report(metrics: dict[str, Any], out_dir: str | os.PathLike[str],
 def render_html(m: dict[str, Any], plots: list[tuple[str, Path]], title: str) -> str:
     """The report page, with every plot inlined as a data: URI."""
     esc = html.escape
-    head = (f"<p>Task <b>{esc(str(m.get('task', '?')))}</b>, model <b>{esc(str(m.get('model', '?')))}"
-            f"</b>, protocol <b>{esc(str(m.get('protocol', '?')))}</b> (split by "
-            f"{esc(str(m.get('split_by', '?')))}), "
-            f"{m.get('flows', 0):,} test flows.</p>")
+    head = (
+        f"<p>Task <b>{esc(str(m.get('task', '?')))}</b>, model <b>{esc(str(m.get('model', '?')))}"
+        f"</b>, protocol <b>{esc(str(m.get('protocol', '?')))}</b> (split by "
+        f"{esc(str(m.get('split_by', '?')))}), "
+        f"{m.get('flows', 0):,} test flows.</p>"
+    )
     if m.get("warning"):
         head += f"<p class=warn>{esc(m['warning'])}</p>"
     if m.get("split_by") == "flow":
-        head += ("<p class=warn>Split by flow: flows of one capture are in both train and test, "
-                 "so these scores are optimistic; compare with the split by session.</p>")
+        head += (
+            "<p class=warn>Split by flow: flows of one capture are in both train and test, "
+            "so these scores are optimistic; compare with the split by session.</p>"
+        )
     if "ndpi" in m.get("dataset", {}).get("per_labeling_type", {}):
-        head += ("<p class=warn>Labels of type <code>ndpi</code> are nDPI's per-flow verdicts: "
-                 "nDPI's opinion (e.g. Telegram recognised by IP address), not ground truth."
-                 "</p>")
-    summary = _table([[f"{m['accuracy']:.3f}", f"{m['macro_f1']:.3f}", f"{m['weighted_f1']:.3f}"]
-                      + ([f"{m['binary']['roc']['auc']:.3f}"] if "roc" in m.get("binary", {})
-                         else [])],
-                     ["accuracy", "macro F1", "weighted F1"]
-                     + (["ROC AUC"] if "roc" in m.get("binary", {}) else []))
-    per_class = _table([[k, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}",
-                         v["support"]] for k, v in m["per_class"].items()],
-                       ["class", "precision", "recall", "F1", "support"])
+        head += (
+            "<p class=warn>Labels of type <code>ndpi</code> are nDPI's per-flow verdicts: "
+            "nDPI's opinion (e.g. Telegram recognised by IP address), not ground truth."
+            "</p>"
+        )
+    summary = _table(
+        [
+            [f"{m['accuracy']:.3f}", f"{m['macro_f1']:.3f}", f"{m['weighted_f1']:.3f}"]
+            + ([f"{m['binary']['roc']['auc']:.3f}"] if "roc" in m.get("binary", {}) else [])
+        ],
+        ["accuracy", "macro F1", "weighted F1"]
+        + (["ROC AUC"] if "roc" in m.get("binary", {}) else []),
+    )
+    per_class = _table(
+        [
+            [k, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}", v["support"]]
+            for k, v in m["per_class"].items()
+        ],
+        ["class", "precision", "recall", "F1", "support"],
+    )
     folds = ""
     if m.get("folds"):
-        rows = [[", ".join(f.get("test_sessions", f.get("test", [])))[:80], f["train_flows"],
-                 f["test_flows"], f"{f['accuracy']:.3f}", f"{f['macro_f1']:.3f}"]
-                for f in m["folds"]]
-        folds = "<h2>Folds</h2>" + _table(rows, ["held out", "train flows", "test flows",
-                                                  "accuracy", "macro F1"])
+        rows = [
+            [
+                ", ".join(f.get("test_sessions", f.get("test", [])))[:80],
+                f["train_flows"],
+                f["test_flows"],
+                f"{f['accuracy']:.3f}",
+                f"{f['macro_f1']:.3f}",
+            ]
+            for f in m["folds"]
+        ]
+        folds = "<h2>Folds</h2>" + _table(
+            rows, ["held out", "train flows", "test flows", "accuracy", "macro F1"]
+        )
     card = m.get("dataset", {})
     card_html = ""
     if card:
-        rows = [[k, ", ".join(f"{a} {n:,}" for a, n in card.get(k, {}).items())]
-                for k in ("per_app", "per_device", "per_activity", "per_labeling_type")]
-        card_html = (f"<h2>Dataset</h2><p>{card.get('flows', 0):,} flows in "
-                     f"{card.get('sessions', 0)} sessions ({card.get('raw_flows', 0):,} before "
-                     f"filtering; dropped {esc(json.dumps(card.get('dropped', {})))}).</p>"
-                     + _table(rows, ["", "counts"]))
+        rows = [
+            [k, ", ".join(f"{a} {n:,}" for a, n in card.get(k, {}).items())]
+            for k in ("per_app", "per_device", "per_activity", "per_labeling_type")
+        ]
+        card_html = (
+            f"<h2>Dataset</h2><p>{card.get('flows', 0):,} flows in "
+            f"{card.get('sessions', 0)} sessions ({card.get('raw_flows', 0):,} before "
+            f"filtering; dropped {esc(json.dumps(card.get('dropped', {})))}).</p>"
+            + _table(rows, ["", "counts"])
+        )
     imgs = ""
     for t, p in plots:
         data = base64.b64encode(p.read_bytes()).decode("ascii")
         imgs += f"<h2>{esc(t)}</h2><img alt='{esc(t)}' src='data:image/png;base64,{data}'>"
     finding = f"<h2>Which features matter</h2><p>{finding_text(m.get('importance', {}))}</p>"
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;"
-             "padding:3px 8px;text-align:left}img{max-width:100%}.warn{color:#a00}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
-            f"<style>{style}</style></head><body><h1>{esc(title)}</h1>{head}{summary}"
-            f"<h2>Per class</h2>{per_class}{finding}{folds}{card_html}{imgs}</body></html>\n")
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;"
+        "padding:3px 8px;text-align:left}img{max-width:100%}.warn{color:#a00}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
+        f"<style>{style}</style></head><body><h1>{esc(title)}</h1>{head}{summary}"
+        f"<h2>Per class</h2>{per_class}{finding}{folds}{card_html}{imgs}</body></html>\n"
+    )
 
 
 def load_metrics(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -319,8 +381,10 @@ def load_metrics(path: str | os.PathLike[str]) -> dict[str, Any]:
     if p.is_dir():
         p = p / "metrics.json"
     if not p.is_file():
-        raise BadInputError(f"no metrics.json at {path}",
-                            hint="give a report directory written by train or evaluate")
+        raise BadInputError(
+            f"no metrics.json at {path}",
+            hint="give a report directory written by train or evaluate",
+        )
     try:
         m = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as err:

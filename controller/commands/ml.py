@@ -44,37 +44,70 @@ class DatasetFormat(StrEnum):
     parquet = "parquet"
 
 
-DataArg = Annotated[list[Path], typer.Argument(
-    help="MIRAGE JSON files or folders, flowtruth Parquet files or folders")]
+DataArg = Annotated[
+    list[Path],
+    typer.Argument(help="MIRAGE JSON files or folders, flowtruth Parquet files or folders"),
+]
 OutOpt = Annotated[Path, typer.Option("-o", "--out", help="output directory")]
-FeaturesOpt = Annotated[str, typer.Option(
-    "--features", help="feature sets, comma-separated: stats, series, counters or all")]
-WithEndpointsOpt = Annotated[bool, typer.Option(
-    "--with-endpoints", help="also use server port and address (lets a model learn the "
-                             "labeller; for comparison only)")]
+FeaturesOpt = Annotated[
+    str,
+    typer.Option(
+        "--features", help="feature sets, comma-separated: stats, series, counters or all"
+    ),
+]
+WithEndpointsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--with-endpoints",
+        help="also use server port and address (lets a model learn the "
+        "labeller; for comparison only)",
+    ),
+]
 SeriesOpt = Annotated[int, typer.Option("--packets", help="packets in the series features")]
-TaskOpt = Annotated[Task, typer.Option("--task", help="app: which app; genre: encrypted "
-                                       "messaging app or not; ovr: one-vs-rest per app")]
+TaskOpt = Annotated[
+    Task,
+    typer.Option(
+        "--task",
+        help="app: which app; genre: encrypted messaging app or not; ovr: one-vs-rest per app",
+    ),
+]
 ModelOpt = Annotated[Model, typer.Option("--model", help="classifier")]
-TreesOpt = Annotated[int, typer.Option("--trees", help="trees (rf, extratrees) or boosting "
-                                       "iterations (hgb)")]
-MessagingOpt = Annotated[list[str], typer.Option(
-    "--messaging-app", help="an app label counted as encrypted messaging (repeatable; adds "
-                            "to Signal, Telegram, WhatsApp and their packages)")]
-LabelTypeOpt = Annotated[list[str], typer.Option(
-    "--labeling-type", help="keep only flows of this BF_labeling_type (repeatable)")]
-MinPacketsOpt = Annotated[int, typer.Option("--min-packets", help="drop flows with fewer "
-                                            "packets")]
+TreesOpt = Annotated[
+    int, typer.Option("--trees", help="trees (rf, extratrees) or boosting iterations (hgb)")
+]
+MessagingOpt = Annotated[
+    list[str],
+    typer.Option(
+        "--messaging-app",
+        help="an app label counted as encrypted messaging (repeatable; adds "
+        "to Signal, Telegram, WhatsApp and their packages)",
+    ),
+]
+LabelTypeOpt = Annotated[
+    list[str],
+    typer.Option("--labeling-type", help="keep only flows of this BF_labeling_type (repeatable)"),
+]
+MinPacketsOpt = Annotated[int, typer.Option("--min-packets", help="drop flows with fewer packets")]
 KeepDnsOpt = Annotated[bool, typer.Option("--keep-dns", help="keep port-53 flows")]
-KeepBgOpt = Annotated[bool, typer.Option(
-    "--keep-background", help="keep unlabelled, ambiguous and resolver flows")]
-TargetOnlyOpt = Annotated[bool, typer.Option(
-    "--target-app-only", help="tcbench's rule: a flow not of its session's app is background")]
-HandshakeOpt = Annotated[bool, typer.Option(
-    "--require-handshake", help="drop TCP flows that do not start SYN, SYN-ACK")]
+KeepBgOpt = Annotated[
+    bool, typer.Option("--keep-background", help="keep unlabelled, ambiguous and resolver flows")
+]
+TargetOnlyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--target-app-only", help="tcbench's rule: a flow not of its session's app is background"
+    ),
+]
+HandshakeOpt = Annotated[
+    bool, typer.Option("--require-handshake", help="drop TCP flows that do not start SYN, SYN-ACK")
+]
 SeedOpt = Annotated[int, typer.Option("--seed", help="random seed")]
-PermOpt = Annotated[int, typer.Option(
-    "--permutations", help="repeats of the grouped permutation importance (0: skip it)")]
+PermOpt = Annotated[
+    int,
+    typer.Option(
+        "--permutations", help="repeats of the grouped permutation importance (0: skip it)"
+    ),
+]
 
 
 def _filter(labeling_type, min_packets, keep_dns, keep_background, target_only, handshake):
@@ -83,10 +116,14 @@ def _filter(labeling_type, min_packets, keep_dns, keep_background, target_only, 
 
     if min_packets < 0:
         raise BadInputError("--min-packets must not be negative")
-    return DatasetFilter(labeling_types=tuple(labeling_type), min_packets=min_packets,
-                         drop_background=not keep_background,
-                         background_is_other_apps=target_only, drop_dns=not keep_dns,
-                         require_handshake=handshake)
+    return DatasetFilter(
+        labeling_types=tuple(labeling_type),
+        min_packets=min_packets,
+        drop_background=not keep_background,
+        background_is_other_apps=target_only,
+        drop_dns=not keep_dns,
+        require_handshake=handshake,
+    )
 
 
 def _say(msg: str) -> None:
@@ -98,8 +135,10 @@ def _print_event(event: object) -> None:
     from analysis.ml.evaluate import FoldFinished, FoldStarted
 
     if isinstance(event, FoldFinished):
-        _say(f"{event.protocol} {event.index + 1}/{event.total}: accuracy "
-             f"{event.accuracy:.3f}, macro-F1 {event.macro_f1:.3f}")
+        _say(
+            f"{event.protocol} {event.index + 1}/{event.total}: accuracy "
+            f"{event.accuracy:.3f}, macro-F1 {event.macro_f1:.3f}"
+        )
     elif isinstance(event, FoldStarted):
         _say(f"{event.protocol} {event.index + 1}/{event.total}: {event.description}")
 
@@ -112,27 +151,33 @@ def _load(data, flt):
     return ds
 
 
-def _config(task, model, features, with_endpoints, packets, trees, seed, messaging,
-            permutations=3):
+def _config(task, model, features, with_endpoints, packets, trees, seed, messaging, permutations=3):
     from analysis.errors import BadInputError
     from analysis.ml.evaluate import TrainConfig
     from analysis.ml.features import FeatureSpec, parse_sets
     from analysis.ml.models import DEFAULT_MESSAGING_APPS
 
     if trees < 1 or packets < 1 or permutations < 0:
-        raise BadInputError("--trees and --packets must be positive, --permutations not "
-                            "negative")
+        raise BadInputError("--trees and --packets must be positive, --permutations not negative")
     spec = FeatureSpec(parse_sets(features), packets, with_endpoints)
-    return TrainConfig(task=task.value, kind=model.value, features=spec, n_estimators=trees,
-                       seed=seed, messaging_apps=(*DEFAULT_MESSAGING_APPS, *messaging),
-                       permutation_repeats=permutations)
+    return TrainConfig(
+        task=task.value,
+        kind=model.value,
+        features=spec,
+        n_estimators=trees,
+        seed=seed,
+        messaging_apps=(*DEFAULT_MESSAGING_APPS, *messaging),
+        permutation_repeats=permutations,
+    )
 
 
 def _headline(m: dict) -> str:
     if m.get("warning"):
         _say(f"warning: {m['warning']}")
-    s = (f"accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, "
-         f"weighted-F1 {m['weighted_f1']:.3f}")
+    s = (
+        f"accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, "
+        f"weighted-F1 {m['weighted_f1']:.3f}"
+    )
     if "roc" in m.get("binary", {}):
         s += f", ROC AUC {m['binary']['roc']['auc']:.3f}"
     for kind in ("permutation", "impurity"):
@@ -155,8 +200,14 @@ def register(app: typer.Typer) -> None:
         packets: SeriesOpt = 20,
         with_endpoints: WithEndpointsOpt = False,
         messaging_app: MessagingOpt = [],  # noqa: B006
-        cv: Annotated[int, typer.Option("--cv", help="session-grouped folds for the report's "
-                                        "metrics (0: score the training data, optimistic)")] = 5,
+        cv: Annotated[
+            int,
+            typer.Option(
+                "--cv",
+                help="session-grouped folds for the report's "
+                "metrics (0: score the training data, optimistic)",
+            ),
+        ] = 5,
         labeling_type: LabelTypeOpt = [],  # noqa: B006
         min_packets: MinPacketsOpt = 0,
         keep_dns: KeepDnsOpt = False,
@@ -173,15 +224,34 @@ def register(app: typer.Typer) -> None:
         from analysis.ml.models import fit_model, save_model, task_labels
         from analysis.ml.report import write_report
 
-        cfg = _config(task, model, features, with_endpoints, packets, trees, seed,
-                      messaging_app, permutations)
-        ds = _load(data, _filter(labeling_type, min_packets, keep_dns, keep_background,
-                                 target_app_only, require_handshake))
+        cfg = _config(
+            task, model, features, with_endpoints, packets, trees, seed, messaging_app, permutations
+        )
+        ds = _load(
+            data,
+            _filter(
+                labeling_type,
+                min_packets,
+                keep_dns,
+                keep_background,
+                target_app_only,
+                require_handshake,
+            ),
+        )
         X = build_features(ds.frame, cfg.features)
         y = task_labels(ds.frame["app"], cfg.task, cfg.messaging_apps)
-        trained = fit_model(X, y, cfg.kind, cfg.task, cfg.features,
-                            [f.name for f in feature_infos(cfg.features)], cfg.n_estimators,
-                            cfg.seed, cfg.n_jobs, cfg.messaging_apps)
+        trained = fit_model(
+            X,
+            y,
+            cfg.kind,
+            cfg.task,
+            cfg.features,
+            [f.name for f in feature_infos(cfg.features)],
+            cfg.n_estimators,
+            cfg.seed,
+            cfg.n_jobs,
+            cfg.messaging_apps,
+        )
         card = ds.card()
         trained.fingerprint = card["fingerprint"]
         trained.dataset_card = card
@@ -197,20 +267,35 @@ def register(app: typer.Typer) -> None:
 
     @app.command("evaluate")
     def evaluate(
-        inputs: Annotated[list[Path], typer.Argument(
-            help="MODEL_DIR then DATA..., or with --protocol only DATA...")],
+        inputs: Annotated[
+            list[Path],
+            typer.Argument(help="MODEL_DIR then DATA..., or with --protocol only DATA..."),
+        ],
         out: OutOpt,
-        protocol: Annotated[Optional[Protocol], typer.Option(  # noqa: UP045
-            "--protocol", help="train and test within DATA instead of testing a model")] = None,
-        train_on: Annotated[list[str], typer.Option(
-            "--train-on", help="device/activity to train on (repeatable; cross-* protocols)")
+        protocol: Annotated[
+            Optional[Protocol],  # noqa: UP045
+            typer.Option(
+                "--protocol", help="train and test within DATA instead of testing a model"
+            ),
+        ] = None,
+        train_on: Annotated[
+            list[str],
+            typer.Option(
+                "--train-on", help="device/activity to train on (repeatable; cross-* protocols)"
+            ),
         ] = [],  # noqa: B006
-        test_on: Annotated[list[str], typer.Option(
-            "--test-on", help="device/activity to test on (repeatable)")] = [],  # noqa: B006
+        test_on: Annotated[
+            list[str], typer.Option("--test-on", help="device/activity to test on (repeatable)")
+        ] = [],  # noqa: B006
         folds: Annotated[int, typer.Option("--folds", help="k of the k-fold protocol")] = 5,
-        split_by: Annotated[Optional[Split], typer.Option(  # noqa: UP045
-            "--split-by", help="kfold groups: session (flows of a capture stay together, the "
-                               "default) or flow (leaky, for comparison only)")] = None,
+        split_by: Annotated[
+            Optional[Split],  # noqa: UP045
+            typer.Option(
+                "--split-by",
+                help="kfold groups: session (flows of a capture stay together, the "
+                "default) or flow (leaky, for comparison only)",
+            ),
+        ] = None,
         task: TaskOpt = Task.app,
         features: FeaturesOpt = "stats",
         model: ModelOpt = Model.rf,
@@ -234,26 +319,50 @@ def register(app: typer.Typer) -> None:
         from analysis.ml.models import load_model
         from analysis.ml.report import write_report
 
-        flt = _filter(labeling_type, min_packets, keep_dns, keep_background, target_app_only,
-                      require_handshake)
+        flt = _filter(
+            labeling_type,
+            min_packets,
+            keep_dns,
+            keep_background,
+            target_app_only,
+            require_handshake,
+        )
         if protocol is None:
             if len(inputs) < 2 or not (inputs[0] / "model.json").is_file():
-                raise BadInputError("evaluate needs MODEL_DIR DATA..., or --protocol with DATA",
-                                    hint=f"{inputs[0]} is not a model directory (no model.json)")
+                raise BadInputError(
+                    "evaluate needs MODEL_DIR DATA..., or --protocol with DATA",
+                    hint=f"{inputs[0]} is not a model directory (no model.json)",
+                )
             trained = load_model(inputs[0])
             ds = _load(inputs[1:], flt)
             metrics = evaluate_model(trained, ds, permutations).metrics
         else:
             if (train_on or test_on) and protocol == Protocol.kfold:
                 raise BadInputError("--train-on/--test-on go with cross-device or cross-activity")
-            cfg = _config(task, model, features, with_endpoints, packets, trees, seed,
-                          messaging_app, permutations)
+            cfg = _config(
+                task,
+                model,
+                features,
+                with_endpoints,
+                packets,
+                trees,
+                seed,
+                messaging_app,
+                permutations,
+            )
             ds = _load(inputs, flt)
             if split_by is not None and protocol != Protocol.kfold:
                 raise BadInputError("--split-by goes with --protocol kfold")
-            metrics = run_protocol(ds, protocol.value, cfg, folds, train_on, test_on,
-                                   sink=_print_event,
-                                   split_by=(split_by or Split.session).value).metrics
+            metrics = run_protocol(
+                ds,
+                protocol.value,
+                cfg,
+                folds,
+                train_on,
+                test_on,
+                sink=_print_event,
+                split_by=(split_by or Split.session).value,
+            ).metrics
         report = write_report(metrics, out, f"flowtruth evaluate ({metrics['protocol']})")
         write_card(ds.card(), out)
         sys.stdout.write(f"{_headline(metrics)}\nreport in {report}\n")
@@ -261,10 +370,15 @@ def register(app: typer.Typer) -> None:
     @app.command("predict")
     def predict(
         model_dir: Annotated[Path, typer.Argument(help="a model directory from flowtruth train")],
-        inputs: Annotated[list[Path], typer.Argument(
-            help="pcap/pcapng, MIRAGE JSON, Parquet, or a folder of them (a flow store)")],
-        out: Annotated[Path, typer.Option("-o", "--out", help="predictions file: .csv, "
-                                          ".parquet or .json")],
+        inputs: Annotated[
+            list[Path],
+            typer.Argument(
+                help="pcap/pcapng, MIRAGE JSON, Parquet, or a folder of them (a flow store)"
+            ),
+        ],
+        out: Annotated[
+            Path, typer.Option("-o", "--out", help="predictions file: .csv, .parquet or .json")
+        ],
     ) -> None:
         """Per-flow predictions with class probabilities."""
         from analysis.ml.predict import predict_inputs, write_predictions
@@ -278,8 +392,11 @@ def register(app: typer.Typer) -> None:
     def report(
         source: Annotated[Path, typer.Argument(help="metrics.json or a report directory")],
         out: OutOpt,
-        data: Annotated[list[Path], typer.Option(
-            "--data", help="dataset to redraw the per-app distributions from (repeatable)")
+        data: Annotated[
+            list[Path],
+            typer.Option(
+                "--data", help="dataset to redraw the per-app distributions from (repeatable)"
+            ),
         ] = [],  # noqa: B006
     ) -> None:
         """Render the HTML report and plots of a metrics.json again (e.g. into a new folder)."""
@@ -302,11 +419,12 @@ def register(app: typer.Typer) -> None:
     @dataset_app.command("ndpi")
     def dataset_ndpi(
         out: Annotated[Path, typer.Argument(help="output folder")],
-        pcaps: Annotated[Path, typer.Option(
-            "--pcaps", help="folder with nDPI's captures and flow_labels.csv")] = Path(
-            "../shared/data/ndpi_pcaps"),
-        fmt: Annotated[DatasetFormat, typer.Option("--format", help="output layout")] =
-        DatasetFormat.mirage2022,
+        pcaps: Annotated[
+            Path, typer.Option("--pcaps", help="folder with nDPI's captures and flow_labels.csv")
+        ] = Path("../shared/data/ndpi_pcaps"),
+        fmt: Annotated[
+            DatasetFormat, typer.Option("--format", help="output layout")
+        ] = DatasetFormat.mirage2022,
     ) -> None:
         """Label nDPI's captures from flow_labels.csv (nDPI's opinion) into a dataset."""
         from analysis.ml.ndpi import build_ndpi_dataset
@@ -319,8 +437,10 @@ def register(app: typer.Typer) -> None:
     @dataset_app.command("card")
     def dataset_card(
         data: DataArg,
-        out: Annotated[Optional[Path], typer.Option(  # noqa: UP045
-            "-o", "--out", help="folder for dataset_card.json/.txt")] = None,
+        out: Annotated[
+            Optional[Path],  # noqa: UP045
+            typer.Option("-o", "--out", help="folder for dataset_card.json/.txt"),
+        ] = None,
         labeling_type: LabelTypeOpt = [],  # noqa: B006
         min_packets: MinPacketsOpt = 0,
         keep_dns: KeepDnsOpt = False,
@@ -331,7 +451,16 @@ def register(app: typer.Typer) -> None:
         """Print (and save) the counts per app, device, activity and labelling type."""
         from analysis.ml.datasets import write_card
 
-        ds = _load(data, _filter(labeling_type, min_packets, keep_dns, keep_background,
-                                 target_app_only, require_handshake))
+        ds = _load(
+            data,
+            _filter(
+                labeling_type,
+                min_packets,
+                keep_dns,
+                keep_background,
+                target_app_only,
+                require_handshake,
+            ),
+        )
         if out is not None:
             sys.stdout.write(f"card in {write_card(ds.card(), out)}\n")
