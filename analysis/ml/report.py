@@ -246,6 +246,21 @@ def _table(rows: list[list[Any]], head: list[str]) -> str:
     return f"<table><tr>{th}</tr>{body}</table>"
 
 
+def _held_out(fold: dict[str, Any]) -> str:
+    """A fold's test side in a few words: session count and short names, or its groups."""
+    if "test_sessions" not in fold:
+        return ", ".join(_short_group(g) for g in fold.get("test", []))
+    names = []
+    for s in fold["test_sessions"]:
+        stem = s.rsplit("/", 1)[-1]
+        parts = stem.split("_")
+        names.append(parts[1] if len(parts) > 2 and parts[0].isdigit() else stem)
+    text = ", ".join(names)
+    if len(text) > 90:
+        text = text[:89] + "…"
+    return f"{len(names)} sessions: {text}"
+
+
 def check_metrics(m: Any, where: str = "metrics") -> dict[str, Any]:
     if not isinstance(m, dict) or any(k not in m for k in REQUIRED_KEYS):
         missing = [k for k in REQUIRED_KEYS if not isinstance(m, dict) or k not in m]
@@ -334,7 +349,7 @@ def render_html(m: dict[str, Any], plots: list[tuple[str, Path]], title: str) ->
     if m.get("folds"):
         rows = [
             [
-                ", ".join(f.get("test_sessions", f.get("test", [])))[:80],
+                _held_out(f),
                 f["train_flows"],
                 f["test_flows"],
                 f"{f['accuracy']:.3f}",
