@@ -17,6 +17,15 @@ namespace). A plan starts it once for all its sessions; a lone session starts an
 it itself. Each session's ``capture.pcap`` is the packets of the phone's addresses
 within the session's time window (:func:`split_pcap`).
 
+API (what the CLI, the TUI and the demo call)::
+
+    env = Environment(runs_root=Path("runs"), client=adb_client(5037),
+                      capture=TcpdumpCapture("wlan1", Path("runs/_capture")))
+    env = Environment.for_lab(Lab.load(), runs_root="runs")     # the virtual lab
+    res = run_session(SessionSpec(serial, "signal", "chat"), AdbDeviceLink(client, serial),
+                      env, sink, cancel)                         # -> SessionResult
+    res = run_plan(load_plan("PLAN.yaml"), env, sink, cancel, resume=False)  # -> PlanResult
+
 Strace binary by ABI: ``arm64-v8a``/``armeabi-v7a`` (real phones) take the static build
 from :mod:`device_scripts.strace_cache`; ``x86_64`` (virtual-lab phones are namespaces of
 this host, as Android emulator images report) takes the host's ``/usr/bin/strace``.

@@ -211,6 +211,7 @@ def register(app: typer.Typer) -> None:
         if "error" in box:
             raise box["error"]
         res = box["result"]
+        console.print()
         summary = Table(title=f"{plan.name}: {len(res.results)} sessions run, "
                               f"{len(res.failed)} failed, {len(res.skipped)} skipped "
                               f"({time.monotonic() - t0:.0f} s)")
