@@ -231,7 +231,7 @@ class PlanResult:
 
 def completed_keys(runs_root: Path) -> set[str]:
     """Session keys whose run directory holds a manifest with outcome ``completed``."""
-    done = set()
+    done: set[str] = set()
     if not runs_root.is_dir():
         return done
     for m in runs_root.glob("*/manifest.json"):
