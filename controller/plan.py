@@ -34,6 +34,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from analysis.errors import FlowtruthError
 from controller import events as ev
 from controller.device import DeviceLink
 from controller.errors import ConfigError, ControllerError
@@ -301,7 +302,18 @@ def run_plan(plan: Plan, env: Environment, sink: ev.Sink, cancel: threading.Even
         by_device.setdefault(s.serial, []).append(s)
 
     def worker(serial: str, queue: list[SessionSpec]) -> None:
-        link = links(serial)
+        try:
+            link = links(serial)
+        except Exception as err:  # the phone cannot even be opened: each session fails
+            msg = err.one_line() if isinstance(err, FlowtruthError) else str(err)
+            for spec in queue:
+                sink(ev.SessionFailed(spec.key, "", f"{serial}: {msg}"))
+                with lock:
+                    result.results.append(SessionResult(spec.key, Path(env.runs_root),
+                                                        "failed", f"{serial}: {msg}"))
+                    counts["failed"] += 1
+                    progressed()
+            return
         for spec in queue:
             if cancel.is_set():
                 return

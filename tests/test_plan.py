@@ -142,6 +142,25 @@ def test_resume_skips_completed_sessions(tmp_path: Path) -> None:
     assert (fin.done, fin.failed, fin.skipped, fin.total) == (0, 1, 1, 2)
 
 
+def test_a_phone_that_cannot_be_opened_fails_its_sessions_not_the_plan(tmp_path: Path) -> None:
+    from controller.device import RecordingDeviceLink
+    from controller.errors import DeviceError
+
+    plan = load_plan(write_plan(tmp_path, apps=["signal"], activities=["chat"]))
+
+    def links(serial: str) -> RecordingDeviceLink:
+        if serial == "A1":
+            raise DeviceError("A1: device 'A1' not found")
+        return RecordingDeviceLink(serial=serial, vanish_after=0)
+
+    sink = ev.RecordingSink()
+    res = run_plan(plan, Environment(runs_root=tmp_path / "runs"), sink, links=links)
+    assert sorted((r.session_id, r.outcome) for r in res.results) == [
+        ("A1_signal_chat_r1", "failed"), ("A2_signal_chat_r1", "failed")]
+    assert any("device 'A1' not found" in e.error for e in sink.of(ev.SessionFailed))
+    assert sink.of(ev.PlanFinished)[0].failed == 2
+
+
 # ----------------------------------------------------------------------------- virtual lab
 
 try:
