@@ -139,6 +139,11 @@ class Plan(_M):
         return p if p.is_absolute() else self.base_dir() / p
 
     @property
+    def source(self) -> str | None:
+        """The plan file it was read from."""
+        return str(self.path) if self.path else None
+
+    @property
     def sessions(self) -> list[SessionSpec]:
         """Every session (serials as the plan names them)."""
         return self.session_specs()
