@@ -431,3 +431,67 @@ def test_tui_command_names_a_missing_plan(tmp_path: Path) -> None:
     assert p.returncode == 2 and "PLAN.yaml: no such plan file" in p.stderr
     assert "Traceback" not in p.stderr
 
+
+
+# ---------------------------------------------------------------------------- real-engine adapter
+
+
+class FakeSpec:
+    def __init__(self, serial: str, key: str) -> None:
+        self.serial, self.key = serial, key
+
+
+class FakePlan:
+    """The two methods of controller.plan.Plan the adapter uses."""
+
+    name = "fake"
+
+    def __init__(self, keys: list[tuple[str, str]], only: list[str] | None = None) -> None:
+        self.keys, self.only_keys = keys, only
+
+    def session_specs(self, serials: dict[str, str] | None = None) -> list[FakeSpec]:
+        return [FakeSpec(s, k) for s, k in self.keys
+                if self.only_keys is None or k in self.only_keys]
+
+    def only(self, keys: list[str]) -> FakePlan:
+        return FakePlan(self.keys, list(keys))
+
+
+def test_session_engine_runs_rounds_and_pause_lets_the_round_finish(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One session per phone per round; the inner plans' Plan* events are folded into one
+    plan; pause set during a round stops before the next; only= restricts the keys."""
+    from controller import session
+    from controller.tui.engine import SessionEngine
+
+    calls: list[list[str]] = []
+    pause = threading.Event()
+
+    def fake_run_plan(plan: Any, env: Any, sink: Any, cancel: Any, resume: bool = False) -> None:
+        keys = [s.key for s in plan.session_specs()]
+        calls.append(keys)
+        sink(ev.PlanStarted("inner", len(keys)))
+        for k in keys:
+            sink(ev.SessionStarted(k, "x", "signal", "chat", f"runs/{k}"))
+            if len(calls) == 1:
+                pause.set()  # the technician presses p while the first round runs
+            sink(ev.SessionFinished(k, f"runs/{k}", "ok") if k != "b1"
+                 else ev.SessionFailed(k, f"runs/{k}", "boom"))
+        sink(ev.PlanFinished(len(keys), 0, 0, len(keys)))
+
+    monkeypatch.setattr(session, "run_plan", fake_run_plan)
+    plan = FakePlan([("A", "a1"), ("A", "a2"), ("B", "b1"), ("B", "b2"), ("A", "a3")])
+    rec = ev.RecordingSink()
+    engine = SessionEngine(env=type("Env", (), {"serials": {}, "capture": None})())
+    engine.run_plan(plan, rec, threading.Event(), pause)
+    assert calls == [["a1", "b1"]]
+    kinds = [type(e).__name__ for e in rec.events]
+    assert kinds.count("PlanStarted") == 1 and kinds.count("PlanFinished") == 1
+    assert rec.events[0] == ev.PlanStarted("fake", 5, at=rec.events[0].at)
+    fin = rec.events[-1]
+    assert isinstance(fin, ev.PlanFinished)
+    assert (fin.done, fin.failed, fin.skipped, fin.cancelled) == (1, 1, 3, False)
+    # resume the rest without a pause: rounds a2+b2, then a3
+    calls.clear()
+    engine.run_plan(plan, rec, threading.Event(), threading.Event(), only=["a2", "b2", "a3"])
+    assert calls == [["a2", "b2"], ["a3"]]

@@ -196,7 +196,7 @@ class FlowtruthApp(App[None]):
     # ------------------------------------------------------------------ rendering
     def refresh_parts(self, parts: set[str]) -> None:
         st = self.state
-        if PLAN in parts:
+        if PLAN in parts or QUEUE in parts:
             self.query_one(TopBar).show(st, self.engine.name)
         if DEVICES in parts:
             table = self.query_one(DevicesTable)

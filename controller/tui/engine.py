@@ -314,7 +314,7 @@ class SessionEngine:
                     counts["done" if isinstance(e, ev.SessionFinished) else "failed"] += 1
             sink(e)
 
-        capture = getattr(env, "capture", None)
+        capture: Any = getattr(env, "capture", None)
         owns = capture is not None and total > 0 and not capture.running
         if owns:
             capture.start()

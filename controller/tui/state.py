@@ -171,26 +171,26 @@ class RigState:
                           f"plan {how}: {e.done} ok, {e.failed} failed, {e.skipped} not run")
                 return {PLAN, QUEUE, SESSION, LOG, RESULTS}
             case ev.DeviceConnected():
-                row = self.devices.get(e.serial) or DeviceRow(e.serial)
-                row.model, row.manufacturer, row.android = e.model, e.manufacturer, e.android
-                row.abi, row.rooted, row.connected = e.abi, e.rooted, True
-                self.devices[e.serial] = row
+                dev = self.devices.get(e.serial) or DeviceRow(e.serial)
+                dev.model, dev.manufacturer, dev.android = e.model, e.manufacturer, e.android
+                dev.abi, dev.rooted, dev.connected = e.abi, e.rooted, True
+                self.devices[e.serial] = dev
                 self._log(e.at, "info", f"{e.serial}: {e.manufacturer} {e.model}, Android "
                                         f"{e.android}, {'rooted' if e.rooted else 'NOT rooted'}")
                 return {DEVICES, LOG}
             case ev.DeviceLost():
-                row = self.devices.setdefault(e.serial, DeviceRow(e.serial))
-                row.connected = False
-                row.tracer = "-"
+                dev = self.devices.setdefault(e.serial, DeviceRow(e.serial))
+                dev.connected = False
+                dev.tracer = "-"
                 self._log(e.at, "error", f"{e.serial}: lost ({e.reason})")
                 return {DEVICES, LOG}
             case ev.ClockMeasured():
-                row = self.devices.setdefault(e.serial, DeviceRow(e.serial))
-                row.clock_offset, row.clock_uncertainty = e.offset_s, e.uncertainty_s
+                dev = self.devices.setdefault(e.serial, DeviceRow(e.serial))
+                dev.clock_offset, dev.clock_uncertainty = e.offset_s, e.uncertainty_s
                 return {DEVICES}
             case ev.PreflightWarned():
-                row = self.devices.setdefault(e.serial, DeviceRow(e.serial))
-                row.warnings.append(e.check)
+                dev = self.devices.setdefault(e.serial, DeviceRow(e.serial))
+                dev.warnings.append(e.check)
                 self._log(e.at, "warning", f"{e.serial}: {e.message} (fix: {e.fix})")
                 return {DEVICES, LOG}
             case ev.SessionStarted():
@@ -277,7 +277,7 @@ class RigState:
                 self._log(e.at, "warning" if cancelled else "error",
                           f"{e.session_id}: {e.error}{fix}")
                 return {QUEUE, SESSION, RESULTS, LOG}
-            case BatteryRead():
+            case BatteryRead():  # the TUI adapter's own event
                 self.devices.setdefault(e.serial, DeviceRow(e.serial)).battery = e.level
                 return {DEVICES}
             case ev.LogRecorded():

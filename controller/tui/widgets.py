@@ -48,7 +48,7 @@ class SyncedTable(DataTable[Text | str]):
     """A DataTable updated in place by row key, so the cursor stays where it is."""
 
     def sync(self, rows: Iterable[tuple[str, Sequence[Text | str]]]) -> None:
-        keys = [c.value for c in self.columns]
+        keys = [str(c.value) for c in self.columns]
         seen: set[str] = set()
         for key, cells in rows:
             seen.add(key)
@@ -58,7 +58,7 @@ class SyncedTable(DataTable[Text | str]):
             for col, cell in zip(keys, cells, strict=False):
                 if self.get_cell(key, col) != cell:
                     self.update_cell(key, col, cell, update_width=True)
-        for key in [k.value for k in self.rows if k.value not in seen]:
+        for key in [str(k.value) for k in self.rows if k.value not in seen]:
             self.remove_row(key)
 
     def selected_key(self) -> str | None:
@@ -143,8 +143,11 @@ class TopBar(Static):
     """One line: the plan, its state and counts, and the engine in use."""
 
     def show(self, state: RigState, engine: str) -> None:
-        done, failed, skipped, total = state.plan_counts
+        done, _failed, _skipped, total = state.plan_counts
         total = total or len(state.sessions)
+        # Count from the rows: the engine counts a cancelled session as failed.
+        failed = sum(1 for r in state.sessions.values() if r.status == "failed")
+        cancelled = sum(1 for r in state.sessions.values() if r.status == "cancelled")
         style = {"running": "bold cyan", "pausing": "yellow", "stopping": "bold yellow",
                  "paused": "yellow", "stopped": "yellow", "finished": "green"}.get(
                      state.plan_state, "dim")
@@ -153,6 +156,8 @@ class TopBar(Static):
                           f"  {done}/{total} done")
         if failed:
             t.append(f", {failed} failed", style="red")
+        if cancelled:
+            t.append(f", {cancelled} cancelled", style="yellow")
         t.append(f"  engine: {engine}", style="dim")
         self.update(t)
 
