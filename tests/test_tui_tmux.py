@@ -29,6 +29,9 @@ class Terminal:
     def __init__(self, command: str, cwd: Path, size: tuple[int, int] = (100, 30)) -> None:
         self.sock = f"flowtruth-test-{uuid.uuid4().hex[:8]}"
         self.name = "tui"
+        # the exit status goes to a file: tmux 3.3 leaves #{pane_dead_status} empty
+        self.status_file = cwd / f"{self.sock}.status"
+        command = f"{command}; echo $? > {self.status_file}"
         self.tmux("-f", "/dev/null", "new-session", "-d", "-s", self.name, "-x", str(size[0]),
                   "-y", str(size[1]), "-c", str(cwd), command, ";",
                   "set-option", "-t", self.name, "remain-on-exit", "on", ";",
@@ -61,19 +64,13 @@ class Terminal:
             time.sleep(0.2)
         raise AssertionError(f"not on screen after {timeout}s: {cond!r}\n{text}")
 
-    def dead(self) -> tuple[bool, int | None]:
-        """Whether the command ended, and its exit status (from tmux's "Pane is dead")."""
-        if self.tmux("display-message", "-p", "-t", self.name, "#{pane_dead}").strip() != "1":
-            return False, None
-        m = re.search(r"Pane is dead \(status (\d+)", self.screen())
-        return (True, int(m.group(1))) if m else (False, None)  # the notice comes a bit later
-
-    def wait_exit(self, timeout: float = 30.0) -> int | None:
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        """The command's exit status, once it has ended."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            dead, status = self.dead()
-            if dead:
-                return status
+            text = self.status_file.read_text() if self.status_file.exists() else ""
+            if text.strip():
+                return int(text)
             time.sleep(0.2)
         raise AssertionError(f"the TUI did not exit:\n{self.screen()}")
 

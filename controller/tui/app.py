@@ -19,6 +19,7 @@ from typing import Any
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static, TabbedContent, TabPane
 
@@ -77,15 +78,15 @@ KEYS_HELP = (
     ("1 2 3", "Dashboard, Session, Results"),
     ("s", "start the plan (or resume after a pause)"),
     ("p", "pause: finish the running session, start no next one"),
-    ("x", "stop: cancel now and tear down (asks first)"),
-    ("d", "provision devices (find phones, check root, clocks)"),
+    ("x", "stop now and tear down (asks first)"),
+    ("d", "provision: find phones, check root, measure clocks"),
     ("R", "re-run the selected (or last) failed session"),
-    ("l", "relabel the selected session's run directory"),
-    ("e", "export the selected session: MIRAGE JSON + Parquet"),
-    ("o", "open the selected session's analysis report"),
+    ("l", "relabel the selected session"),
+    ("e", "export it: MIRAGE JSON + Parquet"),
+    ("o", "its report (label quality; HTML in a browser)"),
     ("tab", "move between tables"),
     ("ctrl+p", "command palette"),
-    ("?", "this list  (a ! after a phone's model: a preflight warning, see the log)"),
+    ("?", "this list"),
     ("q", "quit (asks first while a session runs)"),
 )
 
@@ -191,10 +192,17 @@ class FlowtruthApp(App[None]):
     def log_note(self, level: str, text: str) -> None:
         at = self.state.clock()
         self.state.log.append((at, level, text))
-        self.query_one(LogPane).add(at, level, text)
+        for pane in self.query(LogPane):
+            pane.add(at, level, text)
 
     # ------------------------------------------------------------------ rendering
     def refresh_parts(self, parts: set[str]) -> None:
+        try:
+            self._refresh_parts(parts)
+        except NoMatches:  # a message that arrives while the app shuts down
+            pass
+
+    def _refresh_parts(self, parts: set[str]) -> None:
         st = self.state
         if PLAN in parts or QUEUE in parts:
             self.query_one(TopBar).show(st, self.engine.name)
@@ -221,9 +229,9 @@ class FlowtruthApp(App[None]):
         log_from = len(self.state.log)
         parts = self.state.apply(message.event)
         if LOG in parts:
-            pane = self.query_one(LogPane)
-            for at, level, text in self.state.log[log_from:]:
-                pane.add(at, level, text)
+            for pane in self.query(LogPane):
+                for at, level, text in self.state.log[log_from:]:
+                    pane.add(at, level, text)
         self.refresh_parts(parts)
         from controller import events as ev
 
@@ -276,8 +284,10 @@ class FlowtruthApp(App[None]):
         self.log_note("info", f"{message.action}: {message.text}")
         row = self.state.sessions.get(message.session_id or "")
         if message.action == "report":
-            title, renderables = message.data
+            title, renderables, html = message.data
             self.push_screen(ReportScreen(title, renderables))
+            if html is not None:
+                self.open_url(html.resolve().as_uri())
             return
         if row is not None and isinstance(message.data, dict):
             q = message.data
@@ -300,7 +310,8 @@ class FlowtruthApp(App[None]):
 
     @on(DataTable.RowHighlighted, "#results")
     def results_row(self, _: DataTable.RowHighlighted) -> None:
-        self.query_one(AppsPanel).show(self.selected_session("results"))
+        for panel in self.query(AppsPanel):
+            panel.show(self.selected_session("results"))
 
     # ------------------------------------------------------------------ workers
     def sink(self, event: Event) -> None:
@@ -509,8 +520,11 @@ class FlowtruthApp(App[None]):
                 raise BadInputError(f"{path}: no label-quality report yet",
                                     "relabel the session first (l)")
             quality = json.loads(path.read_text())
-            return ActionDone("report", f"opened {path}", sid,
-                              (f"{sid}: {path}", quality_tables(quality)))
+            # An analysis report (`flowtruth report`) next to the run opens in the browser.
+            html = next((p for p in (run_dir / "report.html", run_dir / "report" / "index.html")
+                         if p.exists()), None)
+            return ActionDone("report", f"opened {html or path}", sid,
+                              (f"{sid}: {path}", quality_tables(quality), html))
 
         self.task_worker("report", call)
 

@@ -86,8 +86,9 @@ class HelpScreen(ModalScreen[None]):
     """Every key of the app, generated from its bindings so the list never drifts."""
 
     DEFAULT_CSS = MODAL_CSS.format(name="HelpScreen") + """
-    HelpScreen > Vertical { width: 64; }
-    HelpScreen VerticalScroll { height: auto; max-height: 18; }
+    HelpScreen > Vertical { width: 76; padding: 0 1; }
+    HelpScreen VerticalScroll { height: auto; max-height: 20; }
+    HelpScreen .note { color: $text-muted; margin-top: 1; }
     """
     BINDINGS = [Binding("escape,question_mark,q,enter", "dismiss", "Close")]
 
@@ -105,6 +106,8 @@ class HelpScreen(ModalScreen[None]):
             yield Static("Keys  (esc closes; ctrl+p opens the command palette)", classes="title")
             with VerticalScroll():
                 yield Static(table)
+            yield Static("A ! after a phone's model marks a preflight warning; the log says "
+                         "how to fix it.", classes="note")
 
 
 class ReportScreen(ModalScreen[None]):
