@@ -129,13 +129,11 @@ async def test_widgets_follow_a_running_session() -> None:
 
 @pilot_test
 async def test_stop_asks_then_tears_down() -> None:
-    app = build(DemoEngine(tick=0.2, ticks_per_step=50))
+    app = build(DemoEngine(tick=0.15, ticks_per_step=50))
     async with app.run_test(size=SIZE) as pilot:
-        app.engine.tick = 0.005  # type: ignore[attr-defined]
         await pilot.press("s")
         await until(pilot, lambda: app.state.session is not None
                     and app.state.session.step == "RunScenario")
-        app.engine.tick = 0.2  # type: ignore[attr-defined]
         await pilot.press("x")
         await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         assert app.state.plan_state == "running"  # nothing happens before the answer
