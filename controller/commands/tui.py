@@ -168,7 +168,8 @@ def register(app: typer.Typer) -> None:
             probe = probe_ap
         from controller.tui.app import make_app
 
-        app = make_app(engine=engine, lab=holder, plan=the_plan, ap_probe=probe)
+        app = make_app(engine=engine, lab=holder, plan=the_plan, ap_probe=probe,
+                       hang_up_signals=True)
         try:
             app.run()
         finally:

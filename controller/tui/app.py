@@ -9,7 +9,9 @@ returns. Pause lets the running session finish and starts no next one.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -131,13 +133,14 @@ class FlowtruthApp(App[None]):
 
     def __init__(self, engine: EngineProtocol, plan: Any = None, lab: Any = None,
                  ap_probe: ApProbe | None = probe_ap, clock: Callable[[], float] = time.time,
-                 ap_interval: float = 2.0) -> None:
+                 ap_interval: float = 2.0, hang_up_signals: bool = False) -> None:
         super().__init__()
         self.engine = engine
         self.plan = plan
         self.lab = lab
         self.ap_probe = ap_probe
         self.ap_interval = ap_interval
+        self.hang_up_signals = hang_up_signals
         self.outline: PlanOutline = outline_of(plan)
         self.state = RigState(self.outline, clock=clock)
         self.cancel = threading.Event()
@@ -166,6 +169,13 @@ class FlowtruthApp(App[None]):
         yield Footer()
 
     def on_mount(self) -> None:
+        if self.hang_up_signals:
+            # The terminal closing (SIGHUP) or a SIGTERM stops the engine cooperatively and
+            # exits, so the caller's teardown (the lab) still runs. Through the event loop,
+            # never a bare signal handler that could interrupt Textual mid-write.
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGHUP, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.hang_up)
         titles = {"ap": "Access point", "devices": "Devices", "queue": "Plan queue",
                   "log": "Log (UTC)", "session-panel": "Current session",
                   "rate": "Packet rate (pkt/s)", "results": "Label quality per session",
@@ -184,6 +194,15 @@ class FlowtruthApp(App[None]):
     def on_unmount(self) -> None:
         # However the app ends, a running engine is told to stop and tear down.
         self.cancel.set()
+        if self.hang_up_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGHUP, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    def hang_up(self) -> None:
+        """Stop the engine and leave without asking: nobody is left to answer."""
+        self.cancel.set()
+        self.exit()
 
     def tick(self) -> None:
         if self.state.running:
