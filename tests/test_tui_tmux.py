@@ -164,33 +164,41 @@ def test_lab_tui_provisions_runs_a_session_and_takes_the_lab_down(
     plan = tmp_path / "PLAN.yaml"
     plan.write_text("name: tmux-lab\ndevices: [lab:phone1]\napps: [signal]\n"
                     "activities: [chat]\nwait_scale: 0.1\noutput: runs\n")
-    t = terminal(f"{FLOWTRUTH} tui --lab --phones 1 --state-dir {state} --adb-port {port} "
-                 f"--mgmt-base 217 {plan}")
-    t.wait_for("phone1_signal_chat_r1")
-    t.keys("d")
-    screen = t.wait_for("provisioned 1 phone", timeout=60)
-    assert "x86_64" in screen and "yes" in screen  # ABI and root of the lab phone
-    t.wait_for("AP up", timeout=10)
-    t.keys("s")
-    screen = t.wait_for("finished  1/1 done", timeout=90)
-    t.keys("3")
-    screen = t.wait_for("Label quality per session")
-    assert "phone1_signal_chat_r1" in screen and "%" in screen
-    lab_ids = [p.name for p in state.glob("lab-*")]
-    # The technician closes the terminal window: the TUI gets SIGHUP and still takes the
-    # lab down (quitting with q runs the same teardown; the rehearsal tests quit with q).
-    t.kill()
-    deadline = time.monotonic() + 60
-    while (state / "lab.json").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not (state / "lab.json").exists()
-    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert not any(f"ftl-{i.removeprefix('lab-')}-" in ns for i in lab_ids)
-    def adb_listening() -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
+    try:
+        t = terminal(f"{FLOWTRUTH} tui --lab --phones 1 --state-dir {state} --adb-port {port} "
+                     f"--mgmt-base 217 {plan}")
+        t.wait_for("phone1_signal_chat_r1")
+        t.keys("d")
+        screen = t.wait_for("provisioned 1 phone", timeout=60)
+        assert "x86_64" in screen and "yes" in screen  # ABI and root of the lab phone
+        t.wait_for("AP up", timeout=10)
+        t.keys("s")
+        screen = t.wait_for("finished  1/1 done", timeout=90)
+        t.keys("3")
+        screen = t.wait_for("Label quality per session")
+        assert "phone1_signal_chat_r1" in screen and "%" in screen
+        lab_ids = [p.name for p in state.glob("lab-*")]
+        # The technician closes the terminal window: the TUI gets SIGHUP and still takes the
+        # lab down (quitting with q runs the same teardown; the rehearsal tests quit with q).
+        t.kill()
+        deadline = time.monotonic() + 60
+        while (state / "lab.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not (state / "lab.json").exists()
+        ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert not any(f"ftl-{i.removeprefix('lab-')}-" in ns for i in lab_ids)
+        def adb_listening() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
 
-    while adb_listening() and time.monotonic() < deadline + 20:
-        time.sleep(0.2)
-    assert not adb_listening(), "the lab's adb server was left running"
-    assert list((tmp_path / "runs").glob("*_phone1_signal_chat_r1/manifest.json"))
+        while adb_listening() and time.monotonic() < deadline + 20:
+            time.sleep(0.2)
+        assert not adb_listening(), "the lab's adb server was left running"
+        assert list((tmp_path / "runs").glob("*_phone1_signal_chat_r1/manifest.json"))
+    finally:  # whatever failed above, leave no lab and no adb server behind
+        from controller.lab.topology import Lab
+
+        left = Lab.load(state)
+        if left is not None:
+            left.down()
+        subprocess.run(["adb", "-P", str(port), "kill-server"], capture_output=True, timeout=20)

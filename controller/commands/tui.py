@@ -101,7 +101,13 @@ class LabHolder:
     def down(self) -> None:
         """Take down what this command brought up: the lab, and the adb server it started."""
         if self.brought_up and self.lab is not None:
+            import contextlib
+            import sys
+
+            with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
+                sys.stderr.write(f"flowtruth: taking the virtual lab {self.lab.lab_id} down\n")
             self.lab.down()
+            self.brought_up = False
             if self.adb_started:
                 import subprocess
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import threading
 import time
@@ -146,6 +147,8 @@ class FlowtruthApp(App[None]):
         self.cancel = threading.Event()
         self.pause = threading.Event()
         self.busy: str | None = None  # "plan" | "provision" while the engine worker runs
+        self.engine_idle = threading.Event()  # cleared while the engine worker runs
+        self.engine_idle.set()
         self.quit_when_idle = False
         self.engine_events: list[Event] = []  # every event handled, for tests and replay
 
@@ -174,8 +177,8 @@ class FlowtruthApp(App[None]):
             # exits, so the caller's teardown (the lab) still runs. Through the event loop,
             # never a bare signal handler that could interrupt Textual mid-write.
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGHUP, signal.SIGTERM):
-                loop.add_signal_handler(sig, self.hang_up)
+            loop.add_signal_handler(signal.SIGHUP, self.hang_up)
+            loop.add_signal_handler(signal.SIGTERM, self.terminate)
         titles = {"ap": "Access point", "devices": "Devices", "queue": "Plan queue",
                   "log": "Log (UTC)", "session-panel": "Current session",
                   "rate": "Packet rate (pkt/s)", "results": "Label quality per session",
@@ -199,10 +202,22 @@ class FlowtruthApp(App[None]):
             for sig in (signal.SIGHUP, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
 
-    def hang_up(self) -> None:
-        """Stop the engine and leave without asking: nobody is left to answer."""
+    def terminate(self) -> None:
+        """SIGTERM: stop the engine and exit without asking; teardown follows."""
         self.cancel.set()
         self.exit()
+
+    def hang_up(self) -> None:
+        """SIGHUP, the terminal is gone: Textual cannot shut down by writing to it, so
+        stop the engine, wait for its teardown, take the lab down and leave at once."""
+        self.cancel.set()
+        self.engine_idle.wait(120)
+        down = getattr(self.lab, "down", None)
+        try:
+            if callable(down):
+                down()
+        finally:
+            os._exit(128 + signal.SIGHUP)
 
     def tick(self) -> None:
         if self.state.running:
@@ -348,6 +363,7 @@ class FlowtruthApp(App[None]):
                 kind, f"{type(err).__name__}: {err}",
                 "this is a flowtruth bug: note the log lines and report it"))
         finally:
+            self.engine_idle.set()
             self.post_message(WorkFinished(kind))
 
     @work(thread=True, group="tasks", exit_on_error=False)
@@ -399,6 +415,7 @@ class FlowtruthApp(App[None]):
         self.pause = threading.Event()
         cancel, pause, engine, plan = self.cancel, self.pause, self.engine, self.plan
         self.busy = kind
+        self.engine_idle.clear()
         if kind == "plan":
             self.state.plan_state = "running"
             self.refresh_parts({PLAN})
