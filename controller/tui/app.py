@@ -150,6 +150,7 @@ class FlowtruthApp(App[None]):
         self.engine_idle = threading.Event()  # cleared while the engine worker runs
         self.engine_idle.set()
         self.quit_when_idle = False
+        self.log_stale = False  # log lines arrived while the dashboard was hidden
         self.engine_events: list[Event] = []  # every event handled, for tests and replay
 
     # ------------------------------------------------------------------ layout
@@ -226,8 +227,21 @@ class FlowtruthApp(App[None]):
     def log_note(self, level: str, text: str) -> None:
         at = self.state.clock()
         self.state.log.append((at, level, text))
+        self.write_log([(at, level, text)])
+
+    def write_log(self, lines: list[tuple[float, str, str]]) -> None:
+        """Write to the log pane; while it is hidden, rewrite it when shown instead (a
+        hidden RichLog wraps lines at the wrong width)."""
+        try:
+            shown = self.current_tab() == "dashboard"
+        except NoMatches:
+            return
+        if not shown:
+            self.log_stale = True
+            return
         for pane in self.query(LogPane):
-            pane.add(at, level, text)
+            for at, level, text in lines:
+                pane.add(at, level, text)
 
     # ------------------------------------------------------------------ rendering
     def refresh_parts(self, parts: set[str]) -> None:
@@ -263,9 +277,7 @@ class FlowtruthApp(App[None]):
         log_from = len(self.state.log)
         parts = self.state.apply(message.event)
         if LOG in parts:
-            for pane in self.query(LogPane):
-                for at, level, text in self.state.log[log_from:]:
-                    pane.add(at, level, text)
+            self.write_log(self.state.log[log_from:])
         self.refresh_parts(parts)
         from controller import events as ev
 
@@ -341,6 +353,19 @@ class FlowtruthApp(App[None]):
         ap.up, ap.interface, ap.ssid = snap.up, snap.interface, snap.ssid
         ap.clients, ap.capture_bytes, ap.detail = snap.clients, snap.capture_bytes, snap.detail
         self.refresh_parts({AP})
+
+    @on(TabbedContent.TabActivated)
+    def tab_shown(self, event: TabbedContent.TabActivated) -> None:
+        # Lines written while the dashboard was hidden must not leave the log scrolled up.
+        if event.pane.id == "dashboard" and self.log_stale:
+            self.log_stale = False
+            self.call_after_refresh(self.rewrite_log)
+
+    def rewrite_log(self) -> None:
+        for pane in self.query(LogPane):
+            pane.clear()
+            for at, level, text in self.state.log[-1000:]:
+                pane.add(at, level, text)
 
     @on(DataTable.RowHighlighted, "#results")
     def results_row(self, _: DataTable.RowHighlighted) -> None:
