@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "controller.commands.run",
     "controller.commands.scenario",
     "controller.commands.devices",
+    "controller.commands.demo",
 ]
 
 app = typer.Typer(

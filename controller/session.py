@@ -574,9 +574,12 @@ class Session:
 
     def _addresses(self) -> list[str]:
         ip = self.spec.ip or self.env.ips.get(self.link.serial)
+        found = list(self.facts.addresses) if self.facts else []
         if ip:
-            return [ip]
-        return list(self.facts.addresses) if self.facts else []
+            # the phone's IPv4 on the AP's network, plus its global IPv6 addresses: apps
+            # reach their servers over IPv6 too, and those flows belong in the split
+            return [ip, *(a for a in found if ":" in a)]
+        return found
 
     def start_capture(self) -> str:
         cap = self.env.capture

@@ -1,0 +1,196 @@
+"""``flowtruth demo [--out DIR]``: the whole collection path in the virtual lab, scored.
+
+Brings the virtual lab up (two phones, a Samsung SM-G991B and a Xiaomi M2102J20SG, with
+their own clock offsets), runs the same session engine used with real phones — device
+scripts pushed over adb, strace attached, netstat polling, AP capture — for Signal,
+Telegram and WhatsApp (chat and audio call), labels every flow, exports MIRAGE JSON,
+scores the labels against the simulated apps' own socket truth, prints the summary and
+tears the lab down. DIR keeps the run directories, ``truth.csv`` and ``score.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+APPS = ("signal", "telegram", "whatsapp")
+ACTIVITIES = ("chat", "audio_call")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def score_runs(runs: list[Any], lab: Any, truth: list[Any]) -> dict[str, Any]:
+    """Precision and recall of each completed run's labels against the lab's truth.
+
+    A run is scored on its own phone's truth sockets of its target app that were open
+    while the run's flows were captured (DNS excluded: on Android netd, not the app,
+    sends it).
+    """
+    from controller.lab.truth import read_labels_csv, score
+
+    per_app: dict[str, dict[str, int]] = {}
+    sessions = []
+    for r in runs:
+        labels = next(iter(Path(r.run_dir).rglob("labels.csv")), None)
+        if r.outcome != "completed" or labels is None:
+            continue
+        manifest = r.manifest or json.loads((Path(r.run_dir) / "manifest.json").read_text())
+        app = manifest["apps"][0]["package"]
+        addresses = set(manifest["device"].get("addresses") or [manifest["device"]["ip"]])
+        flows = read_labels_csv(labels)  # the run's capture is already this phone's split
+        if not flows:
+            continue
+        window = (min(f.start for f in flows), max(f.end for f in flows))
+        mine = [t for t in truth if t.local_ip in addresses]
+        # On Android netd, not the app, sends DNS (the labeller gives unexplained port-53
+        # flows to the resolver); the lab's apps query for themselves, so their DNS
+        # counts for precision but not for recall.
+        sc = score(flows, mine, apps=[app], window=window)[app]
+        rec = score(flows, [t for t in mine if t.remote_port != 53], apps=[app],
+                    window=window)[app]
+        sc.truth, sc.recalled = rec.truth, rec.recalled
+        sessions.append({"session": r.session_id, **sc.to_dict()})
+        acc = per_app.setdefault(app, {"labelled": 0, "correct": 0, "truth": 0,
+                                       "recalled": 0})
+        for k in acc:
+            acc[k] += int(getattr(sc, k))
+    total = {k: sum(a[k] for a in per_app.values())
+             for k in ("labelled", "correct", "truth", "recalled")}
+
+    def ratio(a: int, b: int) -> float | None:
+        return a / b if b else None
+
+    return {
+        "sessions": sessions,
+        "apps": {app: {**a, "precision": ratio(a["correct"], a["labelled"]),
+                       "recall": ratio(a["recalled"], a["truth"])}
+                 for app, a in per_app.items()},
+        "total": {**total, "precision": ratio(total["correct"], total["labelled"]),
+                  "recall": ratio(total["recalled"], total["truth"])},
+    }
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("demo")
+    def demo(
+        out: Annotated[Path, typer.Option("--out", "-o", help="directory for the runs, truth.csv and score.json")] = Path("demo-out"),
+        phones: Annotated[int, typer.Option(help="virtual phones")] = 2,
+        wait_scale: Annotated[float, typer.Option(help="scale of the scenarios' waits (1 = as written)")] = 0.5,
+        quiet: Annotated[bool, typer.Option("-q", "--quiet", help="no live display")] = False,
+    ) -> None:
+        """Run the virtual-lab demo: 2 phones × Signal/Telegram/WhatsApp, labelled and scored."""
+        from rich.console import Console
+        from rich.live import Live
+        from rich.table import Table
+
+        from controller.commands.run import RichSink
+        from controller.errors import LabError
+        from controller.lab.topology import Lab, skip_reason
+        from controller.lab.truth import read_truth, write_truth_csv
+        from controller.plan import Plan, run_plan
+        from controller.session import Environment
+
+        reason = skip_reason()
+        if reason:
+            raise LabError(f"the demo needs the virtual lab: {reason}",
+                           hint="run it as root on Linux (sudo .venv/bin/flowtruth demo)")
+        if Lab.load() is not None:
+            raise LabError("a virtual lab is already running",
+                           hint="take it down first: flowtruth lab down")
+        console = Console()
+        out = out.resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        port = _free_port()
+        adb_env = dict(os.environ)
+
+        def adb(*args: str) -> None:
+            subprocess.run(["adb", "-P", str(port), *args], env=adb_env, capture_output=True,
+                           stdin=subprocess.DEVNULL, timeout=30)
+
+        t0 = time.monotonic()
+        adb("start-server")
+        lab = None
+        try:
+            console.print(f"[bold]bringing up the virtual lab[/] ({phones} phones, adb server "
+                          f"on port {port})")
+            lab = Lab.up(phones=phones, adb_port=port, workdir=out / "lab")
+            for p in lab.phones:
+                console.print(f"  {p.name}: {p.config.manufacturer} {p.config.model} "
+                              f"(adb {p.serial}, {p.ip}, clock {p.config.clock_offset_s:+.3f} s)")
+            plan = Plan(name="demo", devices=[f"lab:{p.name}" for p in lab.phones],
+                        apps=list(APPS), activities=list(ACTIVITIES), wait_scale=wait_scale,
+                        output=str(out / "runs"))
+            env = Environment.for_lab(lab, runs_root=out / "runs")
+            sink = RichSink(console)
+            cancel = threading.Event()
+            box: dict[str, Any] = {}
+
+            def work() -> None:
+                try:
+                    box["result"] = run_plan(plan, env, sink, cancel)
+                except BaseException as err:  # re-raised below
+                    box["error"] = err
+
+            worker = threading.Thread(target=work, name="demo-plan", daemon=True)
+            try:
+                if quiet:
+                    worker.start()
+                    while worker.is_alive():
+                        worker.join(0.2)
+                else:
+                    with Live(sink.render(), console=console, refresh_per_second=4) as live:
+                        worker.start()
+                        while worker.is_alive():
+                            worker.join(0.25)
+                            live.update(sink.render())
+            except KeyboardInterrupt:
+                console.print("stopping: tearing down the running sessions ...")
+                cancel.set()
+                worker.join()
+            if "error" in box:
+                raise box["error"]
+            res = box["result"]
+            truth = read_truth(lab.truth_path)
+            write_truth_csv(truth, out / "truth.csv")
+            result = score_runs(res.results, lab, truth)
+            result["elapsed_s"] = round(time.monotonic() - t0, 1)
+            result["failed_sessions"] = [r.session_id for r in res.failed]
+            (out / "score.json").write_text(json.dumps(result, indent=2))
+            table = Table(title="labels scored against the simulated apps' own socket truth")
+            for c in ("app", "flows labelled", "correct", "precision", "truth sockets",
+                      "recall"):
+                table.add_column(c, justify="right" if c != "app" else "left")
+
+            def pct(x: float | None) -> str:
+                return "-" if x is None else f"{100 * x:.1f} %"
+
+            for name, a in sorted(result["apps"].items()):
+                table.add_row(name, str(a["labelled"]), str(a["correct"]), pct(a["precision"]),
+                              str(a["truth"]), pct(a["recall"]))
+            tot = result["total"]
+            table.add_row("[bold]all", str(tot["labelled"]), str(tot["correct"]),
+                          pct(tot["precision"]), str(tot["truth"]), pct(tot["recall"]))
+            console.print(table)
+            console.print(f"{len(res.results)} sessions, {len(res.failed)} failed; runs in "
+                          f"{out / 'runs'}; truth in {out / 'truth.csv'}")
+        finally:
+            if lab is not None:
+                console.print("[bold]taking the virtual lab down[/]")
+                lab.down(keep_workdir=True)
+            adb("kill-server")
+        console.print(f"demo finished in {time.monotonic() - t0:.0f} s")
+        if res.failed:
+            raise typer.Exit(1)
