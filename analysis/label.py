@@ -364,7 +364,8 @@ def write_outputs(result: LabelResult, pcaps: Sequence[PathLike], out_dir: PathL
                   fmt: str = "mirage2019", device_model: str | None = None,
                   device_mac: str | None = None, activity: str | None = None) -> None:
     """MIRAGE JSON, filtered.pcap, labelled.pcapng, labels.csv and quality.json."""
-    from analysis.mirage import _atomic_write, write_mirage_dir
+    from analysis.atomic import atomic_write
+    from analysis.mirage import write_mirage_dir
     from analysis.pcapng_out import write_filtered_pcap, write_labelled_pcapng
     from analysis.quality import write_quality
 
@@ -382,7 +383,7 @@ def write_outputs(result: LabelResult, pcaps: Sequence[PathLike], out_dir: PathL
     result.outputs["filtered"] = out / "filtered.pcap"
     lst = write_labelled_pcapng(pcaps, table, out / "labelled.pcapng")
     result.outputs["labelled"] = out / "labelled.pcapng"
-    _atomic_write(out / "labels.csv", labels_csv_text(table).encode("utf-8"))
+    atomic_write(out / "labels.csv", labels_csv_text(table).encode("utf-8"))
     result.outputs["labels_csv"] = out / "labels.csv"
     result.quality["outputs"] = {
         "mirage": [str(p) for p in result.outputs["mirage"]],

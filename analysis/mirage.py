@@ -28,14 +28,14 @@ import gc
 import json
 import os
 import re
-import secrets
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from analysis.errors import AnalysisError, BadInputError, OutputError, ParseError, SchemaError
+from analysis.atomic import atomic_write
+from analysis.errors import AnalysisError, BadInputError, ParseError, SchemaError
 from analysis.flowtable import DIRECTIONS, METRICS, STAT_NAMES, FlowTable, tcp_flags_str
 
 LAYOUTS = ("mirage2019", "mirage2022")
@@ -259,40 +259,8 @@ def write_mirage(obj: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write a MIRAGE object exactly as MIRAGE does (``json.dump`` defaults), atomically."""
     path = Path(path)
     text = json.dumps(obj)  # the C encoder; json.dump() would use the slow Python one
-    _atomic_write(path, text.encode("ascii"))
+    atomic_write(path, text.encode("ascii"))
     return path
-
-
-def _create_temp(path: Path) -> tuple[int, str]:
-    """A new temp file beside ``path`` (same file system, so os.replace is atomic).
-
-    Unlike mkstemp's 0600, the mode follows the umask, as a plain open() would.
-    """
-    while True:
-        tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
-        except FileExistsError:
-            continue
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp: str | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = _create_temp(path)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as err:
-        raise OutputError(f"cannot write {path}: {err.strerror or err}") from err
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
 
 def _mac_octets(device_mac: str) -> list[str]:

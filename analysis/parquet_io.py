@@ -25,13 +25,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from analysis.errors import BadInputError, OutputError, ParseError, SchemaError
+from analysis.atomic import atomic_output
+from analysis.errors import BadInputError, ParseError, SchemaError
 from analysis.flowtable import (
     DIRECTIONS,
     FLOW_FIELDS,
@@ -147,19 +147,6 @@ def to_arrow(table: FlowTable, extra_metadata: dict[str, str] | None = None) -> 
                                 metadata=meta)
 
 
-def _create_temp(path: Path) -> tuple[int, str]:
-    """A new temp file beside ``path`` (same file system, so os.replace is atomic).
-
-    Unlike mkstemp's 0600, the mode follows the umask, as a plain open() would.
-    """
-    while True:
-        tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
-        except FileExistsError:
-            continue
-
-
 def write_parquet(table: FlowTable, path: str | os.PathLike[str],
                   extra_metadata: dict[str, str] | None = None) -> Path:
     """Write the table as one Parquet file (one row per bi-flow), atomically."""
@@ -171,28 +158,14 @@ def write_parquet(table: FlowTable, path: str | os.PathLike[str],
     meta = dict(arrow.schema.metadata or {})
     meta[b"capture_stats"] = json.dumps(dataclasses.asdict(table.capture)).encode()
     arrow = arrow.replace_schema_metadata(meta)
-    tmp: str | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = _create_temp(path)
-        # Dictionary-encode only the strings (IPs, labels): on numeric and list columns
-        # it doubles the write time for a few per cent of size.
-        # Min/max statistics of the packet lists are of no use to a reader and cost time.
-        strings = [f.name for f in arrow.schema if f.type == pa.string()]
-        scalars = [f.name for f in arrow.schema if not pa.types.is_list(f.type)
-                   and not pa.types.is_large_list(f.type)]
-        with os.fdopen(fd, "wb") as f:
-            pq.write_table(arrow, f, use_dictionary=strings, write_statistics=scalars)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as err:
-        raise OutputError(f"cannot write {path}: {err.strerror or err}") from err
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+    # Dictionary-encode only the strings (IPs, labels): on numeric and list columns
+    # it doubles the write time for a few per cent of size.
+    # Min/max statistics of the packet lists are of no use to a reader and cost time.
+    strings = [f.name for f in arrow.schema if f.type == pa.string()]
+    scalars = [f.name for f in arrow.schema if not pa.types.is_list(f.type)
+               and not pa.types.is_large_list(f.type)]
+    with atomic_output(path) as tmp:
+        pq.write_table(arrow, tmp, use_dictionary=strings, write_statistics=scalars)
     return path
 
 

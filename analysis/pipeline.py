@@ -7,7 +7,6 @@ MIRAGE JSON or Parquet, returning a :class:`FlowsSummary` the CLI prints as one 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from .assemble import FlowOptions, iter_flow_chunks, read_flows
-from .errors import BadInputError, OutputError
+from .atomic import atomic_output
+from .errors import BadInputError
 from .flowtable import CaptureStats, FlowTable
 
 FORMATS = ("mirage2019", "mirage2022", "parquet")
@@ -134,11 +134,10 @@ def _stream_parquet(captures, target: Path, options, label, stats, progress) -> 
     from .parquet_io import to_arrow
 
     counts = [0, 0]
-    tmp: str | None = None
     chunks: queue.Queue[FlowTable | None] = queue.Queue(maxsize=2)
     state: dict[str, object] = {}
 
-    def write_all() -> None:
+    def write_all(tmp: str) -> None:
         writer = None
         try:
             while (chunk := chunks.get()) is not None:
@@ -168,11 +167,9 @@ def _stream_parquet(captures, target: Path, options, label, stats, progress) -> 
             if writer is not None:
                 writer.close()
 
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        thread = threading.Thread(target=write_all, name="parquet-writer", daemon=True)
+    with atomic_output(target) as tmp:
+        thread = threading.Thread(target=write_all, args=(tmp,), name="parquet-writer",
+                                  daemon=True)
         thread.start()
         try:
             for chunk in iter_flow_chunks(captures, options, stats, progress=progress):
@@ -185,17 +182,4 @@ def _stream_parquet(captures, target: Path, options, label, stats, progress) -> 
         err = state.get("error")
         if isinstance(err, BaseException):
             raise err
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs follow the umask
-        os.replace(tmp, target)
-        tmp = None
-    except OSError as err:
-        raise OutputError(f"cannot write {target}: {err.strerror or err}") from err
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
     return counts[0], counts[1]

@@ -103,10 +103,10 @@ def quality_report(
 
 def write_quality(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """The report as indented JSON, written atomically."""
-    from analysis.mirage import _atomic_write
+    from analysis.atomic import atomic_write
 
     p = Path(path)
-    _atomic_write(p, (json.dumps(report, indent=2, sort_keys=False, default=str) + "\n")
+    atomic_write(p, (json.dumps(report, indent=2, sort_keys=False, default=str) + "\n")
                   .encode("utf-8"))
     return p
 

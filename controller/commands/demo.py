@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -93,10 +92,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run the virtual-lab demo: 2 phones × Signal/Telegram/WhatsApp, labelled and scored."""
         from rich.console import Console
-        from rich.live import Live
         from rich.table import Table
 
-        from controller.commands.run import RichSink
+        from controller.commands.run import RichSink, drive
         from controller.errors import LabError
         from controller.lab.topology import Lab, skip_reason
         from controller.lab.truth import read_truth, write_truth_csv
@@ -135,34 +133,7 @@ def register(app: typer.Typer) -> None:
                         output=str(out / "runs"))
             env = Environment.for_lab(lab, runs_root=out / "runs")
             sink = RichSink(console)
-            cancel = threading.Event()
-            box: dict[str, Any] = {}
-
-            def work() -> None:
-                try:
-                    box["result"] = run_plan(plan, env, sink, cancel)
-                except BaseException as err:  # re-raised below
-                    box["error"] = err
-
-            worker = threading.Thread(target=work, name="demo-plan", daemon=True)
-            try:
-                if quiet:
-                    worker.start()
-                    while worker.is_alive():
-                        worker.join(0.2)
-                else:
-                    with Live(sink.render(), console=console, refresh_per_second=4) as live:
-                        worker.start()
-                        while worker.is_alive():
-                            worker.join(0.25)
-                            live.update(sink.render())
-            except KeyboardInterrupt:
-                console.print("stopping: tearing down the running sessions ...")
-                cancel.set()
-                worker.join()
-            if "error" in box:
-                raise box["error"]
-            res = box["result"]
+            res = drive(lambda cancel: run_plan(plan, env, sink, cancel), sink, console, quiet)
             truth = read_truth(lab.truth_path)
             write_truth_csv(truth, out / "truth.csv")
             result = score_runs(res.results, lab, truth)

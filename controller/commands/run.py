@@ -115,6 +115,42 @@ _STEPS = ("Preflight", "StartCapture", "PushScripts", "StartTracers", "RunScenar
           "StopTracers", "StopCapture", "PullArtifacts", "Label", "Export")
 
 
+def drive(work: Any, sink: RichSink, console: Any, quiet: bool = False) -> Any:
+    """Run ``work(cancel)`` in a thread under a live display of ``sink``; Ctrl-C cancels
+    cooperatively (the engine tears down) and waits. Returns what ``work`` returned."""
+    from rich.live import Live
+
+    cancel = threading.Event()
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = work(cancel)
+        except BaseException as err:  # re-raised in the calling thread
+            box["error"] = err
+
+    t = threading.Thread(target=target, name="plan", daemon=True)
+    try:
+        if quiet:
+            t.start()
+            while t.is_alive():
+                t.join(0.2)
+        else:
+            with Live(sink.render(), console=console, refresh_per_second=4,
+                      transient=False) as live:
+                t.start()
+                while t.is_alive():
+                    t.join(0.25)
+                    live.update(sink.render())
+    except KeyboardInterrupt:
+        console.print("stopping: tearing down the running sessions ...")
+        cancel.set()
+        t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def _lab_environment(plan: Any) -> Any:
     from controller.errors import LabError
 
@@ -151,7 +187,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run a batch of sessions: phones in parallel over one AP capture."""
         from rich.console import Console
-        from rich.live import Live
         from rich.table import Table
 
         from controller import events as ev
@@ -174,14 +209,6 @@ def register(app: typer.Typer) -> None:
             env = environment_for(plan, client=client, interface=interface, netns=netns)
         console = Console(stderr=False)
         sink = RichSink(console)
-        cancel = threading.Event()
-        box: dict[str, Any] = {}
-
-        def work() -> None:
-            try:
-                box["result"] = run_plan(plan, env, out, cancel, resume=resume)
-            except BaseException as err:  # re-raised in the main thread
-                box["error"] = err
 
         def out(e: ev.Event) -> None:
             sink(e)
@@ -190,27 +217,9 @@ def register(app: typer.Typer) -> None:
                         else f"FAILED  {e.session_id}  {e.error}")
                 console.print(line, highlight=False)
 
-        t = threading.Thread(target=work, name="plan", daemon=True)
         t0 = time.monotonic()
-        try:
-            if quiet:
-                t.start()
-                while t.is_alive():
-                    t.join(0.2)
-            else:
-                with Live(sink.render(), console=console, refresh_per_second=4,
-                          transient=False) as live:
-                    t.start()
-                    while t.is_alive():
-                        t.join(0.25)
-                        live.update(sink.render())
-        except KeyboardInterrupt:
-            console.print("stopping: tearing down the running sessions ...")
-            cancel.set()
-            t.join()
-        if "error" in box:
-            raise box["error"]
-        res = box["result"]
+        res = drive(lambda cancel: run_plan(plan, env, out, cancel, resume=resume), sink,
+                    console, quiet)
         console.print()
         summary = Table(title=f"{plan.name}: {len(res.results)} sessions run, "
                               f"{len(res.failed)} failed, {len(res.skipped)} skipped "
