@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import sys
@@ -442,6 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.package is not None:
         print(f"frida_loader: following {args.package} into {args.out}", file=sys.stderr)
         _wait(stop, args.duration)
+        _arm_watchdog(f"detaching from {args.package}")
         pkg.stop()
         done = pkg.finished
         written = sum(t.events_written for t in done)
@@ -455,11 +457,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"frida_loader: tracing pid {tracer.pid} into {args.out}", file=sys.stderr)
     _wait(stop, args.duration)
+    _arm_watchdog(f"detaching from pid {tracer.pid}")
     tracer.stop()
     reason = tracer.detached_reason
     gone = f"; process detached ({reason})" if reason and reason != "application-requested" else ""
     print(f"frida_loader: {tracer.events_written} events written{gone}", file=sys.stderr)
     return 0
+
+
+STOP_TIMEOUT_S = 15.0
+
+
+def _arm_watchdog(what: str, timeout: float = STOP_TIMEOUT_S) -> None:
+    """Never hang on the way out: frida's detach or shutdown can block on a wedged helper."""
+
+    def fire() -> None:
+        print(f"frida_loader: {what} did not finish in {timeout:.0f} s; exiting", file=sys.stderr,
+              flush=True)
+        os._exit(1)
+
+    timer = threading.Timer(timeout, fire)
+    timer.daemon = True
+    timer.start()
 
 
 def _cli() -> int:

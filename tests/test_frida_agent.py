@@ -346,12 +346,16 @@ def test_loader_cli_attaches_by_pid_and_detaches_on_sigterm(
     )
     try:
         assert loader.stderr is not None
+        import select
+
+        ready, _, _ = select.select([loader.stderr], [], [], 60)
+        assert ready, "the loader did not attach within 60 s"
         assert "tracing pid" in loader.stderr.readline()
         truth = run_scenario(p)
         time.sleep(0.3)  # one flush period
         loader.send_signal(signal.SIGTERM)
-        rest = loader.stderr.read()
-        assert loader.wait(timeout=20) == 0, rest
+        _, rest = loader.communicate(timeout=40)
+        assert loader.returncode == 0, rest
         assert "events written" in rest
         # Detached: the process runs on, untraced and without the agent's threads.
         assert p.poll() is None
@@ -581,8 +585,8 @@ def test_loader_cli_follows_a_package_for_a_duration(can_attach: None, tmp_path:
         while not list(outdir.glob("frida.*.jsonl")) and time.monotonic() < deadline:
             time.sleep(0.05)
         run_scenario(main)
-        rest = loader.stderr.read()
-        assert loader.wait(timeout=20) == 0, rest
+        _, rest = loader.communicate(timeout=60)  # --duration 3 ends it; never wait forever
+        assert loader.returncode == 0, rest
         assert "from 1 processes" in rest
     finally:
         stop_target(main)
