@@ -542,11 +542,14 @@ class Session:
         if spec.ip or self.env.ips.get(link.serial):
             dev["ip"] = spec.ip or self.env.ips[link.serial]
         self.m["device"] = dev
-        self.emit(ev.DeviceConnected(link.serial, facts.model, facts.manufacturer, facts.android,
-                                     facts.abi, False))
+        rooted = False
         if self.env.require_root:
             root = require_root(link)
+            rooted = True
             self.m["root"] = {"method": root.method, "magisk": root.magisk}
+        # after the root check, so front ends show what was verified
+        self.emit(ev.DeviceConnected(link.serial, facts.model, facts.manufacturer, facts.android,
+                                     facts.abi, rooted))
         raw, listing = read_packages(link)
         (self.run_dir / "packages.txt").write_text(raw, encoding="utf-8")
         self.m["traces"]["packages"] = "packages.txt"
