@@ -712,13 +712,17 @@ class Session:
         if "strace" not in self.tracer_pids:
             return
         try:
-            r = root_shell(self.link, f"cat {shlex.quote(self.dev_dir)}/strace/"
-                           "strace_launcher.pids 2>/dev/null", timeout=10)
+            d = f"{shlex.quote(self.dev_dir)}/strace"
+            # one round trip: the traced pids, then how many syscall lines they logged
+            r = root_shell(self.link, f"cat {d}/strace_launcher.pids 2>/dev/null; echo ---; "
+                           f"cat {d}/strace.*.log 2>/dev/null | wc -l", timeout=10)
         except DeviceError:
             raise
-        pids = tuple(int(line.split()[0]) for line in r.stdout.splitlines()
+        head, _, tail = r.stdout.partition("---")
+        pids = tuple(int(line.split()[0]) for line in head.splitlines()
                      if line.split() and line.split()[0].isdigit())
-        self.emit(ev.TracerProgressed(self.session_id, "strace", pids, 0))
+        lines = int(tail.split()[0]) if tail.split() and tail.split()[0].isdigit() else 0
+        self.emit(ev.TracerProgressed(self.session_id, "strace", pids, lines))
 
     def stop_tracers(self) -> str:
         if not self.tracer_pids:

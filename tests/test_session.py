@@ -209,6 +209,8 @@ def test_e2e_session_in_the_virtual_lab_produces_labelled_mirage_json(vlab: VLab
     caps = sink.of(ev.CaptureProgressed)
     assert len(caps) >= 2 and caps[-1].packets > 0  # live counters, then the session's split
     assert [c.packets for c in caps[:-1]] == sorted(c.packets for c in caps[:-1])
+    tracers = sink.of(ev.TracerProgressed)
+    assert tracers and tracers[-1].pids and tracers[-1].lines > 0  # syscalls seen so far
 
     from analysis.runinfo import load_manifest
 
