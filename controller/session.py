@@ -694,9 +694,19 @@ class Session:
                                 cancel=self.cancel, wait_scale=self.spec.wait_scale,
                                 on_step=on_step)
         self.scenario_runner = runner
+        done = threading.Event()
+
+        def tick() -> None:  # live capture counters also during long waits (calls)
+            while not done.wait(1.0):
+                self._progress_capture()
+
+        ticker = threading.Thread(target=tick, name=f"progress-{self.session_id}", daemon=True)
+        ticker.start()
         try:
             runner.run(self.steps_)
         finally:
+            done.set()
+            ticker.join()
             self.m["scenario"]["log"] = runner.log
         self._progress_tracers()
         return f"{len(self.steps_)} steps"
