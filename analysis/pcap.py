@@ -304,15 +304,8 @@ class PcapngReader(_Reader):
                     pos += blen
                     continue
                 lt, num, den, toff = ifaces[ifid]
-                raw = (tsh << 32) | tsl
-                if den == 1_000_000_000:
-                    ts = raw
-                elif den == 1_000_000:
-                    ts = raw * 1000
-                else:
-                    ts = raw * 1_000_000_000 // den
-                ts += toff * 1_000_000_000
-                if not 0 <= ts < 1 << 63:
+                ts = pcapng_ts_ns(tsh, tsl, den, toff)
+                if ts is None:
                     self.stats.skip("timestamp out of range", 1)
                     self.stats.packets += 1
                     pos += blen
@@ -358,6 +351,19 @@ class _FileWindow:
             self.start = off
         s = off - self.start
         return self.buf[s:s + n]
+
+
+def pcapng_ts_ns(ts_high: int, ts_low: int, units_per_s: int, offset_s: int) -> int | None:
+    """An enhanced packet block's timestamp in ns since the epoch (None when out of range)."""
+    raw = (ts_high << 32) | ts_low
+    if units_per_s == 1_000_000_000:
+        ts = raw
+    elif units_per_s == 1_000_000:
+        ts = raw * 1000
+    else:
+        ts = raw * 1_000_000_000 // units_per_s
+    ts += offset_s * 1_000_000_000
+    return ts if 0 <= ts < 1 << 63 else None
 
 
 def _iter_options(blob: bytes, endian: str) -> list[tuple[int, bytes]]:

@@ -19,18 +19,20 @@ timestamp tells apart equal record numbers of different files.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import secrets
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
-from analysis.errors import OutputError, ParseError
+from analysis.atomic import atomic_output
+from analysis.errors import ParseError
 from analysis.flowtable import FlowTable
-from analysis.pcap import MAX_RECORD, PCAP_MAGICS
+from analysis.pcap import MAX_RECORD, PCAP_MAGICS, pcapng_ts_ns
 
 NO_FLOW_COMMENT = "flowtruth: no flow"
 CHUNK = 1 << 20  # bytes of packets per batch: bounds the writers' memory
@@ -245,15 +247,8 @@ def _pcapng_records(fh) -> Iterator[RawRecord]:
                 pos += blen
                 continue
             lt, den, toff = ifaces[ifid]
-            raw = (tsh << 32) | tsl
-            if den == 1_000_000_000:
-                ts = raw
-            elif den == 1_000_000:
-                ts = raw * 1000
-            else:
-                ts = raw * 1_000_000_000 // den
-            ts += toff * 1_000_000_000
-            if not 0 <= ts < 1 << 63:
+            ts = pcapng_ts_ns(tsh, tsl, den, toff)
+            if ts is None:
                 pos += blen
                 continue
             fh.seek(doff)
@@ -347,48 +342,11 @@ def flow_comments(table: FlowTable) -> list[str]:
 
 # ----------------------------------------------------------------------------- writing
 
-class _AtomicFile:
-    """A temp file beside ``path``, renamed over it on success and removed on failure."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self.tmp: str | None = None
-        self.fh = None
-
-    def __enter__(self):
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            while True:
-                tmp = str(self.path.parent /
-                          f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-                try:
-                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-                    break
-                except FileExistsError:
-                    continue
-        except OSError as err:
-            raise OutputError(f"cannot write {self.path}: {err.strerror or err}") from None
-        self.tmp = tmp
-        self.fh = os.fdopen(fd, "wb", buffering=1 << 20)
-        return self.fh
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        assert self.fh is not None and self.tmp is not None
-        try:
-            self.fh.close()
-            if exc_type is None:
-                os.replace(self.tmp, self.path)
-                self.tmp = None
-        except OSError as err:
-            raise OutputError(f"cannot write {self.path}: {err.strerror or err}") from None
-        finally:
-            if self.tmp is not None:
-                try:
-                    os.unlink(self.tmp)
-                except OSError:
-                    pass
-        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
-            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+@contextlib.contextmanager
+def _atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """A buffered file beside ``path``, renamed over it on success, removed on failure."""
+    with atomic_output(path) as tmp, open(tmp, "wb", buffering=1 << 20) as fh:
+        yield fh
 
 
 def _opt(code: int, value: bytes) -> bytes:
@@ -424,7 +382,7 @@ def write_labelled_pcapng(paths: Sequence[str | os.PathLike[str]], table: FlowTa
     index = FrameIndex(table, len(paths))
     st = WriteStats()
     counts = np.zeros(len(opts), dtype=np.int64)
-    with _AtomicFile(out) as fh:
+    with _atomic_file(out) as fh:
         fh.write(_shb())
         ifaces: dict[tuple[int, int], int] = {}  # (file, linktype) -> interface id
         for k, b in _batches(paths):
@@ -475,7 +433,7 @@ def write_filtered_pcap(paths: Sequence[str | os.PathLike[str]], table: FlowTabl
     st = WriteStats()
     linktype: int | None = None
     first_seen: int | None = None
-    with _AtomicFile(out) as fh:
+    with _atomic_file(out) as fh:
         for _k, b in _batches(paths):
             if first_seen is None and len(b):
                 first_seen = int(b.linktype[0])
