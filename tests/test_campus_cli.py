@@ -161,6 +161,44 @@ def test_predict_scores_every_flow_and_reports_the_hourly_share(campus):
     assert 0.0 <= scored["lo"] <= scored["hi"] <= 1.0
 
 
+def test_top_level_predict_scores_a_store_with_worker_processes(campus):
+    """``flowtruth predict MODEL --store DIR`` (the issue's spelling): every flow scored
+    once, the per-hour share printed and plotted; a second run scores nothing again."""
+    root, _caps, _key, store = campus
+    model = root / "model-top"
+    train_store_model(store, model)
+    res = run("predict", str(model), "--store", str(store), "-j", "2")
+    assert "flows scored in" in res.stderr and "(0 already scored)" in res.stderr
+    assert "messaging" in res.stdout and "hour" in res.stdout  # the per-hour table
+    assert (store / "messaging_share.png").read_bytes()[:4] == b"\x89PNG"
+    from analysis.campus.predict import model_id_of
+
+    mid = model_id_of(str(model))
+    counts = json.loads(
+        run(
+            "campus",
+            "query",
+            f"SELECT count(*) AS n, count(DISTINCT flow_id) AS ids FROM scored "
+            f"WHERE model = '{mid}'",
+            "--store",
+            str(store),
+            "--format",
+            "json",
+        ).stdout
+    )
+    total = json.loads(
+        run("campus", "query", "SELECT count(*) AS n FROM flows", "--store", str(store),
+            "--format", "json").stdout
+    )["n"]
+    assert counts["n"] == counts["ids"] == total
+    again = run("predict", str(model), "--store", str(store))
+    assert "0 flows scored in 0 file(s)" in again.stderr
+    both = run("predict", str(model), str(store), "--store", str(store), check=False)
+    assert both.returncode == 2 and both.stderr.count("\n") == 1 and "not both" in both.stderr
+    none = run("predict", str(model), check=False)
+    assert none.returncode == 2 and "--store DIR" in none.stderr and "Traceback" not in none.stderr
+
+
 def test_a_bad_sink_or_scheduler_is_one_line(campus):
     _root, caps, key, store = campus
     res = run(

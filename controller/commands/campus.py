@@ -57,6 +57,29 @@ def _dask_client(scheduler: str | None, local_dask: bool, workers: int):
         yield client
 
 
+def predict_store_command(model: Path, store: Path, *, workers: int = 1,
+                          scheduler: str | None = None, local_dask: bool = False,
+                          plot: Path | None = None, fmt: str = "table") -> None:
+    """Score a flow store, print the messaging share per hour and draw it (shared by
+    ``flowtruth predict MODEL --store DIR`` and ``flowtruth campus predict``)."""
+    from analysis.campus.predict import hourly_share, plot_hourly, predict_store
+    from analysis.errors import BadInputError
+
+    if fmt not in ("table", "csv", "json"):
+        raise BadInputError(f"unknown --format {fmt!r}", "choose table, csv or json")
+    with _dask_client(scheduler, local_dask, workers) as client:
+        res = predict_store(store, model, workers=workers, client=client)
+    for _src, err in res.failed:
+        sys.stderr.write(f"flowtruth: warning: {err}\n")
+    sys.stderr.write(res.line() + "\n")
+    table = hourly_share(store, res.model_id)
+    _print_table(table, fmt)
+    out = plot_hourly(table, plot or store / "messaging_share.png")
+    sys.stderr.write(f"plot: {out}\n")
+    if res.failed:
+        raise typer.Exit(1)
+
+
 class _Progress:
     """Renders ingest events: a rich bar over bytes (rate, ETA) on a terminal."""
 
@@ -227,17 +250,8 @@ def register(app: typer.Typer) -> None:
         fmt: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
     ) -> None:
         """Score every stored flow and report the encrypted-messaging share per hour."""
-        from analysis.campus.predict import hourly_share, plot_hourly, predict_store
-
-        with _dask_client(scheduler, local_dask, workers) as client:
-            res = predict_store(store, model, workers=workers, client=client)
-        for _src, err in res.failed:
-            sys.stderr.write(f"flowtruth: warning: {err}\n")
-        sys.stderr.write(res.line() + "\n")
-        table = hourly_share(store, res.model_id)
-        _print_table(table, fmt)
-        out = plot_hourly(table, plot or store / "messaging_share.png")
-        sys.stderr.write(f"plot: {out}\n")
+        predict_store_command(model, store, workers=workers, scheduler=scheduler,
+                              local_dask=local_dask, plot=plot, fmt=fmt)
 
     @campus.command("capture-command")
     def capture_command(

@@ -371,16 +371,49 @@ def register(app: typer.Typer) -> None:
     def predict(
         model_dir: Annotated[Path, typer.Argument(help="a model directory from flowtruth train")],
         inputs: Annotated[
-            list[Path],
+            list[Path] | None,
             typer.Argument(
-                help="pcap/pcapng, MIRAGE JSON, Parquet, or a folder of them (a flow store)"
+                help="pcap/pcapng, MIRAGE JSON, Parquet, or a folder of them"
             ),
-        ],
+        ] = None,
         out: Annotated[
-            Path, typer.Option("-o", "--out", help="predictions file: .csv, .parquet or .json")
-        ],
+            Path | None,
+            typer.Option("-o", "--out", help="predictions file: .csv, .parquet or .json"),
+        ] = None,
+        store: Annotated[
+            Path | None,
+            typer.Option(
+                "--store",
+                help="a campus flow store: score every flow in place (prediction columns "
+                "written back) and report the messaging share per hour with a plot",
+            ),
+        ] = None,
+        workers: Annotated[int, typer.Option("--workers", "-j", help="worker processes (--store)")] = 1,
+        scheduler: Annotated[
+            str | None, typer.Option("--scheduler", help="Dask scheduler tcp://HOST:PORT (--store)")
+        ] = None,
+        plot: Annotated[
+            Path | None,
+            typer.Option("--plot", help="PNG of the hourly share (--store; default STORE/messaging_share.png)"),
+        ] = None,
     ) -> None:
-        """Per-flow predictions with class probabilities."""
+        """Per-flow predictions with class probabilities (files), or score a flow store."""
+        from analysis.errors import BadInputError
+
+        if store is not None:
+            if inputs or out is not None:
+                raise BadInputError(
+                    "give either --store DIR or INPUTS... -o FILE, not both",
+                    "flowtruth predict MODEL --store DIR  |  flowtruth predict MODEL IN... -o OUT",
+                )
+            from controller.commands.campus import predict_store_command
+
+            predict_store_command(model_dir, store, workers=workers, scheduler=scheduler, plot=plot)
+            return
+        if not inputs or out is None:
+            raise BadInputError(
+                "nothing to predict", "give INPUTS... -o FILE, or --store DIR for a flow store"
+            )
         from analysis.ml.predict import predict_inputs, write_predictions
 
         frame, summary = predict_inputs(model_dir, inputs)
