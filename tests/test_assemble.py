@@ -180,3 +180,24 @@ def test_udp_flow_without_ports_collision(tmp_path):
             Pkt(1.1, ether(make_udp("10.0.0.1", "10.0.0.2", 1001, 53, b"q")))]
     t = _flows(tmp_path, pkts)
     assert sorted(t.flows["src_port"].tolist()) == [1000, 1001]
+
+
+def test_address_text_is_what_ipaddress_writes():
+    """The inet_ntop fast path gives exactly ipaddress's text (mapped/compatible forms too)."""
+    import ipaddress
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from analysis.flowtable import addr_to_str
+
+    prefixes = st.sampled_from([b"", bytes(10) + b"\xff\xff", bytes(12), bytes(15), b"\xfe\x80"])
+
+    @settings(max_examples=2000, deadline=None)
+    @given(prefixes, st.binary(min_size=16, max_size=16))
+    def check(prefix: bytes, raw: bytes) -> None:
+        b = (prefix + raw)[:16]
+        assert addr_to_str(b, 6) == str(ipaddress.IPv6Address(b))
+        assert addr_to_str(b, 4) == str(ipaddress.IPv4Address(b[:4]))
+
+    check()
