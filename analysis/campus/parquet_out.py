@@ -47,6 +47,17 @@ def flow_ids(table: FlowTable) -> list[str]:
     return [blake(r, digest_size=8).hexdigest() for r in map(bytes, rec)]
 
 
+def _repeated(text: str, n: int) -> Any:
+    """A string column of ``n`` copies of ``text``, built from buffers (no Python list)."""
+    import pyarrow as pa
+
+    raw = text.encode()
+    if n * len(raw) >= 2**31 - 1:
+        return pa.array([text] * n, type=pa.string())
+    offsets = np.arange(n + 1, dtype=np.int32) * len(raw)
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(raw * n))
+
+
 def flows_arrow(table: FlowTable, source_sha256: str, cut_at_start: np.ndarray,
                 cut_at_end: np.ndarray, pieces: np.ndarray | None = None) -> Any:
     """Store rows of a (anonymised) FlowTable."""
@@ -66,10 +77,10 @@ def flows_arrow(table: FlowTable, source_sha256: str, cut_at_start: np.ndarray,
     }
     for name in SCALAR_FIELDS:
         cols[name] = pa.array(fl[name])
-    stats = np.asarray(fl["stats"], dtype=np.float64)
+    stats_t = np.ascontiguousarray(np.asarray(fl["stats"], dtype=np.float64).T)  # one copy
     for j, name in enumerate(stat_column_names()):
-        cols[name] = pa.array(stats[:, j])
-    cols["source_sha256"] = pa.array([source_sha256] * n, type=pa.string())
+        cols[name] = pa.array(stats_t[j])
+    cols["source_sha256"] = _repeated(source_sha256, n)
     cols["cut_at_start"] = pa.array(np.asarray(cut_at_start, dtype=bool))
     cols["cut_at_end"] = pa.array(np.asarray(cut_at_end, dtype=bool))
     cols["pieces"] = pa.array(np.ones(n, dtype=np.int32) if pieces is None
@@ -97,7 +108,7 @@ def pending_arrow(table: FlowTable, source_sha256: str, cut_at_start: np.ndarray
     offsets = pa.array(np.asarray(table.pkt_offsets, dtype=np.int64))
     for name in PENDING_PACKET_FIELDS:
         cols[name] = pa.LargeListArray.from_arrays(offsets, pa.array(table.packets[name]))
-    cols["source_sha256"] = pa.array([source_sha256] * len(table), type=pa.string())
+    cols["source_sha256"] = _repeated(source_sha256, len(table))
     cols["cut_at_start"] = pa.array(np.asarray(cut_at_start, dtype=bool))
     cols["cut_at_end"] = pa.array(np.asarray(cut_at_end, dtype=bool))
     return pa.table(cols)
