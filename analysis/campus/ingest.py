@@ -431,6 +431,8 @@ def ingest(
                                 sequence_of(pcap_dir, p), options, join,
                                 known if len(known) <= 2000 else frozenset()))
     sizes = {t.path: os.path.getsize(t.path) for t in tasks}
+    # largest first: the last task to finish is a small one, so workers end together
+    tasks.sort(key=lambda t: -sizes[t.path])
     runner = Runner(workers if tasks else 1, client)
     try:
         return _ingest(store, tasks, sizes, len(files), already, known, runner, join, sink,

@@ -312,6 +312,18 @@ def commit_join(store: Store, res: JoinResult) -> list[str]:
     return list(res.files)
 
 
+def _pending_bytes(store: Store, task: JoinTask) -> int:
+    """Bytes of a join task's pending piece files (its expected work)."""
+    total = 0
+    for rec in task.records:
+        if rec.pending:
+            try:
+                total += (store.root / rec.pending / f"b{task.bucket:02d}.arrow").stat().st_size
+            except OSError:
+                pass
+    return total
+
+
 def join_sequences(store: Store, sequences: Iterable[str], idle_timeout: float,
                    run: Callable[[Callable, list], Iterable] | None = None
                    ) -> tuple[int, int, list[str]]:
@@ -321,6 +333,7 @@ def join_sequences(store: Store, sequences: Iterable[str], idle_timeout: float,
     a Dask cluster); by default the buckets are joined here, one after the other.
     """
     tasks = join_tasks(store, sequences, idle_timeout)
+    tasks.sort(key=lambda t: -_pending_bytes(store, t))  # largest first: workers end together
     results = run(join_bucket, tasks) if run is not None else map(join_bucket, tasks)
     n_pieces = n_flows = 0
     written: list[str] = []
