@@ -74,6 +74,22 @@ class PackageInfo(BaseModel):
         default=None, description="Fully qualified launcher activity (None: not launchable)."
     )
     system: bool = Field(default=False, description="Part of the system image (pm list -s).")
+    input_method: str | None = Field(
+        default=None,
+        description="Fully qualified class of the package's input method service, if it is a "
+        "keyboard (``ime list -a`` shows it as package/.Class).",
+    )
+
+
+ADB_KEYBOARD = PackageInfo(
+    uid=10311,
+    version_code=20,
+    version_name="2.0",
+    label="ADB Keyboard",
+    input_method="com.android.adbkeyboard.AdbIME",
+)
+"""ADBKeyBoard (github.com/senzhk/ADBKeyBoard): the IME that types any Unicode text sent
+with ``am broadcast -a ADB_INPUT_B64 --es msg BASE64``."""
 
 
 class PhoneConfig(BaseModel):
@@ -101,6 +117,23 @@ class PhoneConfig(BaseModel):
     display_height: int = Field(default=2400, description="Screen height in pixels.")
     timezone: str = Field(default="Europe/Rome", description="persist.sys.timezone.")
     extra_props: dict[str, str] = Field(default_factory=dict, description="More getprop values.")
+    adb_keyboard: bool = Field(
+        default=True,
+        description="ADBKeyBoard (com.android.adbkeyboard) is installed, as on a phone prepared "
+        "for flowtruth (installed, not enabled); False: a phone without it.",
+    )
+
+    def all_packages(self) -> dict[str, PackageInfo]:
+        """The installed packages: ``packages`` plus ADBKeyBoard when ``adb_keyboard``."""
+        extra = {rt.ADB_KEYBOARD_PACKAGE: ADB_KEYBOARD} if self.adb_keyboard else {}
+        return {**extra, **self.packages}
+
+    def default_input_method(self) -> str:
+        """The IME a fresh phone selects: its first system keyboard ('' when it has none)."""
+        for name, info in sorted(self.all_packages().items()):
+            if info.system and info.input_method:
+                return rt.short_component(name, info.input_method)
+        return ""
 
     def props(self) -> dict[str, str]:
         """Every system property the phone's getprop reports."""
@@ -160,7 +193,7 @@ class PhoneConfig(BaseModel):
             "schema_version": rt.SCHEMA_VERSION,
             "serial": self.serial,
             "props": self.props(),
-            "packages": {name: p.model_dump() for name, p in sorted(self.packages.items())},
+            "packages": {name: p.model_dump() for name, p in sorted(self.all_packages().items())},
             "running": {},
             "foreground": None,
             "screens": {},
@@ -172,7 +205,11 @@ class PhoneConfig(BaseModel):
                     "stay_on_while_plugged_in": "0",
                     "auto_time": "0",
                 },
-                "secure": {"android_id": hashlib.sha256(self.serial.encode()).hexdigest()[:16]},
+                "secure": {
+                    "android_id": hashlib.sha256(self.serial.encode()).hexdigest()[:16],
+                    "default_input_method": self.default_input_method(),
+                    "enabled_input_methods": self.default_input_method(),
+                },
                 "system": {
                     "screen_brightness": "128",
                     "screen_brightness_mode": "0",
@@ -191,8 +228,17 @@ class PhoneConfig(BaseModel):
         }
 
 
-def _messengers(uids: dict[str, int]) -> dict[str, PackageInfo]:
+def _messengers(uids: dict[str, int], keyboard: tuple[str, str]) -> dict[str, PackageInfo]:
+    kb_package, kb_service = keyboard
     system = {
+        kb_package: PackageInfo(
+            uid=uids["keyboard"],
+            version_code=1,
+            version_name="1.0",
+            system=True,
+            label="Keyboard",
+            input_method=kb_service,
+        ),
         "android": PackageInfo(
             uid=1000, version_code=34, version_name="14", system=True, label="Android System"
         ),
@@ -244,6 +290,13 @@ def _messengers(uids: dict[str, int]) -> dict[str, PackageInfo]:
     return {**system, **apps}
 
 
+SAMSUNG_KEYBOARD = (
+    "com.samsung.android.honeyboard",
+    "com.samsung.android.honeyboard.service.HoneyBoardService",
+)
+GBOARD = ("com.google.android.inputmethod.latin", "com.android.inputmethod.latin.LatinIME")
+
+
 def samsung_s21(serial: str = "R5CR10ABCDE", clock_offset_s: float = 2.375) -> PhoneConfig:
     """A Samsung Galaxy S21 (SM-G991B, Android 14, arm64-v8a) with the three messengers."""
     return PhoneConfig(
@@ -262,7 +315,15 @@ def samsung_s21(serial: str = "R5CR10ABCDE", clock_offset_s: float = 2.375) -> P
         display_width=1080,
         display_height=2400,
         packages=_messengers(
-            {"signal": 10263, "telegram": 10251, "whatsapp": 10234, "gms": 10141, "chrome": 10157}
+            {
+                "signal": 10263,
+                "telegram": 10251,
+                "whatsapp": 10234,
+                "gms": 10141,
+                "chrome": 10157,
+                "keyboard": 10112,
+            },
+            SAMSUNG_KEYBOARD,
         ),
     )
 
@@ -285,7 +346,15 @@ def xiaomi_poco_x3_pro(serial: str = "7c8a9b1d", clock_offset_s: float = -1.625)
         display_width=1080,
         display_height=2400,
         packages=_messengers(
-            {"signal": 10288, "telegram": 10276, "whatsapp": 10219, "gms": 10152, "chrome": 10171}
+            {
+                "signal": 10288,
+                "telegram": 10276,
+                "whatsapp": 10219,
+                "gms": 10152,
+                "chrome": 10171,
+                "keyboard": 10139,
+            },
+            GBOARD,
         ),
     )
 
@@ -377,6 +446,7 @@ SHIM_CODE = (
     "from controller.lab.toolbox_runtime import run_tool; "
     "sys.exit(run_tool({name}, sys.argv[1:]))"
 )
+
 
 def libfaketime_path() -> str | None:
     """Debian's libfaketime (package ``faketime``), if installed."""

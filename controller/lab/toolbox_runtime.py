@@ -9,6 +9,8 @@ file (``read_state`` / ``update_state`` are their API).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import fcntl
 import io
@@ -55,6 +57,7 @@ TOOLS = (
     "logcat",
     "screencap",
     "getenforce",
+    "ime",
 )
 
 
@@ -132,14 +135,22 @@ def host_time(state: dict[str, Any]) -> float:
     return time.time()
 
 
-def append_input_event(state_dir: str, state: dict[str, Any], kind: str, args: list[str]) -> None:
-    """Append one ``input`` event (device and host time) to the phone's input log."""
-    record = {
+def append_input_event(
+    state_dir: str, state: dict[str, Any], kind: str, args: list[str], via: str | None = None
+) -> None:
+    """Append one input event (device and host time) to the phone's input log.
+
+    ``via`` names the input method that committed the text (ADBKeyBoard's broadcasts);
+    ``input`` commands leave it out.
+    """
+    record: dict[str, Any] = {
         "device_time": device_time(state),
         "host_time": host_time(state),
         "kind": kind,
         "args": args,
     }
+    if via is not None:
+        record["via"] = via
     with _locked(state_dir, exclusive=True):
         with open(os.path.join(state_dir, INPUT_LOG), "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
@@ -148,10 +159,33 @@ def append_input_event(state_dir: str, state: dict[str, Any], kind: str, args: l
 # --------------------------------------------------------------------------- screens
 
 
+def _xml_char(c: str) -> str:
+    # uiautomator (AccessibilityNodeInfoDumper.stripInvalidXMLChars) writes '.' for the
+    # characters XML cannot carry; KXmlSerializer writes tab and line ends as references.
+    o = ord(c)
+    if c in "\t\n\r":
+        return f"&#{o};"
+    if (
+        o <= 0x8
+        or 0xB <= o <= 0xC
+        or 0xE <= o <= 0x1F
+        or 0x7F <= o <= 0x84
+        or 0x86 <= o <= 0x9F
+        or 0xFDD0 <= o <= 0xFDDF
+        or o in (0xFFFE, 0xFFFF)
+        or 0xD800 <= o <= 0xDFFF
+    ):
+        return "."
+    return c
+
+
 def _attr(value: str) -> str:
-    return (
+    value = (
         value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
     )
+    if value.isascii() and value.isprintable():
+        return value
+    return "".join(_xml_char(c) if not c.isprintable() or ord(c) >= 0xD800 else c for c in value)
 
 
 def make_node(
@@ -351,10 +385,11 @@ def _launch_activity(info: dict[str, Any], name: str) -> str:
     return str(info.get("activity") or f"{name}.MainActivity")
 
 
-def _short_component(package: str, activity: str) -> str:
-    if activity.startswith(package + "."):
-        return f"{package}/{activity[len(package) :]}"
-    return f"{package}/{activity}"
+def short_component(package: str, cls: str) -> str:
+    """``package/.Class`` or ``package/full.Class`` (ComponentName.flattenToShortString)."""
+    if cls.startswith(package + "."):
+        return f"{package}/{cls[len(package) :]}"
+    return f"{package}/{cls}"
 
 
 def _resolve_component(component: str) -> tuple[str, str]:
@@ -365,14 +400,17 @@ def _resolve_component(component: str) -> tuple[str, str]:
 
 
 def tool_am(t: Tool) -> int:
-    """``am start [-W] -n PKG/.Activity``, ``am force-stop PKG``."""
+    """``am start [-W] -n PKG/.Activity``, ``am broadcast -a ACTION [--es KEY VALUE ...]``,
+    ``am force-stop PKG``."""
     args = list(t.args)
     if not args:
-        print("usage: am [start|force-stop|kill] ...", file=t.err)
+        print("usage: am [start|broadcast|force-stop|kill] ...", file=t.err)
         return 1
     verb = args.pop(0)
     if verb in ("start", "start-activity"):
         return _am_start(t, args)
+    if verb == "broadcast":
+        return _am_broadcast(t, args)
     if verb in ("force-stop", "kill", "stop-app"):
         if not args:
             print(f"Error: no package specified for {verb}", file=t.err)
@@ -423,7 +461,7 @@ def start_activity(
     t: Tool, package: str, activity: str, intent: dict[str, list[str]], wait: bool
 ) -> int:
     """Bring ``package``/``activity`` to the foreground, printing what ``am start`` prints."""
-    short = _short_component(package, activity)
+    short = short_component(package, activity)
     parts = [f"act={intent['act'][0]}"] if intent.get("act") else []
     if intent.get("cat"):
         parts.append("cat=[" + ",".join(intent["cat"]) + "]")
@@ -522,6 +560,432 @@ _INPUT_SOURCES = {
 _INPUT_ARITY = {"tap": 2, "swipe": 4, "draganddrop": 4, "press": 0, "roll": 2}
 
 
+# --------------------------------------------------------------------------- text fields
+#
+# A tap on an EditText of the foreground app's screen focuses it: ``state["text_fields"]``
+# maps a package to its focused field {"resource_id", "bounds", "text"}.  ``input text``
+# and the ADBKeyBoard IME's broadcasts type into the foreground app's focused field;
+# ``uiautomator dump`` shows the field focused and holding its text.
+
+ADB_KEYBOARD_PACKAGE = "com.android.adbkeyboard"
+ADB_KEYBOARD_IME = "com.android.adbkeyboard/.AdbIME"
+KEYCODE_DEL = 67
+# What KeyCharacterMap.VIRTUAL_KEYBOARD can produce: ``input text`` types nothing else.
+_VIRTUAL_KEYBOARD = frozenset(chr(c) for c in range(0x20, 0x7F)) | {"\t", "\n"}
+
+
+def _node_hit(xml: str, x: float, y: float) -> dict[str, str] | None:
+    """The last (topmost) EditText node of a uiautomator document containing (x, y)."""
+    import re
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml[xml.find("<hierarchy") :])
+    except ET.ParseError:
+        return None
+    hit = None
+    for node in root.iter("node"):
+        m = re.fullmatch(r"\[(-?\d+),(-?\d+)\]\[(-?\d+),(-?\d+)\]", node.get("bounds", ""))
+        if not m or "EditText" not in node.get("class", ""):
+            continue
+        x1, y1, x2, y2 = (int(v) for v in m.groups())
+        if x1 <= x < x2 and y1 <= y < y2:
+            hit = {"resource_id": node.get("resource-id", ""), "bounds": node.get("bounds", "")}
+    return hit
+
+
+def focus_at(state_dir: str, x: float, y: float) -> None:
+    """A tap at (x, y): focus the EditText there, if any (a tap elsewhere keeps the focus)."""
+
+    def change(s: dict[str, Any]) -> None:
+        fg = (s.get("foreground") or {}).get("package")
+        if not fg:
+            return
+        xml = s.get("screens", {}).get(fg) or default_screen(s, fg)
+        hit = _node_hit(xml, x, y)
+        if hit is None:
+            return
+        fields = s.setdefault("text_fields", {})
+        old = fields.get(fg)
+        text = old["text"] if old and old.get("bounds") == hit["bounds"] else ""
+        fields[fg] = {**hit, "text": text}
+
+    update_state(state_dir, change)
+
+
+def edit_focused(state_dir: str, edit: Callable[[str], str]) -> str | None:
+    """Apply ``edit`` to the text of the foreground app's focused field; its package or None."""
+
+    def change(s: dict[str, Any]) -> str | None:
+        fg = (s.get("foreground") or {}).get("package")
+        field = s.get("text_fields", {}).get(fg or "")
+        if field is None:
+            return None
+        field["text"] = edit(str(field.get("text", "")))
+        return str(fg)
+
+    result: str | None = update_state(state_dir, change)
+    return result
+
+
+def show_fields(xml: str, field: dict[str, Any]) -> str:
+    """A uiautomator document with the focused field marked and showing its text."""
+    import xml.etree.ElementTree as ET
+
+    start = xml.find("<hierarchy")
+    try:
+        root = ET.fromstring(xml[start:])
+    except ET.ParseError:
+        return xml
+    for node in root.iter("node"):
+        if "EditText" in node.get("class", "") and node.get("bounds") == field.get("bounds"):
+            node.set("focused", "true")
+            if field.get("text"):
+                node.set("text", field["text"])
+            break
+    else:
+        return xml
+
+    def render(node: ET.Element) -> str:
+        head = "<" + node.tag + "".join(f' {k}="{_attr(v)}"' for k, v in node.attrib.items())
+        kids = "".join(render(k) for k in node)
+        return head + (">" + kids + f"</{node.tag}>" if kids else " />")
+
+    head = "<hierarchy" + "".join(f' {k}="{_attr(v)}"' for k, v in root.attrib.items()) + ">"
+    body = "".join(render(k) for k in root)
+    return xml[:start] + head + body + "</hierarchy>" + xml[xml.rfind("</hierarchy>") + 12 :]
+
+
+# --------------------------------------------------------------------------- input methods
+
+
+def input_methods(state: dict[str, Any]) -> list[str]:
+    """Every installed IME's id (``package/.Service``), as ``ime list -a -s`` prints them."""
+    return [
+        short_component(name, str(info["input_method"]))
+        for name, info in sorted(state.get("packages", {}).items())
+        if info.get("input_method")
+    ]
+
+
+def enabled_input_methods(state: dict[str, Any]) -> list[str]:
+    """The ``enabled_input_methods`` secure setting: ids joined by ':' (subtypes after ';')."""
+    raw = state.get("settings", {}).get("secure", {}).get("enabled_input_methods") or ""
+    installed = input_methods(state)
+    ids = [part.split(";")[0] for part in str(raw).split(":") if part]
+    return [i for i in ids if i in installed]
+
+
+def current_input_method(state: dict[str, Any]) -> str | None:
+    """The selected IME (``default_input_method``), if it is installed."""
+    ime = state.get("settings", {}).get("secure", {}).get("default_input_method")
+    return ime if ime in input_methods(state) else None
+
+
+def tool_ime(t: Tool) -> int:
+    """``ime list [-a] [-s]``, ``ime enable|disable|set ID``, ``ime reset`` (``cmd input_method ime``)."""
+    args = list(t.args)
+    verb = args.pop(0) if args else "help"
+    while args[:1] in (["--user"], ["-u"]):  # only user 0 here
+        args = args[2:]
+    state = t.state()
+    installed = input_methods(state)
+    if verb == "list":
+        ids = installed if "-a" in args else enabled_input_methods(state)
+        for ime in ids:
+            if "-s" in args:
+                print(ime, file=t.out)
+            else:
+                package = ime.partition("/")[0]
+                print(f"{ime}:", file=t.out)
+                print(f"  mId={ime} mSettingsActivityName=null", file=t.out)
+                print("  mIsDefaultResId=0x0", file=t.out)
+                print("  Service:", file=t.out)
+                print("    ServiceInfo:", file=t.out)
+                print(f"      name={_resolve_component(ime)[1]}", file=t.out)
+                print(f"      packageName={package}", file=t.out)
+                print("      enabled=true exported=true directBootAware=false", file=t.out)
+        return 0
+    if verb in ("enable", "disable", "set") and args:
+        ime = args[0]
+        if ime not in installed:
+            what = "selected" if verb == "set" else "enabled" if verb == "enable" else "disabled"
+            print(f"Unknown input method {ime} cannot be {what} for user #0", file=t.err)
+            return 255
+
+        def change(s: dict[str, Any]) -> bool:
+            secure = s.setdefault("settings", {}).setdefault("secure", {})
+            enabled = enabled_input_methods(s)
+            before = ime in enabled
+            if verb == "enable" and not before:
+                enabled.append(ime)
+            elif verb == "disable" and before:
+                enabled.remove(ime)
+                if secure.get("default_input_method") == ime:  # IMMS falls back to another
+                    secure["default_input_method"] = enabled[0] if enabled else ""
+            elif verb == "set":
+                secure["default_input_method"] = ime
+            secure["enabled_input_methods"] = ":".join(enabled)
+            return before
+
+        before = t.update(change)
+        if verb == "set":
+            print(f"Input method {ime} selected for user #0", file=t.out)
+        else:
+            done = "enabled" if verb == "enable" else "disabled"
+            again = before == (verb == "enable")
+            print(
+                f"Input method {ime}: {'already' if again else 'now'} {done} for user #0",
+                file=t.out,
+            )
+        return 0
+    if verb == "reset":
+
+        def reset(s: dict[str, Any]) -> str:
+            secure = s.setdefault("settings", {}).setdefault("secure", {})
+            system = [
+                short_component(n, str(i["input_method"]))
+                for n, i in sorted(s.get("packages", {}).items())
+                if i.get("input_method") and i.get("system")
+            ]
+            secure["enabled_input_methods"] = ":".join(system)
+            secure["default_input_method"] = system[0] if system else ""
+            return secure["default_input_method"]
+
+        selected = t.update(reset)
+        print("Reset current and enabled IMEs for user #0", file=t.out)
+        print(f"  Selected: {selected}", file=t.out)
+        for ime in enabled_input_methods(t.state()):
+            print(f"   Enabled: {ime}", file=t.out)
+        return 0
+    if verb in ("help", "-h", ""):
+        print("ime <command>:", file=t.out)
+        print("  list [-a] [-s]", file=t.out)
+        print("  enable [--user <USER_ID>] <ID>", file=t.out)
+        print("  disable [--user <USER_ID>] <ID>", file=t.out)
+        print("  set [--user <USER_ID>] <ID>", file=t.out)
+        print("  reset [--user <USER_ID>]", file=t.out)
+        return 0
+    if verb in ("enable", "disable", "set"):
+        print('Error: Argument expected after "' + verb + '"', file=t.err)
+        return 255
+    print(f"Unknown command: {verb}", file=t.out)
+    return 255
+
+
+# --------------------------------------------------------------------------- broadcasts
+
+_EXTRA_TYPES = {
+    "-e": "string", "--es": "string", "--ez": "bool", "--ei": "int", "--el": "long",
+    "--ef": "float", "--ed": "double", "--eu": "uri", "--ecn": "component",
+    "--eia": "int[]", "--eial": "int[]", "--ela": "long[]", "--elal": "long[]",
+    "--efa": "float[]", "--efal": "float[]", "--eda": "double[]", "--edal": "double[]",
+    "--esa": "string[]", "--esal": "string[]",
+}  # fmt: skip
+_INTENT_VALUE = {
+    "-a": "act",
+    "-d": "dat",
+    "-t": "typ",
+    "-i": "id",
+    "-c": "cat",
+    "-n": "cmp",
+    "-p": "pkg",
+    "-f": "flg",
+    "--user": "user",
+    "--receiver-permission": "perm",
+}
+_INTENT_FLAGS = {"--grant-read-uri-permission", "--grant-write-uri-permission",
+                 "--exclude-stopped-packages", "--include-stopped-packages",
+                 "--receiver-registered-only", "--receiver-replace-pending",
+                 "--receiver-foreground", "--receiver-no-abort", "--receiver-include-background",
+                 "--allow-background-activity-starts", "--async", "--debug-log-resolution",
+                 "--activity-brought-to-front", "--activity-clear-top", "--activity-new-task",
+                 "--activity-single-top"}  # fmt: skip
+FLAG_RECEIVER_FROM_SHELL = 0x00400000
+FLAG_RECEIVER_FOREGROUND = 0x10000000
+
+
+class IntentError(ValueError):
+    """``am`` could not parse its intent arguments (Intent.parseCommandArgs throws)."""
+
+
+def parse_intent(args: list[str]) -> tuple[dict[str, Any], dict[str, tuple[str, Any]]]:
+    """``am`` intent arguments -> (intent fields, extras as key -> (type, value))."""
+    intent: dict[str, Any] = {"cat": [], "flg": 0, "opts": set()}
+    extras: dict[str, tuple[str, Any]] = {}
+    i = 0
+
+    def need(n: int) -> list[str]:
+        if i + n >= len(args):
+            raise IntentError(f'Argument expected after "{args[i]}"')
+        return args[i + 1 : i + 1 + n]
+
+    while i < len(args):
+        a = args[i]
+        if a in _EXTRA_TYPES:
+            key, raw = need(2)
+            kind = _EXTRA_TYPES[a]
+            extras[key] = (kind, _extra_value(kind, raw))
+            i += 3
+        elif a == "--esn":
+            extras[need(1)[0]] = ("string", None)
+            i += 2
+        elif a in _INTENT_VALUE:
+            (value,) = need(1)
+            field = _INTENT_VALUE[a]
+            if field == "cat":
+                intent["cat"].append(value)
+            elif field == "flg":
+                intent["flg"] |= int(value, 0)
+            else:
+                intent[field] = value
+            i += 2
+        elif a in _INTENT_FLAGS:
+            intent["opts"].add(a)
+            i += 1
+        elif a.startswith("-"):
+            raise IntentError(f"Unknown option: {a}")
+        elif "cmp" not in intent and "/" in a:
+            intent["cmp"] = a
+            i += 1
+        else:
+            intent.setdefault("dat", a)
+            i += 1
+    return intent, extras
+
+
+def _extra_value(kind: str, raw: str) -> Any:
+    import re
+
+    if kind.endswith("[]"):
+        parts = re.split(r"(?<!\\),", raw) if kind == "string[]" else raw.split(",")
+        return [_extra_value(kind[:-2], p.replace("\\,", ",")) for p in parts]
+    try:
+        if kind in ("int", "long"):
+            return int(raw)
+        if kind in ("float", "double"):
+            return float(raw)
+    except ValueError:
+        raise IntentError(f'For input string: "{raw}"') from None
+    if kind == "bool":  # Intent.parseCommandArgs: true/t, false/f, else a number
+        if raw.lower() in ("true", "t", "false", "f"):
+            return raw.lower() in ("true", "t")
+        try:
+            return int(raw, 0) != 0
+        except ValueError:
+            raise IntentError(f'For input string: "{raw}"') from None
+    return raw
+
+
+def describe_intent(intent: dict[str, Any], extras: dict[str, Any], flags: int) -> str:
+    """``Intent { act=... flg=0x... (has extras) }`` as Intent.toString() writes it."""
+    parts = []
+    if intent.get("act"):
+        parts.append(f"act={intent['act']}")
+    if intent["cat"]:
+        parts.append("cat=[" + ",".join(intent["cat"]) + "]")
+    if intent.get("dat"):
+        parts.append(f"dat={intent['dat']}")
+    if intent.get("typ"):
+        parts.append(f"typ={intent['typ']}")
+    if flags:
+        parts.append(f"flg={flags:#x}")
+    if intent.get("pkg"):
+        parts.append(f"pkg={intent['pkg']}")
+    if intent.get("cmp"):
+        parts.append("cmp=" + short_component(*_resolve_component(intent["cmp"])))
+    if extras:
+        parts.append("(has extras)")
+    return "Intent { " + " ".join(parts) + " }"
+
+
+def _am_broadcast(t: Tool, args: list[str]) -> int:
+    try:
+        intent, extras = parse_intent(args)
+    except IntentError as exc:
+        print("", file=t.err)
+        print("Exception occurred while executing 'broadcast':", file=t.err)
+        print(f"java.lang.IllegalArgumentException: {exc}", file=t.err)
+        print("\tat android.content.Intent.parseCommandArgs(Intent.java:11812)", file=t.err)
+        return 255
+    flags = intent["flg"] | FLAG_RECEIVER_FROM_SHELL
+    if "--receiver-foreground" in intent["opts"]:
+        flags |= FLAG_RECEIVER_FOREGROUND
+    print("Broadcasting: " + describe_intent(intent, extras, flags), file=t.out)
+    t.out.flush()
+    deliver_broadcast(t.state_dir, intent, extras)
+    print("Broadcast completed: result=0", file=t.out)
+    return 0
+
+
+def deliver_broadcast(
+    state_dir: str, intent: dict[str, Any], extras: dict[str, tuple[str, Any]]
+) -> None:
+    """Hand a broadcast to the receivers that want it: ADBKeyBoard's, while it is the IME.
+
+    AdbIME registers its receiver when the input method service starts, so its actions
+    do nothing unless it is the selected IME; it types into the focused field only.
+    """
+    if intent.get("cmp") or intent.get("pkg") not in (None, ADB_KEYBOARD_PACKAGE):
+        return  # AdbIME's receiver is registered at run time: a component cannot name it
+    state = read_state(state_dir)
+    if current_input_method(state) != ADB_KEYBOARD_IME:
+        return
+    action = intent.get("act")
+
+    def string(key: str) -> str | None:
+        kind, value = extras.get(key, ("", None))
+        return value if kind == "string" else None
+
+    text: str | None = None
+    if action == "ADB_INPUT_TEXT":
+        text = string("msg")
+    elif action == "ADB_INPUT_B64":
+        data = string("msg")
+        if data is None:
+            return
+        try:  # android.util.Base64.DEFAULT skips line breaks and spaces
+            raw = base64.b64decode("".join(data.split()), validate=True)
+        except (binascii.Error, ValueError):
+            return
+        text = raw.decode("utf-8", errors="replace")
+    elif action == "ADB_INPUT_CHARS":
+        kind, chars = extras.get("chars", ("", None))
+        if kind == "int[]" and chars is not None:
+            try:
+                text = "".join(chr(c) for c in chars)
+            except (ValueError, OverflowError):
+                return
+    elif action == "ADB_INPUT_CODE":
+        kind, code = extras.get("code", ("", -1))
+        if kind == "int" and code == KEYCODE_DEL:
+            edit_focused(state_dir, lambda old: old[:-1])
+        return
+    elif action == "ADB_CLEAR_TEXT":
+        edit_focused(state_dir, lambda old: "")
+        return
+    if text is None:
+        return
+    typed = text
+    if edit_focused(state_dir, lambda old: old + typed) is not None:
+        append_input_event(state_dir, read_state(state_dir), "text", [text], via=ADB_KEYBOARD_IME)
+
+
+def decode_input_text(arg: str) -> str:
+    """What ``input text ARG`` types: InputShellCommand.sendText turns each ``%s`` into a
+    space (there is no escape for a literal ``%s``); everything else is typed as is."""
+    out: list[str] = []
+    escape = False
+    for c in arg:
+        if escape and c == "s":
+            out[-1] = " "
+            escape = False
+            continue
+        escape = c == "%"
+        out.append(c)
+    return "".join(out)
+
+
 def tool_input(t: Tool) -> int:
     """``input [SOURCE] tap|swipe|text|keyevent|...``: appended to the phone's input log."""
     args = list(t.args)
@@ -545,9 +1009,21 @@ def tool_input(t: Tool) -> int:
             return 1
     elif kind == "text":
         if not rest:
-            print("Error: Invalid arguments for command: text", file=t.err)
-            return 1
-        rest = [" ".join(rest).replace("%s", " ")]
+            print('Error: Argument expected after "text"', file=t.err)
+            return 255
+        text = decode_input_text(rest[0])  # InputShellCommand reads one argument
+        bad = next((c for c in text if c not in _VIRTUAL_KEYBOARD), None)
+        if bad is not None:  # KeyCharacterMap.getEvents() answers null
+            print("", file=t.err)
+            print("Exception occurred while executing 'text':", file=t.err)
+            print("java.lang.NullPointerException: Attempt to get length of null array", file=t.err)
+            print(
+                "\tat com.android.server.input.InputShellCommand.sendText"
+                "(InputShellCommand.java:228)",
+                file=t.err,
+            )
+            return 255
+        rest = [text]
     elif kind in ("keyevent", "keycombination"):
         codes = [a for a in rest if not a.startswith("--")]
         if not codes:
@@ -568,6 +1044,15 @@ def tool_input(t: Tool) -> int:
         print(f"Error: Unknown command: {kind}", file=t.err)
         return 1
     append_input_event(t.state_dir, t.state(), kind, rest)
+    if kind == "tap":
+        focus_at(t.state_dir, float(rest[0]), float(rest[1]))
+    elif kind == "text":
+        typed = rest[0]
+        edit_focused(t.state_dir, lambda old: old + typed)
+    elif kind == "keyevent":
+        dels = sum(c in ("KEYCODE_DEL", str(KEYCODE_DEL)) for c in rest)
+        if dels:
+            edit_focused(t.state_dir, lambda old: old[: max(0, len(old) - dels)])
     if kind == "keyevent" and rest[-1] in ("KEYCODE_HOME", "3"):
 
         def go_home(s: dict[str, Any]) -> None:
@@ -604,6 +1089,9 @@ def tool_uiautomator(t: Tool) -> int:
     state = t.state()
     fg = (state.get("foreground") or {}).get("package")
     xml = state.get("screens", {}).get(fg or "") or default_screen(state, fg)
+    field = state.get("text_fields", {}).get(fg or "")
+    if field:
+        xml = show_fields(xml, field)
     if target in ("/dev/tty", "/dev/stdout"):
         t.out.write(xml)
         t.out.write("\nUI hierchary dumped to: " + target + "\n")
@@ -653,7 +1141,7 @@ def tool_dumpsys(t: Tool) -> int:
     if service == "window":
         fg = state.get("foreground")
         if fg:
-            comp = _short_component(fg["package"], fg["activity"])
+            comp = short_component(fg["package"], fg["activity"])
             print(f"  mCurrentFocus=Window{{8c1f2a u0 {comp}}}", file=t.out)
             print(f"  mFocusedApp=ActivityRecord{{5d3e8b u0 {comp} t42}}", file=t.out)
         else:
@@ -661,14 +1149,14 @@ def tool_dumpsys(t: Tool) -> int:
         return 0
     if service == "activity" and args[1:2] == ["top"]:
         for pkg, info in sorted(state.get("running", {}).items()):
-            comp = _short_component(pkg, info.get("activity", pkg + ".MainActivity"))
+            comp = short_component(pkg, info.get("activity", pkg + ".MainActivity"))
             print(f"TASK {pkg} id=42 userId=0", file=t.out)
             print(f"  ACTIVITY {comp} 7c2d1e pid={info['pid']}", file=t.out)
         return 0
     if service == "activity" and args[1:2] == ["activities"]:
         fg = state.get("foreground")
         if fg:
-            comp = _short_component(fg["package"], fg["activity"])
+            comp = short_component(fg["package"], fg["activity"])
             print(f"  mResumedActivity: ActivityRecord{{5d3e8b u0 {comp} t42}}", file=t.out)
         return 0
     if service == "power":
@@ -889,7 +1377,8 @@ def tool_getenforce(t: Tool) -> int:
 
 
 def tool_cmd(t: Tool) -> int:
-    """``cmd package|activity|settings|input ...``: the same tools under their service names."""
+    """``cmd package|activity|settings|input|input_method ...``: the same tools under their
+    service names."""
     args = list(t.args)
     if not args:
         print("cmd: No service specified; use -l to list all running services.", file=t.err)
@@ -903,6 +1392,9 @@ def tool_cmd(t: Tool) -> int:
         return tool_settings(t)
     if service == "input":
         return tool_input(t)
+    if service == "input_method" and t.args[:1] == ["ime"]:
+        t.args = t.args[1:]
+        return tool_ime(t)
     print(f"cmd: Can't find service: {service}", file=t.err)
     return 20
 
@@ -991,6 +1483,7 @@ HANDLERS: dict[str, Callable[[Tool], int]] = {
     "logcat": tool_logcat,
     "screencap": tool_screencap,
     "getenforce": tool_getenforce,
+    "ime": tool_ime,
 }
 
 
