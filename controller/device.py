@@ -12,11 +12,14 @@ version, ABI, battery, SELinux, addresses), :func:`check_root` (``su -c id``, ``
 ``dumpsys package`` versionName), :func:`probe_clock` (bracketed ``date +%s.%N``),
 :func:`push_checked` / :func:`pull_checked` (sha256 on both ends) and :func:`preflight`
 (what a technician must fix before a run: mobile data, private DNS, IPv6, screen lock,
-battery, airplane mode).
+battery, airplane mode). :func:`type_text` types into the focused field: printable ASCII
+with ``input text``, anything else through the ADBKeyBoard IME (``ADB_INPUT_B64``
+broadcasts), restoring the phone's own keyboard afterwards.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 import shlex
@@ -433,6 +436,218 @@ def read_apps(link: DeviceLink, packages: Iterable[str],
         m = re.search(r"versionName=(\S+)", r.stdout)
         out[pkg] = AppFacts(pkg, uid, vc, m.group(1) if m else None)
     return out
+
+
+# --------------------------------------------------------------------------- text input
+
+ADB_KEYBOARD_PACKAGE = "com.android.adbkeyboard"
+ADB_KEYBOARD_IME = "com.android.adbkeyboard/.AdbIME"
+ADB_KEYBOARD_APK = "https://github.com/senzhk/ADBKeyBoard/releases"
+INPUT_TEXT_CHUNK = 200
+"""Characters per ``input text`` command (each one is injected as key events, synchronously)."""
+IME_CHUNK_BYTES = 1500
+"""UTF-8 bytes per ADBKeyBoard broadcast (2 KB of base64: far below any adb command limit)."""
+
+
+def typeable_by_input_text(text: str) -> bool:
+    """Whether ``input text`` can type ``text``: printable ASCII only.
+
+    ``input text`` turns characters into key events of the virtual keyboard's key map,
+    which has no key for anything else (non-ASCII makes it throw); control characters
+    would press ENTER or TAB, which in a chat app sends or moves the focus.
+    """
+    return all(" " <= c <= "~" for c in text)
+
+
+def input_text_args(text: str, limit: int = INPUT_TEXT_CHUNK) -> list[str]:
+    """The arguments of the ``input text`` commands that type ``text`` (printable ASCII).
+
+    Android's ``input text`` types ``%s`` as a space, so spaces are sent as ``%s``; it has
+    no escape for a literal ``%s``, so the text is split between that ``%`` and ``s`` (a
+    ``%`` that ends an argument is typed as is). Arguments hold at most ``limit``
+    characters of the text.
+    """
+    if not typeable_by_input_text(text):
+        raise ValueError("input text types printable ASCII only")
+    args: list[str] = []
+    cur: list[str] = []
+    count = 0
+    for i, c in enumerate(text):
+        if cur and (count >= limit or (c == "s" and text[i - 1] == "%")):
+            args.append("".join(cur))
+            cur, count = [], 0
+        cur.append("%s" if c == " " else c)
+        count += 1
+    if cur:
+        args.append("".join(cur))
+    return args
+
+
+def input_text_commands(text: str) -> list[str]:
+    """Shell command lines (``input text ARG``, ARG shell-quoted) that type ``text``."""
+    return [f"input text {shlex.quote(arg)}" for arg in input_text_args(text)]
+
+
+def ime_text_commands(text: str, limit: int = IME_CHUNK_BYTES) -> list[str]:
+    """ADBKeyBoard broadcasts (``ADB_INPUT_B64``, base64 of UTF-8) that type ``text``.
+
+    The text is cut between code points into pieces of at most ``limit`` UTF-8 bytes;
+    ``-p`` delivers it to ADBKeyBoard alone.
+    """
+    pieces: list[bytes] = []
+    cur = b""
+    for c in text:
+        b = c.encode("utf-8")  # a lone surrogate raises UnicodeEncodeError (a ValueError)
+        if cur and len(cur) + len(b) > limit:
+            pieces.append(cur)
+            cur = b""
+        cur += b
+    if cur:
+        pieces.append(cur)
+    return [f"am broadcast -a ADB_INPUT_B64 -p {ADB_KEYBOARD_PACKAGE} --es msg "
+            + shlex.quote(base64.b64encode(p).decode("ascii")) for p in pieces]
+
+
+@dataclass(frozen=True, slots=True)
+class ImeState:
+    """The phone's keyboards: whether ADBKeyBoard is there, which IMEs are on, which is in use."""
+
+    adb_keyboard_package: bool
+    installed: tuple[str, ...]
+    enabled: tuple[str, ...]
+    current: str | None
+
+    @property
+    def adb_keyboard(self) -> bool:
+        return self.adb_keyboard_package and ADB_KEYBOARD_IME in self.installed
+
+
+def read_ime_state(link: DeviceLink) -> ImeState:
+    """``pm list packages``, ``ime list -a -s``, ``ime list -s`` and the selected IME, at once."""
+    pm, all_, enabled, current = shell_many(link, [
+        f"pm list packages {ADB_KEYBOARD_PACKAGE}", "ime list -a -s", "ime list -s",
+        "settings get secure default_input_method"])
+    cur = current.strip()
+    return ImeState(f"package:{ADB_KEYBOARD_PACKAGE}" in pm.split(),
+                    tuple(all_.split()), tuple(enabled.split()),
+                    None if cur in ("", "null") else cur)
+
+
+def require_adb_keyboard(link: DeviceLink, state: ImeState | None = None) -> ImeState:
+    """The IME state, or :class:`DeviceError` saying how to install ADBKeyBoard."""
+    state = state or read_ime_state(link)
+    if not state.adb_keyboard_package:
+        raise DeviceError(
+            f"{link.serial}: cannot type non-ASCII text: the ADBKeyBoard keyboard "
+            f"({ADB_KEYBOARD_PACKAGE}) is not installed",
+            hint=f"install it: adb -s {link.serial} install ADBKeyboard.apk "
+                 f"(from {ADB_KEYBOARD_APK}), or type ASCII text only")
+    if not state.adb_keyboard:
+        raise DeviceError(
+            f"{link.serial}: cannot type non-ASCII text: {ADB_KEYBOARD_PACKAGE} is installed "
+            f"but its input method {ADB_KEYBOARD_IME} is not available (ime list -a)",
+            hint=f"enable the package (adb -s {link.serial} shell pm enable "
+                 f"{ADB_KEYBOARD_PACKAGE}) or reinstall ADBKeyboard.apk")
+    return state
+
+
+def _ime(link: DeviceLink, verb: str, ime: str) -> None:
+    r = link.shell(f"ime {verb} {shlex.quote(ime)}", timeout=20)
+    if not r.ok or "Unknown input method" in r.stdout + r.stderr:
+        detail = (r.stderr or r.stdout).strip().splitlines()
+        raise DeviceError(f"{link.serial}: ime {verb} {ime} failed"
+                          + (f": {detail[-1]}" if detail else f" (exit {r.returncode})"))
+
+
+def _wait_bound(link: DeviceLink, timeout: float, poll: float) -> None:
+    """Wait until ADBKeyBoard is bound to the focused field (its receiver exists only then).
+
+    ``dumpsys input_method`` shows ``mCurId=ID ... mBoundToMethod=true`` once the IME
+    serves a text field; a phone whose dump lacks those lines is not waited for.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        out = link.shell("dumpsys input_method", timeout=20).stdout
+        line = next((x for x in out.splitlines() if x.strip().startswith("mCurId=")), None)
+        if line is None or "mBoundToMethod=" not in line:
+            return  # an unknown dump: nothing to wait for
+        if line.split()[0] == f"mCurId={ADB_KEYBOARD_IME}" and "mBoundToMethod=true" in line:
+            return
+        if time.monotonic() >= deadline:
+            raise DeviceError(
+                f"{link.serial}: ADBKeyBoard did not take the text field within {timeout:g} s",
+                hint="tap the text field first (a field must have the focus)")
+        time.sleep(poll)
+
+
+def type_with_adb_keyboard(link: DeviceLink, text: str, bind_timeout: float = 3.0,
+                           poll: float = 0.1) -> int:
+    """Type any Unicode ``text`` through ADBKeyBoard; returns the broadcasts sent.
+
+    Enables ADBKeyBoard and selects it if needed, waits until it serves the focused
+    field, sends ``ADB_INPUT_B64`` broadcasts, then selects the previous keyboard again
+    (and disables ADBKeyBoard if it was disabled). A phone without ADBKeyBoard is a
+    :class:`DeviceError` that says how to install it.
+    """
+    commands = ime_text_commands(text)
+    state = require_adb_keyboard(link)
+    was_enabled = ADB_KEYBOARD_IME in state.enabled
+    switched = state.current != ADB_KEYBOARD_IME
+    try:
+        if not was_enabled:
+            _ime(link, "enable", ADB_KEYBOARD_IME)
+        if switched:
+            _ime(link, "set", ADB_KEYBOARD_IME)
+            now = link.shell("settings get secure default_input_method", timeout=20).stdout.strip()
+            if now != ADB_KEYBOARD_IME:
+                raise DeviceError(
+                    f"{link.serial}: the phone kept the keyboard {now} after "
+                    f"ime set {ADB_KEYBOARD_IME}",
+                    hint="allow input from adb (Xiaomi: 'USB debugging (Security settings)') "
+                         "or choose ADBKeyBoard in Settings > Keyboard")
+        _wait_bound(link, bind_timeout, poll)
+        for cmd in commands:
+            r = link.shell(cmd, timeout=30)
+            if not r.ok or "Broadcast completed" not in r.stdout:
+                detail = (r.stderr or r.stdout).strip().splitlines()
+                raise DeviceError(f"{link.serial}: am broadcast ADB_INPUT_B64 failed"
+                                  + (f": {detail[-1]}" if detail else f" (exit {r.returncode})"))
+    except BaseException:
+        _restore_ime(link, state, was_enabled, switched, strict=False)
+        raise
+    _restore_ime(link, state, was_enabled, switched, strict=True)
+    return len(commands)
+
+
+def _restore_ime(link: DeviceLink, state: ImeState, was_enabled: bool, switched: bool,
+                 strict: bool) -> None:
+    try:
+        if switched and state.current:
+            _ime(link, "set", state.current)
+        if not was_enabled:
+            _ime(link, "disable", ADB_KEYBOARD_IME)
+    except DeviceError as err:
+        if strict:  # after a failure the first error is the one to report
+            fix = (f"select it again: adb -s {link.serial} shell ime set {state.current}"
+                   if state.current else "check the keyboard in Settings > Keyboard")
+            raise DeviceError(f"{err.message} (restoring the keyboard after typing)",
+                              hint=fix) from None
+
+
+def type_text(link: DeviceLink, text: str) -> str:
+    """Type ``text`` into the focused field; returns how ("input text" or "ADBKeyBoard").
+
+    Printable ASCII goes through ``input text`` (quoted, spaces as ``%s``, in chunks);
+    anything else through the ADBKeyBoard IME (:func:`type_with_adb_keyboard`).
+    """
+    if not text:
+        return "nothing to type"
+    if typeable_by_input_text(text):
+        for cmd in input_text_commands(text):
+            link.shell(cmd, timeout=30).check(link.serial, "input text")
+        return "input text"
+    type_with_adb_keyboard(link, text)
+    return "ADBKeyBoard"
 
 
 # --------------------------------------------------------------------------- clock

@@ -17,15 +17,15 @@ each step a mapping with one key::
 
 Steps: ``launch`` (``am start -W``), ``tap`` (a node of ``uiautomator dump`` by ``text``,
 ``resource_id`` or ``content_desc``; retried while uiautomator "could not get idle
-state" or the node is not there yet), ``type`` (``input text``, escaped; non-ASCII via
-the ADBKeyBoard ``ADB_INPUT_B64`` broadcast), ``key`` (``input keyevent``), ``swipe``,
+state" or the node is not there yet), ``type`` (into the focused field: printable ASCII
+with ``input text``, anything else through the ADBKeyBoard IME; see
+:func:`controller.device.type_text`), ``key`` (``input keyevent``), ``swipe``,
 ``wait`` (seconds plus an optional seeded random dwell), ``assert`` (a node is on
 screen), ``stop`` (``am force-stop``). ``{name}`` in a string is a parameter.
 """
 
 from __future__ import annotations
 
-import base64
 import random
 import re
 import shlex
@@ -41,7 +41,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from controller.device import DeviceLink
+from controller.device import DeviceLink, type_text
 from controller.errors import ConfigError, ControllerError
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
@@ -94,8 +94,17 @@ class Tap(Selector):
 
 class TypeText(_M):
     text: str
+    """Typed into the focused field (tap it first); any Unicode text."""
     enter: bool = False
     """Press ENTER afterwards."""
+
+    @model_validator(mode="after")
+    def _encodable(self) -> TypeText:
+        try:
+            self.text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"text has an unpaired surrogate at character {err.start}") from None
+        return self
 
 
 class Key(_M):
@@ -340,11 +349,6 @@ def find(nodes: list[Node], sel: Selector) -> Node | None:
     return hits[sel.index] if len(hits) > sel.index else None
 
 
-def escape_input_text(text: str) -> str:
-    """``input text`` argument: spaces as ``%s``, then shell-quoted for the device shell."""
-    return shlex.quote(text.replace("%", "\\%").replace(" ", "%s"))
-
-
 class ScenarioRunner:
     """Runs scenario steps on a phone; ``cancel`` is checked between steps and during waits."""
 
@@ -423,15 +427,10 @@ class ScenarioRunner:
         return f"tapped {x},{y}"
 
     def _do_type(self, a: TypeText) -> str:
-        if a.text.isascii():
-            self._sh(f"input text {escape_input_text(a.text)}", "type text")
-        else:  # input text cannot type non-ASCII: ADBKeyBoard's broadcast can
-            b64 = base64.b64encode(a.text.encode("utf-8")).decode()
-            self._sh(f"am broadcast -a ADB_INPUT_B64 --es msg {shlex.quote(b64)}",
-                     "type non-ASCII text (needs the ADBKeyBoard IME)")
+        how = type_text(self.link, a.text)
         if a.enter:
             self._sh("input keyevent KEYCODE_ENTER", "enter")
-        return f"{len(a.text)} characters"
+        return f"{len(a.text)} characters ({how})"
 
     def _do_key(self, a: Key) -> str:
         k = a.key if a.key.isdigit() or a.key.startswith("KEYCODE_") else f"KEYCODE_{a.key}"

@@ -4,8 +4,10 @@ real adb server (its input log shows the taps and text)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from controller.device import RecordingDeviceLink, ShellResult
-from controller.errors import ConfigError
+from controller.errors import ConfigError, DeviceError
 from controller.lab import toolbox_runtime as rt
 from controller.scenario import (
     ACTIVITIES,
@@ -27,7 +29,6 @@ from controller.scenario import (
     ScenarioCancelled,
     ScenarioFailed,
     ScenarioRunner,
-    escape_input_text,
     load_scenario,
     parse_screen,
     scenario_for,
@@ -51,6 +52,28 @@ def write(tmp: Path, text: str) -> Path:
 
 
 BASE = "app: t\npackage: com.example.t\nactivity: com.example.t.Main\n"
+GBOARD = "com.google.android.inputmethod.latin/com.android.inputmethod.latin.LatinIME"
+
+
+def make_keyboard_phone() -> RecordingDeviceLink:
+    """A fake phone with Gboard selected and ADBKeyBoard installed but not enabled."""
+    selected = [GBOARD]
+
+    def ime_set(cmd: str) -> str:
+        selected[0] = shlex.split(cmd)[-1]
+        return f"Input method {selected[0]} selected for user #0\n"
+
+    return (RecordingDeviceLink()
+            .on(r"^pm list packages com\.android\.adbkeyboard$",
+                "package:com.android.adbkeyboard\n")
+            .on(r"^ime list -a -s$", f"{GBOARD}\ncom.android.adbkeyboard/.AdbIME\n")
+            .on(r"^ime list -s$", f"{GBOARD}\n")
+            .on(r"^settings get secure default_input_method$", lambda _c: selected[0] + "\n")
+            .on(r"^ime set ", ime_set)
+            .on(r"^ime (en|dis)able ", lambda c: f"Input method {shlex.split(c)[-1]}: now "
+                                                 f"{shlex.split(c)[1]}d for user #0\n")
+            .on(r"^am broadcast ", "Broadcasting: Intent { act=ADB_INPUT_B64 flg=0x400000 "
+                                   "(has extras) }\nBroadcast completed: result=0\n"))
 
 
 # ----------------------------------------------------------------------------- files
@@ -137,28 +160,52 @@ def test_missing_node_fails_optional_node_is_skipped(tmp_path: Path) -> None:
     assert sum(c.startswith("uiautomator") for c in link.commands) == 1 + 3
 
 
-def test_type_escapes_text_and_sends_non_ascii_through_the_ime(tmp_path: Path) -> None:
+def test_type_quotes_ascii_and_sends_non_ascii_through_adbkeyboard(tmp_path: Path) -> None:
     sc, steps = scenario(tmp_path, "    - type: {text: \"it's 100% ok; rm -rf /\", enter: true}\n"
                                    "    - type: {text: 'ciao, città 👋'}\n"
                                    "    - key: {key: HOME}\n    - key: {key: '4'}\n"
                                    "    - swipe: {x1: 1, y1: 2, x2: 3, y2: 4}\n"
                                    "    - launch: {}\n    - stop: {}\n")
-    link = RecordingDeviceLink().on(r"^am start", "Status: ok\nTotalTime: 321\nComplete\n")
-    ScenarioRunner(link, sc).run(steps)
+    link = make_keyboard_phone().on(r"^am start", "Status: ok\nTotalTime: 321\nComplete\n")
+    r = ScenarioRunner(link, sc)
+    r.run(steps)
     cmds = link.commands
-    assert cmds[0] == "input text " + escape_input_text("it's 100% ok; rm -rf /")
-    import shlex
-
-    assert shlex.split(cmds[0])[2] == "it's%s100\\%%sok;%srm%s-rf%s/"
+    assert cmds[0] == "input text " + shlex.quote("it's%s100%%sok;%srm%s-rf%s/")
+    assert shlex.split(cmds[0])[2] == "it's%s100%%sok;%srm%s-rf%s/"
     assert cmds[1] == "input keyevent KEYCODE_ENTER"
-    assert cmds[2].startswith("am broadcast -a ADB_INPUT_B64 --es msg ")
-    import base64
+    broadcasts = [c for c in cmds if c.startswith("am broadcast")]
+    assert len(broadcasts) == 1
+    assert broadcasts[0].startswith("am broadcast -a ADB_INPUT_B64 -p com.android.adbkeyboard "
+                                    "--es msg ")
+    assert base64.b64decode(shlex.split(broadcasts[0])[-1]).decode() == "ciao, città 👋"
+    assert "ime set com.android.adbkeyboard/.AdbIME" in cmds
+    assert cmds.index("ime set com.android.adbkeyboard/.AdbIME") < cmds.index(broadcasts[0])
+    after = cmds[cmds.index(broadcasts[0]) + 1:]
+    assert after[:2] == [f"ime set {GBOARD}", "ime disable com.android.adbkeyboard/.AdbIME"]
+    assert after[2:5] == ["input keyevent KEYCODE_HOME", "input keyevent 4",
+                          "input swipe 1 2 3 4 300"]
+    assert after[5] == "am start -W -n com.example.t/com.example.t.Main"
+    assert after[6] == "am force-stop com.example.t"
+    assert [x["detail"] for x in r.log[:2]] == ["22 characters (input text)",
+                                                "13 characters (ADBKeyBoard)"]
 
-    assert base64.b64decode(shlex.split(cmds[2])[-1]).decode() == "ciao, città 👋"
-    assert cmds[3:6] == ["input keyevent KEYCODE_HOME", "input keyevent 4",
-                         "input swipe 1 2 3 4 300"]
-    assert cmds[6] == "am start -W -n com.example.t/com.example.t.Main"
-    assert cmds[7] == "am force-stop com.example.t"
+
+def test_type_without_adbkeyboard_is_one_clear_device_error(tmp_path: Path) -> None:
+    sc, steps = scenario(tmp_path, "    - type: {text: 'grazie 🙏'}\n")
+    link = RecordingDeviceLink(serial="R5CR10ABCDE").on(r"^pm list packages", "")
+    with pytest.raises(DeviceError) as err:
+        ScenarioRunner(link, sc).run(steps)
+    assert err.value.one_line() == (
+        "R5CR10ABCDE: cannot type non-ASCII text: the ADBKeyBoard keyboard "
+        "(com.android.adbkeyboard) is not installed (install it: adb -s R5CR10ABCDE install "
+        "ADBKeyboard.apk (from https://github.com/senzhk/ADBKeyBoard/releases), or type ASCII "
+        "text only)")
+    assert not any(c.startswith(("ime", "am broadcast")) for c in link.commands)
+
+
+def test_type_text_with_an_unpaired_surrogate_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"chat\[0\]\.type: .*unpaired surrogate"):
+        load_scenario(write(tmp_path, BASE + 'activities:\n  chat:\n    - type: {text: "a\\ud800"}\n'))
 
 
 def test_a_failing_command_and_a_missing_app_are_scenario_failures(tmp_path: Path) -> None:

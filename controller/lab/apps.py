@@ -11,7 +11,8 @@ shims ``am``, ``input`` ...) and
 - publishes each messenger's screens (uiautomator XML) in the state, so scenario steps
   find the elements by resource-id, text or content-desc, and turns taps on them into
   actions: send a chat message, upload media, start or end a voice or video call;
-  ``input text`` is typing, ``keyevent HOME`` sends the app to the background,
+  ``input text`` (or text ADBKeyBoard commits) is typing, sending empties the text
+  field, ``keyevent HOME`` sends the app to the background,
   ``keyevent ENDCALL`` ends a call;
 - writes each app's real pid into ``state.json`` so ``pidof`` reports it.
 
@@ -819,6 +820,7 @@ class Manager:
             action = action_at(fg, running.screen, float(args[0]), float(args[1]), w, h)
             if action == "chat":
                 self.send(fg, "chat 1")
+                rt.edit_focused(str(self.state_dir), lambda _text: "")  # the message is sent
             elif action == "media":
                 self.send(fg, f"media {MEDIA_BYTES}")
             elif action.startswith("call"):
@@ -833,6 +835,7 @@ class Manager:
             self.hangup(fg)
         elif kind == "keyevent" and args and args[-1] in ("KEYCODE_ENTER", "66"):
             self.send(fg, "chat 1")
+            rt.edit_focused(str(self.state_dir), lambda _text: "")
 
     def hangup(self, package: str) -> None:
         self.send(package, "hangup")

@@ -1109,7 +1109,7 @@ def tool_uiautomator(t: Tool) -> int:
 
 
 def tool_dumpsys(t: Tool) -> int:
-    """``dumpsys battery|package PKG|window|activity top|activities|power``."""
+    """``dumpsys battery|package PKG|window|activity top|activities|input_method|power``."""
     args = list(t.args)
     service = args[0] if args else ""
     state = t.state()
@@ -1158,6 +1158,19 @@ def tool_dumpsys(t: Tool) -> int:
         if fg:
             comp = short_component(fg["package"], fg["activity"])
             print(f"  mResumedActivity: ActivityRecord{{5d3e8b u0 {comp} t42}}", file=t.out)
+        return 0
+    if service == "input_method":
+        # AdbIME binds (and registers its broadcast receiver) once a field has the focus.
+        ime = current_input_method(state)
+        fg = (state.get("foreground") or {}).get("package")
+        bound = ime is not None and fg in state.get("text_fields", {})
+        print("INPUT MANAGER (dumpsys input_method)", file=t.out)
+        print(f"  mCurMethodId={ime}", file=t.out)
+        print(
+            f"  mCurId={ime if bound else None} mHaveConnection={str(ime is not None).lower()} "
+            f"mBoundToMethod={str(bound).lower()} mVisibleBound=false",
+            file=t.out,
+        )
         return 0
     if service == "power":
         print("  mWakefulness=Awake", file=t.out)
