@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from controller.errors import DeviceError, RootRequired
+from controller.errors import ConfigError, DeviceError, RootRequired
 
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -117,6 +117,26 @@ class AdbDeviceLink:
             self._device.sync.push(str(local), remote, mode=mode)
         except Exception as err:
             raise self._fail(f"push {remote}", err) from None
+
+    def forward(self, remote_port: int) -> int:
+        """``adb forward tcp:LOCAL tcp:REMOTE`` to a free local port; returns LOCAL."""
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            local = int(s.getsockname()[1])
+        try:
+            self._device.forward(f"tcp:{local}", f"tcp:{int(remote_port)}")
+        except Exception as err:
+            raise self._fail(f"forward tcp:{local} tcp:{remote_port}", err) from None
+        return local
+
+    def forward_remove(self, local_port: int) -> None:
+        """Remove a forward made by :meth:`forward` (a missing one is fine)."""
+        try:
+            self._device.forward_remove(f"tcp:{int(local_port)}", raise_non_found=False)
+        except Exception as err:
+            raise self._fail(f"remove forward tcp:{local_port}", err) from None
 
     def pull(self, remote: str, local: Path, timeout: float = DEFAULT_TIMEOUT_S) -> int:
         try:
@@ -248,6 +268,13 @@ class RecordingDeviceLink:
             err = "".join(f"sha256sum: {p}: No such file or directory\n" for p in missing)
             return ShellResult(command, 1 if missing else 0, out, err)
         return ShellResult(command, 0, "")
+
+    def forward(self, remote_port: int) -> int:
+        self._tick("forward", f"tcp:{remote_port}")
+        return 40000 + int(remote_port) % 1000
+
+    def forward_remove(self, local_port: int) -> None:
+        self._tick("forward_remove", f"tcp:{local_port}")
 
     def push(self, local: Path, remote: str, mode: int = 0o644,
              timeout: float = DEFAULT_TIMEOUT_S) -> None:
@@ -778,3 +805,172 @@ def preflight(link: DeviceLink, facts: DeviceFacts | None = None,
     if facts.battery_level is not None and facts.battery_level < battery_min:
         out.append(PreflightWarning("battery", f"battery at {facts.battery_level} %", "charge the phone"))
     return out
+
+
+# --------------------------------------------------------------------------- frida
+
+FRIDA_SERVER = "/data/local/tmp/frida-server"
+FRIDA_PORT = 27042
+
+
+@dataclass
+class FridaEndpoint:
+    """The frida device a session's tracer attaches through, and how to let it go.
+
+    ``accept`` narrows the device's processes to the phone's (the lab's phones share one
+    host); ``clock_shift_s`` is added to the agent's timestamps so they read the phone's
+    clock: 0 on a phone, whose apps read its clock; the phone's offset in the virtual lab,
+    whose apps run on the host's clock while commands run through adb get the offset from
+    libfaketime.
+    """
+
+    device: Any
+    where: str
+    clock_shift_s: float = 0.0
+    accept: Callable[[int], bool] | None = None
+    server_pid: int | None = None
+    closer: Callable[[], None] | None = field(default=None, repr=False)
+
+    def close(self) -> None:
+        """Let the device go (idempotent): forwards, remote device, a server we started."""
+        fn, self.closer = self.closer, None
+        if fn is not None:
+            fn()
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {"device": self.where, "clock_shift_s": self.clock_shift_s,
+                "server_pid": self.server_pid}
+
+
+def bounded(fn: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Run ``fn`` in a daemon thread; :class:`DeviceError` if it takes over ``timeout`` s
+    (frida's calls have no timeouts of their own, and a lost device must not hang us)."""
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as err:  # re-raised in the caller
+            box["error"] = err
+
+    t = threading.Thread(target=run, name=f"bounded-{what[:20]}", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise DeviceError(f"{what} did not finish within {timeout:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def in_netns(name: str) -> Callable[[int], bool]:
+    """A process filter: pids living in the named network namespace (``ip netns``)."""
+    import os
+
+    st = os.stat(f"/run/netns/{name}")
+    want = (st.st_dev, st.st_ino)
+
+    def accept(pid: int) -> bool:
+        try:
+            s = os.stat(f"/proc/{pid}/ns/net")
+        except OSError:
+            return False
+        return (s.st_dev, s.st_ino) == want
+
+    return accept
+
+
+def local_frida(clock_shift_s: float = 0.0, netns: str | None = None) -> FridaEndpoint:
+    """frida's local device (the virtual lab: its phones' processes are this host's),
+    narrowed to one phone's network namespace when given."""
+    from device_scripts.frida_loader import FridaTracerError, get_device
+
+    try:
+        dev = get_device("local")
+    except FridaTracerError as err:
+        raise ConfigError(err.message, hint=err.hint or "pip install frida") from None
+    try:
+        accept = in_netns(netns) if netns else None
+    except OSError as err:
+        raise DeviceError(f"network namespace {netns}: {err.strerror}",
+                          hint="is the virtual lab still up?") from None
+    return FridaEndpoint(dev, f"local (netns {netns})" if netns else "local", clock_shift_s,
+                         accept)
+
+
+def phone_frida(link: DeviceLink, server: str = FRIDA_SERVER, port: int = FRIDA_PORT,
+                timeout: float = 15.0) -> FridaEndpoint:
+    """frida-server on a rooted phone, reached through ``adb forward``.
+
+    Starts ``server`` as root (detached) unless a process of that name runs already; a
+    missing server is a :class:`ConfigError` with the fix. The endpoint's ``close`` removes
+    the forward and stops the server if this call started it.
+    """
+    from device_scripts.frida_loader import FridaTracerError, _frida, _frida_errors
+
+    q = shlex.quote
+    try:
+        frida = _frida()
+    except FridaTracerError as err:
+        raise ConfigError(err.message, hint=err.hint) from None
+    version = getattr(frida, "__version__", "?")
+    name = server.rstrip("/").rsplit("/", 1)[-1] or "frida-server"
+    r = root_shell(link, f"if [ -x {q(server)} ]; then echo present; fi; pidof {q(name)}; true",
+                   timeout=20)
+    words = r.stdout.split()
+    if "present" not in words:
+        raise ConfigError(
+            f"{link.serial}: no executable frida-server at {server}",
+            hint=f"download frida-server {version} for the phone's ABI from frida's GitHub "
+                 f"releases, adb push it to {server} and chmod 755 it (or set frida_server)")
+    running = [int(w) for w in words if w.isdigit()]
+    started: int | None = None
+    if not running:
+        r = root_shell(link, f"setsid {q(server)} -l 127.0.0.1:{int(port)} </dev/null "
+                             f">/dev/null 2>&1 & echo $!", timeout=20)
+        r.check(link.serial, f"start {server}")
+        pid = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
+        if not pid.isdigit():
+            raise DeviceError(f"{link.serial}: starting {server} printed {r.stdout!r}")
+        started = int(pid)
+    forward = getattr(link, "forward", None)
+    if forward is None:
+        raise DeviceError(f"{link.serial}: this device link cannot forward ports (adb forward)")
+    local = int(forward(port))
+    addr = f"127.0.0.1:{local}"
+    mgr = frida.get_device_manager()
+    errors = _frida_errors()
+
+    def close() -> None:
+        for fn in (lambda: mgr.remove_remote_device(addr),
+                   lambda: link.forward_remove(local),  # type: ignore[attr-defined]
+                   lambda: started is not None and root_shell(
+                       link, f"kill {started} 2>/dev/null; true", timeout=10)):
+            try:
+                bounded(fn, 10.0, "letting frida go")
+            except Exception:  # best effort: the phone may be gone
+                pass
+
+    try:
+        dev = bounded(lambda: mgr.add_remote_device(addr), 10.0, "frida add_remote_device")
+    except (DeviceError, *errors) as err:
+        close()
+        raise DeviceError(f"{link.serial}: frida cannot use {addr}: {err}") from None
+    deadline = time.monotonic() + timeout
+    while True:  # a server just started needs a moment before it answers
+        try:
+            bounded(dev.query_system_parameters, 10.0, "frida-server's answer")
+            break
+        except (DeviceError, *errors) as err:
+            if time.monotonic() > deadline:
+                close()
+                raise DeviceError(
+                    f"{link.serial}: frida-server ({server}) does not answer through "
+                    f"adb forward tcp:{local} tcp:{port}: {err}",
+                    hint=f"its version must match the frida Python package ({version}); "
+                         f"try it by hand: adb shell su -c {server}") from None
+            time.sleep(0.3)
+    return FridaEndpoint(dev, f"frida-server {server} via adb forward tcp:{local} tcp:{port}",
+                         0.0, None, started, close)

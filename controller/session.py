@@ -53,8 +53,13 @@ from typing import Any, Protocol
 from analysis.errors import FlowtruthError
 from controller import events as ev
 from controller.device import (
+    FRIDA_SERVER,
     DeviceFacts,
     DeviceLink,
+    FridaEndpoint,
+    bounded,
+    local_frida,
+    phone_frida,
     read_apps,
     read_facts,
     read_packages,
@@ -339,6 +344,19 @@ class Environment:
     """Plan device names (``lab:phone1``) to adb serials."""
     ips: dict[str, str] = field(default_factory=dict)
     """adb serial to the phone's address at the AP, when known beforehand (the lab)."""
+    frida_device: Callable[[DeviceLink], FridaEndpoint] | None = None
+    """Opens the frida device of a phone (``tracer: frida|both``); default
+    :func:`controller.device.phone_frida`: frida-server on the phone via adb forward."""
+    frida_server: str = FRIDA_SERVER
+    """Where frida-server lives on the phones (the default ``frida_device`` starts it)."""
+    frida_stop_timeout_s: float = 20.0
+    """How long StopTracers waits for frida to detach before it gives up on it."""
+
+    def open_frida(self, link: DeviceLink) -> FridaEndpoint:
+        """The frida endpoint of this phone (see :attr:`frida_device`)."""
+        if self.frida_device is not None:
+            return self.frida_device(link)
+        return phone_frida(link, self.frida_server)
 
     @classmethod
     def for_lab(cls, lab: Any, runs_root: Path | str = "runs", **kw: Any) -> Environment:
@@ -356,8 +374,25 @@ class Environment:
         for p in lab.phones:
             for name in (p.name, f"lab:{p.name}", p.config.serial, f"lab:{p.config.serial}"):
                 serials[name] = p.serial
+        kw.setdefault("frida_device", lab_frida(
+            {p.serial: p.netns for p in lab.phones},
+            {p.serial: float(p.config.clock_offset_s) for p in lab.phones}))
         return cls(runs_root=runs, client=adb_client(int(lab.adb_port)), capture=cap,
                    serials=serials, ips={p.serial: p.ip for p in lab.phones}, **kw)
+
+
+def lab_frida(netns: dict[str, str], clock_offsets: dict[str, float]
+              ) -> Callable[[DeviceLink], FridaEndpoint]:
+    """The virtual lab's frida: a phone's processes are local processes in its network
+    namespace (one PID namespace for all), so frida's local device narrowed to that
+    namespace; the agent's host-clock timestamps get the phone's clock offset."""
+
+    def open_(link: DeviceLink) -> FridaEndpoint:
+        if link.serial not in netns:
+            raise ConfigError(f"{link.serial}: not a phone of the virtual lab")
+        return local_frida(clock_offsets.get(link.serial, 0.0), netns[link.serial])
+
+    return open_
 
 
 @dataclass
@@ -400,7 +435,7 @@ def _tool_versions() -> dict[str, str]:
     try:
         from importlib.metadata import version
 
-        for pkg in ("flowtruth", "adbutils"):
+        for pkg in ("flowtruth", "adbutils", "frida"):
             try:
                 out[pkg] = version(pkg)
             except Exception:
@@ -447,6 +482,8 @@ class Session:
         self.facts: DeviceFacts | None = None
         self.owns_capture = False
         self.tracer_pids: dict[str, int] = {}
+        self.frida_ep: FridaEndpoint | None = None
+        self.frida_tracer: Any = None
         self.window_end: float | None = None
         self.m: dict[str, Any] = {
             "schema_version": MANIFEST_SCHEMA_VERSION,
@@ -531,9 +568,6 @@ class Session:
         self.steps_ = sc.steps(spec.activity, spec.params)
         if spec.tracer not in TRACERS:
             raise ConfigError(f"tracer must be one of {', '.join(TRACERS)}, not {spec.tracer!r}")
-        if spec.tracer in ("frida", "both"):
-            raise ConfigError(f"tracer {spec.tracer!r} is not wired into the session engine yet",
-                              hint="use tracer: strace")
         self.m["scenario"] = {"file": str(sc.path), "app": sc.app, "package": sc.package,
                               "steps": [s.describe() for s in self.steps_]}
         facts = read_facts(link)
@@ -571,9 +605,14 @@ class Session:
         if not addrs:
             raise ControllerError(f"{link.serial}: the phone has no address on the AP's network",
                                   hint="is it connected to the AP's Wi-Fi?")
+        frida = ""
+        if spec.tracer in ("frida", "both"):  # a missing frida-server fails before the capture
+            self.frida_ep = self.env.open_frida(link)
+            self.m["frida"] = self.frida_ep.to_manifest()
+            frida = f"; frida: {self.frida_ep.where}"
         return (f"{facts.manufacturer} {facts.model}, Android {facts.android}, {facts.abi}; "
                 f"{sc.package} uid {apps[sc.package].uid}; clock {clock.offset_s:+.3f}s "
-                f"±{clock.uncertainty_s:.3f}; {len(warns)} warnings")
+                f"±{clock.uncertainty_s:.3f}; {len(warns)} warnings{frida}")
 
     def _addresses(self) -> list[str]:
         ip = self.spec.ip or self.env.ips.get(self.link.serial)
@@ -616,8 +655,9 @@ class Session:
                  "done; ")
         r = root_shell(link, stale + f"mkdir -p {q(d)}/strace {q(bin_dir)} && chmod 777 "
                              f"{q(self.env.device_dir)} {q(d)} {q(bin_dir)} && "
-                             f"sha256sum {q(files['strace'][1]) if 'strace' in files else ''} "
-                             "2>/dev/null; true", timeout=20)
+                             + (f"sha256sum {q(files['strace'][1])} 2>/dev/null; "
+                                if "strace" in files else "")  # no operand: it reads stdin
+                             + "true", timeout=20)
         r.check(link.serial, "mkdir on the phone")
         have = {}
         for line in r.stdout.splitlines():
@@ -656,19 +696,42 @@ class Session:
 
     def start_tracers(self) -> str:
         d, sc = self.dev_dir, self.scenario
+        tracer = self.spec.tracer
         jobs: list[tuple[str, list[str], str]] = []
-        if self.spec.tracer in ("strace", "both"):
+        if tracer in ("strace", "both"):
+            # under "both" the launcher skips the main process, which frida traces
             jobs.append(("strace", ["sh", f"{d}/strace_launcher.sh", sc.package, f"{d}/strace",
-                                    self.strace_remote, f"{self.env.launcher_interval:g}"],
+                                    self.strace_remote, f"{self.env.launcher_interval:g}",
+                                    "secondary" if tracer == "both" else "all"],
                          f"{d}/strace_launcher.err"))
         if self.spec.netstat:
             jobs.append(("netstat", ["sh", f"{d}/netstat_poller.sh", f"{d}/netstat.log",
                                      f"{self.env.netstat_interval:g}", "67108864",
                                      f"{d}/netstat.stop"], f"{d}/netstat_poller.err"))
-        if not jobs:
-            return "no tracers"
+        started = self._start_phone_tracers(jobs) if jobs else []
+        if tracer in ("frida", "both"):
+            started.append(self._start_frida())
+        return ", ".join(started) or "no tracers"
+
+    def _start_frida(self) -> str:
+        from device_scripts.frida_loader import FridaPackageTracer
+
+        ep = self.frida_ep
+        assert ep is not None, "Preflight opens the frida endpoint"
+        role = "main" if self.spec.tracer == "both" else "all"
+        pt = FridaPackageTracer(self.scenario.package, self.run_dir / "frida", role=role,
+                                device=ep.device, interval=self.env.launcher_interval,
+                                accept=ep.accept)
+        # StopTracers stops it even when the first scan fails
+        self.frida_tracer = pt
+        bounded(pt.start, 60.0, f"{self.link.serial}: frida's first scan")
+        self.m["frida"]["role"] = role
+        pids = ", ".join(map(str, sorted(pt.tracers))) or "none yet"
+        return f"frida ({role} processes; pids {pids})"
+
+    def _start_phone_tracers(self, jobs: list[tuple[str, list[str], str]]) -> list[str]:
         # detached (setsid, no terminal), so they outlive this adb shell; one round trip
-        cmd = f"cd {shlex.quote(d)} && " + " ".join(
+        cmd = f"cd {shlex.quote(self.dev_dir)} && " + " ".join(
             "setsid " + " ".join(shlex.quote(a) for a in argv)
             + f" </dev/null >{shlex.quote(log)} 2>&1 & echo $!;" for _n, argv, log in jobs)
         r = root_shell(self.link, cmd, timeout=20).check(self.link.serial, "start the tracers")
@@ -678,7 +741,7 @@ class Session:
         for (name, _a, _l), pid in zip(jobs, pids, strict=True):
             self.tracer_pids[name] = int(pid)
         self.m["tracer_pids"] = dict(self.tracer_pids)
-        return ", ".join(f"{n} (pid {p})" for n, p in self.tracer_pids.items())
+        return [f"{n} (pid {p})" for n, p in self.tracer_pids.items()]
 
     def run_scenario(self) -> str:
         last = [0.0]
@@ -719,6 +782,10 @@ class Session:
         self.emit(ev.CaptureProgressed(self.session_id, packets, size, 0))
 
     def _progress_tracers(self) -> None:
+        pt = self.frida_tracer
+        if pt is not None:
+            self.emit(ev.TracerProgressed(self.session_id, "frida", tuple(sorted(pt.tracers)),
+                                          pt.events_written))
         if "strace" not in self.tracer_pids:
             return
         try:
@@ -735,6 +802,59 @@ class Session:
         self.emit(ev.TracerProgressed(self.session_id, "strace", pids, lines))
 
     def stop_tracers(self) -> str:
+        pt = self.frida_tracer
+        if pt is None:
+            return self._stop_phone_tracers()
+        # frida detaches (host side) while the phone's tracers stop
+        done = threading.Event()
+
+        def stop_frida() -> None:
+            try:
+                pt.stop()
+            finally:
+                done.set()
+
+        threading.Thread(target=stop_frida, name=f"frida-stop-{self.session_id}",
+                         daemon=True).start()
+        try:
+            phone = self._stop_phone_tracers()
+        finally:
+            hung = not done.wait(self.env.frida_stop_timeout_s)
+            self.frida_tracer = None
+            frida = self._collect_frida(pt, hung)
+        return f"{phone}; {frida}"
+
+    def _collect_frida(self, pt: Any, hung: bool) -> str:
+        """Merge frida's per-process files into ``frida.jsonl`` (on the phone's clock) and
+        record them; a frida that would not detach is an error, what it wrote is kept."""
+        from device_scripts.frida_loader import merge_event_files
+
+        ep = self.frida_ep
+        shift = ep.clock_shift_s if ep is not None else 0.0
+        files = sorted((self.run_dir / "frida").glob("frida.*.jsonl"),
+                       key=lambda f: (f.stat().st_mtime_ns, f.name))
+        for f in files:
+            self._artifact(f"frida/{f.name}", f)
+        info = self.m.setdefault("frida", {})
+        errors = list(pt.errors)
+        info.update(processes=[f.name for f in files], events=pt.events_written,
+                    errors=errors[:50] + ([f"... {len(errors) - 50} more"] if len(errors) > 50
+                                          else []))
+        n = 0
+        if files:
+            out = self.run_dir / "frida.jsonl"
+            n = merge_event_files(files, out, shift)
+            self._artifact("frida.jsonl", out)
+            self.m["traces"]["frida"] = "frida.jsonl"
+        else:
+            self.emit(ev.LogRecorded("warning", f"{self.session_id}: frida attached to no "
+                                     f"process of {self.scenario.package}"))
+        if hung:
+            raise DeviceError(f"{self.link.serial}: frida did not detach within "
+                              f"{self.env.frida_stop_timeout_s:g} s ({n} events kept)")
+        return f"frida: {n} events from {len(files)} processes"
+
+    def _stop_phone_tracers(self) -> str:
         if not self.tracer_pids:
             return "nothing to stop"
         link, d, q = self.link, self.dev_dir, shlex.quote
@@ -904,6 +1024,7 @@ class Session:
                 self.env.capture.stop()
             except Exception:
                 pass
+        self._close_frida()
         if failure is None and not self.m["errors"]:
             try:
                 self.step("Label", self.label)
@@ -911,6 +1032,20 @@ class Session:
             except BaseException as err:  # noqa: BLE001
                 failure = err
         return self._finish(failure)
+
+    def _close_frida(self) -> None:
+        ep, self.frida_ep = self.frida_ep, None
+        if self.frida_tracer is not None:  # StopTracers did not run (failed before it)
+            pt, self.frida_tracer = self.frida_tracer, None
+            try:
+                bounded(pt.stop, self.env.frida_stop_timeout_s, "frida detach")
+            except Exception:
+                pass
+        if ep is not None:
+            try:
+                ep.close()
+            except Exception as err:  # best effort; the session's data is already safe
+                self.m.setdefault("frida", {})["close_error"] = str(err)
 
     def _finish(self, failure: BaseException | None) -> SessionResult:
         self.m["finished_at"] = _utc(time.time())

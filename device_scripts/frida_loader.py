@@ -277,7 +277,8 @@ class FridaPackageTracer:
     the device's whose name is the package or ``package:*`` (frida names a process after
     its argv[0], which zygote sets). Calls a process makes before the next scan (up to
     ``interval`` after it starts) are not seen. A pid whose attach fails three times is
-    given up; ``errors`` says why.
+    given up; ``errors`` says why. ``accept`` narrows the device's processes (pid -> keep?),
+    e.g. to one virtual-lab phone's network namespace when every phone shares one host.
     """
 
     def __init__(
@@ -288,6 +289,7 @@ class FridaPackageTracer:
         role: str = "all",
         device: Any = None,
         interval: float = 0.5,
+        accept: Callable[[int], bool] | None = None,
     ) -> None:
         if role not in ("all", "main"):
             raise FridaTracerError(f"unknown frida role {role!r}", hint="use all or main")
@@ -296,6 +298,7 @@ class FridaPackageTracer:
         self.role = role
         self.interval = interval
         self._device = device
+        self._accept = accept
         self.tracers: dict[int, FridaTracer] = {}
         self.finished: list[FridaTracer] = []
         self.errors: list[str] = []
@@ -340,7 +343,14 @@ class FridaPackageTracer:
         except _frida_errors() as e:
             raise FridaTracerError(f"frida could not list the device's processes: {e}") from e
         prefix = self.package + ":"
-        return {p.pid: p.name for p in procs if p.name == self.package or p.name.startswith(prefix)}
+        return {p.pid: p.name for p in procs
+                if (p.name == self.package or p.name.startswith(prefix))
+                and (self._accept is None or self._accept(p.pid))}
+
+    @property
+    def events_written(self) -> int:
+        """Events written so far by every tracer, running or finished."""
+        return sum(t.events_written for t in (*self.tracers.values(), *self.finished))
 
     def scan(self) -> None:
         """Forget detached processes and attach to new ones."""
@@ -373,6 +383,36 @@ class FridaPackageTracer:
                 self.errors.append(e.one_line())
             except Exception as e:  # keep following the package; report, never crash
                 self.errors.append(f"scan failed: {type(e).__name__}: {e}")
+
+
+def merge_event_files(sources: Sequence[Path], out: Path, shift_s: float = 0.0) -> int:
+    """Concatenate per-process event files into one (``out``, written atomically), adding
+    ``shift_s`` to every ``ts``; returns the events written. Lines that are not JSON
+    objects are copied as they are (the parser counts them)."""
+    n = 0
+    tmp = out.with_name(out.name + ".part")
+    with open(tmp, "w", encoding="utf-8") as w:
+        for src in sources:
+            with open(src, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    if not line.strip():
+                        continue
+                    if not line.endswith("\n"):  # a last line cut short by a kill
+                        line += "\n"
+                    if shift_s:
+                        try:
+                            ev = json.loads(line)
+                        except ValueError:
+                            ev = None
+                        if isinstance(ev, dict) and isinstance(ev.get("ts"), (int, float)):
+                            ev["ts"] = round(ev["ts"] + shift_s, 6)
+                            line = json.dumps(ev) + "\n"
+                    w.write(line)
+                    n += 1
+        w.flush()
+        os.fsync(w.fileno())
+    os.replace(tmp, out)
+    return n
 
 
 # -- command line --------------------------------------------------------------------------

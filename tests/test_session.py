@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -28,6 +29,7 @@ from controller.session import (
     Environment,
     SessionSpec,
     TcpdumpCapture,
+    lab_frida,
     run_session,
     split_pcap,
 )
@@ -136,6 +138,33 @@ def test_bad_tracer_and_missing_app_fail_in_preflight(tmp_path: Path) -> None:
     assert res.outcome == "failed" and "com.example.app is not installed" in (res.error or "")
 
 
+def test_phone_frida_starts_the_server_forwards_and_lets_go_when_it_does_not_answer(
+        tmp_path: Path) -> None:
+    """The real-phone frida path over a recording fake: a missing server is a ConfigError
+    with the fix; a server that never answers through the forward is a DeviceError, and
+    the forward is removed and the server this call started is stopped."""
+    pytest.importorskip("frida")
+    from controller.device import phone_frida
+    from controller.errors import ConfigError
+
+    link = make_fake_phone()
+    with pytest.raises(ConfigError, match="no executable frida-server at /x y/frida-server"):
+        phone_frida(link, "/x y/frida-server")
+    link = make_fake_phone().on(r"\[ -x .*echo present", "present\n").on(r"setsid .*frida",
+                                                                       "31337\n")
+    t0 = time.monotonic()
+    with pytest.raises(DeviceError, match="does not answer through adb forward") as err:
+        phone_frida(link, "/x y/frida-server", port=27042, timeout=1.0)
+    assert time.monotonic() - t0 < 15
+    assert "frida Python package" in (err.value.hint or "")
+    start = next(c for c in link.commands if "setsid" in c)
+    su, c, inner = shlex.split(start)
+    assert (su, c) == ("su", "-c") and shlex.split(inner)[:2] == ["setsid", "/x y/frida-server"]
+    assert ("forward", "tcp:27042") in link.calls
+    assert ("forward_remove", f"tcp:{40000 + 27042 % 1000}") in link.calls
+    assert any(c.startswith("su -c 'kill 31337") for c in link.commands)
+
+
 def test_split_pcap_keeps_the_phone_and_the_window(tmp_path: Path) -> None:
     import struct
 
@@ -178,10 +207,13 @@ def vlab() -> Iterator[VLab]:
         shutil.rmtree(lab.tmp, ignore_errors=True)
 
 
-def _env(lab: VLab, name: str) -> Environment:
+def _env(lab: VLab, name: str, **kw: Any) -> Environment:
     cap = TcpdumpCapture("br0", lab.tmp / f"cap-{name}", netns=lab.ap.name)
+    kw.setdefault("frida_device", lab_frida(
+        {p.address: p.ns.name for p in lab.phones},
+        {p.address: p.config.clock_offset_s for p in lab.phones}))
     return Environment(runs_root=lab.tmp / f"runs-{name}", client=lab.client, capture=cap,
-                       launcher_interval=0.2)
+                       launcher_interval=0.2, **kw)
 
 
 def _link(lab: VLab) -> Any:
@@ -280,3 +312,160 @@ def test_e2e_cancel_mid_scenario_tears_down_and_keeps_artifacts(vlab: VLab) -> N
         if "strace" in cmd or "netstat_poller" in cmd:
             left.append(cmd)
     assert left == []
+
+
+# ----------------------------------------------------------------------------- frida tracer
+
+
+def _frida_leftovers() -> tuple[set[int], set[Path]]:
+    """frida's helper daemons (run from /tmp/frida-*/) and its /tmp/frida-* directories."""
+    import os
+
+    dirs = set(Path("/tmp").glob("frida-*")) | set(Path("/tmp").glob("idun-*"))
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if os.readlink(proc / "exe").startswith("/tmp/frida-"):
+                    pids.add(int(proc.name))
+            except OSError:
+                continue
+    return pids, dirs
+
+
+@pytest.fixture(scope="module")
+def frida_cleanup() -> Iterator[None]:
+    """End the frida helpers these tests started (by pid) and remove what frida unpacked."""
+    import os
+    import shutil
+    import signal
+
+    pytest.importorskip("frida")
+    pids0, dirs0 = _frida_leftovers()
+    yield
+    pids1, dirs1 = _frida_leftovers()
+    for pid in pids1 - pids0:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for d in dirs1 - dirs0:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _app_pids(ph: Any, name: str) -> list[int]:
+    out = []
+    for pid in ph.ns.pids():
+        try:
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        except OSError:
+            continue
+        if argv0 == name:
+            out.append(pid)
+    return out
+
+
+def _agent_threads(pid: int) -> set[str]:
+    names = set()
+    for t in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            names.add(Path(t, "comm").read_text().strip())
+        except OSError:
+            continue
+    return {n for n in names if n.startswith(("gum-js", "gmain", "gdbus", "frida", "pool-"))}
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.parametrize("tracer", ["frida", "both"])
+def test_e2e_frida_tracer_labels_the_app_and_records_its_log(
+        vlab: VLab, frida_cleanup: None, tracer: str) -> None:
+    """``tracer: frida`` (every process of the app) and ``both`` (frida on the main process,
+    the strace launcher on a ``:remote`` process the test adds): labelled flows name the
+    right app, never another, and the manifest records frida's log with its checksum."""
+    from tests.vlab_fixture import AP_V4, APP, APP_PORTS, CLIENT_PY
+
+    ph = vlab.phones[0]
+    pkg = "org.thoughtcrime.securesms"
+    remote = None
+    if tracer == "both":
+        uid = ph.config.packages[pkg].uid
+        remote = ph.ns.popen([f"{pkg}:remote", "-I", "-S", "-c", APP, f"{pkg}:remote", AP_V4,
+                              str(APP_PORTS[pkg])], executable=CLIENT_PY, uid=uid, gid=uid,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        (main_pid,) = _app_pids(ph, pkg)
+        sink = ev.RecordingSink()
+        spec = SessionSpec(serial=ph.address, app="signal", activity="chat", wait_scale=0.1,
+                           device_name=ph.name, tracer=tracer)
+        res = run_session(spec, _link(vlab), _env(vlab, f"frida-{tracer}"), sink)
+        assert res.outcome == "completed", res.error
+        assert _agent_threads(main_pid) == set()  # detached: the app runs on untraced
+    finally:
+        if remote is not None:
+            remote.kill()
+            remote.wait()
+    raw = json.loads((res.run_dir / "manifest.json").read_text())
+    assert raw["tracer"] == tracer and raw["traces"]["frida"] == "frida.jsonl"
+    art = raw["artifacts"]["frida.jsonl"]
+    assert hashlib.sha256((res.run_dir / "frida.jsonl").read_bytes()).hexdigest() == art["sha256"]
+    assert raw["frida"]["device"].startswith("local (netns ") and raw["frida"]["errors"] == []
+    assert raw["frida"]["role"] == ("main" if tracer == "both" else "all")
+    assert raw["tool_versions"].get("frida")
+    events = [json.loads(x) for x in (res.run_dir / "frida.jsonl").read_text().splitlines()]
+    frida_pids = {e["pid"] for e in events}
+    assert frida_pids == {main_pid}  # only this phone's app (the other phone has one too)
+    assert any(e["event"] == "connect" and e["remote"] == {"ip": AP_V4, "port": APP_PORTS[pkg]}
+               for e in events)
+    # the agent's host-clock stamps were put on the phone's clock (the lab's 0.25 s offset):
+    # a connect() is stamped 0.25 s after its SYN left the phone (AP clock = host clock)
+    syns = subprocess.run(["tcpdump", "-tt", "-nr", str(res.run_dir / "capture.pcap"),
+                           "tcp[tcpflags] == tcp-syn"], capture_output=True, text=True).stdout
+    syn_at = {int(m.group(2)): float(m.group(1)) for m in re.finditer(
+        rf"^(\d+\.\d+) IP {re.escape(ph.ip)}\.(\d+) >", syns, re.M)}
+    lags = [e["ts"] - syn_at[e["local"]["port"]] for e in events
+            if e["event"] == "connect" and e["local"] and e["local"]["port"] in syn_at]
+    assert len(lags) >= 3 and all(0.2 < lag < 0.35 for lag in lags), lags
+    strace_pids = {int(m.group(1)) for s in raw["traces"]["strace"]
+                   if (m := re.search(r"strace\.(\d+)\.", s))}
+    if tracer == "both":  # never both tracers on one pid
+        assert remote is not None and strace_pids == {remote.pid}
+        assert not strace_pids & frida_pids
+    else:
+        assert strace_pids == set()
+    progress = [e for e in sink.of(ev.TracerProgressed) if e.tracer == "frida"]
+    assert progress and progress[-1].pids == (main_pid,) and progress[-1].lines > 0
+    q = json.loads(next((res.run_dir / "labels").rglob("quality.json")).read_text())
+    assert q["by_source"].get("frida", {}).get("flows", 0) >= 3
+    mirage = next((res.run_dir / "labels").rglob(f"*_{pkg}_*.json"))
+    flows = json.loads(mirage.read_text())
+    by_port = {port: p for p, port in APP_PORTS.items()}
+    right = 0
+    for key, v in flows.items():
+        label = v["flow_metadata"]["BF_label"]
+        truth = by_port.get(int(key.split(",")[3]))
+        if truth is None or label in ("unknown",) or label.startswith("uid:"):
+            continue
+        assert label == truth, (key, label)  # precision: never a wrong app
+        right += truth == pkg
+    assert right >= 3
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_e2e_frida_on_a_phone_without_frida_server_fails_in_preflight(
+        vlab: VLab, frida_cleanup: None) -> None:
+    """Real-phone frida (frida-server via adb forward) through the real adb server: the lab
+    phone has no frida-server, so the session fails before the capture, saying the fix."""
+    ph = vlab.phones[0]
+    sink = ev.RecordingSink()
+    spec = SessionSpec(serial=ph.address, app="signal", activity="chat", wait_scale=0.1,
+                       device_name=ph.name, tracer="frida")
+    env = _env(vlab, "no-server", frida_device=None)
+    res = run_session(spec, _link(vlab), env, sink)
+    assert res.outcome == "failed"
+    assert "no executable frida-server at /data/local/tmp/frida-server" in (res.error or "")
+    assert "adb push" in (res.hint or "")
+    k = kinds(sink)
+    assert "StepFinished:Preflight:FAIL" in k and "StepStarted:StartCapture" not in k
+    assert not env.capture.running

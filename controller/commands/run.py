@@ -1,5 +1,10 @@
 """``flowtruth run PLAN.yaml [--lab] [--resume]``: a batch of sessions with live progress.
 
+``--tracer strace|frida|both|none`` overrides the plan's ``tracer``: ``frida`` traces
+the app's processes with the frida agent (frida-server on the phone, reached through
+``adb forward``; in the lab frida's local device), ``both`` frida on the app's main
+process and strace on its other processes, never both on one pid.
+
 With ``--lab`` the running virtual lab (``controller.lab.topology.Lab.load()``; its state
 directory from ``FLOWTRUTH_LAB_STATE_DIR`` when set) gives the adb server, the phones
 (plan devices ``lab:phone1`` ...) and the AP capture (tcpdump on its bridge, inside the
@@ -184,6 +189,8 @@ def register(app: typer.Typer) -> None:
         netns: Annotated[str | None, typer.Option("--netns", help="network namespace of the AP interface")] = None,
         adb_port: Annotated[int | None, typer.Option("--adb-port", help="adb server port (overrides the plan)")] = None,
         quiet: Annotated[bool, typer.Option("-q", "--quiet", help="no live display, one line per session")] = False,
+        tracer: Annotated[str | None, typer.Option("--tracer", help="strace | frida | both | none (overrides the plan's tracer)")] = None,
+        frida_server: Annotated[str | None, typer.Option("--frida-server", help="frida-server's path on the phones (default /data/local/tmp/frida-server)")] = None,
     ) -> None:
         """Run a batch of sessions: phones in parallel over one AP capture."""
         from rich.console import Console
@@ -194,6 +201,13 @@ def register(app: typer.Typer) -> None:
         from controller.plan import environment_for, load_plan, run_plan
 
         plan = load_plan(plan_file)
+        if tracer is not None:
+            from controller.errors import ConfigError
+            from controller.session import TRACERS
+
+            if tracer not in TRACERS:
+                raise ConfigError(f"--tracer must be one of {', '.join(TRACERS)}, not {tracer!r}")
+            plan = plan.model_copy(update={"tracer": tracer})
         if lab:
             env = _lab_environment(plan)
         else:
@@ -207,6 +221,8 @@ def register(app: typer.Typer) -> None:
                     if serial not in known:
                         connect(client, serial)
             env = environment_for(plan, client=client, interface=interface, netns=netns)
+        if frida_server is not None:
+            env.frida_server = frida_server
         console = Console(stderr=False)
         sink = RichSink(console)
 
