@@ -6,9 +6,13 @@ so after a crash at any point ``ap down`` restores what was there before.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -35,6 +39,51 @@ class ProcessRecord(BaseModel):
     """The command line as started."""
     log: str
     """File receiving its stdout and stderr."""
+
+
+class RestartRecord(BaseModel):
+    """One restart of a daemon by the supervisor."""
+
+    model_config = ConfigDict(extra="ignore", use_attribute_docstrings=True)
+
+    at: str
+    """UTC time of the restart attempt."""
+    reason: str
+    """Why it was restarted: how the old process ended and the last lines of its log."""
+    old_pid: int
+    """The process that had exited."""
+    new_pid: int | None = None
+    """The process started in its place (None: the restart failed)."""
+
+
+class DaemonHealth(BaseModel):
+    """What the supervisor did for one daemon."""
+
+    model_config = ConfigDict(extra="ignore", use_attribute_docstrings=True)
+
+    restarts: int = 0
+    """Restart attempts since ``ap up``."""
+    history: list[RestartRecord] = []
+    """The most recent restarts, oldest first (at most 20)."""
+    gave_up: str | None = None
+    """Set when the supervisor stopped restarting it: the one-line reason."""
+
+
+class SupervisorRecord(BaseModel):
+    """The supervisor watching the daemons, found again by pid plus start time."""
+
+    model_config = ConfigDict(extra="ignore", use_attribute_docstrings=True)
+
+    kind: Literal["process", "thread", "foreground"]
+    """A detached process of its own, a thread in another program, or ``ap up --foreground``."""
+    pid: int
+    """Process id of the supervisor (of the program holding the thread)."""
+    starttime: int | None = None
+    """Field 22 of /proc/PID/stat."""
+    log: str
+    """File the supervisor logs its restarts to."""
+    started_at: str = ""
+    """UTC time the supervisor started."""
 
 
 class ApState(BaseModel):
@@ -70,10 +119,13 @@ class ApState(BaseModel):
     """The interface's admin state before (None: untouched)."""
     address_added: str | None = None
     """The address we added to the interface (None: it was already there)."""
+    address6_added: str | None = None
+    """The IPv6 address we added to the interface (None: none, or it was already there)."""
     offloads_before: dict[str, bool] = {}
     """ethtool feature name -> was on, for each feature we switched off."""
     sysctl_before: dict[str, str] = {}
-    """sysctl key -> value before we changed it."""
+    """sysctl key -> value before we changed it, restored in this order (a global switch
+    first, then the per-interface values that writing the switch overwrites)."""
     firewall: Literal["nft", "iptables"] | None = None
     """NAT backend in use."""
     nft_tables: list[str] = []
@@ -86,6 +138,10 @@ class ApState(BaseModel):
     """Daemons we started, by name."""
     capture_dir: str | None = None
     """Where the capture started with ``ap up --capture`` writes."""
+    supervisor: SupervisorRecord | None = None
+    """The supervisor restarting exited daemons (None: none running)."""
+    health: dict[str, DaemonHealth] = {}
+    """Restarts per daemon name, recorded by the supervisor."""
 
     def save(self, path: Path) -> None:
         """Write atomically (temp file, fsync, rename), mode 0600."""
@@ -126,3 +182,37 @@ class ApState(BaseModel):
                 f"{path}: state file is damaged: {str(err).splitlines()[0]}",
                 hint="inspect it by hand; remove it only after checking nft/sysctl/ethtool",
             ) from None
+
+
+def lock_path(state_path: Path) -> Path:
+    """The lock file serialising writers of one state file (``ap down`` and the supervisor)."""
+    return state_path.parent / f".{state_path.name}.lock"
+
+
+@contextlib.contextmanager
+def state_lock(state_path: Path, timeout: float = 15.0) -> Iterator[None]:
+    """Hold the state file's lock; :class:`ApError` when another process keeps it too long.
+
+    The supervisor holds it while it restarts a daemon and ``ap down`` while it marks the
+    AP as stopping, so a daemon is never restarted behind the back of a teardown.
+    """
+    path = lock_path(state_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ApError(
+                        f"{state_path}: another flowtruth process has held its lock "
+                        f"for {timeout:g} s",
+                        hint="wait for it to finish (`flowtruth ap status` shows the supervisor)",
+                    ) from None
+                time.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)

@@ -1,20 +1,53 @@
-"""Start, watch and stop the AP daemons (hostapd, dnsmasq, tcpdump).
+"""Start, watch, restart and stop the AP daemons (hostapd, dnsmasq, tcpdump).
 
 Daemons run in the foreground of their own session with output in a log file, so
 they outlive ``flowtruth ap up`` and are found again by pid plus start time.
+
+A :class:`Supervisor` notices that hostapd or dnsmasq exited, logs why (exit status and
+the tail of its log), restarts it after a growing back-off and gives up after too many
+restarts in a window; every restart is recorded in the state file. It runs as a thread
+(``Supervisor(...).start()``, e.g. in the session engine), in the foreground
+(``flowtruth ap up --foreground``) or as a detached process of its own
+(:func:`start_supervisor_process`, what ``flowtruth ap up`` leaves running). It takes the
+state file's lock around each restart and ends as soon as ``ap down`` has marked the AP
+as stopping, so it never resurrects what a teardown stops.
+
+    sup = Supervisor(cfg.state_path, policy=cfg.supervision, sink=print).start()
+    ...
+    ap_down(cfg.state_path)   # stops the supervisor first
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import signal
+import subprocess
+import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
-from ap_setup.runner import Process, Runner
-from ap_setup.state import ProcessRecord
+from ap_setup.config import SupervisionConfig
+from ap_setup.runner import Process, Runner, SubprocessRunner
+from ap_setup.state import (
+    ApState,
+    DaemonHealth,
+    ProcessRecord,
+    RestartRecord,
+    SupervisorRecord,
+    state_lock,
+)
 from controller.errors import ApError
+
+SUPERVISED = ("hostapd", "dnsmasq")
+"""The daemons a supervisor restarts (a capture is not restarted: it would overwrite files)."""
+HISTORY = 20
 
 # Children started by this Python process, reaped on stop so no zombies remain.
 _CHILDREN: dict[int, Process] = {}
@@ -123,3 +156,478 @@ def log_tail(path: Path, lines: int = 3) -> str:
         return "(no log)"
     tail = [ln.strip() for ln in text.splitlines() if ln.strip()][-lines:]
     return " | ".join(tail) or "(empty log)"
+
+
+def pid_alive(pid: int, starttime: int | None) -> bool:
+    """True while process ``pid`` runs and is the one that had ``starttime``."""
+    start = proc_starttime(pid)
+    return start is not None and (starttime is None or start == starttime)
+
+
+def exit_reason(rec: ProcessRecord) -> str:
+    """How a daemon that is no longer running ended, with the last lines of its log."""
+    child = _CHILDREN.pop(rec.pid, None)
+    code = child.poll() if child is not None else None
+    if code is None:
+        how = "exited"
+    elif code < 0:
+        try:
+            how = f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"killed by signal {-code}"
+    else:
+        how = f"exited with status {code}"
+    return f"{how}; last log lines: {log_tail(Path(rec.log))}"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# ---- events
+
+
+@dataclass(frozen=True)
+class DaemonExited:
+    """A supervised daemon was found not running."""
+
+    name: str
+    pid: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class DaemonRestarted:
+    """A daemon was started again in place of one that had exited."""
+
+    name: str
+    pid: int
+    restarts: int
+
+
+@dataclass(frozen=True)
+class DaemonRestartFailed:
+    """A restart attempt failed (the daemon exited again at once)."""
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class DaemonGaveUp:
+    """Too many restarts in the window: the supervisor leaves this daemon alone."""
+
+    name: str
+    message: str
+
+
+@dataclass(frozen=True)
+class SupervisorStopped:
+    """The supervisor ended."""
+
+    reason: str
+
+
+SupervisorEvent = (
+    DaemonExited | DaemonRestarted | DaemonRestartFailed | DaemonGaveUp | SupervisorStopped
+)
+SupervisorSink = Callable[[SupervisorEvent], None]
+
+
+def describe(event: SupervisorEvent) -> str:
+    """One line for a log or a terminal."""
+    if isinstance(event, DaemonExited):
+        return f"{event.name} (pid {event.pid}) {event.reason}"
+    if isinstance(event, DaemonRestarted):
+        return f"{event.name} restarted as pid {event.pid} (restart {event.restarts})"
+    if isinstance(event, DaemonRestartFailed):
+        return f"{event.name} restart failed: {event.reason}"
+    if isinstance(event, DaemonGaveUp):
+        return event.message
+    return f"supervisor stopped: {event.reason}"
+
+
+def _quiet_events(_event: SupervisorEvent) -> None:
+    pass
+
+
+# Supervisor threads of this process, by state file, so ap_down can stop them.
+_RUNNING: dict[str, Supervisor] = {}
+
+
+def _key(state_path: Path) -> str:
+    return str(Path(state_path).absolute())
+
+
+class Supervisor:
+    """Restarts hostapd and dnsmasq of one AP (found through its state file) when they exit."""
+
+    def __init__(
+        self,
+        state_path: Path,
+        runner: Runner | None = None,
+        *,
+        policy: SupervisionConfig | None = None,
+        sink: SupervisorSink = _quiet_events,
+        kind: Literal["thread", "foreground", "process"] = "thread",
+    ) -> None:
+        self.state_path = Path(state_path)
+        self.policy = policy or SupervisionConfig()
+        self.kind = kind
+        self.record: SupervisorRecord | None = None
+        self.ended: str | None = None
+        """Why :meth:`run` returned (None while running)."""
+        self.gave_up: list[str] = []
+        """The one-line reason for each daemon given up."""
+        self._runner = runner
+        self._sink = sink
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._attempts: dict[str, list[float]] = {}
+        self._due: dict[str, tuple[float, str]] = {}
+        self._given_up: set[str] = set()
+        self._log: Path | None = None
+
+    # -- running
+
+    def start(self) -> Supervisor:
+        """Register in the state file, then supervise in a daemon thread until stopped."""
+        self._register()
+        self._thread = threading.Thread(target=self._loop, name="ap-supervisor", daemon=True)
+        self._thread.start()
+        return self
+
+    def run(self) -> str:
+        """Supervise in the calling thread until stopped, the AP goes down or every daemon
+        was given up; returns why."""
+        self._register()
+        return self._loop()
+
+    def request_stop(self) -> None:
+        """Ask the loop to end (safe from a signal handler)."""
+        self._stop.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the loop and wait for the thread."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        """True while the supervision loop runs."""
+        return self.record is not None and self.ended is None
+
+    def _register(self) -> None:
+        key = _key(self.state_path)
+        with state_lock(self.state_path):
+            state = ApState.load(self.state_path)
+            if state is None:
+                raise ApError(
+                    f"no AP to supervise: {self.state_path} does not exist",
+                    hint="run `flowtruth ap up` first",
+                )
+            if state.status != "up":
+                raise ApError(f"the AP on {state.interface} is {state.status}, not up")
+            other = state.supervisor
+            if (
+                other is not None
+                and pid_alive(other.pid, other.starttime)
+                and (other.pid != os.getpid() or key in _RUNNING)
+            ):
+                raise ApError(
+                    f"the AP on {state.interface} already has a supervisor "
+                    f"({other.kind}, pid {other.pid})",
+                    hint="`flowtruth ap status` shows it; `flowtruth ap down` stops it",
+                )
+            self._log = Path(state.work_dir) / "supervisor.log"
+            self.record = SupervisorRecord(
+                kind=self.kind,
+                pid=os.getpid(),
+                starttime=proc_starttime(os.getpid()),
+                log=str(self._log),
+                started_at=_now(),
+            )
+            state.supervisor = self.record
+            state.save(self.state_path)
+            if self._runner is None:
+                self._runner = SubprocessRunner(state.netns)
+            watched = [n for n in SUPERVISED if n in state.processes]
+        _RUNNING[key] = self
+        p = self.policy
+        self._note(
+            f"supervising {', '.join(watched) or 'nothing'} ({self.kind}, pid {os.getpid()}): "
+            f"every {p.check_interval:g} s, at most {p.max_restarts} restarts "
+            f"in {p.restart_window:g} s"
+        )
+
+    def _loop(self) -> str:
+        reason = "stopped"
+        try:
+            while not self._stop.is_set():
+                try:
+                    ended = self.check()
+                except ApError as err:  # e.g. the lock held too long: try again next time
+                    self._note(f"error: {err.one_line()}")
+                    ended = None
+                if ended:
+                    reason = ended
+                    break
+                self._stop.wait(self._wait_time())
+        except Exception as err:  # never end silently
+            reason = f"supervisor failed: {type(err).__name__}: {err}"
+        finally:
+            self.ended = reason
+            if _RUNNING.get(_key(self.state_path)) is self:
+                del _RUNNING[_key(self.state_path)]
+            self._unregister()
+            self._emit(SupervisorStopped(reason))
+        return reason
+
+    def _unregister(self) -> None:
+        """Clear our record when the AP stays up without us (never during a teardown)."""
+        try:
+            with state_lock(self.state_path, timeout=2.0):
+                state = ApState.load(self.state_path)
+                rec = state.supervisor if state is not None else None
+                if (
+                    state is not None
+                    and state.status == "up"
+                    and rec is not None
+                    and self.record is not None
+                    and (rec.pid, rec.kind) == (self.record.pid, self.record.kind)
+                ):
+                    state.supervisor = None
+                    state.save(self.state_path)
+        except (ApError, OSError):
+            pass
+
+    def _wait_time(self) -> float:
+        wait = self.policy.check_interval
+        if self._due:
+            wait = min(wait, min(t for t, _ in self._due.values()) - time.monotonic())
+        return max(wait, 0.01)
+
+    # -- one look
+
+    def check(self) -> str | None:
+        """Notice exited daemons and restart those that are due; the reason to end, or None."""
+        state = ApState.load(self.state_path)
+        if state is None:
+            return "the AP is down (state file removed)"
+        if state.status == "stopping":
+            return "the AP is being taken down"
+        if state.status != "up":
+            return None
+        watched = [n for n in SUPERVISED if n in state.processes]
+        for name in watched:
+            if name in self._given_up:
+                continue
+            rec = state.processes[name]
+            if is_alive(rec):
+                self._due.pop(name, None)
+                continue
+            if name not in self._due:
+                reason = exit_reason(rec)
+                self._emit(DaemonExited(name, rec.pid, reason))
+                self._schedule(name, reason, rec)
+            elif time.monotonic() >= self._due[name][0]:
+                if not self._restart(name, self._due.pop(name)[1]):
+                    return "the AP is being taken down"
+        if watched and all(n in self._given_up for n in watched):
+            return "gave up on " + ", ".join(watched)
+        return None
+
+    def _schedule(self, name: str, reason: str, rec: ProcessRecord) -> None:
+        now = time.monotonic()
+        p = self.policy
+        recent = [t for t in self._attempts.get(name, []) if now - t < p.restart_window]
+        self._attempts[name] = recent
+        if len(recent) >= p.max_restarts:
+            self._give_up(name, reason, rec, len(recent))
+            return
+        delay = min(p.backoff_initial * 2 ** len(recent), p.backoff_max)
+        self._due[name] = (now + delay, reason)
+
+    def _restart(self, name: str, reason: str) -> bool:
+        """Start ``name`` again under the state lock; False when the AP is going down."""
+        assert self._runner is not None
+        failure = ""
+        new: ProcessRecord | None = None
+        with state_lock(self.state_path):
+            state = ApState.load(self.state_path)
+            if state is None or state.status != "up":
+                return False
+            rec = state.processes.get(name)
+            if rec is None or is_alive(rec):
+                return True
+            self._attempts.setdefault(name, []).append(time.monotonic())
+            health = state.health.setdefault(name, DaemonHealth())
+            health.restarts += 1
+            entry = RestartRecord(at=_now(), reason=reason, old_pid=rec.pid)
+            try:
+                new = start_daemon(
+                    self._runner, name, rec.argv, Path(rec.log), settle=self.policy.settle
+                )
+            except ApError as err:
+                failure = err.one_line()
+            else:
+                entry.new_pid = new.pid
+                state.processes[name] = new
+            health.history = [*health.history, entry][-HISTORY:]
+            state.save(self.state_path)
+            restarts = health.restarts
+        if new is not None:
+            self._emit(DaemonRestarted(name, new.pid, restarts))
+        else:
+            self._emit(DaemonRestartFailed(name, failure))
+            self._schedule(name, failure, rec)
+        return True
+
+    def _give_up(self, name: str, reason: str, rec: ProcessRecord, restarts: int) -> None:
+        p = self.policy
+        message = (
+            f"{name} keeps exiting: gave up after {restarts} restart(s) within "
+            f"{p.restart_window:g} s (supervision.max_restarts {p.max_restarts}); "
+            f"last: {reason} (full log: {rec.log})"
+        )
+        self._given_up.add(name)
+        self._due.pop(name, None)
+        self.gave_up.append(message)
+        with state_lock(self.state_path):
+            state = ApState.load(self.state_path)
+            if state is not None and state.status == "up":
+                state.health.setdefault(name, DaemonHealth()).gave_up = message
+                state.save(self.state_path)
+        self._emit(DaemonGaveUp(name, message))
+
+    # -- reporting
+
+    def _note(self, text: str) -> None:
+        if self._log is None:
+            return
+        try:
+            with open(self._log, "a", encoding="utf-8") as fh:
+                fh.write(f"{_now()} {text}\n")
+        except OSError:
+            pass
+
+    def _emit(self, event: SupervisorEvent) -> None:
+        self._note(describe(event))
+        try:
+            self._sink(event)
+        except Exception:  # a broken front end must not stop the supervision
+            pass
+
+
+def running_supervisor(state_path: Path) -> Supervisor | None:
+    """The supervisor thread of this process for the AP of ``state_path``, if any."""
+    return _RUNNING.get(_key(state_path))
+
+
+def supervisor_alive(rec: SupervisorRecord | None) -> bool:
+    """True while the recorded supervisor runs (for a thread: while its program runs)."""
+    if rec is None:
+        return False
+    if rec.pid == os.getpid() and rec.kind != "process":
+        return any(
+            sup.running and sup.record is not None and sup.record.kind == rec.kind
+            for sup in list(_RUNNING.values())
+        )
+    return pid_alive(rec.pid, rec.starttime)
+
+
+def stop_supervisor(state_path: Path, rec: SupervisorRecord | None, timeout: float = 10.0) -> str:
+    """End the AP's supervisor (after ``ap down`` marked the AP stopping); what happened."""
+    sup = _RUNNING.get(_key(state_path))
+    if sup is not None:
+        sup.stop(timeout)
+        return "stopped"
+    if rec is None:
+        return ""
+    if not pid_alive(rec.pid, rec.starttime):
+        return "was not running"
+    if rec.kind == "process":
+        proc = ProcessRecord(
+            name="supervisor", pid=rec.pid, starttime=rec.starttime, argv=[], log=rec.log
+        )
+        stop_daemon(proc, timeout=timeout)
+        return "stopped"
+    # A thread or foreground loop in another program ends at its next look, and under the
+    # state lock it never restarts anything once the AP is stopping.
+    return f"ends by itself ({rec.kind} in pid {rec.pid})"
+
+
+def start_supervisor_process(
+    state_path: Path, policy: SupervisionConfig | None = None, timeout: float = 10.0
+) -> SupervisorRecord:
+    """Start a detached supervisor (``python -m ap_setup.supervise``) that outlives us."""
+    policy = policy or SupervisionConfig()
+    state = ApState.load(state_path)
+    if state is None:
+        raise ApError(f"no AP to supervise: {state_path} does not exist")
+    log = Path(state.work_dir) / "supervisor.log"
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
+    argv = [sys.executable, "-m", "ap_setup.supervise", str(Path(state_path).absolute()),
+            "--policy", policy.model_dump_json()]  # fmt: skip
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+            env=env,
+            cwd="/",
+        )
+    _CHILDREN[proc.pid] = proc
+    deadline = time.monotonic() + timeout
+    while True:
+        current = ApState.load(state_path)
+        if current is not None and current.supervisor and current.supervisor.pid == proc.pid:
+            return current.supervisor
+        code = proc.poll()
+        if code is not None:
+            _CHILDREN.pop(proc.pid, None)
+            raise ApError(
+                f"the supervisor exited with status {code} at start: {log_tail(log)}",
+                hint=f"full log: {log}",
+            )
+        if time.monotonic() > deadline:
+            proc.kill()
+            _reap(proc.pid)
+            raise ApError(f"the supervisor did not start within {timeout:g} s", hint=f"see {log}")
+        time.sleep(0.05)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ap_setup.supervise STATE_FILE``: supervise until ``ap down`` or a signal."""
+    parser = argparse.ArgumentParser(
+        prog="python -m ap_setup.supervise",
+        description="Restart the AP's hostapd and dnsmasq when they exit.",
+    )
+    parser.add_argument("state_path", type=Path, help="the AP's state file")
+    parser.add_argument("--policy", default="{}", help="supervision settings as JSON")
+    args = parser.parse_args(argv)
+    try:
+        policy = SupervisionConfig.model_validate(json.loads(args.policy))
+    except ValueError as err:
+        print(f"supervisor: bad --policy: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    sup = Supervisor(args.state_path, policy=policy, kind="process")
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: sup.request_stop())
+    try:
+        sup.run()
+    except ApError as err:
+        print(f"supervisor: {err.one_line()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
