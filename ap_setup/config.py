@@ -121,6 +121,27 @@ class CaptureConfig(_Model):
         return [_mac(v) for v in value]
 
 
+class SupervisionConfig(_Model):
+    """Restarting hostapd and dnsmasq when they exit while the AP is up."""
+
+    enabled: bool = True
+    """``flowtruth ap up`` leaves a supervisor running that restarts an exited daemon."""
+    check_interval: float = Field(default=1.0, gt=0, le=60)
+    """Seconds between two looks at the daemons."""
+    backoff_initial: float = Field(default=0.5, ge=0, le=600)
+    """Seconds to wait before the first restart; doubled for each further restart in
+    ``restart_window``."""
+    backoff_max: float = Field(default=30.0, ge=0, le=3600)
+    """Upper bound of the wait before a restart, in seconds."""
+    max_restarts: int = Field(default=5, ge=0, le=1000)
+    """Restarts allowed within ``restart_window``; one more exit and the supervisor gives up
+    on that daemon (0: never restart, only report)."""
+    restart_window: float = Field(default=300.0, gt=0, le=86400)
+    """Seconds over which restarts are counted."""
+    settle: float = Field(default=0.5, ge=0, le=30)
+    """Seconds a restarted daemon must stay alive to count as started."""
+
+
 class ApConfig(_Model):
     """One access point: radio, addressing, DHCP/DNS, NAT and capture."""
 
@@ -166,7 +187,11 @@ class ApConfig(_Model):
     ]
     """DNS servers dnsmasq forwards to."""
     ipv6_ra: bool = False
-    """Send IPv6 router advertisements; off by default, and IPv6 is disabled on the interface."""
+    """Send IPv6 router advertisements (SLAAC, stateless DHCPv6) and route IPv6 without NAT;
+    off by default, and IPv6 is then disabled on the interface."""
+    ipv6_address: ipaddress.IPv6Interface | None = None
+    """With ``ipv6_ra``: the AP's own IPv6 address with the /64 prefix advertised to phones,
+    e.g. ``fd00:f10e:1::1/64`` (None: use the global address already on the interface)."""
 
     firewall: Literal["auto", "nft", "iptables"] = "auto"
     """NAT backend: nftables when present, else iptables."""
@@ -182,6 +207,8 @@ class ApConfig(_Model):
     """Rendered configs, daemon logs and leases (default: ``state_dir/ap-<interface>``)."""
     capture: CaptureConfig = CaptureConfig()
     """Packet capture settings."""
+    supervision: SupervisionConfig = SupervisionConfig()
+    """Restarting hostapd and dnsmasq when they exit."""
 
     @field_validator("interface")
     @classmethod
@@ -251,6 +278,24 @@ class ApConfig(_Model):
                 raise ValueError(f"{label} {ip} is outside {net}")
         if int(start) > int(end):
             raise ValueError("dhcp_start is after dhcp_end")
+        v6 = self.ipv6_address
+        if v6 is not None:
+            if not self.ipv6_ra:
+                raise ValueError(
+                    "ipv6_address needs ipv6_ra: true (without it IPv6 is off on the interface)"
+                )
+            if v6.network.prefixlen != 64:
+                raise ValueError(f"ipv6_address {v6}: phones configure themselves (SLAAC) "
+                                 "only from a /64 prefix")  # fmt: skip
+            if (
+                v6.ip.is_link_local
+                or v6.ip.is_multicast
+                or v6.ip.is_loopback
+                or v6.ip.is_unspecified
+            ):
+                raise ValueError(f"ipv6_address {v6} is not a global or unique-local address")
+            if v6.ip == v6.network.network_address:
+                raise ValueError(f"ipv6_address {v6} is the prefix itself, not a host address")
         seen_mac: set[str] = set()
         seen_ip: set[ipaddress.IPv4Address] = set()
         for lease in self.static_leases:
