@@ -2,7 +2,9 @@
 
 ``ap_up`` records every change in the state file *before* making it; ``ap_down``
 reads only the state file, so it restores exactly what was there, also after a crash.
-Both report progress as :class:`ApStepFinished` events to a ``sink``.
+Both report progress as :class:`ApStepFinished` events to a ``sink``. ``ap_up`` can leave
+a :class:`~ap_setup.supervise.Supervisor` restarting hostapd and dnsmasq (a thread, or a
+detached process for the CLI); ``ap_down`` stops it before anything else.
 """
 
 from __future__ import annotations
@@ -28,8 +30,18 @@ from ap_setup.render import (
     render_nm_unmanaged,
 )
 from ap_setup.runner import Runner, ShellResult, SubprocessRunner
-from ap_setup.state import ApState, ProcessRecord
-from ap_setup.supervise import is_alive, log_tail, start_daemon, stop_daemon
+from ap_setup.state import ApState, DaemonHealth, ProcessRecord, SupervisorRecord, state_lock
+from ap_setup.supervise import (
+    Supervisor,
+    SupervisorSink,
+    is_alive,
+    log_tail,
+    start_daemon,
+    start_supervisor_process,
+    stop_daemon,
+    stop_supervisor,
+    supervisor_alive,
+)
 from controller.errors import ApError, RootRequired
 
 # ethtool -k long names of the offloads that change what a capture sees, and -K short names.
@@ -91,6 +103,70 @@ def read_sysctl(runner: Runner, key: str) -> str | None:
     return res.stdout.strip() if res.ok else None
 
 
+# Global switches whose write also overwrites per-interface values: switch -> (regex of
+# the overwritten keys, the value a key gets when the switch is set to "0"/"1").
+_SIDE_EFFECTS = {
+    "net.ipv4.ip_forward": (
+        r"^net\.ipv4\.conf\..*\.(forwarding|accept_redirects)$",
+        {"forwarding": ("0", "1"), "accept_redirects": ("1", "0")},
+    ),
+    "net.ipv6.conf.all.forwarding": (
+        r"^net\.ipv6\.conf\..*\.forwarding$",
+        {"forwarding": ("0", "1")},
+    ),
+}
+
+
+def overwritten_sysctls(runner: Runner, key: str, restore_to: str) -> dict[str, str]:
+    """Values that writing ``key`` back to ``restore_to`` would not bring back.
+
+    Writing ``net.ipv4.ip_forward`` or ``net.ipv6.conf.all.forwarding`` sets every
+    interface's ``forwarding`` (and IPv4's ``all.accept_redirects``) too, so an interface
+    that forwarded on its own before would lose it; these keys are restored after the switch.
+    """
+    if key not in _SIDE_EFFECTS or restore_to not in ("0", "1"):
+        return {}
+    pattern, result = _SIDE_EFFECTS[key]
+    res = runner.run(["sysctl", "-a", "-r", pattern])
+    out: dict[str, str] = {}
+    for line in res.stdout.splitlines():
+        name, sep, value = line.partition(" = ")
+        name, value = name.strip(), value.strip()
+        if not sep or name in (key, key.replace("ip_forward", "conf.all.forwarding")):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "accept_redirects" and ".conf.all." not in name:
+            continue  # only the global accept_redirects follows ip_forward
+        if leaf in result and value != result[leaf][int(restore_to)]:
+            out[name] = value
+    return out
+
+
+def global_ipv6(runner: Runner, interface: str) -> list[str]:
+    """Global (non-temporary) IPv6 addresses of an interface, as ``addr/prefixlen``."""
+    res = runner.run(["ip", "-j", "-6", "addr", "show", "dev", interface, "scope", "global"])
+    if not res.ok or not res.stdout.strip():
+        return []
+    out = []
+    for link in json.loads(res.stdout):
+        for a in link.get("addr_info", []):
+            if a.get("family") == "inet6" and not a.get("temporary"):
+                out.append(f"{a['local']}/{a['prefixlen']}")
+    return out
+
+
+def wait_ipv6_ready(runner: Runner, interface: str, timeout: float = 3.0) -> bool:
+    """Wait until no IPv6 address of the interface is tentative (DAD done); True if so."""
+    deadline = time.monotonic() + timeout
+    while True:
+        res = runner.run(["ip", "-6", "-o", "addr", "show", "dev", interface, "tentative"])
+        if not res.ok or not res.stdout.strip():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
 def choose_firewall(cfg: ApConfig, runner: Runner) -> Literal["nft", "iptables"]:
     """``nft`` or ``iptables``, following ``cfg.firewall`` and what is installed."""
     if cfg.firewall in ("auto", "nft") and runner.which("nft"):
@@ -142,8 +218,15 @@ def ap_up(
     sink: Sink = _quiet,
     capture_dir: Path | None = None,
     check_root: bool = True,
+    supervise: Literal["thread", "process"] | None = None,
+    supervisor_sink: SupervisorSink | None = None,
 ) -> ApState:
-    """Bring the AP up; on failure undo what was done and raise :class:`ApError`."""
+    """Bring the AP up; on failure undo what was done and raise :class:`ApError`.
+
+    ``supervise="thread"`` leaves a :class:`~ap_setup.supervise.Supervisor` thread in this
+    program (events to ``supervisor_sink``), ``"process"`` a detached supervisor process;
+    either follows ``cfg.supervision`` and is stopped by :func:`ap_down`.
+    """
     if check_root:
         require_root()
     runner = runner or SubprocessRunner(cfg.netns)
@@ -192,8 +275,34 @@ def ap_up(
         raise
     state.status = "up"
     state.save(path)
+    if supervise is not None:
+        try:
+            rec = _start_supervisor(cfg, runner, supervise, supervisor_sink)
+        except BaseException as err:
+            sink(ApStepFinished("failed", f"{err}; undoing"))
+            try:
+                ap_down(path, runner, sink=sink)
+            except ApError as undo_err:
+                raise ApError(f"{err}; undo also failed: {undo_err}") from None
+            raise
+        sink(ApStepFinished("supervisor", f"{rec.kind}, pid {rec.pid}, log {rec.log}"))
+        state = ApState.load(path) or state
     sink(ApStepFinished("up", f"{cfg.interface} at {cfg.address}"))
     return state
+
+
+def _start_supervisor(
+    cfg: ApConfig,
+    runner: Runner,
+    kind: Literal["thread", "process"],
+    sink: SupervisorSink | None,
+) -> SupervisorRecord:
+    if kind == "process":
+        return start_supervisor_process(cfg.state_path, cfg.supervision)
+    extra = {"sink": sink} if sink is not None else {}
+    sup = Supervisor(cfg.state_path, runner, policy=cfg.supervision, **extra).start()
+    assert sup.record is not None
+    return sup.record
 
 
 def _bring_up(
@@ -255,14 +364,40 @@ def _bring_up(
     wanted = {"net.ipv4.ip_forward": "1"}
     if not cfg.ipv6_ra:
         wanted[f"net.ipv6.conf.{iface}.disable_ipv6"] = "1"
+    else:
+        wanted[f"net.ipv6.conf.{iface}.disable_ipv6"] = "0"
+        wanted["net.ipv6.conf.all.forwarding"] = "1"
+        # A forwarding host ignores router advertisements unless accept_ra is 2: keep the
+        # uplink's own IPv6 default route.
+        if cfg.uplink and read_sysctl(runner, f"net.ipv6.conf.{cfg.uplink}.accept_ra") == "1":
+            wanted[f"net.ipv6.conf.{cfg.uplink}.accept_ra"] = "2"
     for key, value in wanted.items():
         before = read_sysctl(runner, key)
         if before is None or before == value:
             continue
         state.sysctl_before[key] = before
+        state.sysctl_before.update(overwritten_sysctls(runner, key, before))
         state.save(path)
         _must(runner.run(["sysctl", "-q", "-w", f"{key}={value}"]), f"sysctl {key}")
     sink(ApStepFinished("sysctl", ", ".join(f"{k}={v}" for k, v in wanted.items())))
+
+    if cfg.ipv6_ra:
+        have6 = global_ipv6(runner, iface)
+        if cfg.ipv6_address is not None and str(cfg.ipv6_address) not in have6:
+            state.address6_added = str(cfg.ipv6_address)
+            state.save(path)
+            # nodad: dnsmasq builds its prefix only from a non-tentative address
+            _must(
+                runner.run(["ip", "-6", "addr", "add", str(cfg.ipv6_address), "dev", iface,
+                            "nodad"]),
+                "ip -6 addr add",
+            )  # fmt: skip
+        elif not have6:
+            raise ApError(
+                f"ipv6_ra is on but {iface} has no global IPv6 address to advertise a prefix from",
+                hint="set ipv6_address in the AP config, e.g. fd00:f10e:1::1/64",
+            )
+        sink(ApStepFinished("ipv6", f"{cfg.ipv6_address or have6[0]} on {iface}, forwarding on"))
 
     state.firewall = firewall
     if firewall == "nft":
@@ -291,6 +426,8 @@ def _bring_up(
         state.save(path)
         _wait_for_log(rec, "AP-ENABLED", 10.0)
         sink(ApStepFinished("hostapd", f"pid {rec.pid}, SSID {cfg.ssid!r}"))
+    if cfg.ipv6_ra and not wait_ipv6_ready(runner, iface):
+        sink(ApStepFinished("ipv6", "addresses still tentative; router advertisements follow"))
     rec = start_daemon(
         runner,
         "dnsmasq",
@@ -369,15 +506,21 @@ def ap_down(
     sink: Sink = _quiet,
 ) -> ApState | None:
     """Undo everything the state file records; None when nothing was up. Idempotent."""
-    state = ApState.load(state_path)
-    if state is None:
-        sink(ApStepFinished("down", "nothing to do (no state file)"))
-        return None
-    runner = runner or SubprocessRunner(state.netns)
-    if runner.netns != state.netns:
-        raise ApError(f"state file is for namespace {state.netns}, runner for {runner.netns}")
-    state.status = "stopping"
-    state.save(state_path)
+    with state_lock(state_path):
+        state = ApState.load(state_path)
+        if state is None:
+            sink(ApStepFinished("down", "nothing to do (no state file)"))
+            return None
+        runner = runner or SubprocessRunner(state.netns)
+        if runner.netns != state.netns:
+            raise ApError(f"state file is for namespace {state.netns}, runner for {runner.netns}")
+        # Under the lock: from here on no supervisor restarts anything.
+        state.status = "stopping"
+        state.save(state_path)
+    done = stop_supervisor(state_path, state.supervisor)
+    if done:
+        sink(ApStepFinished("supervisor", done))
+    state.supervisor = None
     failures: list[str] = []
     iface = state.interface
 
@@ -397,6 +540,11 @@ def ap_down(
             sink(ApStepFinished(name, "stopped" if ran else "was not running"))
     state.processes = {}
     state.save(state_path)
+
+    if state.address6_added:
+        res = runner.run(["ip", "-6", "addr", "del", state.address6_added, "dev", iface])
+        if not res.ok and not _gone(res):
+            failures.append(res.describe())
 
     for table in state.nft_tables:
         res = runner.run(["nft", "delete", "table", *table.split()])
@@ -491,8 +639,13 @@ class ApStatus:
     up: bool
     state: ApState | None = None
     daemons: dict[str, bool] = field(default_factory=dict)
+    """Daemon name -> running."""
     clients: list[Client] = field(default_factory=list)
     capture_files: list[Path] = field(default_factory=list)
+    supervisor: SupervisorRecord | None = None
+    supervisor_alive: bool = False
+    health: dict[str, DaemonHealth] = field(default_factory=dict)
+    """Restarts per daemon (only daemons the supervisor restarted or gave up on)."""
 
 
 def read_leases(path: Path) -> list[Client]:
@@ -523,6 +676,9 @@ def ap_status(cfg: ApConfig) -> ApStatus:
         return ApStatus(up=False)
     status = ApStatus(up=state.status == "up", state=state)
     status.daemons = {name: is_alive(rec) for name, rec in state.processes.items()}
+    status.supervisor = state.supervisor
+    status.supervisor_alive = supervisor_alive(state.supervisor)
+    status.health = dict(state.health)
     status.clients = read_leases(Path(state.work_dir) / "dnsmasq.leases")
     if state.capture_dir:
         status.capture_files = capture_files(Path(state.capture_dir))

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from ap_setup.config import ApConfig, config_from_mapping, generate_passphrase, load_config
+from ap_setup.config import (
+    ApConfig,
+    CaptureConfig,
+    SupervisionConfig,
+    config_from_mapping,
+    generate_passphrase,
+    load_config,
+)
 from controller.errors import ConfigError
 
 YAML = """\
@@ -75,8 +82,19 @@ def test_defaults_are_a_valid_2ghz_ap() -> None:
 
 
 def test_every_field_has_a_docstring() -> None:
-    for name, field in ApConfig.model_fields.items():
-        assert field.description, name
+    for model in (ApConfig, SupervisionConfig, CaptureConfig):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name}"
+
+
+def test_ipv6_address_and_supervision_settings() -> None:
+    cfg = config_from_mapping(
+        {"ipv6_ra": True, "ipv6_address": "fd00:f10e:1::1/64",
+         "supervision": {"max_restarts": 2, "check_interval": 0.1}}
+    )  # fmt: skip
+    assert str(cfg.ipv6_address.network) == "fd00:f10e:1::/64"
+    assert cfg.supervision.max_restarts == 2 and cfg.supervision.enabled
+    assert ApConfig().ipv6_ra is False and ApConfig().ipv6_address is None
 
 
 @pytest.mark.parametrize(
@@ -91,6 +109,13 @@ def test_every_field_has_a_docstring() -> None:
         ({"capture": {"snaplen": -1}}, "capture.snaplen", "greater than or equal"),
         ({"colour": "blue"}, "colour", "Extra inputs"),
         ({"dhcp_start": "192.168.50.200", "dhcp_end": "192.168.50.100"}, "(top level)", "after dhcp_end"),
+        ({"ipv6_address": "fd00::1/64"}, "(top level)", "needs ipv6_ra: true"),
+        ({"ipv6_ra": True, "ipv6_address": "fd00::1/56"}, "(top level)", "only from a /64 prefix"),
+        ({"ipv6_ra": True, "ipv6_address": "fe80::1/64"}, "(top level)", "not a global or unique-local"),
+        ({"ipv6_ra": True, "ipv6_address": "fd00::/64"}, "(top level)", "the prefix itself"),
+        ({"ipv6_ra": True, "ipv6_address": "10.0.0.1/24"}, "ipv6_address", "valid IPv6"),
+        ({"supervision": {"check_interval": 0}}, "supervision.check_interval", "greater than 0"),
+        ({"supervision": {"restarts": 3}}, "supervision.restarts", "Extra inputs"),
     ],
 )  # fmt: skip
 def test_errors_name_the_file_and_field(data: dict, where: str, why: str) -> None:

@@ -296,3 +296,89 @@ def test_down_after_the_interface_vanished(cfg: ApConfig) -> None:
     ap_down(cfg.state_path, unplugged)
     assert "sysctl -q -w net.ipv4.ip_forward=0" in commands(unplugged)
     assert not cfg.state_path.exists()
+
+
+SYSCTL_A = {
+    r"^net\.ipv4\.conf\..*\.(forwarding|accept_redirects)$": (
+        "net.ipv4.conf.all.accept_redirects = 1\nnet.ipv4.conf.all.forwarding = 0\n"
+        "net.ipv4.conf.eth0.accept_redirects = 1\nnet.ipv4.conf.eth0.forwarding = 1\n"
+        "net.ipv4.conf.wlan0.forwarding = 0\n"
+    ),
+    r"^net\.ipv6\.conf\..*\.forwarding$": (
+        "net.ipv6.conf.all.forwarding = 0\nnet.ipv6.conf.default.forwarding = 0\n"
+        "net.ipv6.conf.eth0.forwarding = 1\nnet.ipv6.conf.wlan0.forwarding = 0\n"
+    ),
+}
+
+
+def ipv6_runner() -> RecordingRunner:
+    runner = make_runner(
+        **{
+            "sysctl -n net.ipv6.conf.all.forwarding": ok("0\n"),
+            "sysctl -n net.ipv6.conf.eth0.accept_ra": ok("1\n"),
+        }
+    )
+    for pattern, out in SYSCTL_A.items():
+        runner.responses[("sysctl", "-a", "-r", pattern)] = ok(out)
+    return runner
+
+
+def test_ipv6_ra_adds_the_prefix_address_and_forwarding_and_down_restores_it(
+    cfg: ApConfig,
+) -> None:
+    v6 = cfg.model_copy(update={"ipv6_ra": True})
+    v6 = ApConfig.model_validate({**v6.model_dump(), "ipv6_address": "fd00:f10e:1::1/64"})
+    runner = ipv6_runner()
+    state = ap_up(v6, runner, check_root=False)
+    assert state.address6_added == "fd00:f10e:1::1/64"
+    # Each global switch first, then what writing it back would not restore.
+    assert list(state.sysctl_before.items()) == [
+        ("net.ipv4.ip_forward", "0"),
+        ("net.ipv4.conf.eth0.forwarding", "1"),
+        ("net.ipv6.conf.all.forwarding", "0"),
+        ("net.ipv6.conf.eth0.forwarding", "1"),
+        ("net.ipv6.conf.eth0.accept_ra", "1"),
+    ]
+    cmds = commands(runner)
+    assert "sysctl -q -w net.ipv6.conf.wlan0.disable_ipv6=1" not in cmds
+    order = [
+        "ip link set dev wlan0 up",
+        "sysctl -q -w net.ipv6.conf.all.forwarding=1",
+        "sysctl -q -w net.ipv6.conf.eth0.accept_ra=2",
+        "ip -6 addr add fd00:f10e:1::1/64 dev wlan0 nodad",
+    ]
+    assert [cmds.index(c) for c in order] == sorted(cmds.index(c) for c in order)
+    assert "enable-ra" in (v6.work_dir / "dnsmasq.conf").read_text()
+
+    down = RecordingRunner()
+    ap_down(v6.state_path, down)
+    assert [c for c in commands(down) if c.startswith(("sysctl", "ip -6"))] == [
+        "ip -6 addr del fd00:f10e:1::1/64 dev wlan0",
+        "sysctl -q -w net.ipv4.ip_forward=0",
+        "sysctl -q -w net.ipv4.conf.eth0.forwarding=1",
+        "sysctl -q -w net.ipv6.conf.all.forwarding=0",
+        "sysctl -q -w net.ipv6.conf.eth0.forwarding=1",
+        "sysctl -q -w net.ipv6.conf.eth0.accept_ra=1",
+    ]
+
+
+def test_ipv6_ra_uses_an_address_already_on_the_interface(cfg: ApConfig) -> None:
+    v6 = cfg.model_copy(update={"ipv6_ra": True})
+    runner = ipv6_runner()
+    runner.responses[("ip", "-j", "-6", "addr", "show")] = ok(
+        '[{"ifname":"wlan0","addr_info":[{"family":"inet6","local":"fd77:7466::1",'
+        '"prefixlen":64,"scope":"global"}]}]'
+    )
+    state = ap_up(v6, runner, check_root=False)
+    assert state.address6_added is None
+    assert not any(c.startswith("ip -6 addr add") for c in commands(runner))
+
+
+def test_ipv6_ra_without_any_address_fails_and_undoes(cfg: ApConfig) -> None:
+    v6 = cfg.model_copy(update={"ipv6_ra": True})
+    runner = ipv6_runner()
+    with pytest.raises(ApError, match="wlan0 has no global IPv6 address") as info:
+        ap_up(v6, runner, check_root=False)
+    assert "ipv6_address" in (info.value.hint or "")
+    assert "sysctl -q -w net.ipv6.conf.all.forwarding=0" in commands(runner)
+    assert not cfg.state_path.exists()

@@ -169,9 +169,13 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+SYSCTLS = (
+    r"^net\.ipv[46]\.(ip_forward|conf\..*\.(forwarding|disable_ipv6|accept_ra|accept_redirects))$"
+)
+
+
 def snapshot(lab: Lab) -> dict[str, str]:
     """Everything ``ap down`` must restore, as text dumps."""
-    keys = ["net.ipv4.ip_forward", "net.ipv6.conf.ftw0.disable_ipv6"]
     return {
         "nft": in_ns(lab.ap, "nft", "list", "ruleset").stdout,
         "iptables": "\n".join(
@@ -179,9 +183,10 @@ def snapshot(lab: Lab) -> dict[str, str]:
             for ln in in_ns(lab.ap, "iptables-save", check=False).stdout.splitlines()
             if not ln.startswith("#")
         ),
-        "sysctl": in_ns(lab.ap, "sysctl", *keys).stdout,
+        "sysctl": in_ns(lab.ap, "sysctl", "-a", "-r", SYSCTLS).stdout,
         "ethtool": in_ns(lab.ap, "ethtool", "-k", "ftw0").stdout,
         "addr": in_ns(lab.ap, "ip", "-br", "addr", "show", "dev", "ftw0").stdout,
+        "addr6": in_ns(lab.ap, "ip", "-6", "addr", "show", "dev", "ftw0").stdout,
     }
 
 
@@ -259,8 +264,7 @@ def test_ap_up_serves_dhcp_dns_and_nat_then_down_restores(lab: Lab, tcp_server) 
     assert [(c.mac, c.ip, c.name) for c in st.clients] == [(CLIENT_MAC, LEASE_IP, "pixel-7")]
 
     # DNS: a configured name answers from dnsmasq on the AP address.
-    ans = in_ns(lab.client, "busybox", "nslookup", "lab.flowtruth.test", "192.168.77.1")
-    assert "10.77.0.2" in ans.stdout.split("lab.flowtruth.test", 1)[1]
+    assert dns_answers(lab)
 
     # NAT: the server sees the AP's uplink address, not the phone's.
     proc, nbytes = tcp_server
@@ -445,18 +449,31 @@ def test_capture_filter_and_time_rotation(lab: Lab, tcp_server) -> None:
     assert all(CLIENT_MAC in pair for pair in macs)
 
 
+def table_rows(text: str) -> dict[str, list[str]]:
+    """The rows of the rich tables in a CLI output, by first cell."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("│"):
+            cells = [c.strip() for c in line.split("│")[1:-1]]
+            rows[cells[0]] = cells
+    return rows
+
+
 def test_cli_up_status_down_across_processes(lab: Lab) -> None:
-    """`flowtruth ap up` exits while dnsmasq and tcpdump keep running; `ap down` finds them."""
+    """`flowtruth ap up` exits while dnsmasq, tcpdump and the supervisor keep running;
+    the supervisor restarts a killed dnsmasq, `ap status` shows it, `ap down` ends them all."""
     import yaml
 
+    from ap_setup.supervise import pid_alive
+
     before = snapshot(lab)
-    cfg = lab.config()
+    cfg = lab.config(supervision={**FAST, "max_restarts": 5})
     conf = lab.tmp / "ap.yaml"
     conf.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
     repo = Path(__file__).resolve().parents[1]
     exe = repo / ".venv" / "bin" / "flowtruth"
     base = [str(exe)] if exe.exists() else [sys.executable, "-m", "controller.cli"]
-    env = dict(os.environ, COLUMNS="200")
+    env = dict(os.environ, COLUMNS="250")
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*base, "ap", *args, "--config", str(conf)], capture_output=True,
@@ -465,19 +482,36 @@ def test_cli_up_status_down_across_processes(lab: Lab) -> None:
     out = lab.tmp / "run"
     up = cli("up", "--capture", str(out))
     assert up.returncode == 0, up.stderr
-    assert "AP up on ftw0" in up.stdout
+    assert "AP up on ftw0" in up.stdout and "supervisor: process, pid" in up.stderr
+    sup = ApState.load(cfg.state_path).supervisor
+    assert sup is not None and sup.kind == "process" and pid_alive(sup.pid, sup.starttime)
     try:
         dhcp_client(lab)
         status = cli("status")
         assert status.returncode == 0
-        assert "dnsmasq: running" in status.stdout and "capture: running" in status.stdout
+        assert f"supervisor: running (process, pid {sup.pid}" in status.stdout
+        rows = table_rows(status.stdout)
+        assert rows["dnsmasq"][2:4] == ["yes", "0"] and rows["capture"][2:4] == ["yes", "-"]
+        assert "capture: running" in status.stdout
         assert (
             CLIENT_MAC in status.stdout and LEASE_IP in status.stdout and "pixel-7" in status.stdout
         )
+        # The detached supervisor restarts a killed dnsmasq; status shows the restart.
+        old = ApState.load(cfg.state_path).processes["dnsmasq"].pid
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: ApState.load(cfg.state_path).health.get("dnsmasq") is not None
+                 and ApState.load(cfg.state_path).processes["dnsmasq"].pid != old,
+                 what="restart by the supervisor process")  # fmt: skip
+        status = cli("status").stdout
+        row = table_rows(status)["dnsmasq"]
+        # started by `ap up`, not by the supervisor: its exit status is not known
+        assert row[2:4] == ["yes", "1"] and "no longer running" in row[4], status
+        assert "restarted as pid" in (cfg.work_dir / "supervisor.log").read_text()
     finally:
         down = cli("down")
     assert down.returncode == 0, down.stderr
-    assert "is down" in down.stdout
+    assert "is down" in down.stdout and "supervisor: stopped" in down.stderr
+    assert not pid_alive(sup.pid, sup.starttime)
     assert snapshot(lab) == before
     assert json.loads((out / "capture-stats.json").read_text())["packets_captured"] > 0
     assert sh("ip", "netns", "pids", lab.ap).stdout.split() == []  # dnsmasq and tcpdump are gone
@@ -509,3 +543,156 @@ def test_dumpcap_capture_with_ring(lab: Lab, tcp_server) -> None:
     n = sum(1 for path in files for _ in iter_frames(path))
     assert n == stats["packets_captured"] > 2000
     assert qa_capture(files, stats=stats).oversize_frames == 0
+
+
+FAST = {"check_interval": 0.1, "backoff_initial": 0.1, "backoff_max": 0.5, "max_restarts": 2,
+        "restart_window": 60, "settle": 0.3}  # fmt: skip
+
+
+def wait_for(cond, timeout: float = 5.0, what: str = "condition") -> float:
+    """Poll ``cond`` until true; the seconds it took."""
+    start = time.monotonic()
+    while not cond():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def dns_answers(lab: Lab) -> bool:
+    # A records only: the AAAA question would go upstream, where nothing answers.
+    ans = in_ns(lab.client, "busybox", "nslookup", "-type=a", "lab.flowtruth.test",
+                "192.168.77.1", check=False, timeout=10)  # fmt: skip
+    return ans.returncode == 0 and "10.77.0.2" in ans.stdout.split("lab.flowtruth.test", 1)[-1]
+
+
+def test_supervisor_restarts_a_killed_dnsmasq_which_serves_again(lab: Lab) -> None:
+    from ap_setup.supervise import DaemonRestarted
+
+    before = snapshot(lab)
+    cfg = lab.config(supervision=FAST)
+    events: list[object] = []
+    state = ap_up(cfg, supervise="thread", supervisor_sink=events.append)
+    assert state.supervisor is not None and state.supervisor.kind == "thread"
+    assert dhcp_client(lab)["ip"] == LEASE_IP and dns_answers(lab)
+
+    old = state.processes["dnsmasq"].pid
+    os.kill(old, signal.SIGKILL)
+    took = wait_for(lambda: any(isinstance(e, DaemonRestarted) for e in events), what="restart")
+    assert took < 3
+    st = ap_status(cfg)
+    assert st.daemons == {"dnsmasq": True} and st.supervisor_alive
+    assert st.state.processes["dnsmasq"].pid != old
+    assert st.health["dnsmasq"].restarts == 1
+    assert st.health["dnsmasq"].history[0].reason.startswith("killed by SIGKILL")
+
+    # The new dnsmasq hands out the lease again and answers DNS.
+    in_ns(lab.client, "ip", "addr", "flush", "dev", "ftc0")
+    assert dhcp_client(lab) == {"ip": LEASE_IP, "router": "192.168.77.1", "dns": "192.168.77.1"}
+    assert dns_answers(lab)
+
+    ap_down(cfg.state_path)
+    assert snapshot(lab) == before
+    assert sh("ip", "netns", "pids", lab.ap).stdout.split() == []  # nothing was resurrected
+    time.sleep(0.3)
+    assert sh("ip", "netns", "pids", lab.ap).stdout.split() == []
+
+
+def test_supervisor_gives_up_on_a_dnsmasq_that_cannot_start(lab: Lab) -> None:
+    before = snapshot(lab)
+    cfg = lab.config(supervision=FAST)
+    state = ap_up(cfg, supervise="thread")
+    try:
+        # A broken config makes every restart exit at once.
+        with open(cfg.work_dir / "dnsmasq.conf", "a") as fh:
+            fh.write("no-such-option-at-all\n")
+        os.kill(state.processes["dnsmasq"].pid, signal.SIGKILL)
+        wait_for(lambda: (ap_status(cfg).health.get("dnsmasq") or None)
+                 and ap_status(cfg).health["dnsmasq"].gave_up, what="give-up")  # fmt: skip
+        st = ap_status(cfg)
+        line = st.health["dnsmasq"].gave_up
+        assert line.startswith("dnsmasq keeps exiting: gave up after 2 restart(s)")
+        assert "bad option" in line or "no-such-option" in line, line
+        assert st.health["dnsmasq"].restarts == 2 and st.daemons == {"dnsmasq": False}
+        wait_for(lambda: not ap_status(cfg).supervisor_alive, what="supervisor to end")
+    finally:
+        ap_down(cfg.state_path)
+    assert snapshot(lab) == before
+
+
+def test_foreground_up_supervises_until_interrupted(lab: Lab) -> None:
+    import yaml
+
+    before = snapshot(lab)
+    cfg = lab.config(supervision=FAST)
+    conf = lab.tmp / "ap.yaml"
+    conf.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "controller.cli", "ap", "up", "--foreground", "--config", str(conf)],
+        cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: (s := ApState.load(cfg.state_path)) is not None
+                 and s.supervisor is not None, timeout=30, what="ap up")  # fmt: skip
+        state = ApState.load(cfg.state_path)
+        assert state.supervisor.kind == "foreground" and state.supervisor.pid == proc.pid
+        old = state.processes["dnsmasq"].pid
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: ApState.load(cfg.state_path).processes["dnsmasq"].pid != old,
+                 what="restart")  # fmt: skip
+        assert dhcp_client(lab)["ip"] == LEASE_IP
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "supervisor: dnsmasq (pid" in err and "killed by SIGKILL" in err
+    assert "AP on ftw0 is down" in out
+    assert not cfg.state_path.exists()
+    assert snapshot(lab) == before
+
+
+def test_ipv6_router_advertisements_give_the_client_a_slaac_address(lab: Lab) -> None:
+    # Forwarding switched on per interface before: the global switch must not lose it.
+    in_ns(lab.ap, "sysctl", "-q", "-w", "net.ipv4.conf.ftu0.forwarding=1")
+    in_ns(lab.ap, "sysctl", "-q", "-w", "net.ipv6.conf.ftu0.forwarding=1")
+    in_ns(lab.client, "sysctl", "-q", "-w", "net.ipv6.conf.ftc0.accept_dad=0")
+    in_ns(lab.client, "sysctl", "-q", "-w", "net.ipv6.conf.ftc0.accept_ra=1")
+    before = snapshot(lab)
+    cfg = lab.config(ipv6_ra=True, ipv6_address="fd77:7466:1::1/64")
+    state = ap_up(cfg)
+    try:
+        assert state.address6_added == "fd77:7466:1::1/64"
+        assert in_ns(lab.ap, "sysctl", "-n", "net.ipv6.conf.all.forwarding").stdout.strip() == "1"
+        assert in_ns(lab.ap, "sysctl", "-n", "net.ipv6.conf.ftu0.accept_ra").stdout.strip() == "2"
+        assert state.sysctl_before["net.ipv6.conf.all.forwarding"] == "0"
+        assert state.sysctl_before["net.ipv6.conf.ftu0.forwarding"] == "1"
+
+        def slaac() -> str:
+            out = in_ns(lab.client, "ip", "-6", "-o", "addr", "show", "dev", "ftc0",
+                        "scope", "global").stdout  # fmt: skip
+            return out if "fd77:7466:1:" in out and "tentative" not in out else ""
+
+        wait_for(slaac, timeout=10, what="a SLAAC address from the router advertisement")
+        assert "dynamic" in slaac()  # autoconfigured, with the advertised lifetimes
+        route = in_ns(lab.client, "ip", "-6", "route", "show", "default").stdout
+        assert "proto ra" in route
+        in_ns(lab.client, "busybox", "ping6", "-c", "1", "-W", "2", "fd77:7466:1::1")
+        ans = in_ns(lab.client, "busybox", "nslookup", "-type=a", "lab.flowtruth.test",
+                    "fd77:7466:1::1", timeout=10)  # fmt: skip
+        assert "10.77.0.2" in ans.stdout.split("lab.flowtruth.test", 1)[-1]
+        assert "enable-ra" in (cfg.work_dir / "dnsmasq.conf").read_text()
+    finally:
+        ap_down(cfg.state_path)
+    assert snapshot(lab) == before
+
+
+def test_ipv6_ra_without_an_address_is_one_clear_error(lab: Lab) -> None:
+    before = snapshot(lab)
+    with pytest.raises(ApError, match="ftw0 has no global IPv6 address") as info:
+        ap_up(lab.config(ipv6_ra=True))
+    assert "ipv6_address" in info.value.one_line()
+    assert snapshot(lab) == before

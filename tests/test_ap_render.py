@@ -74,6 +74,9 @@ CASES = {
     "hostapd-2g.conf": lambda: render_hostapd(make_config()),
     "hostapd-5g.conf": lambda: render_hostapd(five_ghz()),
     "dnsmasq.conf": lambda: render_dnsmasq(make_config()),
+    "dnsmasq-ipv6.conf": lambda: render_dnsmasq(
+        make_config(ipv6_ra=True, ipv6_address="fd00:f10e:1::1/64")
+    ),
     "nft-inet.nft": lambda: render_nft(make_config()),
     "nft-ip-nat-any-uplink.nft": lambda: render_nft(five_ghz(), "ip"),
     "iptables.txt": lambda: iptables_text(make_config()),

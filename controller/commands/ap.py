@@ -10,6 +10,7 @@ import typer
 if TYPE_CHECKING:
     from ap_setup.config import ApConfig
     from ap_setup.lifecycle import ApStepFinished
+    from ap_setup.supervise import SupervisorEvent
 
 ConfigOpt = Annotated[
     Optional[Path],  # noqa: UP045 - typer needs Optional at runtime on 3.11
@@ -41,6 +42,18 @@ def _print_step(event: ApStepFinished) -> None:
     Console(stderr=True, highlight=False).print(f"[green]•[/] {event.step}: {event.detail}")
 
 
+def _print_supervisor(event: SupervisorEvent) -> None:
+    from rich.console import Console
+
+    from ap_setup.supervise import DaemonGaveUp, DaemonRestarted, SupervisorStopped, describe
+
+    colour = "green" if isinstance(event, DaemonRestarted | SupervisorStopped) else "yellow"
+    colour = "red" if isinstance(event, DaemonGaveUp) else colour
+    Console(stderr=True, highlight=False, soft_wrap=True).print(
+        f"[{colour}]•[/] supervisor: {describe(event)}"
+    )
+
+
 def up(
     config: ConfigOpt = None,
     interface: InterfaceOpt = None,
@@ -48,15 +61,96 @@ def up(
         Optional[Path],  # noqa: UP045
         typer.Option("--capture", help="Also start a packet capture into this directory."),
     ] = None,
+    foreground: Annotated[
+        bool,
+        typer.Option(
+            "--foreground",
+            help="Stay in the foreground supervising the daemons; Ctrl-C takes the AP down.",
+        ),
+    ] = False,
+    supervise: Annotated[
+        Optional[bool],  # noqa: UP045
+        typer.Option(
+            "--supervise/--no-supervise",
+            help="Restart hostapd/dnsmasq when they exit; overrides supervision.enabled.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Bring the access point up: radio, addressing, offloads off, NAT, hostapd, dnsmasq."""
+    """Bring the access point up: radio, addressing, offloads off, NAT, hostapd, dnsmasq.
+
+    Returns with the daemons running and a detached supervisor restarting them when they
+    exit (unless supervision is off); with --foreground it stays and supervises itself.
+    """
     from ap_setup.lifecycle import ap_up
 
     cfg = load(config, interface)
-    state = ap_up(cfg, sink=_print_step, capture_dir=capture)
+    wanted = cfg.supervision.enabled if supervise is None else supervise
+    if foreground:
+        _up_foreground(cfg, capture, wanted)
+        return
+    state = ap_up(cfg, sink=_print_step, capture_dir=capture,
+                  supervise="process" if wanted else None)  # fmt: skip
     if state.ssid:
         typer.echo(f"SSID {state.ssid!r}  passphrase {state.passphrase}")
     typer.echo(f"AP up on {state.interface}; state in {cfg.state_path}")
+
+
+def _up_foreground(cfg: ApConfig, capture: Path | None, supervise: bool) -> None:
+    """``ap up --foreground``: up, supervise until a signal or give-up, then down."""
+    import signal
+    import threading
+
+    from ap_setup.lifecycle import ap_down, ap_up
+    from ap_setup.state import ApState
+    from ap_setup.supervise import Supervisor
+    from controller.errors import ApError
+
+    stop = threading.Event()
+    state = ap_up(cfg, sink=_print_step, capture_dir=capture)
+    sup = (
+        Supervisor(cfg.state_path, policy=cfg.supervision, sink=_print_supervisor,
+                   kind="foreground")
+        if supervise else None
+    )  # fmt: skip
+    previous = {}
+
+    def on_signal(_sig: int, _frame: object) -> None:
+        stop.set()
+        if sup is not None:
+            sup.request_stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        previous[sig] = signal.signal(sig, on_signal)
+    try:
+        if state.ssid:
+            typer.echo(f"SSID {state.ssid!r}  passphrase {state.passphrase}")
+        typer.echo(f"AP up on {state.interface}; state in {cfg.state_path}; "
+                   "in the foreground until Ctrl-C")  # fmt: skip
+        if sup is not None:
+            try:
+                sup.run()
+            except ApError:
+                ap_down(cfg.state_path, sink=_print_step)
+                raise
+        else:
+            while not stop.wait(cfg.supervision.check_interval):
+                current = ApState.load(cfg.state_path)
+                if current is None or current.status != "up":
+                    break
+        current = ApState.load(cfg.state_path)
+        if current is None or current.status != "up":
+            typer.echo("the AP was taken down by `flowtruth ap down`")
+            return
+        ap_down(cfg.state_path, sink=_print_step)
+        typer.echo(f"AP on {state.interface} is down")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if sup is not None and sup.gave_up and not stop.is_set():
+        raise ApError(
+            sup.gave_up[0], hint="the AP was taken down; fix the cause and start it again"
+        )
 
 
 def down(config: ConfigOpt = None, interface: InterfaceOpt = None) -> None:
@@ -85,10 +179,31 @@ def status(config: ConfigOpt = None, interface: InterfaceOpt = None) -> None:
                   + (f" in namespace {st.state.netns}" if st.state.netns else ""))  # fmt: skip
     from ap_setup.supervise import log_tail
 
+    sup = st.supervisor
+    if sup is None:
+        console.print("supervisor: none (daemons are not restarted when they exit)")
+    elif st.supervisor_alive:
+        console.print(f"supervisor: [green]running[/] ({sup.kind}, pid {sup.pid}, log {sup.log})")
+    else:
+        console.print(f"supervisor: [red]not running[/] ({sup.kind}, pid {sup.pid} is gone; "
+                      f"log {sup.log})")  # fmt: skip
+    daemons = Table("daemon", "pid", "alive", "restarts", "last restart", title="daemons")
     for name, alive in st.daemons.items():
-        if alive:
-            console.print(f"  {name}: [green]running[/]")
-        else:
+        rec = st.state.processes[name]
+        health = st.health.get(name)
+        restarts = str(health.restarts) if health else ("0" if name != "capture" else "-")
+        last = ""
+        if health and health.history:
+            h = health.history[-1]
+            last = f"{h.at}: {h.reason}"
+        daemons.add_row(name, str(rec.pid), "[green]yes[/]" if alive else "[red]no[/]",
+                        restarts, last)  # fmt: skip
+    console.print(daemons)
+    for name, alive in st.daemons.items():
+        health = st.health.get(name)
+        if health and health.gave_up:
+            console.print(f"  [red]{name}: {health.gave_up}[/]")
+        elif not alive:
             rec = st.state.processes[name]
             console.print(
                 f"  {name}: [red]not running[/] (last log lines: {log_tail(Path(rec.log))})"
