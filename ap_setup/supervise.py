@@ -168,8 +168,8 @@ def exit_reason(rec: ProcessRecord) -> str:
     """How a daemon that is no longer running ended, with the last lines of its log."""
     child = _CHILDREN.pop(rec.pid, None)
     code = child.poll() if child is not None else None
-    if code is None:
-        how = "exited"
+    if code is None:  # not our child: only its parent learns the status
+        how = "is no longer running (exit status unknown)"
     elif code < 0:
         try:
             how = f"killed by {signal.Signals(-code).name}"
