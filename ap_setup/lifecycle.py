@@ -267,11 +267,7 @@ def ap_up(
     try:
         _bring_up(cfg, runner, state, path, firewall, sink, capture_dir)
     except BaseException as err:
-        sink(ApStepFinished("failed", f"{err}; undoing"))
-        try:
-            ap_down(path, runner, sink=sink)
-        except ApError as undo_err:
-            raise ApError(f"{err}; undo also failed: {undo_err}") from None
+        _undo(err, path, runner, sink)
         raise
     state.status = "up"
     state.save(path)
@@ -279,16 +275,25 @@ def ap_up(
         try:
             rec = _start_supervisor(cfg, runner, supervise, supervisor_sink)
         except BaseException as err:
-            sink(ApStepFinished("failed", f"{err}; undoing"))
-            try:
-                ap_down(path, runner, sink=sink)
-            except ApError as undo_err:
-                raise ApError(f"{err}; undo also failed: {undo_err}") from None
+            _undo(err, path, runner, sink)
             raise
         sink(ApStepFinished("supervisor", f"{rec.kind}, pid {rec.pid}, log {rec.log}"))
         state = ApState.load(path) or state
     sink(ApStepFinished("up", f"{cfg.interface} at {cfg.address}"))
     return state
+
+
+def _undo(err: BaseException, path: Path, runner: Runner, sink: Sink) -> None:
+    """Tear down a half-done bring-up; an :class:`ApError` naming both if that fails too."""
+    sink(ApStepFinished("failed", f"{err}; undoing"))
+    try:
+        ap_down(path, runner, sink=sink)
+    except ApError as undo_err:
+        raise ApError(f"{err}; undo also failed: {undo_err}") from None
+
+
+def _no_events(_event: object) -> None:
+    pass
 
 
 def _start_supervisor(
@@ -299,8 +304,8 @@ def _start_supervisor(
 ) -> SupervisorRecord:
     if kind == "process":
         return start_supervisor_process(cfg.state_path, cfg.supervision)
-    extra = {"sink": sink} if sink is not None else {}
-    sup = Supervisor(cfg.state_path, runner, policy=cfg.supervision, **extra).start()
+    sup = Supervisor(cfg.state_path, runner, policy=cfg.supervision, sink=sink or _no_events)
+    sup.start()
     assert sup.record is not None
     return sup.record
 

@@ -382,3 +382,49 @@ def test_ipv6_ra_without_any_address_fails_and_undoes(cfg: ApConfig) -> None:
     assert "ipv6_address" in (info.value.hint or "")
     assert "sysctl -q -w net.ipv6.conf.all.forwarding=0" in commands(runner)
     assert not cfg.state_path.exists()
+
+
+def test_a_supervisor_that_cannot_start_undoes_the_bring_up(cfg: ApConfig, monkeypatch) -> None:
+    def broken(*_a, **_k):
+        raise ApError("the supervisor exited with status 1 at start: ModuleNotFoundError")
+
+    monkeypatch.setattr(lifecycle, "start_supervisor_process", broken)
+    runner = make_runner()
+    with pytest.raises(ApError, match="supervisor exited with status 1"):
+        ap_up(cfg, runner, check_root=False, supervise="process")
+    assert "nft delete table inet flowtruth" in commands(runner)
+    assert not cfg.state_path.exists()
+
+
+def test_status_shows_supervisor_restarts_and_give_up(cfg: ApConfig, tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from ap_setup.state import DaemonHealth, RestartRecord, SupervisorRecord
+    from controller.commands.ap import register
+
+    ap_up(cfg, make_runner(), check_root=False)
+    state = ApState.load(cfg.state_path)
+    state.supervisor = SupervisorRecord(kind="process", pid=5_000_999, log="/x/supervisor.log")
+    state.health["dnsmasq"] = DaemonHealth(
+        restarts=3,
+        history=[RestartRecord(at="2026-11-29T01:00:00+00:00", reason="killed by SIGKILL",
+                               old_pid=5_000_002, new_pid=None)],
+        gave_up="dnsmasq keeps exiting: gave up after 3 restart(s) within 300 s",
+    )  # fmt: skip
+    state.save(cfg.state_path)
+    st = ap_status(cfg)
+    assert st.supervisor is not None and not st.supervisor_alive
+    assert st.health["dnsmasq"].restarts == 3
+
+    conf = tmp_path / "ap.yaml"
+    conf.write_text(json.dumps(json.loads(cfg.model_dump_json())))
+    app = typer.Typer()
+    register(app)
+    res = CliRunner().invoke(app, ["ap", "status", "--config", str(conf)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "supervisor: not running (process, pid 5000999 is gone" in res.output
+    row = next(ln for ln in res.output.splitlines() if ln.startswith("│ dnsmasq"))
+    cells = [c.strip() for c in row.split("│")[1:-1]]
+    assert cells[2:4] == ["no", "3"] and "killed by SIGKILL" in cells[4]
+    assert "  dnsmasq keeps exiting: gave up after 3 restart(s)" in res.output

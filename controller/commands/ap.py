@@ -202,7 +202,7 @@ def status(config: ConfigOpt = None, interface: InterfaceOpt = None) -> None:
     for name, alive in st.daemons.items():
         health = st.health.get(name)
         if health and health.gave_up:
-            console.print(f"  [red]{name}: {health.gave_up}[/]")
+            console.print(f"  [red]{health.gave_up}[/]")
         elif not alive:
             rec = st.state.processes[name]
             console.print(
