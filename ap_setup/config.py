@@ -187,8 +187,9 @@ class ApConfig(_Model):
     ]
     """DNS servers dnsmasq forwards to."""
     ipv6_ra: bool = False
-    """Send IPv6 router advertisements (SLAAC, stateless DHCPv6) and route IPv6 without NAT;
-    off by default, and IPv6 is then disabled on the interface."""
+    """Send IPv6 router advertisements (SLAAC, stateless DHCPv6) and route IPv6 without NAT,
+    so the prefix must be routed to this host upstream; off by default, and IPv6 is then
+    disabled on the interface."""
     ipv6_address: ipaddress.IPv6Interface | None = None
     """With ``ipv6_ra``: the AP's own IPv6 address with the /64 prefix advertised to phones,
     e.g. ``fd00:f10e:1::1/64`` (None: use the global address already on the interface)."""
