@@ -26,6 +26,15 @@ API (what the CLI, the TUI and the demo call)::
                       env, sink, cancel)                         # -> SessionResult
     res = run_plan(load_plan("PLAN.yaml"), env, sink, cancel, resume=False)  # -> PlanResult
 
+Tracers (``SessionSpec.tracer``): ``strace`` runs ``strace_launcher.sh`` on the phone;
+``frida`` runs :class:`device_scripts.frida_loader.FridaPackageTracer` here, on the
+controller, against the phone's frida device (:meth:`Environment.open_frida`: frida-server
+on a phone through ``adb forward``; in the lab frida's local device narrowed to the phone's
+network namespace), so its per-process logs land in ``frida/`` of the run directory and
+are merged into ``frida.jsonl`` (on the phone's clock) when it stops; ``both`` gives frida
+the app's main process and the launcher (role ``secondary``) the others, never one pid to
+both; ``none`` leaves the netstat poller alone.
+
 Strace binary by ABI: ``arm64-v8a``/``armeabi-v7a`` (real phones) take the static build
 from :mod:`device_scripts.strace_cache`; ``x86_64`` (virtual-lab phones are namespaces of
 this host, as Android emulator images report) takes the host's ``/usr/bin/strace``.

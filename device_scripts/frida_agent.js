@@ -2,12 +2,14 @@
  * flowtruth frida agent: reports which process and thread own which Internet socket.
  *
  * Hooks libc's connect, sendto, sendmsg, recvfrom, close and getaddrinfo (and bionic's
- * android_getaddrinfofornet, the resolver Android's Java stack calls directly) and posts
+ * android_getaddrinfofornet, the resolver Android's Java stack calls directly), and on a
+ * libc other than bionic also send and recv (bionic's send and recv call its sendto and
+ * recvfrom; glibc's make the system calls themselves), and posts
  * batches of events with send({type: "events", events: [...]}). The loader writes each
  * event as one JSON line:
  *
  *   {"ts": <epoch seconds, float, CLOCK_REALTIME>, "event": "connect"|"sendto"|"sendmsg"|
- *    "recvfrom"|"getaddrinfo"|"close", "pid": N, "tid": N, "fd": N, "proto": "tcp"|"udp",
+ *    "recvfrom"|"send"|"recv"|"getaddrinfo"|"close", "pid": N, "tid": N, "fd": N, "proto": "tcp"|"udp",
  *    "family": 4|6, "local": {"ip": "...", "port": N}, "remote": {"ip": "...", "port": N},
  *    "host": "name" or null, "ret": N, "process": "argv[0]"}
  *
@@ -22,10 +24,12 @@
  * - ret is the function's return value; when it is -1 the event also has "errno", the
  *   error's name (e.g. "EINPROGRESS" for a non-blocking connect under way; "E<n>" for a
  *   number without a name here).
- * - sendto, sendmsg and recvfrom are reported when they succeed, once per (fd, remote
- *   address) until the fd is closed, which keeps busy sockets from flooding the log (a
- *   repeat costs a map lookup, no system call); close is reported only for fds the agent
- *   reported before, with their last known addresses.
+ * - sendto, sendmsg, recvfrom, send and recv are reported when they succeed, once per
+ *   (fd, remote address) until the fd is closed, which keeps busy sockets from flooding
+ *   the log (a repeat costs a map lookup, no system call); close is reported only for fds
+ *   the agent reported before, with their last known addresses. A socket connected before
+ *   the agent was loaded shows up at its first send or receive through these functions
+ *   (not through write or read, which TLS libraries use).
  * - Events are sent in batches every 50 ms and when the script unloads (also at a normal
  *   process exit); a process killed by SIGKILL loses at most its last 50 ms.
  * - getaddrinfo: one event per distinct resolved address, with fd -1, local null, host
@@ -380,6 +384,19 @@ hook('recvfrom', {
     reportTransfer('recvfrom', this, this.fd, remote, r);
   },
 });
+
+// A socket connected before the agent came (the loader attaches to running processes)
+// shows up at its next transfer.
+if (!BIONIC) {
+  hook('send', {
+    onEnter(args) { this.fd = args[0].toInt32(); },
+    onLeave(retval) { reportTransfer('send', this, this.fd, null, retOf(this, retval)); },
+  });
+  hook('recv', {
+    onEnter(args) { this.fd = args[0].toInt32(); },
+    onLeave(retval) { reportTransfer('recv', this, this.fd, null, retOf(this, retval)); },
+  });
+}
 
 hook('close', {
   onEnter(args) {

@@ -469,3 +469,28 @@ def test_e2e_frida_on_a_phone_without_frida_server_fails_in_preflight(
     k = kinds(sink)
     assert "StepFinished:Preflight:FAIL" in k and "StepStarted:StartCapture" not in k
     assert not env.capture.running
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_e2e_cancelled_frida_session_keeps_the_frida_log(vlab: VLab, frida_cleanup: None) -> None:
+    """A session stopped mid-scenario still detaches frida, merges and records its log."""
+    ph = vlab.phones[0]
+    (main_pid,) = _app_pids(ph, "org.thoughtcrime.securesms")
+    cancel = threading.Event()
+
+    def watch(e: ev.Event) -> None:
+        if isinstance(e, ev.ScenarioStepStarted) and e.index == 2:
+            cancel.set()
+
+    spec = SessionSpec(serial=ph.address, app="signal", activity="audio_call",
+                       device_name=ph.name, params={"call_seconds": "30"}, tracer="frida")
+    t0 = time.monotonic()
+    res = run_session(spec, _link(vlab), _env(vlab, "frida-cancel"), watch, cancel)
+    assert time.monotonic() - t0 < 30
+    assert res.outcome == "stopped"
+    m = json.loads((res.run_dir / "manifest.json").read_text())
+    assert {s["step"]: s["ok"] for s in m["steps"]}["StopTracers"]
+    assert m["traces"]["frida"] == "frida.jsonl" and "frida.jsonl" in m["artifacts"]
+    assert (res.run_dir / "frida.jsonl").stat().st_size > 0
+    assert _agent_threads(main_pid) == set()
