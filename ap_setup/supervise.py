@@ -380,7 +380,8 @@ class Supervisor:
             self.ended = reason
             if _RUNNING.get(_key(self.state_path)) is self:
                 del _RUNNING[_key(self.state_path)]
-            self._unregister()
+            if not reason.startswith("gave up"):  # after a give-up, status shows it ended
+                self._unregister()
             self._emit(SupervisorStopped(reason))
         return reason
 
@@ -545,7 +546,7 @@ def stop_supervisor(state_path: Path, rec: SupervisorRecord | None, timeout: flo
         return "stopped"
     if rec is None:
         return ""
-    if not pid_alive(rec.pid, rec.starttime):
+    if not supervisor_alive(rec):
         return "was not running"
     if rec.kind == "process":
         proc = ProcessRecord(

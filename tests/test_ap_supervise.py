@@ -123,6 +123,8 @@ def test_a_daemon_that_keeps_dying_is_given_up_with_one_line(tmp_path: Path) -> 
     assert "bad option at line 3" in line and "dnsmasq.out" in line
     state = ApState.load(path)
     assert state.health["dnsmasq"].gave_up == line
+    # The record stays, so status shows a supervisor that ended rather than none at all.
+    assert state.supervisor is not None and not supervisor_alive(state.supervisor)
     assert state.health["dnsmasq"].restarts == 3
     assert [h.new_pid for h in state.health["dnsmasq"].history] == [None, None, None]
 
