@@ -472,6 +472,8 @@ class Supervisor:
                 )
             except ApError as err:
                 failure = err.one_line()
+            except OSError as err:  # e.g. the run directory was removed
+                failure = f"cannot start {name}: {err}"
             else:
                 entry.new_pid = new.pid
                 state.processes[name] = new
