@@ -155,7 +155,7 @@ def test_input_text_args_type_exactly_the_text_as_android_decodes_them(text: str
 @settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(st.one_of(
-    st.text(st.characters(blacklist_categories=("Cs",)), max_size=40),
+    st.text(st.characters(codec="utf-8"), max_size=40),
     st.lists(st.sampled_from(HOSTILE), max_size=8).map("".join),
     st.lists(st.one_of(st.sampled_from(HOSTILE),
                        st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E),
