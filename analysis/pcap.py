@@ -65,6 +65,25 @@ class PacketBatch:
         return len(self.ts_ns)
 
 
+@dataclass(slots=True)
+class RecordChunk:
+    """Consecutive packet records of one capture as columns over one byte buffer.
+
+    ``buf`` may be a view of a buffer the walk reuses: it is valid until the next chunk.
+    """
+
+    buf: np.ndarray  # uint8
+    base: int  # file offset of buf[0]
+    off: np.ndarray  # int64 start of each record's bytes in buf
+    cap: np.ndarray  # int64 captured length
+    wire: np.ndarray  # int64 original length
+    ts_ns: np.ndarray  # int64 ns since the epoch
+    linktype: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.off)
+
+
 def _read_into(fh, buf: bytearray, keep: int) -> int:
     """Fill ``buf`` after its first ``keep`` bytes; returns the number of valid bytes."""
     view = memoryview(buf)
@@ -77,31 +96,89 @@ def _read_into(fh, buf: bytearray, keep: int) -> int:
     return got
 
 
-class _Reader:
-    """Common state of the pcap and pcapng readers."""
+def _pcap_chunks(path: str, fh, header: bytes, stats: CaptureStats,
+                 chunk_bytes: int) -> Iterator[RecordChunk]:
+    """The records of a classic libpcap file (``fh`` just past its 24-byte ``header``)."""
+    magic = header[:4]
+    swapped = magic not in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1")
+    frac_ns = 1 if magic in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d") else 1000
+    major, minor, _zone, _sig, snaplen, network = struct.unpack(
+        (">" if swapped else "<") + "HHiIII", header[4:24])
+    if major != 2:
+        raise ParseError(path, 4, f"unsupported pcap version {major}.{minor} (only 2.x exists)",
+                         "the file header is corrupt or this is not a libpcap file")
+    linktype = network & 0x0FFFFFFF
+    limit = max(snaplen, MAX_RECORD)
+    buf = bytearray(chunk_bytes)
+    keep = 0
+    file_pos = 24  # absolute offset of buf[0]
+    found = 0
+    rec_off = caplen = wirelen = ts_ns = np.empty(0, dtype=np.int64)
+    while True:
+        valid = _read_into(fh, buf, keep)
+        eof = valid < len(buf)
+        arr = np.frombuffer(buf, dtype=np.uint8)
+        if len(rec_off) < len(buf) // 16 + 1:
+            rec_off, caplen, wirelen, ts_ns = (np.empty(len(buf) // 16 + 1, dtype=np.int64)
+                                               for _ in range(4))
+        n, pos, bad = _fast.walk_pcap(arr, 0, valid, swapped, frac_ns, limit,
+                                      rec_off, caplen, wirelen, ts_ns)
+        if n:
+            yield RecordChunk(arr[:pos], file_pos, rec_off[:n].copy(), caplen[:n].copy(),
+                              wirelen[:n].copy(), ts_ns[:n].copy(),
+                              np.full(n, linktype, dtype=np.int64))
+            found += n
+        if bad >= 0:
+            if found == 0:
+                raise ParseError(path, file_pos + pos, f"record length {bad} exceeds {limit}",
+                                 "the file is corrupt; no packet could be read")
+            stats.warnings.append(
+                f"{path}: byte offset {file_pos + pos}: record length {bad} exceeds "
+                f"{limit}; the file is corrupt from here on, stopped reading")
+            stats.skip("corrupt record header", 1)
+            return
+        rest = valid - pos
+        if eof:
+            if rest > 0 and found == 0:
+                raise ParseError(path, file_pos + pos,
+                                 f"the first record is truncated ({rest} bytes present)",
+                                 "the capture was cut short; no packet could be read")
+            if rest > 0:
+                stats.warnings.append(
+                    f"{path}: byte offset {file_pos + pos}: last record truncated "
+                    f"({rest} bytes of a partial record ignored)")
+                stats.skip("truncated last record", 1)
+            return
+        tail = buf[pos:valid]
+        if n == 0 and pos == 0:
+            # A record bigger than the buffer: take a larger one (not resized in place, as
+            # the chunk given out may still be viewing it).
+            buf = bytearray(2 * len(buf))
+        buf[:rest] = tail
+        keep = rest
+        file_pos += pos
 
-    def __init__(self, path: str, fh, stats: CaptureStats, chunk_bytes: int) -> None:
-        self.path = path
-        self.fh = fh
+
+class _Decoder:
+    """Decodes record chunks into packet batches, numbering records and counting stats."""
+
+    def __init__(self, stats: CaptureStats) -> None:
         self.stats = stats
-        self.chunk_bytes = max(chunk_bytes, 1 << 16)
         self.frame = 0
 
-    def batches(self) -> Iterator[PacketBatch]:
-        raise NotImplementedError
-
-    def _decode(self, buf, rec_off, caplen, wirelen, ts_ns, linktype, base_off) -> PacketBatch:
-        n = len(rec_off)
+    def decode(self, chunk: RecordChunk) -> PacketBatch:
+        n = len(chunk)
+        linktype = chunk.linktype
         cols = np.empty((n, N_COLS), dtype=np.int64)
         addrs = np.empty((n, 4), dtype=np.uint64)
-        _fast.decode(buf, rec_off, caplen, linktype, cols, addrs)
+        _fast.decode(chunk.buf, chunk.off, chunk.cap, linktype, cols, addrs)
         frame = np.arange(self.frame, self.frame + n, dtype=np.int64)
         self.frame += n
         st = self.stats
         st.packets += n
-        st.bytes += int(wirelen.sum())
+        st.bytes += int(chunk.wire.sum())
         if n:
-            lo, hi = int(ts_ns.min()), int(ts_ns.max())
+            lo, hi = int(chunk.ts_ns.min()), int(chunk.ts_ns.max())
             st.first_ts_ns = lo if st.first_ts_ns is None else min(st.first_ts_ns, lo)
             st.last_ts_ns = hi if st.last_ts_ns is None else max(st.last_ts_ns, hi)
             lts, counts = np.unique(linktype, return_counts=True)
@@ -116,222 +193,154 @@ class _Reader:
                         lt_bad = np.unique(linktype[status == 1])
                         reason = "unsupported link type " + ",".join(str(x) for x in lt_bad)
                     st.skip(reason, c)
-        return PacketBatch(ts_ns, frame, wirelen, cols, addrs, rec_off + base_off)
+        return PacketBatch(chunk.ts_ns, frame, chunk.wire, cols, addrs, chunk.off + chunk.base)
 
 
-class PcapReader(_Reader):
-    """Classic libpcap files."""
-
-    def __init__(self, path, fh, header: bytes, stats, chunk_bytes) -> None:
-        super().__init__(path, fh, stats, chunk_bytes)
-        magic = header[:4]
-        if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1"):
-            self.swapped = False
-            endian = "<"
-        else:
-            self.swapped = True
-            endian = ">"
-        self.frac_ns = 1 if magic in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d") else 1000
-        major, minor, _zone, _sig, snaplen, network = struct.unpack(endian + "HHiIII", header[4:24])
-        if major != 2:
-            raise ParseError(path, 4, f"unsupported pcap version {major}.{minor} (only 2.x exists)",
-                             "the file header is corrupt or this is not a libpcap file")
-        self.linktype = network & 0x0FFFFFFF
-        self.limit = max(snaplen, MAX_RECORD)
-
-    def batches(self) -> Iterator[PacketBatch]:
-        buf = bytearray(self.chunk_bytes)
-        arr = np.frombuffer(buf, dtype=np.uint8)
-        keep = 0
-        file_pos = 24  # absolute offset of buf[0]
-        max_recs = self.chunk_bytes // 16 + 1
-        rec_off = np.empty(max_recs, dtype=np.int64)
-        caplen = np.empty(max_recs, dtype=np.int64)
-        wirelen = np.empty(max_recs, dtype=np.int64)
-        ts_ns = np.empty(max_recs, dtype=np.int64)
-        while True:
-            valid = _read_into(self.fh, buf, keep)
-            eof = valid < len(buf)
-            n, pos, bad = _fast.walk_pcap(arr, 0, valid, self.swapped, self.frac_ns, self.limit,
-                                          rec_off, caplen, wirelen, ts_ns)
-            if n:
-                lts = np.full(n, self.linktype, dtype=np.int64)
-                yield self._decode(arr, rec_off[:n].copy(), caplen[:n].copy(),
-                                   wirelen[:n].copy(), ts_ns[:n].copy(), lts, file_pos)
-            if bad >= 0:
-                if self.frame == 0:
-                    raise ParseError(self.path, file_pos + pos,
-                                     f"record length {bad} exceeds {self.limit}",
-                                     "the file is corrupt; no packet could be read")
-                self.stats.warnings.append(
-                    f"{self.path}: byte offset {file_pos + pos}: record length {bad} exceeds "
-                    f"{self.limit}; the file is corrupt from here on, stopped reading")
-                self.stats.skip("corrupt record header", 1)
-                return
-            rest = valid - pos
-            if eof:
-                if rest > 0 and self.frame == 0:
-                    raise ParseError(self.path, file_pos + pos,
-                                     f"the first record is truncated ({rest} bytes present)",
-                                     "the capture was cut short; no packet could be read")
-                if rest > 0:
-                    self.stats.warnings.append(
-                        f"{self.path}: byte offset {file_pos + pos}: last record truncated "
-                        f"({rest} bytes of a partial record ignored)")
-                    self.stats.skip("truncated last record", 1)
-                return
-            if n == 0 and pos == 0:
-                # a record bigger than the buffer: grow it
-                buf.extend(bytes(len(buf)))
-                arr = np.frombuffer(buf, dtype=np.uint8)
-            buf[:rest] = buf[pos:valid]
-            keep = rest
-            file_pos += pos
-
-
-class PcapngReader(_Reader):
-    """pcapng files: sections, interfaces and packet blocks, walked block by block."""
-
-    def batches(self) -> Iterator[PacketBatch]:
-        fh = self.fh
-        path = self.path
-        size = os.fstat(fh.fileno()).st_size
-        data = _FileWindow(fh, size)
-        pos = 0
-        endian = "<"
-        ifaces: list[tuple[int, int, int, int]] = []  # linktype, ts_num, ts_den, offset_s
-        rec_off: list[int] = []
-        caplens: list[int] = []
-        wirelens: list[int] = []
-        tss: list[int] = []
-        lts: list[int] = []
-        pending = 0
-        while pos < size:
-            if size - pos < 12:
-                self.stats.warnings.append(
-                    f"{path}: byte offset {pos}: truncated block ({size - pos} bytes) at the end")
-                self.stats.skip("truncated last record", 1)
-                break
-            head = data.get(pos, 12)
-            btype = struct.unpack(endian + "I", head[:4])[0]
-            if btype == 0x0A0D0D0A:
-                bom = head[8:12]
-                if bom == b"\x4d\x3c\x2b\x1a":
-                    endian = "<"
-                elif bom == b"\x1a\x2b\x3c\x4d":
-                    endian = ">"
-                else:
-                    raise ParseError(path, pos + 8, "bad pcapng byte-order magic",
-                                     "the file is corrupt")
-                blen = struct.unpack(endian + "I", head[4:8])[0]
-                body = data.get(pos, min(blen, 28)) if blen >= 16 else b""
-                if len(body) >= 16:
-                    major, minor = struct.unpack(endian + "HH", body[12:16])
-                    if major != 1 or minor not in (0, 2):
-                        raise ParseError(path, pos + 12,
-                                         f"unsupported pcapng version {major}.{minor}",
-                                         "only pcapng 1.0 (and 1.2, read as 1.0) exist; "
-                                         "the file is corrupt")
-                ifaces = []
+def _pcapng_chunks(path: str, fh, stats: CaptureStats, chunk_bytes: int,
+                   max_records: int) -> Iterator[RecordChunk]:
+    """The packet records of a pcapng file: sections, interfaces and packet blocks, walked
+    block by block, given out at about ``chunk_bytes`` of packets or ``max_records``."""
+    size = os.fstat(fh.fileno()).st_size
+    data = _FileWindow(fh, size)
+    pos = 0
+    endian = "<"
+    ifaces: list[tuple[int, int, int, int]] = []  # linktype, ts_num, ts_den, offset_s
+    rec_off: list[int] = []
+    caplens: list[int] = []
+    wirelens: list[int] = []
+    tss: list[int] = []
+    lts: list[int] = []
+    pending = 0
+    found = 0
+    while pos < size:
+        if size - pos < 12:
+            stats.warnings.append(
+                f"{path}: byte offset {pos}: truncated block ({size - pos} bytes) at the end")
+            stats.skip("truncated last record", 1)
+            break
+        head = data.get(pos, 12)
+        btype = struct.unpack(endian + "I", head[:4])[0]
+        if btype == 0x0A0D0D0A:
+            bom = head[8:12]
+            if bom == b"\x4d\x3c\x2b\x1a":
+                endian = "<"
+            elif bom == b"\x1a\x2b\x3c\x4d":
+                endian = ">"
             else:
-                blen = struct.unpack(endian + "I", head[4:8])[0]
-            if blen < 12 or blen % 4 != 0:
-                msg = f"invalid block length {blen}"
-                if self.frame == 0 and not rec_off:
-                    raise ParseError(path, pos + 4, msg, "the file is corrupt")
-                self.stats.warnings.append(f"{path}: byte offset {pos + 4}: {msg}; stopped reading")
-                self.stats.skip("corrupt record header", 1)
-                break
-            if pos + blen > size:
-                if self.frame == 0 and not rec_off and btype in (2, 3, 6):
-                    raise ParseError(path, pos, f"the first packet block is truncated "
-                                     f"({size - pos} of {blen} bytes present)",
-                                     "the capture was cut short; no packet could be read")
-                self.stats.warnings.append(
-                    f"{path}: byte offset {pos}: last block truncated "
-                    f"({size - pos} of {blen} bytes present)")
-                self.stats.skip("truncated last record", 1)
-                break
-            if blen > 64 << 20:
-                self.stats.warnings.append(f"{path}: byte offset {pos}: block of {blen} bytes "
-                                           "skipped (too large to be a packet)")
+                raise ParseError(path, pos + 8, "bad pcapng byte-order magic",
+                                 "the file is corrupt")
+            blen = struct.unpack(endian + "I", head[4:8])[0]
+            body = data.get(pos, min(blen, 28)) if blen >= 16 else b""
+            if len(body) >= 16:
+                major, minor = struct.unpack(endian + "HH", body[12:16])
+                if major != 1 or minor not in (0, 2):
+                    raise ParseError(path, pos + 12,
+                                     f"unsupported pcapng version {major}.{minor}",
+                                     "only pcapng 1.0 (and 1.2, read as 1.0) exist; "
+                                     "the file is corrupt")
+            ifaces = []
+        else:
+            blen = struct.unpack(endian + "I", head[4:8])[0]
+        if blen < 12 or blen % 4 != 0:
+            msg = f"invalid block length {blen}"
+            if found == 0:
+                raise ParseError(path, pos + 4, msg, "the file is corrupt")
+            stats.warnings.append(f"{path}: byte offset {pos + 4}: {msg}; stopped reading")
+            stats.skip("corrupt record header", 1)
+            break
+        if pos + blen > size:
+            if found == 0 and btype in (2, 3, 6):
+                raise ParseError(path, pos, f"the first packet block is truncated "
+                                 f"({size - pos} of {blen} bytes present)",
+                                 "the capture was cut short; no packet could be read")
+            stats.warnings.append(
+                f"{path}: byte offset {pos}: last block truncated "
+                f"({size - pos} of {blen} bytes present)")
+            stats.skip("truncated last record", 1)
+            break
+        if blen > 64 << 20:
+            stats.warnings.append(f"{path}: byte offset {pos}: block of {blen} bytes "
+                                  "skipped (too large to be a packet)")
+            pos += blen
+            continue
+        if btype == 1:  # interface description
+            body = data.get(pos + 8, blen - 12)
+            if len(body) < 8:
+                raise ParseError(path, pos, "interface description block too short")
+            lt = struct.unpack(endian + "H", body[:2])[0]
+            num, den, toff = 1, 1_000_000, 0
+            opts = _iter_options(body[8:], endian)
+            for code, val in opts:
+                if code == 9 and len(val) >= 1:
+                    r = val[0]
+                    if r & 0x80:
+                        den = 1 << (r & 0x7F)
+                    else:
+                        den = 10 ** r
+                elif code == 14 and len(val) >= 8:
+                    toff = struct.unpack(endian + "q", val[:8])[0]
+            ifaces.append((lt, num, den, toff))
+        elif btype in (6, 3, 2):
+            if btype == 6 or btype == 2:
+                if blen < 32:
+                    stats.skip("corrupt record header", 1)
+                    stats.packets += 1
+                    pos += blen
+                    continue
+                hdr = data.get(pos + 8, 20)
+                if btype == 6:
+                    ifid, tsh, tsl, cap, orig = struct.unpack(endian + "IIIII", hdr)
+                else:
+                    ifid, _drops, tsh, tsl, cap, orig = struct.unpack(endian + "HHIIII", hdr)
+                doff = pos + 28
+            else:  # simple packet block: interface 0, no timestamp
+                ifid = 0
+                orig = struct.unpack(endian + "I", data.get(pos + 8, 4))[0]
+                cap = min(orig, blen - 16)
+                tsh = tsl = 0
+                doff = pos + 12
+            if ifid >= len(ifaces):
+                stats.skip("packet for an undeclared interface", 1)
+                stats.packets += 1
                 pos += blen
                 continue
-            if btype == 1:  # interface description
-                body = data.get(pos + 8, blen - 12)
-                if len(body) < 8:
-                    raise ParseError(path, pos, "interface description block too short")
-                lt = struct.unpack(endian + "H", body[:2])[0]
-                num, den, toff = 1, 1_000_000, 0
-                opts = _iter_options(body[8:], endian)
-                for code, val in opts:
-                    if code == 9 and len(val) >= 1:
-                        r = val[0]
-                        if r & 0x80:
-                            den = 1 << (r & 0x7F)
-                        else:
-                            den = 10 ** r
-                    elif code == 14 and len(val) >= 8:
-                        toff = struct.unpack(endian + "q", val[:8])[0]
-                ifaces.append((lt, num, den, toff))
-            elif btype in (6, 3, 2):
-                if btype == 6 or btype == 2:
-                    if blen < 32:
-                        self.stats.skip("corrupt record header", 1)
-                        self.stats.packets += 1
-                        pos += blen
-                        continue
-                    hdr = data.get(pos + 8, 20)
-                    if btype == 6:
-                        ifid, tsh, tsl, cap, orig = struct.unpack(endian + "IIIII", hdr)
-                    else:
-                        ifid, _drops, tsh, tsl, cap, orig = struct.unpack(endian + "HHIIII", hdr)
-                    doff = pos + 28
-                else:  # simple packet block: interface 0, no timestamp
-                    ifid = 0
-                    orig = struct.unpack(endian + "I", data.get(pos + 8, 4))[0]
-                    cap = min(orig, blen - 16)
-                    tsh = tsl = 0
-                    doff = pos + 12
-                if ifid >= len(ifaces):
-                    self.stats.skip("packet for an undeclared interface", 1)
-                    self.stats.packets += 1
-                    pos += blen
-                    continue
-                if doff + cap > pos + blen - 4:
-                    self.stats.skip("corrupt record header", 1)
-                    self.stats.packets += 1
-                    pos += blen
-                    continue
-                lt, num, den, toff = ifaces[ifid]
-                ts = pcapng_ts_ns(tsh, tsl, den, toff)
-                if ts is None:
-                    self.stats.skip("timestamp out of range", 1)
-                    self.stats.packets += 1
-                    pos += blen
-                    continue
-                rec_off.append(doff)
-                caplens.append(cap)
-                wirelens.append(orig)
-                tss.append(ts)
-                lts.append(lt)
-                pending += cap
-                if pending >= self.chunk_bytes or len(rec_off) >= 65536:
-                    yield self._flush(data, rec_off, caplens, wirelens, tss, lts)
-                    rec_off, caplens, wirelens, tss, lts = [], [], [], [], []
-                    pending = 0
-            pos += blen
-        if rec_off:
-            yield self._flush(data, rec_off, caplens, wirelens, tss, lts)
+            if doff + cap > pos + blen - 4:
+                stats.skip("corrupt record header", 1)
+                stats.packets += 1
+                pos += blen
+                continue
+            lt, num, den, toff = ifaces[ifid]
+            ts = pcapng_ts_ns(tsh, tsl, den, toff)
+            if ts is None:
+                stats.skip("timestamp out of range", 1)
+                stats.packets += 1
+                pos += blen
+                continue
+            rec_off.append(doff)
+            caplens.append(cap)
+            wirelens.append(orig)
+            tss.append(ts)
+            lts.append(lt)
+            found += 1
+            pending += cap
+            if pending >= chunk_bytes or len(rec_off) >= max_records:
+                yield _span(data, rec_off, caplens, wirelens, tss, lts)
+                rec_off, caplens, wirelens, tss, lts = [], [], [], [], []
+                pending = 0
+        pos += blen
+    if rec_off:
+        yield _span(data, rec_off, caplens, wirelens, tss, lts)
 
-    def _flush(self, data, rec_off, caplens, wirelens, tss, lts) -> PacketBatch:
-        offs = np.asarray(rec_off, dtype=np.int64)
-        caps = np.asarray(caplens, dtype=np.int64)
-        lo = int(offs.min())
-        hi = int((offs + caps).max())
-        arr = np.frombuffer(data.get(lo, hi - lo), dtype=np.uint8)
-        return self._decode(arr, offs - lo, caps, np.asarray(wirelens, dtype=np.int64),
-                            np.asarray(tss, dtype=np.int64), np.asarray(lts, dtype=np.int64), lo)
+
+def _span(data: _FileWindow, rec_off, caplens, wirelens, tss, lts) -> RecordChunk:
+    """Records found by the pcapng walk, over one read of the bytes they span."""
+    offs = np.asarray(rec_off, dtype=np.int64)
+    caps = np.asarray(caplens, dtype=np.int64)
+    lo = int(offs.min())
+    hi = int((offs + caps).max())
+    arr = np.frombuffer(data.get(lo, hi - lo), dtype=np.uint8)
+    return RecordChunk(arr, lo, offs - lo, caps, np.asarray(wirelens, dtype=np.int64),
+                       np.asarray(tss, dtype=np.int64), np.asarray(lts, dtype=np.int64))
 
 
 class _FileWindow:
@@ -395,8 +404,22 @@ def iter_packet_batches(
     not a capture at all or its header is corrupt. Damage later in the file stops
     reading with a warning in ``stats.warnings``; what was read stays usable.
     """
-    path = os.fspath(path)
     stats = stats if stats is not None else CaptureStats()
+    decoder = _Decoder(stats)
+    for chunk in iter_record_chunks(path, stats, max(chunk_bytes, 1 << 16)):
+        yield decoder.decode(chunk)
+
+
+def iter_record_chunks(
+    path: str | os.PathLike[str],
+    stats: CaptureStats,
+    chunk_bytes: int = CHUNK_BYTES,
+    max_records: int = 65536,
+) -> Iterator[RecordChunk]:
+    """The usable packet records of one capture, undecoded, about ``chunk_bytes`` of
+    packets at a time: the walk :func:`iter_packet_batches` decodes, for readers that
+    need the records' bytes as captured. Errors as :func:`iter_packet_batches`."""
+    path = os.fspath(path)
     try:
         fh = open(path, "rb")
     except FileNotFoundError:
@@ -412,11 +435,10 @@ def iter_packet_batches(
         if head[:4] in PCAP_MAGICS:
             if len(head) < 24:
                 raise ParseError(path, 0, f"truncated pcap file header ({len(head)} of 24 bytes)")
-            reader: _Reader = PcapReader(path, fh, head, stats, chunk_bytes)
+            yield from _pcap_chunks(path, fh, head, stats, chunk_bytes)
         elif head[:4] == b"\x0a\x0d\x0d\x0a":
             fh.seek(0)
-            reader = PcapngReader(path, fh, stats, chunk_bytes)
+            yield from _pcapng_chunks(path, fh, stats, chunk_bytes, max_records)
         else:
             raise ParseError(path, 0, f"not a pcap or pcapng file (magic {head[:4].hex()})",
                              "give a capture written by tcpdump, dumpcap or Wireshark")
-        yield from reader.batches()

@@ -31,8 +31,8 @@ import numpy as np
 
 from analysis.atomic import atomic_output
 from analysis.errors import ParseError
-from analysis.flowtable import FlowTable
-from analysis.pcap import MAX_RECORD, PCAP_MAGICS, pcapng_ts_ns
+from analysis.flowtable import CaptureStats, FlowTable
+from analysis.pcap import MAX_RECORD, PCAP_MAGICS, iter_record_chunks
 
 NO_FLOW_COMMENT = "flowtruth: no flow"
 CHUNK = 1 << 20  # bytes of packets per batch: bounds the writers' memory
@@ -63,18 +63,6 @@ class RawBatch:
 
     def __len__(self) -> int:
         return len(self.off)
-
-    @staticmethod
-    def of(recs: Sequence[RawRecord]) -> RawBatch:
-        cap = np.fromiter((len(r.data) for r in recs), dtype=np.int64, count=len(recs))
-        off = np.zeros(len(recs), dtype=np.int64)
-        np.cumsum(cap[:-1], out=off[1:])
-        return RawBatch(
-            np.frombuffer(b"".join(r.data for r in recs), dtype=np.uint8), off, cap,
-            np.fromiter((r.wirelen for r in recs), dtype=np.int64, count=len(recs)),
-            np.fromiter((r.ts_ns for r in recs), dtype=np.int64, count=len(recs)),
-            np.fromiter((r.frame for r in recs), dtype=np.int64, count=len(recs)),
-            np.fromiter((r.linktype for r in recs), dtype=np.int64, count=len(recs)))
 
     def records(self) -> Iterator[RawRecord]:
         raw = memoryview(self.buf)  # type: ignore[arg-type]
@@ -120,163 +108,24 @@ def iter_raw_records(path: str | os.PathLike[str]) -> Iterator[RawRecord]:
         yield from batch.records()
 
 
-def _pcap_records(fh) -> Iterator[RawRecord]:
-    for b in _pcap_batches(fh):
-        yield from b.records()
-
-
-def _pcap_batches(fh, chunk: int | None = None) -> Iterator[RawBatch]:
-    """Record batches of a libpcap file, found by the C walker a chunk at a time."""
-    from analysis import _fast
-
-    chunk = max(64, chunk or CHUNK)
-
-    head = fh.read(24)
-    if len(head) < 24:
-        return
-    magic = head[:4]
-    endian = "<" if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
-    frac_ns = 1 if magic in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d") else 1000
-    _maj, _min, _z, _s, snaplen, network = struct.unpack(endian + "HHiIII", head[4:24])
-    linktype = network & 0x0FFFFFFF
-    limit = max(snaplen, MAX_RECORD)
-    buf = bytearray(chunk)
-    keep = 0
-    frame = 0
-    while True:
-        view = memoryview(buf)
-        valid = keep
-        while valid < len(buf):
-            got = fh.readinto(view[valid:])
-            if not got:
-                break
-            valid += got
-        del view
-        eof = valid < len(buf)
-        arr = np.frombuffer(buf, dtype=np.uint8)
-        cap_n = len(buf) // 16 + 1
-        off = np.empty(cap_n, np.int64)
-        caplen = np.empty(cap_n, np.int64)
-        wire = np.empty(cap_n, np.int64)
-        ts = np.empty(cap_n, np.int64)
-        n, pos, bad = _fast.walk_pcap(arr, 0, valid, endian == ">", frac_ns, limit, off,
-                                      caplen, wire, ts)
-        if n:
-            data = arr[:pos].copy()
-            yield RawBatch(data, off[:n].copy(), caplen[:n].copy(), wire[:n].copy(),
-                           ts[:n].copy(), np.arange(frame, frame + n, dtype=np.int64),
-                           np.full(n, linktype, dtype=np.int64))
-            frame += n
-        del arr
-        if bad >= 0 or eof:
-            return
-        if n == 0 and pos == 0:  # a record larger than the buffer
-            buf.extend(bytes(len(buf)))
-        rest = valid - pos
-        buf[:rest] = buf[pos:valid]
-        keep = rest
-
-
-def _pcapng_records(fh) -> Iterator[RawRecord]:
-    size = os.fstat(fh.fileno()).st_size
-    pos = 0
-    endian = "<"
-    ifaces: list[tuple[int, int, int]] = []  # linktype, ts_den, offset_s
-    frame = 0
-    while pos < size:
-        if size - pos < 12:
-            return
-        fh.seek(pos)
-        head = fh.read(12)
-        btype = struct.unpack(endian + "I", head[:4])[0]
-        if btype == 0x0A0D0D0A:
-            bom = head[8:12]
-            if bom == b"\x4d\x3c\x2b\x1a":
-                endian = "<"
-            elif bom == b"\x1a\x2b\x3c\x4d":
-                endian = ">"
-            else:
-                return
-            ifaces = []
-        blen = struct.unpack(endian + "I", head[4:8])[0]
-        if blen < 12 or blen % 4 or pos + blen > size:
-            return
-        if blen > 64 << 20:
-            pos += blen
-            continue
-        if btype == 1:
-            fh.seek(pos + 8)
-            body = fh.read(blen - 12)
-            if len(body) < 8:
-                return
-            lt = struct.unpack(endian + "H", body[:2])[0]
-            den, toff = 1_000_000, 0
-            p = 8
-            while p + 4 <= len(body):
-                code, ln = struct.unpack(endian + "HH", body[p:p + 4])
-                if code == 0:
-                    break
-                val = body[p + 4:p + 4 + ln]
-                if len(val) < ln:
-                    break
-                if code == 9 and ln >= 1:
-                    r = val[0]
-                    den = 1 << (r & 0x7F) if r & 0x80 else 10 ** r
-                elif code == 14 and ln >= 8:
-                    toff = struct.unpack(endian + "q", val[:8])[0]
-                p += 4 + ((ln + 3) & ~3)
-            ifaces.append((lt, den, toff))
-        elif btype in (6, 2, 3):
-            fh.seek(pos + 8)
-            if btype in (6, 2):
-                if blen < 32:
-                    pos += blen
-                    continue
-                hdr = fh.read(20)
-                if btype == 6:
-                    ifid, tsh, tsl, cap, orig = struct.unpack(endian + "IIIII", hdr)
-                else:
-                    ifid, _d, tsh, tsl, cap, orig = struct.unpack(endian + "HHIIII", hdr)
-                doff = pos + 28
-            else:
-                orig = struct.unpack(endian + "I", fh.read(4))[0]
-                ifid, tsh, tsl = 0, 0, 0
-                cap = min(orig, blen - 16)
-                doff = pos + 12
-            if ifid >= len(ifaces) or doff + cap > pos + blen - 4:
-                pos += blen
-                continue
-            lt, den, toff = ifaces[ifid]
-            ts = pcapng_ts_ns(tsh, tsl, den, toff)
-            if ts is None:
-                pos += blen
-                continue
-            fh.seek(doff)
-            yield RawRecord(frame, lt, ts, orig, fh.read(cap))
-            frame += 1
-        pos += blen
-
-
-def _pcapng_batches(fh) -> Iterator[RawBatch]:
-    recs: list[RawRecord] = []
-    size = 0
-    for r in _pcapng_records(fh):
-        recs.append(r)
-        size += len(r.data)
-        if size >= CHUNK or len(recs) >= 16384:
-            yield RawBatch.of(recs)
-            recs, size = [], 0
-    if recs:
-        yield RawBatch.of(recs)
-
-
 def _batches(paths: Sequence[str | os.PathLike[str]]) -> Iterator[tuple[int, RawBatch]]:
-    """(file number, batch) of every input in order, a bounded chunk at a time."""
+    """(file number, batch) of every input in order, a bounded chunk at a time.
+
+    The records are the reader's own walk (:func:`analysis.pcap.iter_record_chunks`), so
+    they are numbered as the flow table numbers them; where the reader would refuse a
+    damaged file, the batches end.
+    """
     for k, p in enumerate(paths):
-        kind, _ = capture_kind(p)
-        with open(p, "rb") as fh:
-            for b in (_pcap_batches(fh) if kind == "pcap" else _pcapng_batches(fh)):
-                yield k, b
+        capture_kind(p)  # not a capture at all: an error, not an empty input
+        frame = 0
+        try:
+            for c in iter_record_chunks(p, CaptureStats(), max(64, CHUNK), 16384):
+                n = len(c)
+                yield k, RawBatch(c.buf.copy(), c.off, c.cap, c.wire, c.ts_ns,
+                                  np.arange(frame, frame + n, dtype=np.int64), c.linktype)
+                frame += n
+        except ParseError:
+            continue
 
 
 # ----------------------------------------------------------------------------- packet -> flow

@@ -220,6 +220,28 @@ def test_chunk_size_does_not_change_flows(shared_data):
         np.testing.assert_array_equal(t.packets["pkt_frame"], big.packets["pkt_frame"])
 
 
+@pytest.mark.parametrize("fmt", ["pcap", "pcapng"])
+def test_a_record_larger_than_the_chunk_reads_as_with_a_large_chunk(tmp_path, fmt):
+    """The buffer grows for a record that does not fit a chunk (the smallest, 64 KiB)."""
+    small = [Pkt(1.0 + i, ether(make_udp("10.0.0.1", "10.0.0.2", 1, 2, b"s" * 40)))
+             for i in range(4)]
+    big = Pkt(1.5, ether(make_udp("10.0.0.1", "10.0.0.3", 3, 4, b"B" * 65500)))
+    write = write_pcap if fmt == "pcap" else write_pcapng
+    path = write(tmp_path / f"big.{fmt}", [small[0], big, *small[1:]])
+    assert path.stat().st_size > 1 << 16
+
+    def read(chunk_bytes):
+        st = CaptureStats()
+        batches = list(P.iter_packet_batches(path, st, chunk_bytes=chunk_bytes))
+        return st, [np.concatenate([getattr(b, f) for b in batches])
+                    for f in ("ts_ns", "frame", "wirelen", "cols", "file_off")]
+
+    (st_small, small_cols), (st_big, big_cols) = read(1 << 16), read(P.CHUNK_BYTES)
+    assert st_small.packets == st_big.packets == 5 and not st_small.warnings
+    for a, b in zip(small_cols, big_cols, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_every_ndpi_capture_reads_and_counts_match_manifest(shared_data):
     rows = list(csv.DictReader(open(shared_data / "ndpi_pcaps" / "manifest.csv")))
     for row in rows:
