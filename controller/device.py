@@ -469,7 +469,7 @@ def read_apps(link: DeviceLink, packages: Iterable[str],
 
 ADB_KEYBOARD_PACKAGE = "com.android.adbkeyboard"
 ADB_KEYBOARD_IME = "com.android.adbkeyboard/.AdbIME"
-ADB_KEYBOARD_APK = "https://github.com/senzhk/ADBKeyBoard/releases"
+ADB_KEYBOARD_APK = "https://github.com/senzhk/ADBKeyBoard"
 INPUT_TEXT_CHUNK = 200
 """Characters per ``input text`` command (each one is injected as key events, synchronously)."""
 IME_CHUNK_BYTES = 1500
@@ -565,13 +565,13 @@ def require_adb_keyboard(link: DeviceLink, state: ImeState | None = None) -> Ime
     state = state or read_ime_state(link)
     if not state.adb_keyboard_package:
         raise DeviceError(
-            f"{link.serial}: cannot type non-ASCII text: the ADBKeyBoard keyboard "
+            f"{link.serial}: cannot type non-ASCII or control characters: the ADBKeyBoard keyboard "
             f"({ADB_KEYBOARD_PACKAGE}) is not installed",
-            hint=f"install it: adb -s {link.serial} install ADBKeyboard.apk "
-                 f"(from {ADB_KEYBOARD_APK}), or type ASCII text only")
+            hint=f"install ADBKeyboard.apk ({ADB_KEYBOARD_APK}, also on F-Droid): "
+                 f"adb -s {link.serial} install ADBKeyboard.apk; or type printable ASCII only")
     if not state.adb_keyboard:
         raise DeviceError(
-            f"{link.serial}: cannot type non-ASCII text: {ADB_KEYBOARD_PACKAGE} is installed "
+            f"{link.serial}: cannot type non-ASCII or control characters: {ADB_KEYBOARD_PACKAGE} is installed "
             f"but its input method {ADB_KEYBOARD_IME} is not available (ime list -a)",
             hint=f"enable the package (adb -s {link.serial} shell pm enable "
                  f"{ADB_KEYBOARD_PACKAGE}) or reinstall ADBKeyboard.apk")

@@ -196,10 +196,10 @@ def test_type_without_adbkeyboard_is_one_clear_device_error(tmp_path: Path) -> N
     with pytest.raises(DeviceError) as err:
         ScenarioRunner(link, sc).run(steps)
     assert err.value.one_line() == (
-        "R5CR10ABCDE: cannot type non-ASCII text: the ADBKeyBoard keyboard "
-        "(com.android.adbkeyboard) is not installed (install it: adb -s R5CR10ABCDE install "
-        "ADBKeyboard.apk (from https://github.com/senzhk/ADBKeyBoard/releases), or type ASCII "
-        "text only)")
+        "R5CR10ABCDE: cannot type non-ASCII or control characters: the ADBKeyBoard keyboard "
+        "(com.android.adbkeyboard) is not installed (install ADBKeyboard.apk "
+        "(https://github.com/senzhk/ADBKeyBoard, also on F-Droid): adb -s R5CR10ABCDE install "
+        "ADBKeyboard.apk; or type printable ASCII only)")
     assert not any(c.startswith(("ime", "am broadcast")) for c in link.commands)
 
 

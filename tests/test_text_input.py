@@ -240,8 +240,8 @@ def test_a_phone_without_adbkeyboard_is_one_clear_error(tmp_path: Path) -> None:
     assert type_text(link, "plain ascii") == "input text"
     with pytest.raises(DeviceError) as err:
         type_text(link, "grüß dich")
-    assert err.value.message == ("NOKB0001: cannot type non-ASCII text: the ADBKeyBoard "
-                                 "keyboard (com.android.adbkeyboard) is not installed")
+    assert err.value.message == ("NOKB0001: cannot type non-ASCII or control characters: the "
+                                 "ADBKeyBoard keyboard (com.android.adbkeyboard) is not installed")
     assert err.value.hint is not None and "adb -s NOKB0001 install ADBKeyboard.apk" in \
         err.value.hint
     assert field_text(link.toolbox.state_dir) == "plain ascii"
@@ -379,6 +379,9 @@ def test_e2e_a_phone_without_adbkeyboard_names_the_device_and_the_fix(
         type_text(link, E2E_TEXT)
     line = err.value.one_line()
     assert "\n" not in line
-    assert line.startswith(f"{link.serial}: cannot type non-ASCII text: the ADBKeyBoard keyboard "
-                           "(com.android.adbkeyboard) is not installed (install it: adb -s ")
+    assert line.startswith(f"{link.serial}: cannot type non-ASCII or control characters: the "
+                           "ADBKeyBoard keyboard (com.android.adbkeyboard) is not installed "
+                           "(install ADBKeyboard.apk (https://github.com/senzhk/ADBKeyBoard")
+    assert line.endswith(f"adb -s {link.serial} install ADBKeyboard.apk; or type printable "
+                         "ASCII only)")
     assert link.shell("settings get secure default_input_method").stdout.strip() == SAMSUNG_IME
