@@ -571,8 +571,9 @@ def require_adb_keyboard(link: DeviceLink, state: ImeState | None = None) -> Ime
                  f"adb -s {link.serial} install ADBKeyboard.apk; or type printable ASCII only")
     if not state.adb_keyboard:
         raise DeviceError(
-            f"{link.serial}: cannot type non-ASCII or control characters: {ADB_KEYBOARD_PACKAGE} is installed "
-            f"but its input method {ADB_KEYBOARD_IME} is not available (ime list -a)",
+            f"{link.serial}: cannot type non-ASCII or control characters: "
+            f"{ADB_KEYBOARD_PACKAGE} is installed but its input method {ADB_KEYBOARD_IME} "
+            "is not available (ime list -a)",
             hint=f"enable the package (adb -s {link.serial} shell pm enable "
                  f"{ADB_KEYBOARD_PACKAGE}) or reinstall ADBKeyboard.apk")
     return state

@@ -683,7 +683,8 @@ def current_input_method(state: dict[str, Any]) -> str | None:
 
 
 def tool_ime(t: Tool) -> int:
-    """``ime list [-a] [-s]``, ``ime enable|disable|set ID``, ``ime reset`` (``cmd input_method ime``)."""
+    """``ime list [-a] [-s]``, ``ime enable|disable|set ID``, ``ime reset`` (also as
+    ``cmd input_method ime``)."""
     args = list(t.args)
     verb = args.pop(0) if args else "help"
     while args[:1] in (["--user"], ["-u"]):  # only user 0 here
