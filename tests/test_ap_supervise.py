@@ -87,10 +87,10 @@ def test_a_killed_daemon_is_restarted_and_the_restart_recorded(state_path: Path)
     try:
         assert supervisor_alive(ApState.load(state_path).supervisor)
         old = kill(state_path)
-        wait_for(lambda: ApState.load(state_path).processes["dnsmasq"].pid != old,
-                 what="restart")  # fmt: skip
+        # the event follows the state file's update
+        wait_for(lambda: any(isinstance(e, DaemonRestarted) for e in events), what="restart")
         state = ApState.load(state_path)
-        assert is_alive(state.processes["dnsmasq"])
+        assert is_alive(state.processes["dnsmasq"]) and state.processes["dnsmasq"].pid != old
         assert state.health["dnsmasq"].restarts == 1
         entry = state.health["dnsmasq"].history[0]
         assert entry.old_pid == old and entry.new_pid == state.processes["dnsmasq"].pid
@@ -143,15 +143,16 @@ def test_backoff_grows_between_attempts(tmp_path: Path) -> None:
     # 0.1, 0.2, 0.4, 0.4 (capped), each plus at most a check interval and the start
     assert len(gaps) == 4
     for gap, want in zip(gaps, [0.1, 0.2, 0.4, 0.4], strict=True):
-        assert want - 0.02 <= gap < want + 0.5, gaps
+        assert want - 0.02 <= gap < want + 1.0, gaps
 
 
 def test_no_restart_once_the_ap_is_stopping(state_path: Path) -> None:
     """ap_down marks the AP stopping under the lock: a supervisor never restarts after that."""
-    sup = Supervisor(state_path, policy=FAST.model_copy(update={"backoff_initial": 0.3}))
+    sup = Supervisor(state_path, policy=FAST.model_copy(update={"backoff_initial": 0.0}))
     sup.start()
-    old = kill(state_path)
-    with state_lock(state_path):
+    with state_lock(state_path):  # the supervisor's restart waits for this lock
+        old = kill(state_path)
+        wait_for(lambda: "killed by SIGKILL" in Path(sup.record.log).read_text(), what="notice")
         state = ApState.load(state_path)
         state.status = "stopping"
         state.save(state_path)
