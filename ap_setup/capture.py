@@ -7,6 +7,7 @@ pcap files with dpkt and flags frames larger than the MTU (offload leakage) and 
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import struct
@@ -24,6 +25,10 @@ from controller.errors import CaptureError
 _TCPDUMP_STAT = re.compile(
     r"^(\d+) packets? (captured|received by filter|dropped by kernel|dropped by interface)\s*$"
 )
+# tcpdump's report on SIGUSR1: "tcpdump: 5 packets captured, 5 packets received by filter, 0
+# packets dropped by kernel" on one line
+_TCPDUMP_INFO = re.compile(r"(\d+) packets? (captured|received by filter|dropped by kernel|"
+                           r"dropped by interface)(?=,|\s*$)")
 _DUMPCAP_CAPTURED = re.compile(r"^Packets captured:\s*(\d+)")
 _DUMPCAP_IFACE = re.compile(r"^Packets received/dropped on interface '[^']*':\s*(\d+)/(\d+)")
 _PCAP_MAGIC_US, _PCAP_MAGIC_NS = 0xA1B2C3D4, 0xA1B23C4D
@@ -35,20 +40,27 @@ _STAT_KEYS = {
 }
 
 
-def capture_filter(settings: CaptureConfig) -> str | None:
-    """A BPF expression keeping only the configured devices (None: capture everything)."""
+def capture_filter(settings: CaptureConfig, extra: str | None = None) -> str | None:
+    """A BPF expression keeping only the configured devices, and what ``extra`` (a BPF
+    expression) keeps, when given (None: capture everything)."""
     parts = [f"ether host {mac}" for mac in settings.macs]
     parts += [f"host {ip}" for ip in settings.ips]
-    if not parts:
-        return None
-    return " or ".join(f"({p})" for p in parts)
+    devices = " or ".join(f"({p})" for p in parts) if parts else None
+    if devices and extra:
+        return f"({devices}) and ({extra})"
+    return devices or extra or None
 
 
 def capture_argv(
-    settings: CaptureConfig, interface: str, out_dir: Path, basename: str = "capture"
+    settings: CaptureConfig,
+    interface: str,
+    out_dir: Path,
+    basename: str = "capture",
+    bpf: str | None = None,
 ) -> list[str]:
-    """The capture program's argv (no shell; the filter is one argv element)."""
-    bpf = capture_filter(settings)
+    """The capture program's argv (no shell; the filter is one argv element); ``bpf`` is
+    a further BPF expression the packets must match."""
+    bpf = capture_filter(settings, bpf)
     if settings.tool == "dumpcap":
         argv = ["dumpcap", "-i", interface, "-q", "-P", "-s", str(settings.snaplen or 262144)]
         argv += ["-B", str(settings.buffer_mb)]
@@ -82,12 +94,16 @@ def capture_argv(
 
 
 def parse_capture_stats(text: str) -> dict[str, int]:
-    """Counters from tcpdump's or dumpcap's exit report (missing ones are left out)."""
+    """Counters from tcpdump's or dumpcap's exit report, or tcpdump's report on SIGUSR1
+    (missing ones are left out; the last report wins)."""
     stats: dict[str, int] = {}
     for line in text.splitlines():
         line = line.strip()
         if m := _TCPDUMP_STAT.match(line):
             stats[_STAT_KEYS[m.group(2)]] = int(m.group(1))
+        elif line.startswith("tcpdump: ") and "packets captured," in line:
+            for m in _TCPDUMP_INFO.finditer(line):
+                stats[_STAT_KEYS[m.group(2)]] = int(m.group(1))
         elif m := _DUMPCAP_CAPTURED.match(line):
             stats["packets_captured"] = int(m.group(1))
         elif m := _DUMPCAP_IFACE.match(line):
@@ -134,6 +150,8 @@ class Capture:
     basename: str = "capture"
     record: ProcessRecord | None = None
     stats: dict[str, int] = field(default_factory=dict)
+    bpf: str | None = None
+    """A further BPF expression (on top of the settings' device filter)."""
 
     @property
     def log(self) -> Path:
@@ -142,7 +160,12 @@ class Capture:
 
     def argv(self) -> list[str]:
         """The command line this capture runs."""
-        return capture_argv(self.settings, self.interface, self.out_dir, self.basename)
+        return capture_argv(self.settings, self.interface, self.out_dir, self.basename, self.bpf)
+
+    @property
+    def running(self) -> bool:
+        """True while the capture program runs."""
+        return self.record is not None and is_alive(self.record)
 
     def start(self) -> ProcessRecord:
         """Start capturing; waits until the program reports it is listening."""
@@ -167,6 +190,27 @@ class Capture:
     def files(self) -> list[Path]:
         """The files written so far, in time order."""
         return capture_files(self.out_dir, self.basename)
+
+    def live_stats(self, timeout: float = 2.0) -> dict[str, int]:
+        """The counters so far of a running tcpdump, which reports them on SIGUSR1 and
+        carries on (empty for dumpcap, or when no report came within ``timeout``)."""
+        rec = self.record
+        if rec is None or self.settings.tool != "tcpdump" or not is_alive(rec):
+            return {}
+        log = Path(rec.log)
+        try:
+            before = log.read_text(errors="replace").count("dropped by kernel")
+            os.kill(rec.pid, signal.SIGUSR1)
+        except OSError:
+            return {}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = log.read_text(errors="replace")
+            if text.count("dropped by kernel") > before:
+                time.sleep(0.05)  # the report's last line may still be on its way
+                return parse_capture_stats(log.read_text(errors="replace"))
+            time.sleep(0.02)
+        return {}
 
 
 def wait_listening(rec: ProcessRecord, timeout: float = 5.0) -> None:

@@ -12,10 +12,14 @@ tracers and poller, kill stragglers on the phone, stop the capture if this sessi
 started it, split the capture, pull whatever exists) always runs, and the run directory
 keeps every artifact collected so far with a manifest that says why it failed.
 
-The capture is one AP-side tcpdump (:class:`TcpdumpCapture`, in the lab inside the AP
-namespace). A plan starts it once for all its sessions; a lone session starts and stops
-it itself. Each session's ``capture.pcap`` is the packets of the phone's addresses
-within the session's time window (:func:`split_pcap`).
+The capture is one AP-side capture (:class:`TcpdumpCapture` over ap_setup's ``Capture``:
+tcpdump or dumpcap, ring buffer, device filter; in the lab inside the AP namespace). A
+plan starts it once for all its sessions; a lone session starts and stops it itself.
+Each session's ``capture.pcap`` is the packets of the phone's addresses within the
+session's time window, from every rotated file (:func:`split_pcap`). StopCapture records
+the capture program's counters in ``manifest["capture"]["stats"]`` (a plan's running
+tcpdump reports them on SIGUSR1) and ap_setup's QA of the session's packets and drops in
+``manifest["capture"]["qa"]``; a flagged QA is a warning (``LogRecorded``).
 
 API (what the CLI, the TUI and the demo call)::
 
@@ -48,7 +52,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import struct
 import subprocess
 import threading
@@ -107,101 +110,110 @@ class CapturePort(Protocol):
 
 
 class TcpdumpCapture:
-    """tcpdump on the AP interface (optionally inside a network namespace) into one pcap."""
+    """The engine's :class:`CapturePort`: :class:`ap_setup.capture.Capture` (tcpdump or
+    dumpcap on the AP interface, optionally inside a network namespace, with its ring
+    buffer, device filter and snaplen from ``settings``) plus live counters that follow
+    its rotated files, and its quality check (:func:`ap_setup.capture.qa_capture`)."""
 
     def __init__(self, interface: str, out_dir: Path, *, netns: str | None = None,
-                 snaplen: int = 262144, bpf: str | None = None,
-                 tcpdump: str = "tcpdump") -> None:
+                 snaplen: int = 262144, bpf: str | None = None, settings: Any = None,
+                 mtu: int = 1500, runner: Any = None) -> None:
+        from ap_setup.capture import Capture
+        from ap_setup.config import CaptureConfig
+        from ap_setup.runner import SubprocessRunner
+
+        if settings is None:
+            settings = CaptureConfig(snaplen=snaplen)
+        self.settings = settings
         self.interface = interface
         self.out_dir = Path(out_dir)
         self.netns = netns
-        self.snaplen = snaplen
-        self.bpf = bpf
-        self.tcpdump = tcpdump
-        self.path = self.out_dir / "batch.pcap"
-        self._proc: subprocess.Popen[str] | None = None
+        self.snaplen = int(settings.snaplen or 262144)
+        self.mtu = mtu
+        self.capture = Capture(settings, interface, self.out_dir,
+                               runner if runner is not None else SubprocessRunner(netns),
+                               basename="batch", bpf=bpf)
         self.stats: dict[str, int] = {}
-        self._count_at = 24
-        self._packets = 0
         self._count_lock = threading.Lock()
+        self._counted: dict[Path, tuple[int, int]] = {}  # file -> (inode, bytes read)
+        self._packets = 0
+        self._bytes = 0
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self.capture.running
 
     def argv(self) -> list[str]:
-        argv = [self.tcpdump, "-i", self.interface, "-n", "-U", "--immediate-mode",
-                "-s", str(self.snaplen), "-w", str(self.path)]
-        if self.bpf:
-            argv.append(self.bpf)
-        if self.netns:
-            argv = ["ip", "netns", "exec", self.netns, *argv]
-        return argv
+        return self.capture.argv()
 
     def start(self) -> None:
         if self.running:
             return
-        if shutil.which(self.tcpdump) is None:
-            raise CaptureError(f"{self.tcpdump}: not found", hint="apt-get install tcpdump")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                      text=True, start_new_session=True)
-        assert self._proc.stderr is not None
-        line = ""
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            line = self._proc.stderr.readline()
-            if "listening on" in line or not line:
-                break
-        if "listening on" not in line:
-            self._proc.kill()
-            rest = self._proc.communicate(timeout=5)[1]
-            self._proc = None
-            raise CaptureError(f"tcpdump did not start on {self.interface}: "
-                               f"{(line + rest).strip().splitlines()[-1:] or ['no output']}")
+        with self._count_lock:
+            self._counted.clear()
+            self._packets = self._bytes = 0
+        self.capture.start()
 
     def stop(self) -> dict[str, int]:
-        p, self._proc = self._proc, None
-        if p is None:
+        """Stop (SIGINT, so the last packets are written); the capture program's counters."""
+        if self.capture.record is None:
             return self.stats
-        if p.poll() is None:
-            p.send_signal(signal.SIGINT)
-        try:
-            _, err = p.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            _, err = p.communicate(timeout=5)
-        for m in re.finditer(r"(\d+) packets? (captured|received by filter|dropped by kernel)",
-                             err or ""):
-            self.stats[m.group(2).replace(" ", "_")] = int(m.group(1))
+        self.stats = self.capture.stop()
+        self.capture.record = None
         return self.stats
 
+    def live_stats(self) -> dict[str, int]:
+        """The counters of the running capture so far (tcpdump; empty when unknown)."""
+        return self.capture.live_stats()
+
     def files(self) -> list[Path]:
-        return [self.path] if self.path.exists() else []
+        return self.capture.files()
+
+    def qa(self, files: Sequence[Path], stats: dict[str, int] | None = None) -> Any:
+        """:func:`ap_setup.capture.qa_capture` of ``files``: frames larger than the MTU and
+        drops (from ``stats``)."""
+        from ap_setup.capture import qa_capture
+
+        return qa_capture(files, self.mtu, stats)
 
     def counters(self) -> tuple[int, int]:
-        """(packets, bytes) written so far; reads only what was added since the last call."""
+        """(packets, bytes) written so far over every file, rotated ones included; reads
+        only what was added since the last call (a ring buffer's reused file starts over)."""
         with self._count_lock:
-            try:
-                size = self.path.stat().st_size
-                with open(self.path, "rb") as f:
-                    magic = f.read(4)
-                    endian = "<" if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
-                    f.seek(self._count_at)
-                    while True:
-                        h = f.read(16)
-                        if len(h) < 16:
-                            break
-                        incl = struct.unpack(endian + "I", h[8:12])[0]
-                        if self._count_at + 16 + incl > size:
-                            break
-                        f.seek(incl, 1)
-                        self._count_at += 16 + incl
-                        self._packets += 1
-            except OSError:
-                return self._packets, 0
-            return self._packets, size
+            for path in self.files():
+                try:
+                    st = path.stat()
+                    ino, done = self._counted.get(path, (st.st_ino, 0))
+                    if ino != st.st_ino or st.st_size < done:
+                        done = 0  # the ring buffer wrote this name anew
+                    done = self._read_records(path, st.st_size, done)
+                    self._counted[path] = (st.st_ino, done)
+                except OSError:
+                    continue
+            return self._packets, self._bytes
+
+    def _read_records(self, path: Path, size: int, done: int) -> int:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+            if len(magic) < 4:
+                return done
+            endian = "<" if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
+            at = max(done, 24)
+            if done < 24 and size >= 24:
+                self._bytes += 24
+            f.seek(at)
+            while True:
+                h = f.read(16)
+                if len(h) < 16:
+                    break
+                incl = struct.unpack(endian + "I", h[8:12])[0]
+                if at + 16 + incl > size:
+                    break
+                f.seek(incl, 1)
+                at += 16 + incl
+                self._packets += 1
+                self._bytes += 16 + incl
+            return at if size >= 24 else done
 
 
 _ETH_V4, _ETH_V6 = 0x0800, 0x86DD
@@ -639,6 +651,9 @@ class Session:
         if not cap.running:
             cap.start()
             self.owns_capture = True
+        else:  # a plan's capture: its counters now, so this session's drops are known
+            live = getattr(cap, "live_stats", None)
+            self.m["capture"]["stats_at_start"] = live() if live is not None else {}
         self.m["capture"].update(interface=cap.interface, snaplen=cap.snaplen)
         return f"{'started' if self.owns_capture else 'sharing'} capture on {cap.interface}"
 
@@ -892,10 +907,14 @@ class Session:
         if cap is None:
             return "no capture"
         time.sleep(self.env.capture_flush_s)
+        final = self.owns_capture
         if self.owns_capture:
             stats = cap.stop()
-            self.m["capture"]["stats"] = stats
             self.owns_capture = False
+        else:
+            live = getattr(cap, "live_stats", None)
+            stats = live() if live is not None else {}
+        self.m["capture"]["stats"] = stats
         addrs = self._addresses()
         files = cap.files()
         if not files:
@@ -910,10 +929,30 @@ class Session:
                                          "end": self.window_end + margin},
                                  packets=n)
         self._artifact("capture.pcap", out)
-        stats = self.m["capture"].get("stats") or getattr(cap, "stats", {}) or {}
-        self.emit(ev.CaptureProgressed(self.session_id, n, out.stat().st_size,
-                                       int(stats.get("dropped_by_kernel", 0))))
-        return f"{n} packets of {', '.join(addrs)}"
+        drops = self._capture_qa(cap, out, stats, final)
+        self.emit(ev.CaptureProgressed(self.session_id, n, out.stat().st_size, drops))
+        return f"{n} packets of {', '.join(addrs)}" + (f"; {drops} dropped" if drops else "")
+
+    def _capture_qa(self, cap: Any, split: Path, stats: dict[str, int], final: bool) -> int:
+        """Check the session's packets (frames over the MTU) and the capture's drops
+        (within the session's window when a plan shares the capture); a warning when
+        something is flagged. Returns the drops."""
+        if not final:  # a running capture: only the drops since the session started count
+            before = self.m["capture"].get("stats_at_start") or {}
+            stats = {k: max(0, v - before.get(k, 0)) for k, v in stats.items()
+                     if k.startswith("packets_dropped") and k in before}
+        qa_fn = getattr(cap, "qa", None)
+        if qa_fn is None:
+            return sum(v for k, v in stats.items() if k.startswith("packets_dropped"))
+        qa = qa_fn([split], stats)
+        self.m["capture"]["qa"] = {**qa.to_manifest(), "mtu": getattr(cap, "mtu", None),
+                                   "drops_known": any(k.startswith("packets_dropped")
+                                                      for k in stats),
+                                   "scope": "the session's packets; drops of its window"}
+        if not qa.ok:
+            self.emit(ev.LogRecorded("warning", f"{self.session_id}: capture QA: "
+                                     + "; ".join(qa.problems)))
+        return int(qa.drops)
 
     def _artifact(self, name: str, path: Path, sha: str | None = None) -> None:
         sha = sha or sha256_file(path)

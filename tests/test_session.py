@@ -165,6 +165,39 @@ def test_phone_frida_starts_the_server_forwards_and_lets_go_when_it_does_not_ans
     assert any(c.startswith("su -c 'kill 31337") for c in link.commands)
 
 
+def test_capture_counters_follow_rotated_and_reused_files(tmp_path: Path) -> None:
+    """The live counters add up every rotated file, read only what is new, and count a
+    ring buffer's reused file name again from its start; tcpdump's SIGUSR1 report parses."""
+    import os
+    import struct
+
+    from ap_setup.capture import parse_capture_stats
+
+    def write(path: Path, n: int, size: int = 100) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+            for i in range(n):
+                f.write(struct.pack("<IIII", 10 + i, 0, size, size) + b"\0" * size)
+        os.replace(tmp, path)  # a new inode, as tcpdump's ring buffer reopening a name
+
+    cap = TcpdumpCapture("br0", tmp_path)
+    write(tmp_path / "batch.pcap", 3)
+    assert cap.counters() == (3, 24 + 3 * 116)
+    write(tmp_path / "batch.pcap1", 2)
+    with open(tmp_path / "batch.pcap1", "ab") as f:  # a record still being written
+        f.write(struct.pack("<IIII", 20, 0, 100, 100) + b"\0" * 10)
+    assert cap.counters()[0] == 5
+    assert cap.counters()[0] == 5  # nothing new: nothing counted twice
+    write(tmp_path / "batch.pcap", 1)
+    assert cap.counters()[0] == 6
+    assert parse_capture_stats(
+        "tcpdump: listening on br0\ntcpdump: 52 packets captured, 53 packets received by "
+        "filter, 1 packet dropped by kernel\n") == {
+        "packets_captured": 52, "packets_received_by_filter": 53,
+        "packets_dropped_by_kernel": 1}
+
+
 def test_split_pcap_keeps_the_phone_and_the_window(tmp_path: Path) -> None:
     import struct
 
@@ -252,6 +285,11 @@ def test_e2e_session_in_the_virtual_lab_produces_labelled_mirage_json(vlab: VLab
     raw = json.loads((res.run_dir / "manifest.json").read_text())
     assert abs(raw["clock"]["offset_s"] - 0.25) <= raw["clock"]["uncertainty_s"] + 0.05
     assert raw["tool_versions"].get("tcpdump") and raw["tool_versions"].get("strace")
+    # the session owned the capture: tcpdump's final counters and ap_setup's QA
+    assert raw["capture"]["stats"]["packets_captured"] > 0
+    assert raw["capture"]["stats"]["packets_dropped_by_kernel"] == 0
+    qa = raw["capture"]["qa"]
+    assert qa["packets"] == caps[-1].packets and qa["drops_known"] and qa["drops"] == 0
     for name, a in raw["artifacts"].items():  # every artifact's checksum holds
         assert hashlib.sha256((res.run_dir / name).read_bytes()).hexdigest() == a["sha256"]
     assert m.traces.strace and m.traces.netstat == "netstat.log"
@@ -494,3 +532,110 @@ def test_e2e_cancelled_frida_session_keeps_the_frida_log(vlab: VLab, frida_clean
     assert m["traces"]["frida"] == "frida.jsonl" and "frida.jsonl" in m["artifacts"]
     assert (res.run_dir / "frida.jsonl").stat().st_size > 0
     assert _agent_threads(main_pid) == set()
+
+
+# ----------------------------------------------------------------------------- capture (ap_setup)
+
+BULK = r"""
+import socket, sys, time
+host, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+with socket.create_connection((host, port)) as s:
+    sent = got = 0
+    while sent < total:
+        s.sendall(b"x" * 65536)
+        sent += 65536
+        while got < sent - 262144:
+            got += len(s.recv(262144))
+        time.sleep(0.01)
+    s.shutdown(socket.SHUT_WR)
+    while s.recv(262144):
+        pass
+"""
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_e2e_shared_capture_records_qa_drops_and_warns(vlab: VLab) -> None:
+    """A capture the session shares (as a plan's): tcpdump's running counters at the
+    session's start and end (SIGUSR1) and the QA of its packets land in the manifest; an
+    MTU the lab's frames exceed is flagged and the session warns."""
+    from ap_setup.config import CaptureConfig
+
+    ph = vlab.phones[0]
+    env = _env(vlab, "qa")
+    env.capture = TcpdumpCapture("br0", vlab.tmp / "cap-qa", netns=vlab.ap.name, mtu=200,
+                                 settings=CaptureConfig(snaplen=0))
+    env.capture.start()
+    try:
+        sink = ev.RecordingSink()
+        spec = SessionSpec(serial=ph.address, app="signal", activity="chat", wait_scale=0.1,
+                           device_name=ph.name)
+        res = run_session(spec, _link(vlab), env, sink)
+        assert res.outcome == "completed", res.error
+        assert env.capture.running  # not the session's to stop
+    finally:
+        final = env.capture.stop()
+    raw = json.loads((res.run_dir / "manifest.json").read_text())
+    cap = raw["capture"]
+    start, end = cap["stats_at_start"], cap["stats"]
+    assert 0 < start["packets_captured"] < end["packets_captured"] <= final["packets_captured"]
+    assert end["packets_dropped_by_kernel"] == 0
+    qa = cap["qa"]
+    assert qa["mtu"] == 200 and qa["drops_known"] and qa["drops"] == 0
+    assert qa["oversize_frames"] > 0 and qa["max_ip_length"] > 200
+    assert any("larger than the MTU 200" in p for p in qa["problems"])
+    warns = [e.text for e in sink.of(ev.LogRecorded) if e.level == "warning"]
+    assert any("capture QA" in w and "MTU 200" in w for w in warns)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_e2e_rotated_capture_is_split_from_every_file(vlab: VLab) -> None:
+    """tcpdump rotating every 1 MB: the live counters follow the new files, and the
+    session's capture.pcap holds the phone's packets of every rotated file."""
+    from ap_setup.config import CaptureConfig
+    from tests.vlab_fixture import AP_V4, APP_PORTS, CLIENT_PY
+
+    ph = vlab.phones[0]
+    env = _env(vlab, "ring")
+    env.capture = TcpdumpCapture("br0", vlab.tmp / "cap-ring", netns=vlab.ap.name,
+                                 settings=CaptureConfig(ring_file_mb=1))
+    seen: list[ev.Event] = []
+    bulk: list[subprocess.Popen[bytes]] = []
+
+    def sink(e: ev.Event) -> None:
+        seen.append(e)
+        if isinstance(e, ev.ScenarioStepStarted) and e.index == 0:  # ~4 MB through the AP
+            bulk.append(ph.ns.popen([str(CLIENT_PY), "-c", BULK, AP_V4,
+                                     str(APP_PORTS["com.whatsapp"]), str(2 << 20)]))
+
+    spec = SessionSpec(serial=ph.address, app="signal", activity="chat", wait_scale=0.1,
+                       device_name=ph.name)
+    try:
+        res = run_session(spec, _link(vlab), env, sink)
+    finally:
+        for p in bulk:
+            p.kill()
+            p.wait()
+    assert res.outcome == "completed", res.error
+    raw = json.loads((res.run_dir / "manifest.json").read_text())
+    files = env.capture.files()
+    assert len(files) >= 3 and [Path(f).name for f in raw["capture"]["source"]] == \
+        [f.name for f in files]
+    assert files[0].name == "batch.pcap" and files[1].name == "batch.pcap1"
+    # the split holds exactly the phone's packets of the window, from every file
+    flt = raw["capture"]["filter"]
+    want = 0
+    for f in files:
+        out = subprocess.run(["tcpdump", "-tt", "-nr", str(f), "host", ph.ip],
+                             capture_output=True, text=True).stdout
+        want += sum(1 for line in out.splitlines()
+                    if flt["start"] <= float(line.split()[0]) <= flt["end"])
+    assert raw["capture"]["packets"] == want > 1000
+    per_file = [len(subprocess.run(["tcpdump", "-nr", str(f)], capture_output=True,
+                                   text=True).stdout.splitlines()) for f in files]
+    # live counters during the scenario went on past the first file; after the stop they
+    # count every packet of every file
+    live = [e.packets for e in seen if isinstance(e, ev.CaptureProgressed)][:-1]
+    assert live == sorted(live) and live[-1] > per_file[0]
+    assert env.capture.counters()[0] == sum(per_file)
