@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 
 from ap_setup.config import ApConfig
-from ap_setup.lifecycle import nm_device_state, nm_running, required_binaries
+from ap_setup.lifecycle import global_ipv6, nm_device_state, nm_running, required_binaries
 from ap_setup.runner import Runner, SubprocessRunner
 
 
@@ -269,6 +269,30 @@ def check_forward_policy(cfg: ApConfig, runner: Runner) -> list[CheckResult]:
     return out
 
 
+def check_ipv6(cfg: ApConfig, runner: Runner) -> list[CheckResult]:
+    """With ``ipv6_ra``: dnsmasq can send router advertisements, a prefix, a way out."""
+    if not cfg.ipv6_ra:
+        return []
+    out = []
+    version = runner.run(["dnsmasq", "--version"])
+    if version.ok and ("no-DHCPv6" in version.stdout or "DHCPv6" not in version.stdout):
+        out.append(_bad("ipv6", "this dnsmasq is built without DHCPv6, so it sends no router "
+                        "advertisements", "install a dnsmasq built with DHCPv6 (Debian's "
+                        "dnsmasq-base is) or set ipv6_ra: false"))  # fmt: skip
+    if cfg.ipv6_address is None and not global_ipv6(runner, cfg.interface):
+        out.append(_bad("ipv6", f"ipv6_ra is on but {cfg.interface} has no global IPv6 address "
+                        "and no ipv6_address is set", "set ipv6_address in the AP config, "
+                        "e.g. fd00:f10e:1::1/64"))  # fmt: skip
+    route = runner.run(["ip", "-6", "route", "show", "default"])
+    if route.ok and not route.stdout.strip():
+        out.append(_bad("ipv6", "no IPv6 default route: phones get IPv6 addresses but cannot "
+                        "leave the lab over IPv6", "give the uplink IPv6 (or set ipv6_ra: "
+                        "false)", blocking=False))  # fmt: skip
+    if not out:
+        out.append(_ok("ipv6", "router advertisements can be sent"))
+    return out
+
+
 def run_checks(cfg: ApConfig, runner: Runner | None = None) -> list[CheckResult]:
     """All preflight checks for this config, in report order."""
     runner = runner or SubprocessRunner(cfg.netns)
@@ -281,6 +305,7 @@ def run_checks(cfg: ApConfig, runner: Runner | None = None) -> list[CheckResult]
     results.append(check_uplink(cfg, runner))
     results += check_forward_policy(cfg, runner)
     results += check_networkmanager(cfg, runner)
+    results += check_ipv6(cfg, runner)
     return results
 
 

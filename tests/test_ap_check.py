@@ -12,6 +12,7 @@ import pytest
 from ap_setup.check import (
     check_binaries,
     check_forward_policy,
+    check_ipv6,
     check_networkmanager,
     check_ports,
     check_radio,
@@ -229,3 +230,21 @@ def test_standalone_scripts_use_the_same_code(tmp_path: Path) -> None:
         [str(REPO / "ap_setup" / "ap-up"), "--help"], capture_output=True, text=True, timeout=60
     )
     assert res.returncode == 0 and "--capture" in res.stdout
+
+
+def test_ipv6_checks_only_with_router_advertisements() -> None:
+    assert check_ipv6(ApConfig(), RecordingRunner()) == []
+    cfg = ApConfig(ipv6_ra=True)
+    bare = RecordingRunner(responses={("dnsmasq", "--version"): ok("Compile time options: IPv6 "
+                                                                     "no-DHCPv6 DHCP")})  # fmt: skip
+    res = check_ipv6(cfg, bare)
+    assert [r.name for r in res] == ["ipv6", "ipv6", "ipv6"]
+    assert "without DHCPv6" in res[0].message and res[0].blocking
+    assert "ipv6_address" in res[1].fix and res[1].blocking
+    assert "no IPv6 default route" in res[2].message and not res[2].blocking
+    good = RecordingRunner(responses={
+        ("dnsmasq", "--version"): ok("Compile time options: IPv6 DHCP DHCPv6"),
+        ("ip", "-6", "route", "show", "default"): ok("default via fe80::1 dev eth0\n"),
+    })  # fmt: skip
+    with_addr = ApConfig.model_validate({"ipv6_ra": True, "ipv6_address": "fd00:1::1/64"})
+    assert [r.ok for r in check_ipv6(with_addr, good)] == [True]
