@@ -337,15 +337,30 @@ class FridaPackageTracer:
         self.stop()
 
     def processes(self) -> dict[int, str]:
-        """The package's processes on the device now: pid -> name."""
+        """The package's processes on the device now: pid -> name (``package`` for the
+        main process, ``package:service`` for the others).
+
+        frida-server on Android names an app's main process after the app's label
+        ("Signal"), and lists the package among its ``applications``; secondary processes
+        keep their ``package:service`` name."""
         try:
-            procs = self._device.enumerate_processes()
+            try:
+                procs = self._device.enumerate_processes(scope="metadata")
+            except TypeError:  # frida before 15 has no scope
+                procs = self._device.enumerate_processes()
         except _frida_errors() as e:
             raise FridaTracerError(f"frida could not list the device's processes: {e}") from e
         prefix = self.package + ":"
-        return {p.pid: p.name for p in procs
-                if (p.name == self.package or p.name.startswith(prefix))
-                and (self._accept is None or self._accept(p.pid))}
+        out: dict[int, str] = {}
+        for p in procs:
+            if self._accept is not None and not self._accept(p.pid):
+                continue
+            apps = (getattr(p, "parameters", None) or {}).get("applications") or ()
+            if p.name == self.package or p.name.startswith(prefix):
+                out[p.pid] = p.name
+            elif self.package in apps:
+                out[p.pid] = self.package
+        return out
 
     @property
     def events_written(self) -> int:

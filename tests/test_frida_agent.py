@@ -592,3 +592,26 @@ def test_loader_cli_follows_a_package_for_a_duration(can_attach: None, tmp_path:
         stop_target(main)
     events = read_events(outdir / f"frida.{main.pid}.{PKG}.jsonl")
     assert any(e["event"] == "connect" for e in events)
+
+
+def test_package_processes_as_frida_server_on_android_names_them() -> None:
+    """frida-server on Android names an app's main process after its label and lists the
+    package among its applications; the tracer still finds it as the main process."""
+    from types import SimpleNamespace
+
+    class AndroidDevice:
+        def enumerate_processes(self, scope: str | None = None) -> list[Any]:
+            assert scope == "metadata"
+            return [
+                SimpleNamespace(pid=10, name="Signal", parameters={"applications": [PKG]}),
+                SimpleNamespace(pid=11, name=f"{PKG}:remote", parameters={"applications": [PKG]}),
+                SimpleNamespace(pid=12, name="Telegram",
+                                parameters={"applications": ["org.telegram.messenger"]}),
+                SimpleNamespace(pid=13, name=PKG, parameters={}),
+                SimpleNamespace(pid=14, name="logcat", parameters={}),
+            ]
+
+    pt = FridaPackageTracer(PKG, "/nonexistent", device=AndroidDevice(), accept=lambda p: p != 13)
+    procs = pt.processes()
+    assert procs == {10: PKG, 11: f"{PKG}:remote"}
+    assert assign_tracers(procs, PKG, "both") == TracerAssignment(strace=(11,), frida=(10,))
