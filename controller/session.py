@@ -123,7 +123,13 @@ class TcpdumpCapture:
         from ap_setup.runner import SubprocessRunner
 
         if settings is None:
-            settings = CaptureConfig(snaplen=snaplen)
+            from pydantic import ValidationError
+
+            try:
+                settings = CaptureConfig(snaplen=snaplen)
+            except ValidationError as err:
+                raise ConfigError(f"capture snaplen {snaplen}: "
+                                  f"{err.errors()[0]['msg']}") from None
         self.settings = settings
         self.interface = interface
         self.out_dir = Path(out_dir)

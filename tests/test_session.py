@@ -102,6 +102,36 @@ def test_engine_event_sequence_over_a_fake_phone(tmp_path: Path) -> None:
     assert res.session_id == "FAKE0001_app_chat_r1"
 
 
+def test_frida_session_over_a_fake_phone_warns_when_it_traced_nothing(tmp_path: Path) -> None:
+    """tracer frida: the endpoint is opened in Preflight and let go at the end; the
+    launcher is not started (only the poller); an app frida never saw is a warning, and
+    the session still completes on the poller's data."""
+    pytest.importorskip("frida")
+    from controller.device import local_frida
+
+    opened: list[Any] = []
+
+    def frida_device(link: Any) -> Any:
+        ep = local_frida(0.5)
+        ep.closer = lambda: opened.append("closed")
+        opened.append(link.serial)
+        return ep
+
+    link = make_fake_phone().on(r"echo \$!", "4243\n")  # one phone-side job: the poller
+    sink = ev.RecordingSink()
+    env = Environment(runs_root=tmp_path / "runs", label=False, frida_device=frida_device)
+    res = run_session(make_spec(tmp_path, tracer="frida"), link, env, sink)
+    assert res.outcome == "completed", res.error
+    assert opened == ["FAKE0001", "closed"]
+    assert not any("strace_launcher.sh" in c and "setsid" in c for c in link.commands)
+    assert any("netstat_poller.sh" in c and "setsid" in c for c in link.commands)
+    warns = [e.text for e in sink.of(ev.LogRecorded) if e.level == "warning"]
+    assert any("frida attached to no process of com.example.app" in w for w in warns)
+    m = json.loads((res.run_dir / "manifest.json").read_text())
+    assert m["frida"]["device"] == "local" and m["frida"]["clock_shift_s"] == 0.5
+    assert m["traces"]["frida"] is None and m["frida"]["processes"] == []
+
+
 def test_a_phone_vanishing_mid_scenario_fails_the_session_and_keeps_what_it_has(
         tmp_path: Path) -> None:
     link = make_fake_phone()
