@@ -471,7 +471,7 @@ class Supervisor:
                     self._runner, name, rec.argv, Path(rec.log), settle=self.policy.settle
                 )
             except ApError as err:
-                failure = err.one_line()
+                failure = err.message  # the give-up line names the log once
             except OSError as err:  # e.g. the run directory was removed
                 failure = f"cannot start {name}: {err}"
             else:

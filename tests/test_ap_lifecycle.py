@@ -426,5 +426,5 @@ def test_status_shows_supervisor_restarts_and_give_up(cfg: ApConfig, tmp_path: P
     assert "supervisor: not running (process, pid 5000999 is gone" in res.output
     row = next(ln for ln in res.output.splitlines() if ln.startswith("│ dnsmasq"))
     cells = [c.strip() for c in row.split("│")[1:-1]]
-    assert cells[2:4] == ["no", "3"] and "killed by SIGKILL" in cells[4]
+    assert cells[2:4] == ["no", "3"] and cells[4].endswith("failed; killed by SIGKILL")
     assert "  dnsmasq keeps exiting: gave up after 3 restart(s)" in res.output

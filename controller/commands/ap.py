@@ -195,7 +195,7 @@ def status(config: ConfigOpt = None, interface: InterfaceOpt = None) -> None:
         last = ""
         if health and health.history:
             h = health.history[-1]
-            last = f"{h.at}: {h.reason}"
+            last = f"{h.at}: {'failed; ' if h.new_pid is None else ''}{h.reason}"
         daemons.add_row(name, str(rec.pid), "[green]yes[/]" if alive else "[red]no[/]",
                         restarts, last)  # fmt: skip
     console.print(daemons)
