@@ -942,7 +942,7 @@ def phone_frida(link: DeviceLink, server: str = FRIDA_SERVER, port: int = FRIDA_
     local = int(forward(port))
     addr = f"127.0.0.1:{local}"
     mgr = frida.get_device_manager()
-    errors = _frida_errors()
+    errors: tuple[type[BaseException], ...] = (DeviceError, *_frida_errors())
 
     def close() -> None:
         for fn in (lambda: mgr.remove_remote_device(addr),
@@ -956,7 +956,7 @@ def phone_frida(link: DeviceLink, server: str = FRIDA_SERVER, port: int = FRIDA_
 
     try:
         dev = bounded(lambda: mgr.add_remote_device(addr), 10.0, "frida add_remote_device")
-    except (DeviceError, *errors) as err:
+    except errors as err:
         close()
         raise DeviceError(f"{link.serial}: frida cannot use {addr}: {err}") from None
     deadline = time.monotonic() + timeout
@@ -964,7 +964,7 @@ def phone_frida(link: DeviceLink, server: str = FRIDA_SERVER, port: int = FRIDA_
         try:
             bounded(dev.query_system_parameters, 10.0, "frida-server's answer")
             break
-        except (DeviceError, *errors) as err:
+        except errors as err:
             if time.monotonic() > deadline:
                 close()
                 raise DeviceError(
