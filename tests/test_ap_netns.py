@@ -659,6 +659,8 @@ def test_ipv6_router_advertisements_give_the_client_a_slaac_address(lab: Lab) ->
     # Forwarding switched on per interface before: the global switch must not lose it.
     in_ns(lab.ap, "sysctl", "-q", "-w", "net.ipv4.conf.ftu0.forwarding=1")
     in_ns(lab.ap, "sysctl", "-q", "-w", "net.ipv6.conf.ftu0.forwarding=1")
+    # IPv6 off on the AP interface before: on while up, off again after.
+    in_ns(lab.ap, "sysctl", "-q", "-w", "net.ipv6.conf.ftw0.disable_ipv6=1")
     in_ns(lab.client, "sysctl", "-q", "-w", "net.ipv6.conf.ftc0.accept_dad=0")
     in_ns(lab.client, "sysctl", "-q", "-w", "net.ipv6.conf.ftc0.accept_ra=1")
     before = snapshot(lab)
@@ -670,6 +672,7 @@ def test_ipv6_router_advertisements_give_the_client_a_slaac_address(lab: Lab) ->
         assert in_ns(lab.ap, "sysctl", "-n", "net.ipv6.conf.ftu0.accept_ra").stdout.strip() == "2"
         assert state.sysctl_before["net.ipv6.conf.all.forwarding"] == "0"
         assert state.sysctl_before["net.ipv6.conf.ftu0.forwarding"] == "1"
+        assert state.sysctl_before["net.ipv6.conf.ftw0.disable_ipv6"] == "1"
 
         def slaac() -> str:
             out = in_ns(lab.client, "ip", "-6", "-o", "addr", "show", "dev", "ftc0",
