@@ -6,12 +6,19 @@ imported inside the command bodies so that ``flowtruth --help`` stays fast.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
+
+if TYPE_CHECKING:
+    from analysis.ml.datasets import DatasetFilter
+    from analysis.ml.evaluate import TrainConfig
 
 
 class Task(StrEnum):
@@ -110,7 +117,15 @@ PermOpt = Annotated[
 ]
 
 
-def _filter(labeling_type, min_packets, keep_dns, keep_background, target_only, handshake):
+def _filter(
+    labeling_type: LabelTypeOpt = [],  # noqa: B006
+    min_packets: MinPacketsOpt = 0,
+    keep_dns: KeepDnsOpt = False,
+    keep_background: KeepBgOpt = False,
+    target_app_only: TargetOnlyOpt = False,
+    require_handshake: HandshakeOpt = False,
+) -> DatasetFilter:
+    """The dataset filter of the options every command that loads flows takes."""
     from analysis.errors import BadInputError
     from analysis.ml.datasets import DatasetFilter
 
@@ -120,10 +135,89 @@ def _filter(labeling_type, min_packets, keep_dns, keep_background, target_only, 
         labeling_types=tuple(labeling_type),
         min_packets=min_packets,
         drop_background=not keep_background,
-        background_is_other_apps=target_only,
+        background_is_other_apps=target_app_only,
         drop_dns=not keep_dns,
-        require_handshake=handshake,
+        require_handshake=require_handshake,
     )
+
+
+def _config(
+    task: TaskOpt = Task.app,
+    features: FeaturesOpt = "stats",
+    model: ModelOpt = Model.rf,
+    trees: TreesOpt = 200,
+    packets: SeriesOpt = 20,
+    with_endpoints: WithEndpointsOpt = False,
+    messaging_app: MessagingOpt = [],  # noqa: B006
+    *,
+    seed: int,
+    permutations: int = 3,
+) -> TrainConfig:
+    """The training configuration of the model options (``seed`` and ``permutations``
+    are options of their own, listed after the dataset filter's)."""
+    from analysis.errors import BadInputError
+    from analysis.ml.evaluate import TrainConfig
+    from analysis.ml.features import FeatureSpec, parse_sets
+    from analysis.ml.models import DEFAULT_MESSAGING_APPS
+
+    if trees < 1 or packets < 1 or permutations < 0:
+        raise BadInputError("--trees and --packets must be positive, --permutations not negative")
+    spec = FeatureSpec(parse_sets(features), packets, with_endpoints)
+    return TrainConfig(
+        task=task.value,
+        kind=model.value,
+        features=spec,
+        n_estimators=trees,
+        seed=seed,
+        messaging_apps=(*DEFAULT_MESSAGING_APPS, *messaging_app),
+        permutation_repeats=permutations,
+    )
+
+
+# A command parameter whose default is one of these stands for the builder's options.
+FilterBuilder = Callable[[], "DatasetFilter"]
+ConfigBuilder = Callable[..., "TrainConfig"]
+_OPTION_GROUPS = (_filter, _config)
+
+
+def _params(fn: Callable[..., object]) -> list[inspect.Parameter]:
+    """``fn``'s parameters with their annotations evaluated, as typer needs them (they are
+    strings here; the return annotation may name a lazily imported type, so not that)."""
+    return [
+        p.replace(annotation=eval(p.annotation, fn.__globals__))
+        if isinstance(p.annotation, str)
+        else p
+        for p in inspect.signature(fn).parameters.values()
+    ]
+
+
+def _option_groups(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command`` the options of each option group it takes.
+
+    A parameter whose default is a builder of ``_OPTION_GROUPS`` is replaced, in its
+    place (``--help`` lists options in order), by the builder's typer parameters; the
+    command receives the builder bound to their values and calls it where it needs the
+    value, so a bad option is reported where it always was.
+    """
+    params: list[inspect.Parameter] = []
+    groups: dict[str, tuple[Callable[..., object], list[str]]] = {}
+    for p in _params(command):
+        if not any(p.default is g for g in _OPTION_GROUPS):
+            params.append(p)
+            continue
+        fields = [q for q in _params(p.default) if q.kind is q.POSITIONAL_OR_KEYWORD]
+        groups[p.name] = (p.default, [q.name for q in fields])
+        params += fields
+
+    @functools.wraps(command)
+    def run(**kwargs: object) -> None:
+        for name, (build, fields) in groups.items():
+            kwargs[name] = functools.partial(build, **{f: kwargs.pop(f) for f in fields})
+        command(**kwargs)
+
+    run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    run.__annotations__ = {p.name: p.annotation for p in params}
+    return run
 
 
 def _say(msg: str) -> None:
@@ -151,26 +245,6 @@ def _load(data, flt):
     return ds
 
 
-def _config(task, model, features, with_endpoints, packets, trees, seed, messaging, permutations=3):
-    from analysis.errors import BadInputError
-    from analysis.ml.evaluate import TrainConfig
-    from analysis.ml.features import FeatureSpec, parse_sets
-    from analysis.ml.models import DEFAULT_MESSAGING_APPS
-
-    if trees < 1 or packets < 1 or permutations < 0:
-        raise BadInputError("--trees and --packets must be positive, --permutations not negative")
-    spec = FeatureSpec(parse_sets(features), packets, with_endpoints)
-    return TrainConfig(
-        task=task.value,
-        kind=model.value,
-        features=spec,
-        n_estimators=trees,
-        seed=seed,
-        messaging_apps=(*DEFAULT_MESSAGING_APPS, *messaging),
-        permutation_repeats=permutations,
-    )
-
-
 def _headline(m: dict) -> str:
     if m.get("warning"):
         _say(f"warning: {m['warning']}")
@@ -190,16 +264,11 @@ def _headline(m: dict) -> str:
 
 def register(app: typer.Typer) -> None:
     @app.command("train")
+    @_option_groups
     def train(
         data: DataArg,
         out: OutOpt,
-        task: TaskOpt = Task.app,
-        features: FeaturesOpt = "stats",
-        model: ModelOpt = Model.rf,
-        trees: TreesOpt = 200,
-        packets: SeriesOpt = 20,
-        with_endpoints: WithEndpointsOpt = False,
-        messaging_app: MessagingOpt = [],  # noqa: B006
+        make_config: ConfigBuilder = _config,
         cv: Annotated[
             int,
             typer.Option(
@@ -208,12 +277,7 @@ def register(app: typer.Typer) -> None:
                 "metrics (0: score the training data, optimistic)",
             ),
         ] = 5,
-        labeling_type: LabelTypeOpt = [],  # noqa: B006
-        min_packets: MinPacketsOpt = 0,
-        keep_dns: KeepDnsOpt = False,
-        keep_background: KeepBgOpt = False,
-        target_app_only: TargetOnlyOpt = False,
-        require_handshake: HandshakeOpt = False,
+        make_filter: FilterBuilder = _filter,
         seed: SeedOpt = 0,
         permutations: PermOpt = 3,
     ) -> None:
@@ -224,20 +288,8 @@ def register(app: typer.Typer) -> None:
         from analysis.ml.models import fit_model, save_model, task_labels
         from analysis.ml.report import write_report
 
-        cfg = _config(
-            task, model, features, with_endpoints, packets, trees, seed, messaging_app, permutations
-        )
-        ds = _load(
-            data,
-            _filter(
-                labeling_type,
-                min_packets,
-                keep_dns,
-                keep_background,
-                target_app_only,
-                require_handshake,
-            ),
-        )
+        cfg = make_config(seed=seed, permutations=permutations)
+        ds = _load(data, make_filter())
         X = build_features(ds.frame, cfg.features)
         y = task_labels(ds.frame["app"], cfg.task, cfg.messaging_apps)
         trained = fit_model(
@@ -266,6 +318,7 @@ def register(app: typer.Typer) -> None:
         sys.stdout.write(f"{_headline(metrics)}\nmodel and report in {out} ({report.name})\n")
 
     @app.command("evaluate")
+    @_option_groups
     def evaluate(
         inputs: Annotated[
             list[Path],
@@ -296,19 +349,8 @@ def register(app: typer.Typer) -> None:
                 "default) or flow (leaky, for comparison only)",
             ),
         ] = None,
-        task: TaskOpt = Task.app,
-        features: FeaturesOpt = "stats",
-        model: ModelOpt = Model.rf,
-        trees: TreesOpt = 200,
-        packets: SeriesOpt = 20,
-        with_endpoints: WithEndpointsOpt = False,
-        messaging_app: MessagingOpt = [],  # noqa: B006
-        labeling_type: LabelTypeOpt = [],  # noqa: B006
-        min_packets: MinPacketsOpt = 0,
-        keep_dns: KeepDnsOpt = False,
-        keep_background: KeepBgOpt = False,
-        target_app_only: TargetOnlyOpt = False,
-        require_handshake: HandshakeOpt = False,
+        make_config: ConfigBuilder = _config,
+        make_filter: FilterBuilder = _filter,
         seed: SeedOpt = 0,
         permutations: PermOpt = 3,
     ) -> None:
@@ -319,14 +361,7 @@ def register(app: typer.Typer) -> None:
         from analysis.ml.models import load_model
         from analysis.ml.report import write_report
 
-        flt = _filter(
-            labeling_type,
-            min_packets,
-            keep_dns,
-            keep_background,
-            target_app_only,
-            require_handshake,
-        )
+        flt = make_filter()
         if protocol is None:
             if len(inputs) < 2 or not (inputs[0] / "model.json").is_file():
                 raise BadInputError(
@@ -339,17 +374,7 @@ def register(app: typer.Typer) -> None:
         else:
             if (train_on or test_on) and protocol == Protocol.kfold:
                 raise BadInputError("--train-on/--test-on go with cross-device or cross-activity")
-            cfg = _config(
-                task,
-                model,
-                features,
-                with_endpoints,
-                packets,
-                trees,
-                seed,
-                messaging_app,
-                permutations,
-            )
+            cfg = make_config(seed=seed, permutations=permutations)
             ds = _load(inputs, flt)
             if split_by is not None and protocol != Protocol.kfold:
                 raise BadInputError("--split-by goes with --protocol kfold")
@@ -468,32 +493,18 @@ def register(app: typer.Typer) -> None:
         sys.stdout.write(f"{summary.line()} -> {out}\n")
 
     @dataset_app.command("card")
+    @_option_groups
     def dataset_card(
         data: DataArg,
         out: Annotated[
             Optional[Path],  # noqa: UP045
             typer.Option("-o", "--out", help="folder for dataset_card.json/.txt"),
         ] = None,
-        labeling_type: LabelTypeOpt = [],  # noqa: B006
-        min_packets: MinPacketsOpt = 0,
-        keep_dns: KeepDnsOpt = False,
-        keep_background: KeepBgOpt = False,
-        target_app_only: TargetOnlyOpt = False,
-        require_handshake: HandshakeOpt = False,
+        make_filter: FilterBuilder = _filter,
     ) -> None:
         """Print (and save) the counts per app, device, activity and labelling type."""
         from analysis.ml.datasets import write_card
 
-        ds = _load(
-            data,
-            _filter(
-                labeling_type,
-                min_packets,
-                keep_dns,
-                keep_background,
-                target_app_only,
-                require_handshake,
-            ),
-        )
+        ds = _load(data, make_filter())
         if out is not None:
             sys.stdout.write(f"card in {write_card(ds.card(), out)}\n")
