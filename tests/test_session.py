@@ -669,3 +669,37 @@ def test_e2e_rotated_capture_is_split_from_every_file(vlab: VLab) -> None:
     live = [e.packets for e in seen if isinstance(e, ev.CaptureProgressed)][:-1]
     assert live == sorted(live) and live[-1] > per_file[0]
     assert env.capture.counters()[0] == sum(per_file)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_e2e_adb_forward_reaches_a_port_on_the_phone(vlab: VLab) -> None:
+    """What phone_frida reaches frida-server through: ``adb forward`` via the real adb
+    server to a port on the phone (the lab's adbd connects from its own namespace, the
+    host's here), and the forward's removal."""
+    import socket
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+
+    def echo() -> None:
+        c, _ = srv.accept()
+        with c:
+            c.sendall(c.recv(100)[::-1])
+
+    threading.Thread(target=echo, daemon=True).start()
+    link = _link(vlab)
+    local = link.forward(port)
+    try:
+        assert any(f.local == f"tcp:{local}" and f.remote == f"tcp:{port}"
+                   for f in vlab.client.forward_list())
+        with socket.create_connection(("127.0.0.1", local), timeout=10) as s:
+            s.sendall(b"frida")
+            assert s.recv(100) == b"adirf"
+    finally:
+        link.forward_remove(local)
+        srv.close()
+    assert not any(f.local == f"tcp:{local}" for f in vlab.client.forward_list())
+    link.forward_remove(local)  # a missing forward is fine
