@@ -23,9 +23,11 @@
 #   date +%s         anything else: whole seconds, printed as "<seconds>.0".
 #
 # Stops cleanly after the current block on SIGTERM or SIGINT or when STOPFILE exists;
-# exit 0. Exit 2: bad arguments or OUTFILE not writable; 3: MAX_BYTES reached.
+# exit 0. Exit 2: bad arguments or OUTFILE not writable (at start, or a block could not be
+# written: the log ends there); 3: MAX_BYTES reached.
 # Start it detached (nohup/setsid) when the adb shell that starts it may close.
-# POSIX sh with toybox/busybox applets only (date cat sleep rm, adjtimex if present).
+# POSIX sh with toybox/busybox applets only (date cat sleep rm, adjtimex if present,
+# printf where the shell has no print or printf builtin).
 
 set -u
 
@@ -88,6 +90,16 @@ else
 fi
 
 # --- output -----------------------------------------------------------------------------
+# A block is written by a shell builtin: as one argument of an exec'd printf, a table over
+# 128 KiB (MAX_ARG_STRLEN; a phone or host with many sockets) is refused with E2BIG and
+# the block is lost. mksh (Android's sh) has print but no printf builtin; dash, ash and
+# bash have printf.
+if [ "$(command -v print 2>/dev/null)" = print ]; then
+    put() { print -rn -- "$1"; }
+else
+    put() { printf '%s' "$1"; }
+fi
+
 rm -f "$STOPFILE"
 # (true, not ":": a failed redirection on a special builtin ends a POSIX shell)
 if ! true 2>/dev/null >"$OUT"; then
@@ -118,7 +130,12 @@ $data
             STOPPING=1
             break
         fi
-        printf '%s' "$block" >&3
+        if ! put "$block" >&3; then
+            echo "netstat_poller: writing a $t block to $OUT failed; stopping" >&2
+            status=2
+            STOPPING=1
+            break
+        fi
         SIZE=$((SIZE + n))
     done
     [ "$STOPPING" = 0 ] || break

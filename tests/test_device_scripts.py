@@ -183,18 +183,25 @@ def find_row(blocks: list[Block], table: str, port: int, inode: int) -> list[str
     return None
 
 
+def poll_for(shell: Shell, tmp: Path, seconds: float, interval: str) -> tuple[int, str, Path]:
+    """Runs the poller for ``seconds``, then stops it with the stop file: (exit status,
+    stderr, log)."""
+    p, out = run_poller(shell, tmp, interval)
+    try:
+        time.sleep(seconds)
+        (tmp / "netstat.log.stop").touch()
+        _, err = p.communicate(timeout=5)
+    finally:
+        kill_and_reap(p)
+    return p.returncode, err, out
+
+
 @pytest.mark.parametrize("shell", list(SHELLS.values()), ids=list(SHELLS))
 def test_poller_logs_complete_blocks_with_the_socket_rows(
     shell: Shell, tmp_path: Path, socket_holder: dict[str, tuple[int, int]]
 ) -> None:
-    p, out = run_poller(shell, tmp_path, "0.1")
-    try:
-        time.sleep(1.0)
-        (tmp_path / "netstat.log.stop").touch()
-        _, err = p.communicate(timeout=5)
-    finally:
-        kill_and_reap(p)
-    assert p.returncode == 0, err
+    status, err, out = poll_for(shell, tmp_path, 1.0, "0.1")
+    assert status == 0, err
     blocks = parse_blocks(out.read_text())
     assert len(blocks) >= 8, f"only {len(blocks)} blocks in 1 s at 0.1 s"
     stamps = [b.ts for b in blocks]
@@ -222,6 +229,57 @@ def test_poller_logs_complete_blocks_with_the_socket_rows(
     port, inode = socket_holder["client"]
     mine = [r for r in rows if r.inode == inode]
     assert mine and {(r.table, r.local_port, r.uid) for r in mine} == {("tcp", port, APP_UID)}
+
+
+# One exec argument may be at most MAX_ARG_STRLEN (32 pages) long.
+EXEC_ARG_MAX = 32 * 4096
+
+
+@pytest.mark.parametrize("shell", list(SHELLS.values()), ids=list(SHELLS))
+def test_poller_writes_a_table_larger_than_one_exec_argument(
+    shell: Shell, tmp_path: Path
+) -> None:
+    """A busy machine's tcp table (here: listening sockets of this process) passes
+    MAX_ARG_STRLEN; its blocks are written all the same (the shell's own print/printf,
+    not an exec'd printf, which fails with E2BIG and loses the block)."""
+    socks: list[socket.socket] = []
+
+    def table_size() -> int:
+        with open("/proc/net/tcp") as f:
+            return len(f.read())
+
+    try:
+        # Other sockets come and go: add rows (~150 bytes each) until a margin is reached.
+        while table_size() < EXEC_ARG_MAX + 64 * 1024 and len(socks) < 5000:
+            for _ in range(100):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", 0))
+                s.listen(1)
+        assert table_size() > EXEC_ARG_MAX, "could not make the tcp table large enough"
+        status, err, out = poll_for(shell, tmp_path, 0.5, "0.05")
+        assert status == 0, err
+        blocks = parse_blocks(out.read_text())
+        tcp = [b for b in blocks if b.table == "tcp"]
+        assert tcp and len(tcp) == len([b for b in blocks if b.table == "udp"]), err
+        port = socks[-1].getsockname()[1]
+        inode = os.fstat(socks[-1].fileno()).st_ino
+        assert find_row(tcp, "tcp", port, inode) is not None
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.parametrize("shell", list(SHELLS.values()), ids=list(SHELLS))
+def test_poller_stops_when_a_block_cannot_be_written(shell: Shell, tmp_path: Path) -> None:
+    """A failed write (here: ENOSPC from /dev/full) ends the poller with exit 2."""
+    env = {"PATH": str(make_applet_dir(tmp_path, shell.applets))}
+    r = subprocess.run(
+        [*shell_cmd(shell), str(POLLER), "/dev/full", "0.05", "1000000", str(tmp_path / "stop")],
+        env=env, capture_output=True, text=True, timeout=10,
+    )
+    assert r.returncode == 2, r.stderr
+    assert "writing a tcp block to /dev/full failed" in r.stderr
 
 
 def test_poller_under_busybox_without_nanoseconds_uses_adjtimex_then_seconds(
