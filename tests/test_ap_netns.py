@@ -620,11 +620,10 @@ def test_supervisor_gives_up_on_a_dnsmasq_that_cannot_start(lab: Lab) -> None:
     assert snapshot(lab) == before
 
 
-def test_foreground_up_supervises_until_interrupted(lab: Lab) -> None:
+def foreground(lab: Lab, cfg: ApConfig) -> subprocess.Popen[str]:
+    """`flowtruth ap up --foreground` in the background; returns once it supervises."""
     import yaml
 
-    before = snapshot(lab)
-    cfg = lab.config(supervision=FAST)
     conf = lab.tmp / "ap.yaml"
     conf.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
     repo = Path(__file__).resolve().parents[1]
@@ -633,8 +632,21 @@ def test_foreground_up_supervises_until_interrupted(lab: Lab) -> None:
         cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        wait_for(lambda: (s := ApState.load(cfg.state_path)) is not None
-                 and s.supervisor is not None, timeout=30, what="ap up")  # fmt: skip
+        wait_for(lambda: proc.poll() is not None or ((s := ApState.load(cfg.state_path))
+                 is not None and s.supervisor is not None), timeout=30, what="ap up")  # fmt: skip
+    except AssertionError:
+        proc.kill()
+        proc.communicate()
+        raise
+    assert proc.poll() is None, proc.communicate()
+    return proc
+
+
+def test_foreground_up_supervises_until_interrupted(lab: Lab) -> None:
+    before = snapshot(lab)
+    cfg = lab.config(supervision=FAST)
+    proc = foreground(lab, cfg)
+    try:
         state = ApState.load(cfg.state_path)
         assert state.supervisor.kind == "foreground" and state.supervisor.pid == proc.pid
         old = state.processes["dnsmasq"].pid
@@ -651,6 +663,24 @@ def test_foreground_up_supervises_until_interrupted(lab: Lab) -> None:
     assert proc.returncode == 0, err
     assert "supervisor: dnsmasq (pid" in err and "killed by SIGKILL" in err
     assert "AP on ftw0 is down" in out
+    assert not cfg.state_path.exists()
+    assert snapshot(lab) == before
+
+    # A dnsmasq that cannot start again: one line, the AP taken down, exit status 1.
+    proc = foreground(lab, cfg)
+    try:
+        with open(cfg.work_dir / "dnsmasq.conf", "a") as fh:
+            fh.write("no-such-option-at-all\n")
+        os.kill(ApState.load(cfg.state_path).processes["dnsmasq"].pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("flowtruth: error: dnsmasq keeps exiting: gave up after 2 restart(s)")
+    assert "Traceback" not in err
     assert not cfg.state_path.exists()
     assert snapshot(lab) == before
 
