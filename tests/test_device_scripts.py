@@ -236,9 +236,7 @@ EXEC_ARG_MAX = 32 * 4096
 
 
 @pytest.mark.parametrize("shell", list(SHELLS.values()), ids=list(SHELLS))
-def test_poller_writes_a_table_larger_than_one_exec_argument(
-    shell: Shell, tmp_path: Path
-) -> None:
+def test_poller_writes_a_table_larger_than_one_exec_argument(shell: Shell, tmp_path: Path) -> None:
     """A busy machine's tcp table (here: listening sockets of this process) passes
     MAX_ARG_STRLEN; its blocks are written all the same (the shell's own print/printf,
     not an exec'd printf, which fails with E2BIG and loses the block)."""
@@ -276,7 +274,10 @@ def test_poller_stops_when_a_block_cannot_be_written(shell: Shell, tmp_path: Pat
     env = {"PATH": str(make_applet_dir(tmp_path, shell.applets))}
     r = subprocess.run(
         [*shell_cmd(shell), str(POLLER), "/dev/full", "0.05", "1000000", str(tmp_path / "stop")],
-        env=env, capture_output=True, text=True, timeout=10,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=10,
     )
     assert r.returncode == 2, r.stderr
     assert "writing a tcp block to /dev/full failed" in r.stderr

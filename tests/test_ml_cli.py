@@ -26,6 +26,17 @@ def run_cli(args, capsys):
     return ei.value.code, out.out, out.err
 
 
+def run_ok(capsys, *args) -> tuple[str, str]:
+    """``flowtruth ARGS`` that must succeed: (stdout, stderr)."""
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    return out, err
+
+
+def metrics_in(folder: Path) -> dict:
+    return json.loads((folder / "metrics.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def ndpi_mirage(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "ds"
@@ -110,109 +121,27 @@ def test_evaluate_cross_device_on_two_device_folders(capsys, tmp_path):
     )
     folders = sorted(p.name for p in (tmp_path / "two").iterdir())
     assert len(folders) == 2 and folders[0].startswith("PhoneA_")
-    code, out, err = run_cli(
-        [
-            "evaluate",
-            "--protocol",
-            "cross-device",
-            tmp_path / "two",
-            "--task",
-            "genre",
-            "--trees",
-            "10",
-            "-o",
-            tmp_path / "cd",
-        ],
-        capsys,
-    )
-    assert code == 0, err
-    m = json.loads((tmp_path / "cd" / "metrics.json").read_text())
+    cross_device = ("evaluate", "--protocol", "cross-device", tmp_path / "two")
+    run_ok(capsys, *cross_device, "--task", "genre", "--trees", "10", "-o", tmp_path / "cd")
+    m = metrics_in(tmp_path / "cd")
     assert m["protocol"] == "cross-device" and len(m["cross_matrix"]["names"]) == 2
     assert (tmp_path / "cd" / "cross_matrix.png").is_file()
-    code, out, err = run_cli(
-        [
-            "evaluate",
-            "--protocol",
-            "cross-device",
-            tmp_path / "two",
-            "--train-on",
-            folders[0],
-            "--test-on",
-            folders[1],
-            "--trees",
-            "5",
-            "-o",
-            tmp_path / "cd1",
-        ],
-        capsys,
-    )
-    assert code == 0, err
-    assert json.loads((tmp_path / "cd1" / "metrics.json").read_text())["folds"][0]["test"] == [
-        folders[1]
-    ]
-    code, out, err = run_cli(
-        [
-            "evaluate",
-            "--protocol",
-            "cross-device",
-            tmp_path / "two",
-            "--train-on",
-            "PhoneB",
-            "--trees",
-            "5",
-            "-o",
-            tmp_path / "cd2",
-        ],
-        capsys,
-    )
-    assert code == 0, err
-    fold = json.loads((tmp_path / "cd2" / "metrics.json").read_text())["folds"][0]
+    one_way = ("--train-on", folders[0], "--test-on", folders[1])
+    run_ok(capsys, *cross_device, *one_way, "--trees", "5", "-o", tmp_path / "cd1")
+    assert metrics_in(tmp_path / "cd1")["folds"][0]["test"] == [folders[1]]
+    run_ok(capsys, *cross_device, "--train-on", "PhoneB", "--trees", "5", "-o", tmp_path / "cd2")
+    fold = metrics_in(tmp_path / "cd2")["folds"][0]
     assert fold["train"] == [folders[1]] and fold["test"] == [folders[0]]
 
 
 def test_evaluate_kfold_protocol(ndpi_mirage, capsys, tmp_path):
-    code, out, err = run_cli(
-        [
-            "evaluate",
-            "--protocol",
-            "kfold",
-            ndpi_mirage,
-            "--folds",
-            "3",
-            "--model",
-            "extratrees",
-            "--trees",
-            "10",
-            "-o",
-            tmp_path / "kf",
-        ],
-        capsys,
-    )
-    assert code == 0, err
-    m = json.loads((tmp_path / "kf" / "metrics.json").read_text())
+    kfold = ("evaluate", "--protocol", "kfold", ndpi_mirage, "--folds", "3", "--trees", "10")
+    out, _ = run_ok(capsys, *kfold, "--model", "extratrees", "-o", tmp_path / "kf")
+    m = metrics_in(tmp_path / "kf")
     assert m["model"] == "extratrees" and len(m["folds"]) == 3 and m["split_by"] == "session"
     assert "accuracy" in out and "top feature group" in out
-    code, out, err = run_cli(
-        [
-            "evaluate",
-            "--protocol",
-            "kfold",
-            ndpi_mirage,
-            "--folds",
-            "3",
-            "--split-by",
-            "flow",
-            "--trees",
-            "10",
-            "--permutations",
-            "0",
-            "-o",
-            tmp_path / "leaky",
-        ],
-        capsys,
-    )
-    assert code == 0, err
-    leaky = json.loads((tmp_path / "leaky" / "metrics.json").read_text())
+    run_ok(capsys, *kfold, "--split-by", "flow", "--permutations", "0", "-o", tmp_path / "leaky")
+    leaky = metrics_in(tmp_path / "leaky")
     assert leaky["split_by"] == "flow" and leaky["macro_f1"] > m["macro_f1"]
     assert "optimistic" in (tmp_path / "leaky" / "report.html").read_text()
 
