@@ -684,6 +684,21 @@ def test_foreground_up_supervises_until_interrupted(lab: Lab) -> None:
     assert not cfg.state_path.exists()
     assert snapshot(lab) == before
 
+    # The terminal closes (SIGHUP, nothing can be printed any more): still torn down.
+    proc = foreground(lab, cfg)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    proc.stderr.close()
+    proc.send_signal(signal.SIGHUP)
+    try:
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not cfg.state_path.exists()
+    assert snapshot(lab) == before
+
 
 def test_ipv6_router_advertisements_give_the_client_a_slaac_address(lab: Lab) -> None:
     # Forwarding switched on per interface before: the global switch must not lose it.

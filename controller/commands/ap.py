@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -36,22 +37,25 @@ def load(config: Path | None, interface: str | None = None) -> ApConfig:
     return cfg
 
 
-def _print_step(event: ApStepFinished) -> None:
+def _say(text: str, soft_wrap: bool = False) -> None:
+    """One progress line on stderr; a closed terminal (``ap up --foreground`` after SIGHUP)
+    must not stop the teardown, so write errors are dropped (rich exits on a broken pipe)."""
     from rich.console import Console
 
-    Console(stderr=True, highlight=False).print(f"[green]•[/] {event.step}: {event.detail}")
+    with contextlib.suppress(OSError, ValueError, SystemExit):
+        Console(stderr=True, highlight=False, soft_wrap=soft_wrap).print(text)
+
+
+def _print_step(event: ApStepFinished) -> None:
+    _say(f"[green]•[/] {event.step}: {event.detail}")
 
 
 def _print_supervisor(event: SupervisorEvent) -> None:
-    from rich.console import Console
-
     from ap_setup.supervise import DaemonGaveUp, DaemonRestarted, SupervisorStopped, describe
 
     colour = "green" if isinstance(event, DaemonRestarted | SupervisorStopped) else "yellow"
     colour = "red" if isinstance(event, DaemonGaveUp) else colour
-    Console(stderr=True, highlight=False, soft_wrap=True).print(
-        f"[{colour}]•[/] supervisor: {describe(event)}"
-    )
+    _say(f"[{colour}]•[/] supervisor: {describe(event)}", soft_wrap=True)
 
 
 def up(
@@ -107,27 +111,31 @@ def _up_foreground(cfg: ApConfig, capture: Path | None, supervise: bool) -> None
     from controller.errors import ApError
 
     stop = threading.Event()
-    state = ap_up(cfg, sink=_print_step, capture_dir=capture)
     sup = (
         Supervisor(cfg.state_path, policy=cfg.supervision, sink=_print_supervisor,
                    kind="foreground")
         if supervise else None
     )  # fmt: skip
-    previous = {}
 
     def on_signal(_sig: int, _frame: object) -> None:
         stop.set()
         if sup is not None:
             sup.request_stop()
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        previous[sig] = signal.signal(sig, on_signal)
+    # Installed before the bring-up: a signal at any point ends in a teardown, never in an
+    # AP left up without its foreground process.
+    previous = {sig: signal.signal(sig, on_signal)
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}  # fmt: skip
     try:
-        if state.ssid:
-            typer.echo(f"SSID {state.ssid!r}  passphrase {state.passphrase}")
-        typer.echo(f"AP up on {state.interface}; state in {cfg.state_path}; "
-                   "in the foreground until Ctrl-C")  # fmt: skip
-        if sup is not None:
+        state = ap_up(cfg, sink=_print_step, capture_dir=capture)
+        with contextlib.suppress(OSError, ValueError):
+            if state.ssid:
+                typer.echo(f"SSID {state.ssid!r}  passphrase {state.passphrase}")
+            typer.echo(f"AP up on {state.interface}; state in {cfg.state_path}; "
+                       "in the foreground until Ctrl-C")  # fmt: skip
+        if stop.is_set():
+            pass
+        elif sup is not None:
             try:
                 sup.run()
             except ApError:
@@ -140,10 +148,12 @@ def _up_foreground(cfg: ApConfig, capture: Path | None, supervise: bool) -> None
                     break
         current = ApState.load(cfg.state_path)
         if current is None or current.status != "up":
-            typer.echo("the AP was taken down by `flowtruth ap down`")
+            with contextlib.suppress(OSError, ValueError):
+                typer.echo("the AP was taken down by `flowtruth ap down`")
             return
         ap_down(cfg.state_path, sink=_print_step)
-        typer.echo(f"AP on {state.interface} is down")
+        with contextlib.suppress(OSError, ValueError):
+            typer.echo(f"AP on {state.interface} is down")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
