@@ -519,7 +519,7 @@ class Supervisor:
         self._note(describe(event))
         try:
             self._sink(event)
-        except Exception:  # a broken front end must not stop the supervision
+        except (Exception, SystemExit):  # a broken front end must not stop the supervision
             pass
 
 
