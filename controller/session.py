@@ -846,17 +846,28 @@ class Session:
 
         threading.Thread(target=stop_frida, name=f"frida-stop-{self.session_id}",
                          daemon=True).start()
+        phone_err: Exception | None = None
+        phone = ""
         try:
             phone = self._stop_phone_tracers()
-        finally:
-            hung = not done.wait(self.env.frida_stop_timeout_s)
-            self.frida_tracer = None
-            frida = self._collect_frida(pt, hung)
+        except Exception as err:  # raised below, once frida's log is safe
+            phone_err = err
+        hung = not done.wait(self.env.frida_stop_timeout_s)
+        self.frida_tracer = None
+        frida = self._collect_frida(pt)
+        if hung:
+            msg = (f"frida did not detach within {self.env.frida_stop_timeout_s:g} s "
+                   f"({frida})")
+            self.m["frida"]["stop_error"] = msg
+            if phone_err is None:
+                raise DeviceError(f"{self.link.serial}: {msg}")
+        if phone_err is not None:
+            raise phone_err
         return f"{phone}; {frida}"
 
-    def _collect_frida(self, pt: Any, hung: bool) -> str:
+    def _collect_frida(self, pt: Any) -> str:
         """Merge frida's per-process files into ``frida.jsonl`` (on the phone's clock) and
-        record them; a frida that would not detach is an error, what it wrote is kept."""
+        record them (also what a frida that would not detach wrote so far)."""
         from device_scripts.frida_loader import merge_event_files
 
         ep = self.frida_ep
@@ -879,9 +890,6 @@ class Session:
         else:
             self.emit(ev.LogRecorded("warning", f"{self.session_id}: frida attached to no "
                                      f"process of {self.scenario.package}"))
-        if hung:
-            raise DeviceError(f"{self.link.serial}: frida did not detach within "
-                              f"{self.env.frida_stop_timeout_s:g} s ({n} events kept)")
         return f"frida: {n} events from {len(files)} processes"
 
     def _stop_phone_tracers(self) -> str:

@@ -26,6 +26,7 @@ from device_scripts.frida_loader import (
     TracerAssignment,
     assign_tracers,
 )
+from tests import frida_helpers
 
 frida = pytest.importorskip("frida")
 
@@ -127,37 +128,14 @@ def stop_target(p: subprocess.Popen[str]) -> None:
     p.wait(timeout=5)
 
 
-def _frida_leftovers() -> tuple[set[int], set[Path]]:
-    """Frida's helper daemons (run from /tmp/frida-*/) and its /tmp/frida-* directories."""
-    tmp = Path("/tmp")
-    dirs = set(tmp.glob("frida-*")) | set(tmp.glob("idun-*"))
-    pids = set()
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                exe = os.readlink(proc / "exe")
-            except OSError:
-                continue
-            if exe.startswith("/tmp/frida-"):
-                pids.add(int(proc.name))
-    return pids, dirs
-
-
 @pytest.fixture(scope="module", autouse=True)
 def no_frida_leftovers() -> Iterator[None]:
     """frida 17 starts a helper daemon (idund, from a /tmp/frida-* copy) and unpacks its
-    agent to /tmp; it keeps both for later attaches. End what these tests started, by pid,
-    and remove what they unpacked."""
-    pids0, dirs0 = _frida_leftovers()
+    agent to /tmp; it keeps both for later attaches. End the helpers this test run started,
+    by pid, and remove what they unpacked (:mod:`tests.frida_helpers`)."""
+    dirs0 = frida_helpers.frida_dirs()
     yield
-    pids1, dirs1 = _frida_leftovers()
-    for pid in pids1 - pids0:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    for d in dirs1 - dirs0:
-        shutil.rmtree(d, ignore_errors=True)
+    frida_helpers.cleanup(dirs0)
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ def test_e2e_flowtruth_run_lab_tracer_frida(tmp_path: Path) -> None:
     reason = topology.skip_reason()
     if reason or shutil.which("adb") is None:
         pytest.skip(reason or "adb is not installed")
-    from tests.test_session import _frida_leftovers
+    from tests import frida_helpers
     from tests.vlab_fixture import free_port
 
     home = tmp_path / "home"
@@ -46,7 +46,7 @@ def test_e2e_flowtruth_run_lab_tracer_frida(tmp_path: Path) -> None:
         subprocess.run(["adb", "-P", str(port), *a], env=env, capture_output=True,
                        stdin=subprocess.DEVNULL, timeout=30)
 
-    pids0, dirs0 = _frida_leftovers()
+    dirs0 = frida_helpers.frida_dirs()  # the CLI's frida helpers inherit this run's mark
     adb("start-server")
     lab = topology.Lab.up(phones=2, adb_port=port, workdir=tmp_path / "lab",
                           state_dir=tmp_path / "state", mgmt_base=240)
@@ -84,11 +84,4 @@ def test_e2e_flowtruth_run_lab_tracer_frida(tmp_path: Path) -> None:
     finally:
         lab.down()
         adb("kill-server")
-        pids1, dirs1 = _frida_leftovers()
-        for pid in pids1 - pids0:
-            try:
-                os.kill(pid, 15)
-            except ProcessLookupError:
-                pass
-        for d in dirs1 - dirs0:
-            shutil.rmtree(d, ignore_errors=True)
+        frida_helpers.cleanup(dirs0)
