@@ -3,7 +3,8 @@
 The file is read in fixed-size chunks; C kernels (``_fastpath.c``) walk the records of a chunk
 and decode link, network and transport headers straight into numpy columns
 (:class:`PacketBatch`), so no per-packet Python object is ever built and memory
-stays bounded by the chunk size, not the file size.
+stays bounded by the chunk size, not the file size. :func:`iter_record_chunks` is the same
+walk without the decoding, for readers of the records' bytes (the labelled-pcap writers).
 
 Supported: pcap (µs and ns, both byte orders) and pcapng (sections of either byte
 order, several interfaces, ``if_tsresol``/``if_tsoffset``, enhanced, simple and
