@@ -81,6 +81,17 @@ def test_dataset_ndpi_writes_labelled_mirage_files(ndpi_mirage, capsys, tmp_path
     assert json.loads((tmp_path / "card" / "dataset_card.json").read_text())["flows"] == 766
 
 
+def test_option_groups_reach_the_filter_and_the_config(ndpi_mirage, genre_model, capsys, tmp_path):
+    """The filter and model options each command shares arrive at their builders, and a
+    builder runs only where the command needs it."""
+    out, _ = run_ok(capsys, "dataset", "card", ndpi_mirage, "--min-packets", "10", "--keep-dns")
+    assert "403 flows in 36 sessions" in out and "min_packets 472" in out
+    code, _, err = run_cli(["train", ndpi_mirage, "--trees", "0", "-o", tmp_path / "m"], capsys)
+    assert code == 2 and "--trees and --packets must be positive" in err
+    # testing a model builds no training configuration: --trees is not looked at
+    run_ok(capsys, "evaluate", genre_model, ndpi_mirage, "--trees", "0", "-o", tmp_path / "ev")
+
+
 def test_train_writes_model_metrics_and_report(genre_model):
     names = {p.name for p in genre_model.iterdir()}
     assert {
