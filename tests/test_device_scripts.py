@@ -283,6 +283,39 @@ def test_poller_stops_when_a_block_cannot_be_written(shell: Shell, tmp_path: Pat
     assert "writing a tcp block to /dev/full failed" in r.stderr
 
 
+def test_poller_on_a_lab_phone_stamps_the_phone_clock(tmp_path: Path) -> None:
+    """Through a lab phone's shell (dash, the toolbox's date, libfaketime when installed)
+    every block carries the phone's clock: the host's plus the phone's offset."""
+    from controller.lab.toolbox import Toolbox, samsung_s21
+
+    offset = 2.375
+    tb = Toolbox(samsung_s21(clock_offset_s=offset), tmp_path / "phone", use_mount_namespace=False)
+    tb.prepare()
+    out, stop = tmp_path / "netstat.log", tmp_path / "stop"
+    command = f"sh {POLLER} {out} 0.05 67108864 {stop}"
+    start = time.time()
+    p = subprocess.Popen(
+        tb.argv(command),
+        env=tb.environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.0)
+        stop.touch()
+        _, err = p.communicate(timeout=10)
+    finally:
+        kill_and_reap(p)
+    end = time.time()
+    assert p.returncode == 0, err
+    assert "clock: date +%s.%N" in err
+    blocks = parse_blocks(out.read_text())
+    assert blocks, err
+    for b in blocks:  # taken while the poller ran, on a clock `offset` ahead of the host's
+        assert start - 0.5 < b.ts - offset < end + 0.5, (b.ts - start, offset)
+
+
 def test_poller_under_busybox_without_nanoseconds_uses_adjtimex_then_seconds(
     tmp_path: Path,
 ) -> None:
