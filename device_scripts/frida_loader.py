@@ -368,12 +368,13 @@ class FridaPackageTracer:
         return sum(t.events_written for t in (*self.tracers.values(), *self.finished))
 
     def scan(self) -> None:
-        """Forget detached processes and attach to new ones."""
+        """Forget processes that exited (detached, or no longer listed: frida may report a
+        killed process's detach late) and attach to new ones."""
+        procs = self.processes()
         for pid, tracer in list(self.tracers.items()):
-            if tracer.wait(0):
+            if tracer.wait(0) or pid not in procs:
                 tracer.stop()
                 self.finished.append(self.tracers.pop(pid))
-        procs = self.processes()
         mine = assign_tracers(procs, self.package, "both" if self.role == "main" else "frida")
         for pid in mine.frida:
             if pid in self.tracers or self._failures.get(pid, 0) >= 3:
