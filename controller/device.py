@@ -936,10 +936,22 @@ def phone_frida(link: DeviceLink, server: str = FRIDA_SERVER, port: int = FRIDA_
         if not pid.isdigit():
             raise DeviceError(f"{link.serial}: starting {server} printed {r.stdout!r}")
         started = int(pid)
+    def stop_server() -> None:
+        if started is not None:
+            root_shell(link, f"kill {started} 2>/dev/null; true", timeout=10)
+
     forward = getattr(link, "forward", None)
-    if forward is None:
-        raise DeviceError(f"{link.serial}: this device link cannot forward ports (adb forward)")
-    local = int(forward(port))
+    try:
+        if forward is None:
+            raise DeviceError(f"{link.serial}: this device link cannot forward ports "
+                              "(adb forward)")
+        local = int(forward(port))
+    except DeviceError:
+        try:
+            stop_server()
+        except DeviceError:
+            pass
+        raise
     addr = f"127.0.0.1:{local}"
     mgr = frida.get_device_manager()
     errors: tuple[type[BaseException], ...] = (DeviceError, *_frida_errors())
@@ -947,8 +959,7 @@ def phone_frida(link: DeviceLink, server: str = FRIDA_SERVER, port: int = FRIDA_
     def close() -> None:
         for fn in (lambda: mgr.remove_remote_device(addr),
                    lambda: link.forward_remove(local),  # type: ignore[attr-defined]
-                   lambda: started is not None and root_shell(
-                       link, f"kill {started} 2>/dev/null; true", timeout=10)):
+                   stop_server):
             try:
                 bounded(fn, 10.0, "letting frida go")
             except Exception:  # best effort: the phone may be gone
