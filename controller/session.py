@@ -388,7 +388,8 @@ class Environment:
     @classmethod
     def for_lab(cls, lab: Any, runs_root: Path | str = "runs", **kw: Any) -> Environment:
         """The environment of a running virtual lab (``controller.lab.topology.Lab``): its
-        adb server, tcpdump on its AP bridge inside the AP namespace, its phones by name."""
+        adb server, ap_setup's capture on its AP bridge inside the AP namespace, its phones
+        by name, and frida's local device per phone (:func:`lab_frida`)."""
         from controller.device import adb_client
 
         if lab.adb_port is None:
