@@ -416,7 +416,7 @@ def _bring_up(
     else:
         plan = render_iptables(cfg)
         state.iptables_down = plan.down
-        state.iptables_new_tables = _iptables_nft_tables_missing(runner)
+        state.iptables_new_tables = _iptables_nft_tables_missing(runner, cfg.ipv6_ra)
         state.save(path)
         for argv in plan.up:
             _must(runner.run(argv), "iptables")
@@ -451,8 +451,9 @@ def _bring_up(
         sink(ApStepFinished("capture", f"{cfg.capture.tool} into {capture_dir}"))
 
 
-def _iptables_nft_tables_missing(runner: Runner) -> list[str]:
-    """The tables iptables-nft will create for our chains because they do not exist yet."""
+def _iptables_nft_tables_missing(runner: Runner, ipv6: bool = False) -> list[str]:
+    """The tables iptables-nft (and ip6tables-nft, with ``ipv6``) will create for our
+    chains because they do not exist yet."""
     version = runner.run(["iptables", "-V"])
     if "nf_tables" not in version.stdout or runner.which("nft") is None:
         return []
@@ -460,7 +461,8 @@ def _iptables_nft_tables_missing(runner: Runner) -> list[str]:
     if not listing.ok:
         return []
     have = {line.removeprefix("table ").strip() for line in listing.stdout.splitlines()}
-    return [t for t in ("ip filter", "ip nat") if t not in have]
+    ours = ("ip filter", "ip nat", *(("ip6 filter",) if ipv6 else ()))
+    return [t for t in ours if t not in have]
 
 
 def _has_rules(listing: str) -> bool:

@@ -151,15 +151,24 @@ class IptablesPlan:
 
 
 def render_iptables(cfg: ApConfig, binary: str = "iptables") -> IptablesPlan:
-    """The iptables fallback: dedicated chains jumped to from FORWARD and POSTROUTING."""
-    ipt = [binary, "-w"]
+    """The iptables fallback: dedicated chains jumped to from FORWARD and POSTROUTING.
+
+    With ``ipv6_ra`` (routed IPv6, no NAT) the same forward filter goes into ip6tables
+    too, so the phones stay unreachable from outside over IPv6 as over IPv4 (what the
+    nftables ``inet`` table does in one go).
+    """
+    plan = _iptables_v4(cfg, binary)
+    if not cfg.ipv6_ra:
+        return plan
+    v6 = _iptables_forward(cfg, [binary.replace("iptables", "ip6tables"), "-w"])
+    return IptablesPlan(up=plan.up + v6.up, down=v6.down + plan.down)
+
+
+def _iptables_forward(cfg: ApConfig, ipt: list[str]) -> IptablesPlan:
+    """The forward filter chain only: out from the AP freely, in only as replies."""
     out = ["-o", cfg.uplink] if cfg.uplink else ["!", "-o", cfg.interface]
     inn = ["-i", cfg.uplink] if cfg.uplink else ["!", "-i", cfg.interface]
-    src = str(cfg.address.network)
     up = [
-        [*ipt, "-t", "nat", "-N", IPT_POSTROUTING],
-        [*ipt, "-t", "nat", "-A", IPT_POSTROUTING, "-s", src, *out, "-j", "MASQUERADE"],
-        [*ipt, "-t", "nat", "-I", "POSTROUTING", "1", "-j", IPT_POSTROUTING],
         [*ipt, "-t", "filter", "-N", IPT_FORWARD],
         [*ipt, "-t", "filter", "-A", IPT_FORWARD, "-i", cfg.interface, *out, "-j", "ACCEPT"],
         [*ipt, "-t", "filter", "-A", IPT_FORWARD, *inn, "-o", cfg.interface,
@@ -171,6 +180,23 @@ def render_iptables(cfg: ApConfig, binary: str = "iptables") -> IptablesPlan:
         [*ipt, "-t", "filter", "-D", "FORWARD", "-j", IPT_FORWARD],
         [*ipt, "-t", "filter", "-F", IPT_FORWARD],
         [*ipt, "-t", "filter", "-X", IPT_FORWARD],
+    ]
+    return IptablesPlan(up=up, down=down)
+
+
+def _iptables_v4(cfg: ApConfig, binary: str) -> IptablesPlan:
+    ipt = [binary, "-w"]
+    out = ["-o", cfg.uplink] if cfg.uplink else ["!", "-o", cfg.interface]
+    src = str(cfg.address.network)
+    up = [
+        [*ipt, "-t", "nat", "-N", IPT_POSTROUTING],
+        [*ipt, "-t", "nat", "-A", IPT_POSTROUTING, "-s", src, *out, "-j", "MASQUERADE"],
+        [*ipt, "-t", "nat", "-I", "POSTROUTING", "1", "-j", IPT_POSTROUTING],
+    ]  # fmt: skip
+    fwd = _iptables_forward(cfg, ipt)
+    up += fwd.up
+    down = [
+        *fwd.down,
         [*ipt, "-t", "nat", "-D", "POSTROUTING", "-j", IPT_POSTROUTING],
         [*ipt, "-t", "nat", "-F", IPT_POSTROUTING],
         [*ipt, "-t", "nat", "-X", IPT_POSTROUTING],

@@ -183,6 +183,11 @@ def snapshot(lab: Lab) -> dict[str, str]:
             for ln in in_ns(lab.ap, "iptables-save", check=False).stdout.splitlines()
             if not ln.startswith("#")
         ),
+        "ip6tables": "\n".join(
+            ln
+            for ln in in_ns(lab.ap, "ip6tables-save", check=False).stdout.splitlines()
+            if not ln.startswith("#")
+        ),
         "sysctl": in_ns(lab.ap, "sysctl", "-a", "-r", SYSCTLS).stdout,
         "ethtool": in_ns(lab.ap, "ethtool", "-k", "ftw0").stdout,
         "addr": in_ns(lab.ap, "ip", "-br", "addr", "show", "dev", "ftw0").stdout,
@@ -700,7 +705,9 @@ def test_foreground_up_supervises_until_interrupted(lab: Lab) -> None:
     assert snapshot(lab) == before
 
 
-def test_ipv6_router_advertisements_give_the_client_a_slaac_address(lab: Lab) -> None:
+@pytest.mark.parametrize("firewall", ["nft", "iptables"])
+def test_ipv6_router_advertisements_give_the_client_a_slaac_address(lab: Lab,
+                                                                     firewall: str) -> None:
     # Forwarding switched on per interface before: the global switch must not lose it.
     in_ns(lab.ap, "sysctl", "-q", "-w", "net.ipv4.conf.ftu0.forwarding=1")
     in_ns(lab.ap, "sysctl", "-q", "-w", "net.ipv6.conf.ftu0.forwarding=1")
@@ -709,9 +716,11 @@ def test_ipv6_router_advertisements_give_the_client_a_slaac_address(lab: Lab) ->
     in_ns(lab.client, "sysctl", "-q", "-w", "net.ipv6.conf.ftc0.accept_dad=0")
     in_ns(lab.client, "sysctl", "-q", "-w", "net.ipv6.conf.ftc0.accept_ra=1")
     before = snapshot(lab)
-    cfg = lab.config(ipv6_ra=True, ipv6_address="fd77:7466:1::1/64")
+    cfg = lab.config(ipv6_ra=True, ipv6_address="fd77:7466:1::1/64", firewall=firewall)
     state = ap_up(cfg)
     try:
+        if firewall == "iptables":  # routed IPv6 filtered like IPv4 (nft: the inet table)
+            assert "FT-FORWARD" in in_ns(lab.ap, "ip6tables-save").stdout
         assert state.address6_added == "fd77:7466:1::1/64"
         assert in_ns(lab.ap, "sysctl", "-n", "net.ipv6.conf.all.forwarding").stdout.strip() == "1"
         assert in_ns(lab.ap, "sysctl", "-n", "net.ipv6.conf.ftu0.accept_ra").stdout.strip() == "2"

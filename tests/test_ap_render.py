@@ -134,6 +134,50 @@ def test_iptables_down_undoes_every_up_step() -> None:
     assert len(jumps) == len(unjumps) == 2
 
 
+def test_iptables_with_ipv6_ra_filters_forwarded_ipv6_too() -> None:
+    """Routed IPv6 (no NAT): ip6tables gets the same forward filter, undone first."""
+    v4 = render_iptables(make_config())
+    assert not any(a[0] == "ip6tables" for a in v4.up + v4.down)
+    plan = render_iptables(make_config(ipv6_ra=True, ipv6_address="fd00:f10e:1::1/64"))
+    v6_up = [a for a in plan.up if a[0] == "ip6tables"]
+    v6_down = [a for a in plan.down if a[0] == "ip6tables"]
+    assert not any("nat" in a for a in v6_up)
+    assert [a[2:] for a in v6_up] == [a[2:] for a in v4.up if "filter" in a]
+    assert plan.down[: len(v6_down)] == v6_down  # IPv6 undone before IPv4
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip6tables") is None,
+                    reason="needs root and ip6tables")
+def test_ip6tables_rules_load_and_down_restores_exactly() -> None:
+    ns = f"ftrender-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+
+    def ns_run(argv: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True)
+
+    def dump() -> str:  # rules and chains (empty tables iptables-nft made are ap down's job)
+        return "\n".join(ln for ln in (ns_run(["iptables-save"]).stdout
+                                       + ns_run(["ip6tables-save"]).stdout).splitlines()
+                         if ln.startswith(("-", ":FT")))
+
+    try:
+        ns_run(["ip6tables", "-w", "-A", "FORWARD", "-j", "ACCEPT"])  # a rule of someone else's
+        before = dump()
+        assert "-A FORWARD -j ACCEPT" in before
+        plan = render_iptables(make_config(ipv6_ra=True, ipv6_address="fd00:f10e:1::1/64"))
+        for argv in plan.up:
+            res = ns_run(argv)
+            assert res.returncode == 0, (argv, res.stderr)
+        assert "FT-FORWARD" in ns_run(["ip6tables-save"]).stdout
+        for argv in plan.down:
+            res = ns_run(argv)
+            assert res.returncode == 0, (argv, res.stderr)
+        assert dump() == before
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
 @pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("nft") is None, reason="needs root and nft")
 @pytest.mark.parametrize("nat_family", ["inet", "ip"])
