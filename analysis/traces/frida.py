@@ -3,7 +3,8 @@
 Schema (the agent in ``device_scripts`` writes it; one JSON object per line, UTF-8)::
 
     {"ts": 1732800000.123456,        # epoch seconds (float), the phone's clock
-     "event": "connect",             # connect | sendto | sendmsg | recvfrom | getaddrinfo | close
+     "event": "connect",             # connect | sendto | sendmsg | send | recvfrom | recv
+                                     #   | getaddrinfo | close
      "pid": 12345, "tid": 12350,     # process and thread ids
      "fd": 84,                       # the socket's file descriptor (-1/absent for getaddrinfo)
      "proto": "tcp",                 # tcp | udp
@@ -17,9 +18,11 @@ Schema (the agent in ``device_scripts`` writes it; one JSON object per line, UTF
 
 IPv4-mapped IPv6 addresses become IPv4. ``connect`` with ``ret`` -1 counts unless
 ``errno`` says nothing was sent (a non-blocking connect gives EINPROGRESS). ``getaddrinfo``
-events carry no socket and are skipped (counted as ``name lookups``). A socket is
-``(pid, fd)`` from its first event to its ``close``; its local port, once known, is
-remembered for its later events, and a pid's ``process``, once given, for its later events. Damaged lines are counted, never fatal.
+events carry no socket and are skipped (counted as ``name lookups``). ``send`` and
+``recv`` (on a connected socket, so ``remote`` is null) count as sends and receives like
+``sendto`` and ``recvfrom``. A socket is ``(pid, fd)`` from its first event to its
+``close``; its local port, once known, is remembered for its later events, and a pid's
+``process``, once given, for its later events. Damaged lines are counted, never fatal.
 """
 
 from __future__ import annotations
