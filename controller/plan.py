@@ -12,17 +12,39 @@
     tracer: strace              # strace | frida | both | none
     params: {contact: Alice}
     scenario_overrides: {signal: {contact: Bob}}
-    capture: {interface: wlan1, netns: null, snaplen: 262144}
+    frida_server: /data/local/tmp/frida-server   # tracer frida|both: where it is on the phones
+    capture:
+      interface: wlan1          # the AP's phone-facing interface (--lab: the lab's)
+      netns: null
+      tool: tcpdump             # tcpdump | dumpcap
+      snaplen: 0                # bytes kept per packet; 0 keeps whole packets
+      ring_file_mb: 100         # a new file every 100 MB ...
+      ring_files: null          # ... keeping only the newest N files (null: keep all)
+      rotate_seconds: null      # and/or a new file every N seconds
+      mtu: 1500                 # the AP link's MTU: the capture QA flags larger frames
+      bpf: null                 # a further BPF filter, e.g. "not port 22"
     adb: {host: 127.0.0.1, port: 5037}
 
+``capture`` takes every setting of ap_setup's :class:`~ap_setup.config.CaptureConfig`
+(also ``buffer_mb``, ``immediate``, ``nano`` and the device filter ``macs``/``ips``) plus
+where to capture. ``--interface``, ``--netns`` and ``--frida-server`` of ``flowtruth run``
+override the plan.
+
 Sessions on different phones run in parallel over one AP capture (each run dir gets its
-phone's split); a failed session does not stop the others; ``resume`` skips sessions
-whose run directory already has a manifest with outcome ``completed``.
+phone's split, cut from every file the ring buffer wrote); a failed session does not stop
+the others; ``resume`` skips sessions whose run directory already has a manifest with
+outcome ``completed``. When the batch ends its capture is checked as a whole
+(:func:`ap_setup.capture.qa_capture`: frames over the MTU, drops, a ring buffer that
+wrapped) and recorded next to its files in ``<output>/_capture_<stamp>/capture.json``; a
+flagged check is a warning.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import hashlib
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -32,11 +54,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from analysis.errors import FlowtruthError
+from ap_setup.config import CaptureConfig
 from controller import events as ev
-from controller.device import DeviceLink
+from controller.device import FRIDA_SERVER, DeviceLink
 from controller.errors import ConfigError, ControllerError
 from controller.scenario import APPS
 from controller.session import (
@@ -70,14 +101,43 @@ class DeviceEntry(_M):
     """The phone's address at the AP (default: read from the phone)."""
 
 
-class CaptureOptions(_M):
+def frida_server_path(value: str) -> str:
+    """Check a frida-server path on the phones (absolute, a file name at the end)."""
+    if (not value.startswith("/") or value.endswith("/")
+            or any(c.isspace() or not c.isprintable() for c in value)):
+        raise ValueError(f"{value!r} is not an absolute path of a file on the phones "
+                         f"(e.g. {FRIDA_SERVER})")
+    return value
+
+
+class CaptureOptions(CaptureConfig):
+    """The batch's AP capture: where it runs, plus ap_setup's capture settings (tool,
+    snaplen, ring buffer by size and/or time, kernel buffer, device filter)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
     enabled: bool = True
+    """Capture at the AP (sessions need it for their capture.pcap and labels)."""
     interface: str | None = None
     """The AP's phone-facing interface (with ``--lab``: the lab's)."""
     netns: str | None = None
     """Network namespace the interface lives in (the lab's AP namespace)."""
-    snaplen: int = Field(default=262144, gt=0)
     bpf: str | None = None
+    """A further BPF expression the captured packets must match (e.g. ``not port 22``)."""
+    mtu: int = Field(default=1500, ge=576, le=9000)
+    """MTU of the AP link; the capture QA flags frames larger than this (offload leakage)."""
+
+    @field_validator("ring_files")
+    @classmethod
+    def _ring_needs_size(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and info.data.get("ring_file_mb") is None:
+            raise ValueError("ring_files needs ring_file_mb: the ring buffer keeps the newest "
+                             "N files of that size (set ring_file_mb, or drop ring_files)")
+        return v
+
+    def settings(self) -> CaptureConfig:
+        """The ap_setup capture settings (without where to capture)."""
+        return CaptureConfig(**{k: getattr(self, k) for k in CaptureConfig.model_fields})
 
 
 class LabelOptions(_M):
@@ -104,6 +164,9 @@ class Plan(_M):
     parallelism: int = Field(default=4, ge=1)
     output: str = "runs"
     tracer: Literal["strace", "frida", "both", "none"] = "strace"
+    frida_server: Annotated[str, AfterValidator(frida_server_path)] = FRIDA_SERVER
+    """Where frida-server lives on the phones (``tracer: frida|both`` start it from there);
+    ``--frida-server`` overrides it."""
     netstat: bool = True
     params: dict[str, str] = Field(default_factory=dict)
     scenario_overrides: dict[str, dict[str, str]] = Field(default_factory=dict)
@@ -225,6 +288,8 @@ class PlanResult:
     results: list[SessionResult] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     cancelled: bool = False
+    capture_record: Path | None = None
+    """The batch capture's ``capture.json`` (None: the plan started no capture)."""
 
     @property
     def failed(self) -> list[SessionResult]:
@@ -298,6 +363,7 @@ def run_plan(plan: Plan, env: Environment, sink: ev.Sink, cancel: threading.Even
         sink(ev.PlanProgressed(counts["done"], counts["failed"], len(result.skipped), total))
 
     progressed()
+    started = time.time()
     owns_capture = False
     if specs and env.capture is not None and not env.capture.running:
         env.capture.start()
@@ -344,15 +410,114 @@ def run_plan(plan: Plan, env: Environment, sink: ev.Sink, cancel: threading.Even
         if owns_capture and env.capture is not None:
             stats = env.capture.stop()
             sink(ev.LogRecorded("info", f"batch capture stopped: {stats}"))
+            result.cancelled = cancel.is_set()
+            result.capture_record = record_batch_capture(plan, env.capture, stats, result,
+                                                         sink, started, Path(env.runs_root))
     result.cancelled = cancel.is_set()
     sink(ev.PlanFinished(counts["done"], counts["failed"], len(result.skipped), total,
                          result.cancelled))
     return result
 
 
+CAPTURE_RECORD_SCHEMA_VERSION = 1
+
+
+def _utc(t: float) -> str:
+    return _dt.datetime.fromtimestamp(t, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file in the same directory, fsync and rename, so a
+    reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def record_batch_capture(plan: Plan, cap: Any, stats: dict[str, int], result: PlanResult,
+                         sink: ev.Sink, started: float, runs_root: Path | None = None
+                         ) -> Path | None:
+    """Check a plan's whole capture (:func:`ap_setup.capture.qa_capture` over every file:
+    frames over the MTU, drops) and whether its ring buffer overwrote packets, and record
+    it with the counters and the files' checksums in ``capture.json`` next to the files
+    (written atomically). A flagged check is a warning event. Never raises: the sessions
+    have run and their run directories are complete; a failure here is an error event.
+    A capture that does not say where it writes is recorded under ``runs_root``."""
+    out_dir = getattr(cap, "out_dir", None)
+    if out_dir is None:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
+        out_dir = Path(runs_root or plan.output_dir()) / f"_capture_{stamp}"
+    path = Path(out_dir) / "capture.json"
+    try:
+        files = list(cap.files())
+        qa_fn = getattr(cap, "qa", None)
+        qa = qa_fn(files, stats) if qa_fn is not None else None
+        record: dict[str, Any] = qa.to_manifest() if qa is not None else {
+            "files": len(files), "problems": []}
+        problems: list[str] = list(record["problems"])
+        written = stats.get("packets_captured")
+        on_disk = record.get("packets")
+        overwritten = (written - on_disk if written is not None and on_disk is not None
+                       and written > on_disk else 0)
+        if overwritten:
+            problems.append(
+                f"the capture wrote {written} packets but its {len(files)} files hold "
+                f"{on_disk}: the ring buffer overwrote the oldest {overwritten} (sessions "
+                "split before that kept theirs; raise capture.ring_files or leave it unset)")
+        record.update(problems=problems, overwritten=overwritten,
+                      mtu=getattr(cap, "mtu", None),
+                      drops_known=any(k.startswith("packets_dropped") for k in stats),
+                      scope="every file of the batch capture; drops of the whole batch")
+        settings = getattr(cap, "settings", None)
+        doc = {
+            "schema_version": CAPTURE_RECORD_SCHEMA_VERSION,
+            "plan": getattr(plan, "name", None),
+            "plan_file": getattr(plan, "source", None),
+            "started_at": _utc(started),
+            "stopped_at": _utc(time.time()),
+            "interface": getattr(cap, "interface", None),
+            "netns": getattr(cap, "netns", None),
+            "argv": cap.argv() if callable(getattr(cap, "argv", None)) else None,
+            "settings": settings.model_dump(mode="json") if settings is not None else None,
+            "stats": dict(stats),
+            "qa": record,
+            "files": [{"name": f.name, "size": f.stat().st_size, "sha256": _sha256(f)}
+                      for f in files],
+            "sessions": [{"session_id": r.session_id, "outcome": r.outcome,
+                          "run_dir": str(r.run_dir)} for r in result.results],
+            "skipped": list(result.skipped),
+            "cancelled": result.cancelled,
+        }
+        write_json_atomic(path, doc)
+    except Exception as err:  # the batch has run: report, never lose the results to this
+        msg = err.one_line() if isinstance(err, FlowtruthError) else f"{type(err).__name__}: {err}"
+        sink(ev.LogRecorded("error", f"batch capture check/record in {path.parent} failed: {msg}"))
+        return None
+    if problems:
+        sink(ev.LogRecorded("warning", "batch capture QA: " + "; ".join(problems)
+                            + f" (recorded in {path})"))
+    else:
+        sink(ev.LogRecorded("info", f"batch capture QA ok: {len(files)} file(s), "
+                                    f"{record.get('packets', '?')} packets; recorded in {path}"))
+    return path
+
+
 def environment_for(plan: Plan, *, client: Any = None, capture_dir: Path | None = None,
                     interface: str | None = None, netns: str | None = None) -> Environment:
-    """The Environment a plan describes (capture on the AP interface, runs under output)."""
+    """The Environment a plan describes: its capture (ap_setup's, with the plan's settings)
+    on the AP interface, runs under ``output``, labels, and where frida-server is."""
     runs = plan.output_dir()
     cap = None
     iface = interface or plan.capture.interface
@@ -362,11 +527,26 @@ def environment_for(plan: Plan, *, client: Any = None, capture_dir: Path | None 
                               hint="set capture.interface, or run with --lab")
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         cap = TcpdumpCapture(iface, capture_dir or runs / f"_capture_{stamp}",
-                             netns=netns or plan.capture.netns, snaplen=plan.capture.snaplen,
+                             netns=netns or plan.capture.netns,
+                             settings=plan.capture.settings(), mtu=plan.capture.mtu,
                              bpf=plan.capture.bpf)
     export = None
     if plan.label.export:
         export = Path(plan.label.export)
         export = export if export.is_absolute() else plan.base_dir() / export
     return Environment(runs_root=runs, client=client, capture=cap, label=plan.label.enabled,
-                       label_format=plan.label.format, export_dir=export)
+                       label_format=plan.label.format, export_dir=export,
+                       frida_server=plan.frida_server)
+
+
+def lab_environment_for(plan: Plan, lab: Any) -> Environment:
+    """The Environment of a plan run in a running virtual lab
+    (``controller.lab.topology.Lab``): the lab's adb server, phones and AP interface, with
+    the plan's capture settings, runs, labels and frida_server."""
+    base = environment_for(plan.model_copy(update={"capture": plan.capture.model_copy(
+        update={"enabled": False})}))
+    return Environment.for_lab(lab, runs_root=base.runs_root, label=base.label,
+                               label_format=base.label_format, export_dir=base.export_dir,
+                               frida_server=plan.frida_server,
+                               capture_settings=plan.capture.settings(),
+                               capture_mtu=plan.capture.mtu, capture_bpf=plan.capture.bpf)

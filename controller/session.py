@@ -386,10 +386,14 @@ class Environment:
         return phone_frida(link, self.frida_server)
 
     @classmethod
-    def for_lab(cls, lab: Any, runs_root: Path | str = "runs", **kw: Any) -> Environment:
+    def for_lab(cls, lab: Any, runs_root: Path | str = "runs", *, capture_settings: Any = None,
+                capture_mtu: int = 1500, capture_bpf: str | None = None,
+                **kw: Any) -> Environment:
         """The environment of a running virtual lab (``controller.lab.topology.Lab``): its
-        adb server, ap_setup's capture on its AP bridge inside the AP namespace, its phones
-        by name, and frida's local device per phone (:func:`lab_frida`)."""
+        adb server, ap_setup's capture on its AP bridge inside the AP namespace (with
+        ``capture_settings``, an :class:`ap_setup.config.CaptureConfig`: ring buffer, tool,
+        snaplen; the QA checks frames against ``capture_mtu``), its phones by name, and
+        frida's local device per phone (:func:`lab_frida`)."""
         from controller.device import adb_client
 
         if lab.adb_port is None:
@@ -397,7 +401,8 @@ class Environment:
                                   hint="flowtruth lab up")
         runs = Path(runs_root)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        cap = TcpdumpCapture(lab.ap.interface, runs / f"_capture_{stamp}", netns=lab.ap.netns)
+        cap = TcpdumpCapture(lab.ap.interface, runs / f"_capture_{stamp}", netns=lab.ap.netns,
+                             settings=capture_settings, mtu=capture_mtu, bpf=capture_bpf)
         serials: dict[str, str] = {}
         for p in lab.phones:
             for name in (p.name, f"lab:{p.name}", p.config.serial, f"lab:{p.config.serial}"):

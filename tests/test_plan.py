@@ -59,6 +59,17 @@ def test_plan_expands_devices_apps_activities_repetitions(tmp_path: Path) -> Non
     ({"devices": []}, r"field devices: "),
     ({"colour": "red"}, r"field colour: Extra inputs"),
     ({"capture": {"snaplen": -1}}, r"field capture\.snaplen"),
+    ({"capture": {"snaplen": 300000}}, r"field capture\.snaplen: .*less than or equal to 262144"),
+    ({"capture": {"tool": "wireshark"}}, r"field capture\.tool: .*'tcpdump' or 'dumpcap'"),
+    ({"capture": {"ring_file_mb": 0}}, r"field capture\.ring_file_mb: .*greater than or equal"),
+    ({"capture": {"ring_file_mb": "1MB"}}, r"field capture\.ring_file_mb: .*valid integer"),
+    ({"capture": {"ring_files": 3}}, r"field capture\.ring_files: ring_files needs ring_file_mb"),
+    ({"capture": {"rotate_seconds": 0}}, r"field capture\.rotate_seconds: "),
+    ({"capture": {"mtu": 100}}, r"field capture\.mtu: .*greater than or equal to 576"),
+    ({"capture": {"macs": ["xyz"]}}, r"field capture\.macs: not a MAC address"),
+    ({"capture": {"ring_mb": 1}}, r"field capture\.ring_mb: Extra inputs"),
+    ({"frida_server": "frida-server"}, r"field frida_server: 'frida-server' is not an absolute"),
+    ({"frida_server": "/data/local/tmp/"}, r"field frida_server: .*e\.g\. /data/local/tmp/frida"),
     ({"params": {"contact": "{x}"}, "activities": ["chat"]}, None),
 ])
 def test_plan_errors_name_the_file_and_field(tmp_path: Path, kw: dict, match: str | None) -> None:
@@ -69,6 +80,40 @@ def test_plan_errors_name_the_file_and_field(tmp_path: Path, kw: dict, match: st
     with pytest.raises(ConfigError, match=match) as ei:
         load_plan(p)
     assert ei.value.message.startswith(str(p))
+    assert "\n" not in ei.value.one_line()
+
+
+def test_plan_capture_settings_and_frida_server_reach_the_environment(tmp_path: Path) -> None:
+    """ap_setup's capture settings (ring buffer by size and time, tool, snaplen, filter)
+    and the MTU go to the batch's capture as they are; frida_server to the environment."""
+    from controller.plan import environment_for
+
+    plan = load_plan(write_plan(tmp_path, frida_server="/data/local/tmp/fs-16.5", capture={
+        "interface": "wlan1", "ring_file_mb": 50, "ring_files": 4, "rotate_seconds": 600,
+        "snaplen": 128, "mtu": 1480, "bpf": "not port 22", "buffer_mb": 8,
+        "macs": ["AA-BB-CC-DD-EE-01"]}))
+    env = environment_for(plan)
+    assert env.frida_server == "/data/local/tmp/fs-16.5"
+    cap = env.capture
+    assert isinstance(cap, TcpdumpCapture) and cap.mtu == 1480 and cap.snaplen == 128
+    argv = cap.argv()
+    assert argv[:3] == ["tcpdump", "-i", "wlan1"]
+    for flag, value in (("-C", "50"), ("-W", "4"), ("-G", "600"), ("-s", "128"),
+                        ("-B", str(8 * 1024))):
+        assert argv[argv.index(flag) + 1] == value, (flag, argv)
+    assert argv[-1] == "((ether host aa:bb:cc:dd:ee:01)) and (not port 22)"
+    assert Path(argv[argv.index("-w") + 1]).name == "batch-%Y%m%d-%H%M%S.pcap"
+    assert cap.out_dir.parent == plan.output_dir() and cap.out_dir.name.startswith("_capture_")
+    # dumpcap takes the same settings; the defaults keep whole packets in one file
+    dump = environment_for(load_plan(write_plan(tmp_path, capture={
+        "interface": "wlan1", "tool": "dumpcap", "ring_file_mb": 2, "ring_files": 3})))
+    argv = dump.capture.argv()  # type: ignore[union-attr]
+    assert argv[0] == "dumpcap" and ["-b", "filesize:2000", "-b", "files:3"] == argv[-4:]
+    plain = environment_for(load_plan(write_plan(tmp_path, capture={"interface": "wlan1"})))
+    assert plain.frida_server == "/data/local/tmp/frida-server"
+    argv = plain.capture.argv()  # type: ignore[union-attr]
+    assert "-C" not in argv and "-G" not in argv and argv[argv.index("-s") + 1] == "0"
+    assert plain.capture.mtu == 1500  # type: ignore[union-attr]
 
 
 def test_cli_run_exits_2_on_a_bad_plan_and_lab_devices_need_lab(tmp_path: Path) -> None:
@@ -78,6 +123,20 @@ def test_cli_run_exits_2_on_a_bad_plan_and_lab_devices_need_lab(tmp_path: Path) 
     assert r.returncode == 2
     assert r.stderr.startswith(f"flowtruth: error: {p}: field repetitions:")
     assert "Traceback" not in r.stderr
+    p = write_plan(tmp_path, capture={"ring_files": 2})
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "run", str(p),
+                        "--frida-server", "/data/local/tmp/fs"], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f"flowtruth: error: {p}: field capture.ring_files: ring_files "
+                               "needs ring_file_mb")
+    p = write_plan(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "run", str(p),
+                        "--frida-server", "tmp/frida"], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("flowtruth: error: --frida-server: 'tmp/frida' is not an "
+                               "absolute path"), r.stderr
     plan = load_plan(write_plan(tmp_path, devices=["lab:phone1"]))
     with pytest.raises(ConfigError, match="lab:phone1 is a virtual-lab phone") as ei:
         run_plan(plan, Environment(runs_root=tmp_path / "runs"), ev.null_sink,

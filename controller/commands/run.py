@@ -1,14 +1,20 @@
 """``flowtruth run PLAN.yaml [--lab] [--resume]``: a batch of sessions with live progress.
 
 ``--tracer strace|frida|both|none`` overrides the plan's ``tracer``: ``frida`` traces
-the app's processes with the frida agent (frida-server on the phone, reached through
-``adb forward``; in the lab frida's local device), ``both`` frida on the app's main
-process and strace on its other processes, never both on one pid.
+the app's processes with the frida agent (frida-server on the phone, at the plan's
+``frida_server`` or ``--frida-server``, reached through ``adb forward``; in the lab
+frida's local device), ``both`` frida on the app's main process and strace on its other
+processes, never both on one pid. ``--interface``/``--netns`` override the plan's
+``capture.interface``/``capture.netns``; the plan's other capture settings (tool,
+snaplen, ring buffer, mtu) apply as they are.
 
 With ``--lab`` the running virtual lab (``controller.lab.topology.Lab.load()``; its state
 directory from ``FLOWTRUTH_LAB_STATE_DIR`` when set) gives the adb server, the phones
-(plan devices ``lab:phone1`` ...) and the AP capture (tcpdump on its bridge, inside the
-AP namespace).
+(plan devices ``lab:phone1`` ...) and the AP capture (ap_setup's capture on its bridge,
+inside the AP namespace, with the plan's capture settings).
+
+The batch capture's check and record (``<output>/_capture_<stamp>/capture.json``) is named
+after the summary; a flagged check is one of the warnings printed there.
 
 Progress bars (the plan and each phone, with ETA) and a live status table (one row per
 phone: session, step, scenario step, last event) over the engine's events; a summary at
@@ -170,13 +176,9 @@ def _lab_environment(plan: Any) -> Any:
     lab = Lab.load(os.environ.get("FLOWTRUTH_LAB_STATE_DIR") or None)
     if lab is None:
         raise LabError("--lab: no virtual lab is running", hint="flowtruth lab up")
-    from controller.plan import environment_for
-    from controller.session import Environment
+    from controller.plan import lab_environment_for
 
-    base = environment_for(plan.model_copy(update={"capture": plan.capture.model_copy(
-        update={"enabled": False})}))
-    return Environment.for_lab(lab, runs_root=base.runs_root, label=base.label,
-                               label_format=base.label_format, export_dir=base.export_dir)
+    return lab_environment_for(plan, lab)
 
 
 def register(app: typer.Typer) -> None:
@@ -190,7 +192,7 @@ def register(app: typer.Typer) -> None:
         adb_port: Annotated[int | None, typer.Option("--adb-port", help="adb server port (overrides the plan)")] = None,
         quiet: Annotated[bool, typer.Option("-q", "--quiet", help="no live display, one line per session")] = False,
         tracer: Annotated[str | None, typer.Option("--tracer", help="strace | frida | both | none (overrides the plan's tracer)")] = None,
-        frida_server: Annotated[str | None, typer.Option("--frida-server", help="frida-server's path on the phones (default /data/local/tmp/frida-server)")] = None,
+        frida_server: Annotated[str | None, typer.Option("--frida-server", help="frida-server's path on the phones (overrides the plan's frida_server)")] = None,
     ) -> None:
         """Run a batch of sessions: phones in parallel over one AP capture."""
         from rich.console import Console
@@ -208,6 +210,15 @@ def register(app: typer.Typer) -> None:
             if tracer not in TRACERS:
                 raise ConfigError(f"--tracer must be one of {', '.join(TRACERS)}, not {tracer!r}")
             plan = plan.model_copy(update={"tracer": tracer})
+        if frida_server is not None:
+            from controller.errors import ConfigError
+            from controller.plan import frida_server_path
+
+            try:
+                frida_server_path(frida_server)
+            except ValueError as err:
+                raise ConfigError(f"--frida-server: {err}") from None
+            plan = plan.model_copy(update={"frida_server": frida_server})
         if lab:
             env = _lab_environment(plan)
         else:
@@ -221,8 +232,6 @@ def register(app: typer.Typer) -> None:
                     if serial not in known:
                         connect(client, serial)
             env = environment_for(plan, client=client, interface=interface, netns=netns)
-        if frida_server is not None:
-            env.frida_server = frida_server
         console = Console(stderr=False)
         sink = RichSink(console)
 
@@ -248,6 +257,8 @@ def register(app: typer.Typer) -> None:
         for k in res.skipped:
             summary.add_row(k, "skipped", "completed before (--resume)")
         console.print(summary)
+        if res.capture_record is not None:
+            console.print(f"batch capture: {res.capture_record}", highlight=False)
         for w in sink.warnings:
             console.print(f"warning: {w}", highlight=False)
         if res.failed or res.cancelled:

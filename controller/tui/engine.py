@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from controller import events as ev
@@ -316,6 +317,8 @@ class SessionEngine:
 
         capture: Any = getattr(env, "capture", None)
         owns = capture is not None and total > 0 and not capture.running
+        started = time.time()
+        results: list[Any] = []
         if owns:
             capture.start()
         try:
@@ -325,12 +328,19 @@ class SessionEngine:
                 if pause.is_set():
                     sink(ev.LogRecorded("info", f"paused before {', '.join(keys)}"))
                     break
-                session.run_plan(plan.only(keys), env, relay, cancel)
+                res = session.run_plan(plan.only(keys), env, relay, cancel)
+                results.extend(getattr(res, "results", None) or [])
                 sink(ev.PlanProgressed(counts["done"], counts["failed"], 0, total))
         finally:
             if owns:
+                from controller.plan import PlanResult, record_batch_capture
+
                 stats = capture.stop()
                 sink(ev.LogRecorded("info", f"AP capture stopped: {stats}"))
+                # the capture spans every round: check and record it once, as run_plan does
+                record_batch_capture(plan, capture, stats,
+                                     PlanResult(results=results, cancelled=cancel.is_set()),
+                                     sink, started, Path(env.runs_root))
         skipped = total - counts["done"] - counts["failed"]
         sink(ev.PlanFinished(counts["done"], counts["failed"], skipped, total,
                              cancelled=cancel.is_set()))
