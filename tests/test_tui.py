@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -333,6 +334,124 @@ async def test_ap_probe_runs_in_a_worker_and_fills_the_panel() -> None:
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.state.ap.up is True)
         assert "flowtruth-lab" in str(app.query_one("#ap").render())
+
+
+def both_tracers_events(serial: str = "R5CR10ABCDE") -> list[ev.Event]:
+    """A ``tracer: both`` session as the engine reports it: StartTracers, then per progress
+    round frida's event (the app's main process) and strace's (its other processes)."""
+    sid = f"{serial}_signal_chat_r1"
+    out: list[ev.Event] = [
+        ev.DeviceConnected(serial, "SM-G991B", "samsung", "14", "arm64-v8a", True),
+        ev.SessionStarted(sid, serial, "org.thoughtcrime.securesms", "chat", "runs/x"),
+        ev.StepStarted(sid, "StartTracers"), ev.StepFinished(sid, "StartTracers", True)]
+    for n in range(1, 4):
+        out += [ev.TracerProgressed(sid, "frida", (4242,), 10 * n),
+                ev.TracerProgressed(sid, "strace", (4250, 4251), 100 * n)]
+    return out
+
+
+def test_tracer_column_shows_both_tracers_of_a_both_session() -> None:
+    """With ``tracer: both`` the column names both tracers at every progress event instead
+    of flipping between them; one tracer keeps its pid; StopTracers sets it idle."""
+    events = both_tracers_events()
+    sid = "R5CR10ABCDE_signal_chat_r1"
+    st = RigState()
+    seen = []
+    for e in events:
+        st.apply(e)
+        seen.append(st.devices["R5CR10ABCDE"].tracer)
+    assert seen[:5] == ["idle", "idle", "starting", "tracing", "frida 4242"]
+    assert set(seen[5:]) == {"strace+frida 3 pids"}
+    assert st.sessions[sid].syscalls == 30 + 300  # both tracers' lines, not the last one's
+    st.apply(ev.StepStarted(sid, "StopTracers"))
+    assert st.devices["R5CR10ABCDE"].tracer == "stopping"
+    st.apply(ev.StepFinished(sid, "StopTracers", True))
+    assert st.devices["R5CR10ABCDE"].tracer == "idle"
+    # the next session (strace only) starts afresh
+    st.apply(ev.SessionStarted("n2", "R5CR10ABCDE", "com.whatsapp", "chat", "runs/y"))
+    st.apply(ev.TracerProgressed("n2", "strace", (77, 78), 5))
+    assert st.devices["R5CR10ABCDE"].tracer == "strace 77+"
+    assert st.sessions["n2"].syscalls == 5
+
+
+@pilot_test
+async def test_devices_table_shows_strace_plus_frida() -> None:
+    app = build()
+    async with app.run_test(size=SIZE) as pilot:
+        for e in both_tracers_events():
+            app.post_message(EngineEvent(e))
+        await until(pilot, lambda: len(app.engine_events) == len(both_tracers_events()))
+        await pilot.pause()
+        assert cell(app.query_one(DevicesTable), "R5CR10ABCDE", "tracer") == \
+            "strace+frida 3 pids"
+
+
+def write_ap_state(tmp: Path) -> Any:
+    """An AP state file as ``ap up`` and its supervisor leave it: dnsmasq restarted twice
+    (alive), hostapd given up on, the supervisor's process gone."""
+    import subprocess
+    import sys
+
+    from ap_setup.config import ApConfig
+    from ap_setup.state import (
+        ApState,
+        DaemonHealth,
+        ProcessRecord,
+        RestartRecord,
+        SupervisorRecord,
+    )
+    from ap_setup.supervise import proc_starttime
+
+    cfg = ApConfig(interface="wlan7", state_dir=tmp / "state", ssid="rig-ap")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    alive = os.getpid()
+    rec = {"argv": ["x"], "log": str(tmp / "x.log")}
+    state = ApState(
+        status="up", interface="wlan7", work_dir=str(tmp / "work"), ssid="rig-ap",
+        processes={
+            "dnsmasq": ProcessRecord(name="dnsmasq", pid=alive, starttime=proc_starttime(alive),
+                                     **rec),
+            "hostapd": ProcessRecord(name="hostapd", pid=gone.pid, starttime=1, **rec)},
+        supervisor=SupervisorRecord(kind="process", pid=gone.pid, starttime=1,
+                                    log=str(tmp / "sup.log")),
+        health={
+            "dnsmasq": DaemonHealth(restarts=2, history=[RestartRecord(
+                at="2026-11-29T01:00:00Z", reason="exited 1", old_pid=11, new_pid=alive)]),
+            "hostapd": DaemonHealth(restarts=5, gave_up=(
+                "hostapd keeps exiting: gave up after 5 restart(s) within 300 s "
+                "(supervision.max_restarts 5); last: exited 1 (full log: /x/hostapd.log)"))})
+    state.save(cfg.state_path)
+    return cfg
+
+
+def test_probe_ap_reports_restarts_and_give_ups(tmp_path: Path) -> None:
+    from controller.tui.app import probe_ap
+
+    snap = probe_ap(write_ap_state(tmp_path))
+    assert snap.up and snap.interface == "wlan7" and snap.ssid == "rig-ap"
+    assert snap.restarts == (("dnsmasq", 2),)
+    assert len(snap.gave_up) == 1 and snap.gave_up[0].startswith("hostapd keeps exiting")
+    assert snap.supervisor is False
+    assert snap.detail.startswith("not running: hostapd")
+
+
+@pilot_test
+async def test_ap_panel_shows_supervised_restarts_and_give_ups(tmp_path: Path) -> None:
+    from controller.tui.app import probe_ap
+
+    cfg = write_ap_state(tmp_path)
+    app = build(ap_probe=lambda: probe_ap(cfg), ap_interval=0.05)
+    async with app.run_test(size=(140, 30)) as pilot:
+        await until(pilot, lambda: app.state.ap.up is True)
+        await pilot.pause()
+        text = str(app.query_one("#ap").render())
+        lines = text.splitlines()
+        assert lines[0].startswith("AP up wlan7  SSID rig-ap")
+        assert lines[1] == "dnsmasq restarted 2x"
+        assert lines[2] == "supervisor not running: exited daemons are not restarted"
+        assert lines[3].startswith("hostapd keeps exiting: gave up after 5 restart(s)")
+        assert "not running: hostapd" in lines[-1]
 
 
 # ---------------------------------------------------------------------------- results

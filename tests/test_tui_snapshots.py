@@ -116,3 +116,36 @@ def test_error_modal_with_its_fix(snap_compare: Any) -> None:
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=SMALL, run_before=run_before)
+
+
+def test_dashboard_ap_supervision_and_both_tracers(snap_compare: Any) -> None:
+    """The AP panel with a daemon restarted and one given up on; a phone traced by strace
+    and frida at once (``tracer: both``)."""
+    from controller.tui.messages import ApSnapshot
+
+    sid = "s1-signal"
+    t0 = EVENTS[0].at
+    events: list[ev.Event] = [
+        ev.DeviceConnected("R5CR10ABCDE", "SM-G991B", "samsung", "14", "arm64-v8a", True,
+                           at=t0),
+        ev.SessionStarted(sid, "R5CR10ABCDE", "org.thoughtcrime.securesms", "chat",
+                          "runs/20261128T220000Z_R5CR10ABCDE_signal_chat_r1", at=t0 + 1),
+        ev.StepStarted(sid, "StartTracers", at=t0 + 2),
+        ev.StepFinished(sid, "StartTracers", True, at=t0 + 3),
+        ev.StepStarted(sid, "RunScenario", at=t0 + 3.5),
+        ev.TracerProgressed(sid, "frida", (4242,), 12, at=t0 + 4),
+        ev.TracerProgressed(sid, "strace", (4250, 4251), 340, at=t0 + 5)]
+    app = make_app(engine=DemoEngine(), plan=DEMO_PLAN, ap_probe=None, clock=lambda: t0 + 6)
+
+    async def run_before(pilot: Pilot[None]) -> None:
+        app.post_message(ApProbed(ApSnapshot(
+            True, "wlan1", "flowtruth", 2, 48_000_000, "", (("dnsmasq", 2),),
+            ("hostapd keeps exiting: gave up after 5 restart(s) within 300 s "
+             "(supervision.max_restarts 5); last: exited 1",), True)))
+        for e in events:
+            app.post_message(EngineEvent(e))
+        await pilot.pause()
+        app.clear_notifications()
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=SMALL, run_before=run_before)

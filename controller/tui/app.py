@@ -54,12 +54,14 @@ from controller.tui.widgets import (
 ApProbe = Callable[[], ApSnapshot]
 
 
-def probe_ap() -> ApSnapshot:
-    """The AP's state as ``flowtruth ap status`` sees it (default config)."""
+def probe_ap(cfg: Any = None) -> ApSnapshot:
+    """The AP's state as ``flowtruth ap status`` sees it (``cfg``: an
+    :class:`ap_setup.config.ApConfig`, default config when None): daemons, clients,
+    capture size, and what its supervisor did (restarts per daemon, give-ups)."""
     from ap_setup.config import ApConfig
     from ap_setup.lifecycle import ap_status
 
-    cfg = ApConfig()
+    cfg = cfg if cfg is not None else ApConfig()
     st = ap_status(cfg)
     if st.state is None:
         return ApSnapshot(False, cfg.interface, cfg.ssid, 0, None,
@@ -68,8 +70,12 @@ def probe_ap() -> ApSnapshot:
         else None
     dead = [name for name, alive in st.daemons.items() if not alive]
     detail = f"not running: {', '.join(dead)} (see `flowtruth ap status`)" if dead else ""
+    restarts = tuple((name, h.restarts) for name, h in sorted(st.health.items())
+                     if h.restarts and not h.gave_up)
+    gave_up = tuple(h.gave_up for _, h in sorted(st.health.items()) if h.gave_up)
+    supervisor = None if st.supervisor is None else st.supervisor_alive
     return ApSnapshot(st.up, st.state.interface, st.state.ssid or "-", len(st.clients), size,
-                      detail)
+                      detail, restarts, gave_up, supervisor)
 
 
 def demo_ap_probe() -> ApSnapshot:
@@ -352,6 +358,7 @@ class FlowtruthApp(App[None]):
         snap, ap = message.snapshot, self.state.ap
         ap.up, ap.interface, ap.ssid = snap.up, snap.interface, snap.ssid
         ap.clients, ap.capture_bytes, ap.detail = snap.clients, snap.capture_bytes, snap.detail
+        ap.restarts, ap.gave_up, ap.supervisor = snap.restarts, snap.gave_up, snap.supervisor
         self.refresh_parts({AP})
 
     @on(TabbedContent.TabActivated)

@@ -28,6 +28,12 @@ class ApSnapshot:
     clients: int = 0
     capture_bytes: int | None = None
     detail: str = ""
+    restarts: tuple[tuple[str, int], ...] = ()
+    """(daemon, restarts) for each daemon the AP's supervisor restarted."""
+    gave_up: tuple[str, ...] = ()
+    """The supervisor's line for each daemon it stopped restarting."""
+    supervisor: bool | None = None
+    """The supervisor runs (False: recorded but gone; None: none, or not known)."""
 
 
 class ApProbed(Message):

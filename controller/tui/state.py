@@ -30,6 +30,9 @@ class DeviceRow:
     rooted: bool | None = None
     battery: int | None = None
     tracer: str = "idle"
+    """What the tracer column shows: idle, starting, the running tracers, stopping, ..."""
+    tracing: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """The tracers the running session reported (strace, frida) and their pids."""
     clock_offset: float | None = None
     clock_uncertainty: float | None = None
     connected: bool = True
@@ -54,6 +57,8 @@ class SessionRow:
     bytes: int = 0
     drops: int = 0
     syscalls: int = 0
+    """Traced lines over every tracer of the session (strace lines plus frida events)."""
+    traced: dict[str, int] = field(default_factory=dict)
     flows: int = 0
     labelled: int = 0
     ambiguous: int = 0
@@ -94,6 +99,33 @@ class ApRow:
     clients: int = 0
     capture_bytes: int | None = None
     detail: str = ""
+    restarts: tuple[tuple[str, int], ...] = ()
+    """Daemons the AP's supervisor restarted, with how often."""
+    gave_up: tuple[str, ...] = ()
+    """The supervisor's line for each daemon it stopped restarting."""
+    supervisor: bool | None = None
+    """The supervisor runs (False: it is recorded but gone; None: none, or unknown)."""
+
+
+TRACER_ORDER = ("strace", "frida")
+TRACER_STEPS = {"StartTracer": "starting", "StartTracers": "starting",
+                "StopTracer": "stopping", "StopTracers": "stopping"}
+
+
+def tracer_label(tracing: dict[str, tuple[int, ...]]) -> str:
+    """The tracer column: one tracer with its first pid (``strace 4242+`` when it traces
+    more), several joined (``strace+frida 3 pids``: with ``tracer: both`` each reports
+    its own processes)."""
+    if not tracing:
+        return "tracing"
+    names = sorted(tracing, key=lambda n: (TRACER_ORDER.index(n) if n in TRACER_ORDER
+                                           else len(TRACER_ORDER), n))
+    if len(names) == 1:
+        pids = tracing[names[0]]
+        pid = f" {pids[0]}" if pids else ""
+        return f"{names[0]}{pid}{'+' if len(pids) > 1 else ''}"
+    n = len({p for pids in tracing.values() for p in pids})
+    return "+".join(names) + (f" {n} pid{'s' if n != 1 else ''}" if n else "")
 
 
 class RigState:
@@ -182,6 +214,7 @@ class RigState:
                 dev = self.devices.setdefault(e.serial, DeviceRow(e.serial))
                 dev.connected = False
                 dev.tracer = "-"
+                dev.tracing.clear()
                 self._log(e.at, "error", f"{e.serial}: lost ({e.reason})")
                 return {DEVICES, LOG}
             case ev.ClockMeasured():
@@ -201,30 +234,39 @@ class RigState:
                 row.step = row.scenario_step = row.error = row.hint = ""
                 row.scenario_index = row.scenario_total = 0
                 row.packets = row.bytes = row.drops = row.syscalls = 0
+                row.traced.clear()
                 row.flows = row.labelled = row.ambiguous = row.unlabelled = 0
                 row.rate.clear()
                 row.last_sample = None
                 self.current = e.session_id
+                if e.serial in self.devices:
+                    self.devices[e.serial].tracing.clear()
                 self._log(e.at, "info", f"{e.session_id}: {e.package} on {e.serial}")
                 return {QUEUE, SESSION, LOG}
             case ev.StepStarted():
                 row = self._row(e.session_id)
                 row.step = e.step
                 changed = {QUEUE, SESSION}
-                if e.step in ("StartTracer", "StopTracer") and row.serial in self.devices:
-                    self.devices[row.serial].tracer = (
-                        "starting" if e.step == "StartTracer" else "stopping")
+                # the engine's steps are StartTracers/StopTracers, the rehearsal's singular
+                if e.step in TRACER_STEPS and row.serial in self.devices:
+                    dev = self.devices[row.serial]
+                    dev.tracer = TRACER_STEPS[e.step]
+                    if e.step.startswith("Start"):
+                        dev.tracing.clear()
                     changed.add(DEVICES)
                 return changed
             case ev.StepFinished():
                 row = self._row(e.session_id)
                 changed = {SESSION}
-                if e.step in ("StartTracer", "StopTracer") and row.serial in self.devices:
+                if e.step in TRACER_STEPS and row.serial in self.devices:
                     dev = self.devices[row.serial]
                     if not e.ok:
                         dev.tracer = "failed"
+                    elif e.step.startswith("Start"):
+                        dev.tracer = tracer_label(dev.tracing)
                     else:
-                        dev.tracer = "tracing" if e.step == "StartTracer" else "idle"
+                        dev.tracer = "idle"
+                        dev.tracing.clear()
                     changed.add(DEVICES)
                 if not e.ok:
                     self._log(e.at, "error", f"{e.session_id}: {e.step} failed: {e.detail}")
@@ -245,11 +287,12 @@ class RigState:
                 return {SESSION, AP}
             case ev.TracerProgressed():
                 row = self._row(e.session_id)
-                row.syscalls = e.lines
+                row.traced[e.tracer] = e.lines
+                row.syscalls = sum(row.traced.values())
                 if row.serial in self.devices:
-                    pid = f" {e.pids[0]}" if e.pids else ""
-                    more = "+" if len(e.pids) > 1 else ""
-                    self.devices[row.serial].tracer = f"{e.tracer}{pid}{more}"
+                    dev = self.devices[row.serial]
+                    dev.tracing[e.tracer] = tuple(e.pids)
+                    dev.tracer = tracer_label(dev.tracing)
                     return {SESSION, DEVICES}
                 return {SESSION}
             case ev.ArtifactPulled():

@@ -163,7 +163,8 @@ class TopBar(Static):
 
 
 class ApPanel(Static):
-    """The access point: up/down, SSID, clients, capture size, packet rate, drops."""
+    """The access point: up/down, SSID, clients, capture size, packet rate, drops; below,
+    what its supervisor did (daemons restarted, given up on) and the probe's detail."""
 
     def show(self, ap: ApRow, session: SessionRow | None) -> None:
         if ap.up is None:
@@ -182,6 +183,14 @@ class ApPanel(Static):
             state, "  SSID ", (ap.ssid or "-", "bold"), f"  clients {ap.clients}",
             f"  capture {human_bytes(size)}", rate_text,
             "  drops ", (str(drops), "bold red" if drops else "green"))
+        if ap.restarts:
+            line.append("\n" + ", ".join(f"{name} restarted {n}x" for name, n in ap.restarts),
+                        style="yellow")
+        if ap.supervisor is False and ap.up:
+            line.append("\nsupervisor not running: exited daemons are not restarted",
+                        style="yellow")
+        for text in ap.gave_up:
+            line.append(f"\n{text}", style="bold red")
         if ap.detail:
             line.append(f"\n{ap.detail}", style="dim")
         self.update(line)
