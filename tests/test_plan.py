@@ -400,10 +400,19 @@ def test_e2e_flowtruth_run_lab_with_the_lab_simulated_apps(tmp_path: Path) -> No
         plan = tmp_path / "plan.yaml"
         plan.write_text(yaml.safe_dump({
             "name": "lab", "devices": ["lab:phone1", "lab:phone2"], "apps": ["signal"],
-            "activities": ["chat"], "wait_scale": 0.3, "output": str(tmp_path / "runs")}))
+            "activities": ["chat"], "wait_scale": 0.3, "output": str(tmp_path / "runs"),
+            "capture": {"rotate_seconds": 2}}))
         r = subprocess.run([sys.executable, "-m", "controller.cli", "run", str(plan), "--lab"],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr
+        # the plan's capture settings reach the lab's capture: a new file every 2 s; the
+        # batch is checked and recorded next to its files
+        (record,) = (tmp_path / "runs").glob("_capture_*/capture.json")
+        assert f"batch capture: {record}" in r.stdout.replace("\n", "")
+        rec = json.loads(record.read_text())
+        assert rec["settings"]["rotate_seconds"] == 2 and "-G" in rec["argv"]
+        assert rec["qa"]["files"] >= 2 and rec["qa"]["problems"] == [], rec["qa"]
+        assert sorted(s["outcome"] for s in rec["sessions"]) == ["completed", "completed"]
         truth = read_truth(lab.truth_path)
         runs = sorted((tmp_path / "runs").glob("*_signal_chat_r1"))
         assert len(runs) == 2
