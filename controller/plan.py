@@ -462,6 +462,9 @@ def record_batch_capture(plan: Plan, cap: Any, stats: dict[str, int], result: Pl
     path = Path(out_dir) / "capture.json"
     try:
         files = list(cap.files())
+        size = sum(f.stat().st_size for f in files)
+        sink(ev.LogRecorded("info", f"checking the batch capture: {len(files)} file(s), "
+                                    f"{size / 1e6:.1f} MB in {path.parent}"))
         qa_fn = getattr(cap, "qa", None)
         qa = qa_fn(files, stats) if qa_fn is not None else None
         record: dict[str, Any] = qa.to_manifest() if qa is not None else {

@@ -146,7 +146,8 @@ def test_a_flagged_batch_capture_is_recorded_and_warned(tmp_path: Path) -> None:
     assert len(qa["problems"]) == 3 and "larger than the MTU 1400" in qa["problems"][0]
     assert "overwrote the oldest 3" in qa["problems"][2]
     assert not list(cap.out_dir.glob(".*.part"))  # written through a temporary file
-    (warning,) = sink.of(ev.LogRecorded)
+    checking, warning = sink.of(ev.LogRecorded)
+    assert checking.level == "info" and "checking the batch capture: 2 file(s)" in checking.text
     assert warning.level == "warning" and warning.text.startswith("batch capture QA: ")
     assert str(path) in warning.text
     # a record that cannot be written is an error event, never an exception
