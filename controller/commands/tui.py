@@ -51,8 +51,7 @@ class LabHolder:
     def environment(self, sink: Any) -> Any:
         from controller import events as ev
         from controller.errors import LabError
-        from controller.plan import environment_for
-        from controller.session import Environment
+        from controller.plan import lab_environment_for
 
         try:
             from controller.lab.topology import Lab
@@ -73,11 +72,7 @@ class LabHolder:
         else:
             sink(ev.LogRecorded("info", f"using the running virtual lab {lab.lab_id}"))
         self.lab = lab
-        base = environment_for(self.plan.model_copy(update={
-            "capture": self.plan.capture.model_copy(update={"enabled": False})}))
-        self.env = Environment.for_lab(lab, runs_root=base.runs_root, label=base.label,
-                                       label_format=base.label_format,
-                                       export_dir=base.export_dir)
+        self.env = lab_environment_for(self.plan, lab)
         return self.env
 
     def ap_snapshot(self) -> Any:
