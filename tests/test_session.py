@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import threading
@@ -477,7 +478,9 @@ def test_e2e_frida_tracer_labels_the_app_and_records_its_log(
             before = [t for t in syn_at.get(e["local"]["port"], []) if t <= e["ts"]]
             if before:
                 lags.append(e["ts"] - max(before))
-    assert len(lags) >= 3 and all(0.2 < lag < 0.35 for lag in lags), lags
+    # the median: one connect whose thread was descheduled between the agent's stamp and
+    # the SYN (seen under heavy load) must not decide; unshifted stamps would give ~0
+    assert len(lags) >= 3 and 0.2 < statistics.median(lags) < 0.35, lags
     strace_pids = {int(m.group(1)) for s in raw["traces"]["strace"]
                    if (m := re.search(r"strace\.(\d+)\.", s))}
     if tracer == "both":  # never both tracers on one pid
