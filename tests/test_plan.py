@@ -370,33 +370,11 @@ def test_e2e_killing_one_adbd_mid_session_fails_it_cleanly_other_phone_carries_o
 def test_e2e_flowtruth_run_lab_with_the_lab_simulated_apps(tmp_path: Path) -> None:
     """``flowtruth run --lab`` against the lab helper's virtual lab (its simulated apps make
     the traffic); every flow labelled with the app belongs to it by the lab's truth."""
-    try:
-        from controller.lab import topology
-        from controller.lab.truth import read_labels_csv, read_truth, score
-    except ImportError as exc:
-        pytest.skip(f"the virtual lab is not installed: {exc}")
-    reason = topology.skip_reason()
-    if reason or shutil.which("adb") is None:
-        pytest.skip(reason or "adb is not installed")
-    import os
+    from controller.lab.truth import read_labels_csv, read_truth, score
+    from tests.vlab_fixture import private_lab
 
-    from tests.vlab_fixture import free_port
-
-    home = tmp_path / "home"
-    home.mkdir()
-    port = free_port()
-    env = dict(os.environ, HOME=str(home), ANDROID_USER_HOME=str(home / ".android"),
-               TMPDIR=str(home), FLOWTRUTH_LAB_STATE_DIR=str(tmp_path / "state"),
-               COLUMNS="200")
-
-    def adb(*a: str) -> None:
-        subprocess.run(["adb", "-P", str(port), *a], env=env, capture_output=True,
-                       stdin=subprocess.DEVNULL, timeout=30)
-
-    adb("start-server")
-    lab = topology.Lab.up(phones=2, adb_port=port, workdir=tmp_path / "lab",
-                          state_dir=tmp_path / "state", mgmt_base=230)
-    try:
+    with private_lab(tmp_path, phones=2, mgmt_base=230) as pl:
+        lab, env = pl.lab, pl.env
         plan = tmp_path / "plan.yaml"
         plan.write_text(yaml.safe_dump({
             "name": "lab", "devices": ["lab:phone1", "lab:phone2"], "apps": ["signal"],
@@ -428,6 +406,3 @@ def test_e2e_flowtruth_run_lab_with_the_lab_simulated_apps(tmp_path: Path) -> No
             sc = s["org.thoughtcrime.securesms"]
             assert sc.precision == 1.0, sc.to_dict()
             assert list((run / "labels").rglob("*_org.thoughtcrime.securesms_*.json"))
-    finally:
-        lab.down()
-        adb("kill-server")

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,29 +42,10 @@ for i in range(n):
 @pytest.mark.slow
 def test_e2e_ring_buffer_plan_in_the_lab_splits_from_every_file_and_records_the_batch(
         tmp_path: Path) -> None:
-    try:
-        from controller.lab import topology
-    except ImportError as exc:
-        pytest.skip(f"the virtual lab is not installed: {exc}")
-    reason = topology.skip_reason()
-    if reason or shutil.which("adb") is None:
-        pytest.skip(reason or "adb is not installed")
-    from tests.vlab_fixture import free_port
+    from tests.vlab_fixture import private_lab
 
-    home = tmp_path / "home"
-    home.mkdir()
-    port = free_port()
-    env = dict(os.environ, HOME=str(home), ANDROID_USER_HOME=str(home / ".android"),
-               TMPDIR=str(home))
-
-    def adb(*a: str) -> None:
-        subprocess.run(["adb", "-P", str(port), *a], env=env, capture_output=True,
-                       stdin=subprocess.DEVNULL, timeout=30)
-
-    adb("start-server")
-    lab = topology.Lab.up(phones=1, adb_port=port, workdir=tmp_path / "lab",
-                          state_dir=tmp_path / "state", mgmt_base=235)
-    try:
+    with private_lab(tmp_path, phones=1, mgmt_base=235) as pl:
+        lab = pl.lab
         (tmp_path / "plan.yaml").write_text(yaml.safe_dump({
             "name": "ring", "devices": ["lab:phone1"], "apps": ["signal"],
             "activities": ["chat"], "wait_scale": 0.2, "output": str(tmp_path / "runs"),
@@ -113,9 +92,6 @@ def test_e2e_ring_buffer_plan_in_the_lab_splits_from_every_file_and_records_the_
                                     "run_dir": str(run.run_dir)}]
         logs = [e for e in sink.of(ev.LogRecorded) if "batch capture QA" in e.text]
         assert [e.level for e in logs] == ["info"], logs
-    finally:
-        lab.down()
-        adb("kill-server")
 
 
 def test_a_flagged_batch_capture_is_recorded_and_warned(tmp_path: Path) -> None:

@@ -252,3 +252,55 @@ def start_adbd(vl: VLab, ph: Phone) -> None:
     while (ph.address, "device") not in [(d.serial, d.state) for d in vl.client.list()]:
         assert time.monotonic() < deadline, "adbd never became a device"
         time.sleep(0.05)
+
+
+@dataclass
+class PrivateLab:
+    """The full virtual lab (``controller.lab.topology.Lab``) with its own adb server."""
+
+    lab: Any
+    port: int
+    env: dict[str, str]
+    """Environment for subprocesses (``flowtruth`` CLI runs) that use this lab's adb."""
+
+    def adb(self, *a: str) -> None:
+        subprocess.run([ADB or "adb", "-P", str(self.port), *a], env=self.env,
+                       capture_output=True, stdin=subprocess.DEVNULL, timeout=30)
+
+
+def private_lab(tmp_path: Path, phones: int, mgmt_base: int) -> Any:
+    """A context manager: the real virtual lab with a private adb server, state dir and HOME
+    under ``tmp_path`` (never the default lab), skipped where the lab cannot run; the lab
+    goes down and the adb server is killed on exit. ``mgmt_base`` keeps concurrently
+    running labs' management subnets apart."""
+    import contextlib
+
+    import pytest
+
+    @contextlib.contextmanager
+    def cm() -> Any:
+        try:
+            from controller.lab import topology
+        except ImportError as exc:
+            pytest.skip(f"the virtual lab is not installed: {exc}")
+        reason = topology.skip_reason()
+        if reason or ADB is None:
+            pytest.skip(reason or "adb is not installed")
+        home = tmp_path / "home"
+        home.mkdir(exist_ok=True)
+        env = dict(os.environ, HOME=str(home), ANDROID_USER_HOME=str(home / ".android"),
+                   TMPDIR=str(home), FLOWTRUTH_LAB_STATE_DIR=str(tmp_path / "state"),
+                   COLUMNS="200")
+        pl = PrivateLab(None, free_port(), env)
+        pl.adb("start-server")
+        try:
+            pl.lab = topology.Lab.up(phones=phones, adb_port=pl.port, workdir=tmp_path / "lab",
+                                     state_dir=tmp_path / "state", mgmt_base=mgmt_base)
+            try:
+                yield pl
+            finally:
+                pl.lab.down()
+        finally:
+            pl.adb("kill-server")
+
+    return cm()
