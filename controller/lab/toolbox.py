@@ -441,6 +441,18 @@ SHIM = """#!/bin/sh
 if [ -n "$LD_PRELOAD" ]; then export FLOWTRUTH_FT_PRELOAD="$LD_PRELOAD"; unset LD_PRELOAD; fi
 FLOWTRUTH_FAKETIME=0 exec {python} -S -c {code} "$@"
 """
+# ``date +FORMAT`` (the netstat poller's stamps, one a block) without Python: where
+# libfaketime shifts the caller's clock, the host's date already reads the phone's clock,
+# which is what the toolbox's date computes (the host's clock plus the same offset).
+DATE_SHIM = SHIM.replace(
+    "#!/bin/sh\n",
+    """#!/bin/sh
+if [ "${{FLOWTRUTH_FAKETIME:-}}" = 1 ] && [ -n "${{LD_PRELOAD:-}}" ] && [ "$#" = 1 ]; then
+    case "$1" in +*) exec /bin/date "$1" ;; esac
+fi
+""",
+    1,
+)
 SHIM_CODE = (
     "import sys; sys.path.insert(0, {repo}); "
     "from controller.lab.toolbox_runtime import run_tool; "
@@ -582,7 +594,8 @@ class Toolbox:
         for name in rt.TOOLS:
             shim = self.bin_dir / name
             code = SHIM_CODE.format(repo=json.dumps(str(REPO_ROOT)), name=json.dumps(name))
-            shim.write_text(SHIM.format(python=shlex.quote(python), code=shlex.quote(code)))
+            template = DATE_SHIM if name == "date" else SHIM
+            shim.write_text(template.format(python=shlex.quote(python), code=shlex.quote(code)))
             shim.chmod(0o755)
         for name, text in (("enter.sh", ENTER_SH), ("run.sh", RUN_SH)):
             script = self.state_dir / name
