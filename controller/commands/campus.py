@@ -95,17 +95,9 @@ class _Progress:
             if ev.already:
                 sys.stderr.write(f"{ev.already} file(s) already in the store\n")
             if self.enabled and ev.files:
-                from rich.progress import (
-                    BarColumn,
-                    DownloadColumn,
-                    Progress,
-                    TimeRemainingColumn,
-                    TransferSpeedColumn,
-                )
+                from controller.commands._progress import byte_progress
 
-                self.bar = Progress("[progress.description]{task.description}", BarColumn(),
-                                    DownloadColumn(), TransferSpeedColumn(),
-                                    TimeRemainingColumn(), transient=True)
+                self.bar = byte_progress()
                 self.bar.start()
                 self.task = self.bar.add_task("ingesting", total=ev.bytes)
         elif isinstance(ev, (I.FileIngested, I.FileSkipped, I.FileFailed)):

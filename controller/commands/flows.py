@@ -72,17 +72,9 @@ class _progress:
         self.total = total
 
     def __enter__(self):
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
+        from controller.commands._progress import byte_progress
 
-        self.bar = Progress("[progress.description]{task.description}", BarColumn(),
-                            DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-                            transient=True)
+        self.bar = byte_progress()
         self.bar.__enter__()
         task = self.bar.add_task("reading", total=self.total)
         return lambda done: self.bar.update(task, completed=done)
