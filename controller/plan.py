@@ -537,9 +537,17 @@ def environment_for(plan: Plan, *, client: Any = None, capture_dir: Path | None 
     if plan.label.export:
         export = Path(plan.label.export)
         export = export if export.is_absolute() else plan.base_dir() / export
+    ap_state = None
+    if iface:  # the state file `flowtruth ap up` keeps for this interface (default state dir)
+        from ap_setup.config import ApConfig
+
+        try:
+            ap_state = ApConfig(interface=iface, netns=netns or plan.capture.netns).state_path
+        except ValueError:
+            ap_state = None
     return Environment(runs_root=runs, client=client, capture=cap, label=plan.label.enabled,
                        label_format=plan.label.format, export_dir=export,
-                       frida_server=plan.frida_server)
+                       frida_server=plan.frida_server, ap_state=ap_state)
 
 
 def lab_environment_for(plan: Plan, lab: Any) -> Environment:

@@ -378,6 +378,9 @@ class Environment:
     """Where frida-server lives on the phones (the default ``frida_device`` starts it)."""
     frida_stop_timeout_s: float = 20.0
     """How long StopTracers waits for frida to detach before it gives up on it."""
+    ap_state: Path | None = None
+    """The AP's state file (``flowtruth ap up``, the lab's AP): the supervisor's restarts of
+    hostapd/dnsmasq during a session go into its manifest (``ap.restarts``)."""
 
     def open_frida(self, link: DeviceLink) -> FridaEndpoint:
         """The frida endpoint of this phone (see :attr:`frida_device`)."""
@@ -410,6 +413,7 @@ class Environment:
         kw.setdefault("frida_device", lab_frida(
             {p.serial: p.netns for p in lab.phones},
             {p.serial: float(p.config.clock_offset_s) for p in lab.phones}))
+        kw.setdefault("ap_state", Path(lab.ap.state_path))
         return cls(runs_root=runs, client=adb_client(int(lab.adb_port)), capture=cap,
                    serials=serials, ips={p.serial: p.ip for p in lab.phones}, **kw)
 
@@ -1115,7 +1119,39 @@ class Session:
             except Exception as err:  # best effort; the session's data is already safe
                 self.m.setdefault("frida", {})["close_error"] = str(err)
 
+    def _record_ap_health(self) -> None:
+        """The AP daemons' restarts (and give-ups) during this session, into the manifest:
+        packets lost while dnsmasq or hostapd was down matter when judging the labels."""
+        path = self.env.ap_state
+        if path is None:
+            return
+        try:
+            from ap_setup.state import ApState
+
+            state = ApState.load(Path(path))
+        except Exception as err:  # the AP's record is advisory: never fail a session on it
+            self.m["ap"] = {"state": str(path), "error": f"{type(err).__name__}: {err}"}
+            return
+        if state is None:
+            return
+        start = int(self.t_start)  # the supervisor stamps whole seconds
+
+        def during(at: str) -> bool:
+            try:
+                return _dt.datetime.fromisoformat(at).timestamp() >= start
+            except ValueError:
+                return False
+
+        restarts = [{"daemon": name, **r.model_dump()}
+                    for name, h in state.health.items() for r in h.history if during(r.at)]
+        gave_up = {name: h.gave_up for name, h in state.health.items() if h.gave_up}
+        self.m["ap"] = {"state": str(path), "restarts": restarts, "gave_up": gave_up}
+        for r in restarts:
+            self.emit(ev.LogRecorded("warning", f"{self.session_id}: AP {r['daemon']} was "
+                                                f"restarted during the session ({r['at']})"))
+
     def _finish(self, failure: BaseException | None) -> SessionResult:
+        self._record_ap_health()
         self.m["finished_at"] = _utc(time.time())
         self.m["timings"] = {"duration_s": round(time.time() - self.t_start, 3)}
         if failure is None and self.m["errors"]:

@@ -729,3 +729,53 @@ def test_e2e_phone_lost_mid_frida_session_keeps_the_frida_log(
         m["artifacts"]["frida.jsonl"]["sha256"]
     assert "stop_error" not in m["frida"]
     assert _agent_threads(main_pid) == set()
+
+
+def test_ap_daemon_restarts_during_a_session_go_into_its_manifest(tmp_path: Path) -> None:
+    """The real supervisor restarts a killed AP daemon (``sleep`` standing in for
+    dnsmasq) in the middle of a session; the session's manifest and events say so."""
+    import os
+    import signal
+
+    from ap_setup.state import ApState
+    from ap_setup.supervise import Supervisor, stop_daemon
+    from tests.test_ap_supervise import FAST, make_state, wait_for
+
+    state_path = make_state(tmp_path / "ap")
+    sup = Supervisor(state_path, policy=FAST).start()
+    sink = ev.RecordingSink()
+
+    def hook(e: ev.Event) -> None:
+        sink(e)
+        if isinstance(e, ev.ScenarioStepStarted) and e.index == 1:
+            st = ApState.load(state_path)
+            assert st is not None
+            old = st.processes["dnsmasq"].pid
+            os.kill(old, signal.SIGKILL)
+
+            def restarted() -> bool:
+                s = ApState.load(state_path)
+                return s is not None and s.processes["dnsmasq"].pid != old
+            wait_for(restarted, what="the supervisor's restart")
+
+    try:
+        env = Environment(runs_root=tmp_path / "runs", label=False, ap_state=state_path)
+        res = run_session(make_spec(tmp_path), make_fake_phone(), env, hook)
+    finally:
+        sup.stop()
+        st = ApState.load(state_path)
+        if st is not None:
+            for rec in st.processes.values():
+                stop_daemon(rec, timeout=1)
+    assert res.outcome == "completed", res.error
+    m = json.loads((res.run_dir / "manifest.json").read_text())
+    (restart,) = m["ap"]["restarts"]
+    assert restart["daemon"] == "dnsmasq" and restart["reason"].startswith("killed by SIGKILL")
+    assert m["ap"]["gave_up"] == {} and m["ap"]["state"] == str(state_path)
+    warnings = [e.text for e in sink.of(ev.LogRecorded) if e.level == "warning"]
+    assert any("AP dnsmasq was restarted during the session" in w for w in warnings)
+    # a session without an AP state file, or before any restart, records nothing of it
+    res2 = run_session(make_spec(tmp_path), make_fake_phone(),
+                       Environment(runs_root=tmp_path / "runs2", label=False,
+                                   ap_state=tmp_path / "none.json"), ev.null_sink)
+    assert "ap" not in json.loads((res2.run_dir / "manifest.json").read_text())
