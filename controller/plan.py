@@ -41,10 +41,7 @@ flagged check is a warning.
 
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
 import json
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -64,10 +61,11 @@ from pydantic import (
     field_validator,
 )
 
+from analysis.atomic import atomic_write
 from analysis.errors import FlowtruthError
 from ap_setup.config import CaptureConfig
 from controller import events as ev
-from controller.device import FRIDA_SERVER, DeviceLink
+from controller.device import FRIDA_SERVER, DeviceLink, sha256_file
 from controller.errors import ConfigError, ControllerError
 from controller.scenario import APPS
 from controller.session import (
@@ -75,6 +73,7 @@ from controller.session import (
     SessionResult,
     SessionSpec,
     TcpdumpCapture,
+    _utc,
     run_session,
 )
 
@@ -422,30 +421,6 @@ def run_plan(plan: Plan, env: Environment, sink: ev.Sink, cancel: threading.Even
 CAPTURE_RECORD_SCHEMA_VERSION = 1
 
 
-def _utc(t: float) -> str:
-    return _dt.datetime.fromtimestamp(t, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file in the same directory, fsync and rename, so a
-    reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(data, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def record_batch_capture(plan: Plan, cap: Any, stats: dict[str, int], result: PlanResult,
                          sink: ev.Sink, started: float, runs_root: Path | None = None
                          ) -> Path | None:
@@ -496,14 +471,14 @@ def record_batch_capture(plan: Plan, cap: Any, stats: dict[str, int], result: Pl
             "settings": settings.model_dump(mode="json") if settings is not None else None,
             "stats": dict(stats),
             "qa": record,
-            "files": [{"name": f.name, "size": f.stat().st_size, "sha256": _sha256(f)}
+            "files": [{"name": f.name, "size": f.stat().st_size, "sha256": sha256_file(f)}
                       for f in files],
             "sessions": [{"session_id": r.session_id, "outcome": r.outcome,
                           "run_dir": str(r.run_dir)} for r in result.results],
             "skipped": list(result.skipped),
             "cancelled": result.cancelled,
         }
-        write_json_atomic(path, doc)
+        atomic_write(path, (json.dumps(doc, indent=2) + "\n").encode())
     except Exception as err:  # the batch has run: report, never lose the results to this
         msg = err.one_line() if isinstance(err, FlowtruthError) else f"{type(err).__name__}: {err}"
         sink(ev.LogRecorded("error", f"batch capture check/record in {path.parent} failed: {msg}"))
