@@ -13,7 +13,6 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -347,12 +346,11 @@ def no_keyboard_phone(tmp_path: Path) -> Iterator[Any]:
         pytest.skip("the Debian adb package is not installed")
     from controller.device import AdbDeviceLink, adb_client, connect
     from controller.lab.adbd import EmulatedAdbd
+    from tests.vlab_fixture import free_port
 
     home = tmp_path / "home"
     home.mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, HOME=str(home), ANDROID_USER_HOME=str(home / ".android"),
                TMPDIR=str(home))
 
