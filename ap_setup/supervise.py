@@ -70,10 +70,7 @@ def is_alive(rec: ProcessRecord) -> bool:
     child = _CHILDREN.get(rec.pid)
     if child is not None and child.poll() is not None:
         return False
-    start = proc_starttime(rec.pid)
-    if start is None:
-        return False
-    return rec.starttime is None or start == rec.starttime
+    return pid_alive(rec.pid, rec.starttime)
 
 
 def start_daemon(
