@@ -168,6 +168,10 @@ class ApConfig(_Model):
     """Enable 802.11n (HT)."""
     ieee80211ac: bool = True
     """Enable 802.11ac (VHT); only used on 5 GHz."""
+    ap_isolate: bool = True
+    """hostapd's ``ap_isolate``: phones cannot reach each other over the Wi-Fi. The rig
+    never needs phone-to-phone traffic, and a compromised phone cannot probe the others;
+    set false only for an experiment between phones."""
 
     address: ipaddress.IPv4Interface = ipaddress.IPv4Interface("192.168.50.1/24")
     """The AP's own address and the subnet handed to phones."""
@@ -196,6 +200,16 @@ class ApConfig(_Model):
 
     firewall: Literal["auto", "nft", "iptables"] = "auto"
     """NAT backend: nftables when present, else iptables."""
+    protect_host: bool = True
+    """Phones reach only DHCP, DNS and ICMP on the AP host itself (plus ``host_ports`` and
+    replies to connections the host opened, e.g. ``adb connect`` to a phone); everything
+    else they send to the host is dropped, and dnsmasq's DNS/DHCP ports on the AP's
+    addresses are closed to the uplink side. Forwarding to the internet is unaffected,
+    and the capture still sees every dropped packet. False: phones reach every service
+    listening on the host."""
+    host_ports: list[str] = []
+    """Further ports on the AP host phones may open, as ``tcp/PORT`` or ``udp/PORT``
+    (e.g. ``udp/5353`` for mDNS discovery of wireless-debugging phones)."""
     disable_offloads: bool = True
     """Turn GRO/LRO/TSO/GSO off on the AP interface so captured frames match the wire."""
     mtu: int = Field(default=1500, ge=576, le=9000)
@@ -252,6 +266,17 @@ class ApConfig(_Model):
             if not _COUNTRY.match(value) or value == "00":
                 raise ValueError(f"not a two-letter country code: {value!r}")
         return value
+
+    @field_validator("host_ports")
+    @classmethod
+    def _host_ports(cls, value: list[str]) -> list[str]:
+        out = []
+        for item in value:
+            m = re.fullmatch(r"(tcp|udp)/(\d{1,5})", item.strip().lower())
+            if m is None or not 1 <= int(m.group(2)) <= 65535:
+                raise ValueError(f"not tcp/PORT or udp/PORT (port 1-65535): {item!r}")
+            out.append(f"{m.group(1)}/{int(m.group(2))}")
+        return out
 
     @field_validator("lease_time")
     @classmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +31,14 @@ from ap_setup.render import (
     render_nm_unmanaged,
 )
 from ap_setup.runner import Runner, ShellResult, SubprocessRunner
-from ap_setup.state import ApState, DaemonHealth, ProcessRecord, SupervisorRecord, state_lock
+from ap_setup.state import (
+    ApState,
+    DaemonHealth,
+    LaunchRecord,
+    ProcessRecord,
+    SupervisorRecord,
+    state_lock,
+)
 from ap_setup.supervise import (
     Supervisor,
     SupervisorSink,
@@ -39,6 +47,7 @@ from ap_setup.supervise import (
     start_daemon,
     start_supervisor_process,
     stop_daemon,
+    stop_orphans,
     stop_supervisor,
     supervisor_alive,
 )
@@ -211,6 +220,63 @@ def nm_device_state(runner: Runner, interface: str) -> str | None:
     return None
 
 
+def daemon_launches(cfg: ApConfig, capture_dir: Path | None = None) -> dict[str, LaunchRecord]:
+    """The daemons ``ap up`` starts for ``cfg``, by name: command line and pid file.
+
+    Each command line names a file in the AP's work directory (or the capture directory),
+    which is how a daemon left behind by a killed ``ap up`` is recognised.
+    """
+    work = cfg.work_dir
+    out: dict[str, LaunchRecord] = {}
+    if cfg.radio:
+        out["hostapd"] = LaunchRecord(name="hostapd",
+                                      argv=["hostapd", "-t", str(work / "hostapd.conf")])
+    out["dnsmasq"] = LaunchRecord(
+        name="dnsmasq",
+        argv=["dnsmasq", "--keep-in-foreground", f"--conf-file={work / 'dnsmasq.conf'}"],
+        pid_file=str(work / "dnsmasq.pid"),
+    )  # fmt: skip
+    if capture_dir is not None:
+        cap = Capture(cfg.capture, cfg.interface, Path(capture_dir), SubprocessRunner(cfg.netns))
+        out["capture"] = LaunchRecord(name="capture", argv=cap.argv())
+    return out
+
+
+def _orphan_signal(name: str) -> int:
+    return signal.SIGINT if name == "capture" else signal.SIGTERM  # a capture flushes on INT
+
+
+def stop_leftovers(
+    launches: dict[str, LaunchRecord], sink: Sink = _quiet, keep: dict[str, int] | None = None
+) -> list[str]:
+    """Stop processes running one of ``launches``' command lines (other than ``keep``'s
+    pids); one line per process stopped."""
+    done = []
+    for name, launch in launches.items():
+        kept = [keep[name]] if keep and name in keep else []
+        for pid in stop_orphans(launch, kept, sig=_orphan_signal(name)):
+            line = f"stopped a leftover {name} (pid {pid}) of an interrupted `ap up`"
+            sink(ApStepFinished(name, line))
+            done.append(line)
+    return done
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` with mode 0600 from its first byte (temp file, rename)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def ap_up(
     cfg: ApConfig,
     runner: Runner | None = None,
@@ -248,13 +314,15 @@ def ap_up(
     if cfg.radio:
         cfg = cfg.with_passphrase()
     firewall = choose_firewall(cfg, runner)
+    # Daemons a killed `ap up` left running with our config files (no state file knows them):
+    # they would hold the DHCP/DNS ports and the radio.
+    stop_leftovers(daemon_launches(cfg, capture_dir), sink)
 
     work = cfg.work_dir
     work.mkdir(parents=True, exist_ok=True)
     (work / "dnsmasq.conf").write_text(render_dnsmasq(cfg))
     if cfg.radio:
-        (work / "hostapd.conf").write_text(render_hostapd(cfg))
-        os.chmod(work / "hostapd.conf", 0o600)
+        _write_private(work / "hostapd.conf", render_hostapd(cfg))
     state = ApState(
         interface=cfg.interface,
         netns=cfg.netns,
@@ -386,6 +454,7 @@ def _bring_up(
         _must(runner.run(["sysctl", "-q", "-w", f"{key}={value}"]), f"sysctl {key}")
     sink(ApStepFinished("sysctl", ", ".join(f"{k}={v}" for k, v in wanted.items())))
 
+    have6: list[str] = []
     if cfg.ipv6_ra:
         have6 = global_ipv6(runner, iface)
         if cfg.ipv6_address is not None and str(cfg.ipv6_address) not in have6:
@@ -407,38 +476,38 @@ def _bring_up(
     state.firewall = firewall
     if firewall == "nft":
         family: NatFamily = "inet"
-        if not runner.run(["nft", "-c", "-f", "-"], input=render_nft(cfg, "inet")).ok:
+        if not runner.run(["nft", "-c", "-f", "-"], input=render_nft(cfg, "inet", have6)).ok:
             family = "ip"  # kernels before 5.2 have no NAT in the inet family
         state.nft_tables = nft_tables(family)
         state.save(path)
-        _must(runner.run(["nft", "-f", "-"], input=render_nft(cfg, family)), "nft -f")
+        _must(runner.run(["nft", "-f", "-"], input=render_nft(cfg, family, have6)), "nft -f")
         sink(ApStepFinished("nat", "nftables: " + ", ".join(state.nft_tables)))
     else:
-        plan = render_iptables(cfg)
+        plan = render_iptables(cfg, addresses6=have6)
         state.iptables_down = plan.down
         state.iptables_new_tables = _iptables_nft_tables_missing(runner, cfg.ipv6_ra)
         state.save(path)
         for argv in plan.up:
             _must(runner.run(argv), "iptables")
-        sink(ApStepFinished("nat", "iptables chains FT-FORWARD, FT-POSTROUTING"))
+        chains = "FT-FORWARD, FT-POSTROUTING" + (", FT-INPUT" if cfg.protect_host else "")
+        sink(ApStepFinished("nat", f"iptables chains {chains}"))
 
     work = Path(state.work_dir)
+    launches = daemon_launches(cfg, capture_dir)
+    settle = cfg.supervision.settle
     if cfg.radio:
-        rec = start_daemon(
-            runner, "hostapd", ["hostapd", "-t", str(work / "hostapd.conf")], work / "hostapd.log"
-        )
+        _record_launch(state, path, launches["hostapd"])
+        rec = start_daemon(runner, "hostapd", launches["hostapd"].argv, work / "hostapd.log",
+                           settle=settle)  # fmt: skip
         state.processes["hostapd"] = rec
         state.save(path)
         _wait_for_log(rec, "AP-ENABLED", 10.0)
         sink(ApStepFinished("hostapd", f"pid {rec.pid}, SSID {cfg.ssid!r}"))
     if cfg.ipv6_ra and not wait_ipv6_ready(runner, iface):
         sink(ApStepFinished("ipv6", "addresses still tentative; router advertisements follow"))
-    rec = start_daemon(
-        runner,
-        "dnsmasq",
-        ["dnsmasq", "--keep-in-foreground", f"--conf-file={work / 'dnsmasq.conf'}"],
-        work / "dnsmasq.out",
-    )
+    _record_launch(state, path, launches["dnsmasq"])
+    rec = start_daemon(runner, "dnsmasq", launches["dnsmasq"].argv, work / "dnsmasq.out",
+                       settle=settle)  # fmt: skip
     state.processes["dnsmasq"] = rec
     state.save(path)
     sink(ApStepFinished("dnsmasq", f"pid {rec.pid}, log {work / 'dnsmasq.log'}"))
@@ -446,9 +515,19 @@ def _bring_up(
     if capture_dir is not None:
         cap = Capture(cfg.capture, iface, Path(capture_dir), runner)
         state.capture_dir = str(capture_dir)
+        _record_launch(state, path, LaunchRecord(name="capture", argv=cap.argv()))
         state.processes["capture"] = cap.start()
         state.save(path)
         sink(ApStepFinished("capture", f"{cfg.capture.tool} into {capture_dir}"))
+
+
+def _record_launch(state: ApState, path: Path, launch: LaunchRecord) -> None:
+    """Note a daemon in the state file before it is spawned (and drop its stale pid file),
+    so ``ap down`` finds it even if we are killed before its pid is recorded."""
+    state.launched[launch.name] = launch
+    state.save(path)
+    if launch.pid_file:
+        Path(launch.pid_file).unlink(missing_ok=True)
 
 
 def _iptables_nft_tables_missing(runner: Runner, ipv6: bool = False) -> list[str]:
@@ -545,7 +624,10 @@ def ap_down(
         if name in state.processes:
             ran = stop_daemon(state.processes[name])
             sink(ApStepFinished(name, "stopped" if ran else "was not running"))
+    # Daemons spawned but never recorded (`ap up` or a supervisor killed in between).
+    stop_leftovers(state.launched, sink)
     state.processes = {}
+    state.launched = {}
     state.save(state_path)
 
     if state.address6_added:

@@ -5,6 +5,7 @@ Nothing here touches the system; golden-file tests pin the output.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -16,6 +17,7 @@ HEADER = "# Rendered by flowtruth from the AP config; edit the config, not this 
 NFT_TABLE = "flowtruth"
 IPT_FORWARD = "FT-FORWARD"
 IPT_POSTROUTING = "FT-POSTROUTING"
+IPT_INPUT = "FT-INPUT"
 
 
 def render_hostapd(cfg: ApConfig) -> str:
@@ -44,6 +46,8 @@ def render_hostapd(cfg: ApConfig) -> str:
         lines.append("ieee80211n=1")
     if five and cfg.ieee80211ac:
         lines += ["ieee80211ac=1", "vht_oper_chwidth=0"]
+    if cfg.ap_isolate:
+        lines.append("ap_isolate=1")
     lines += [
         "auth_algs=1",
         "ignore_broadcast_ssid=0",
@@ -90,7 +94,7 @@ def render_dnsmasq(cfg: ApConfig) -> str:
         "log-dhcp",
         "log-queries",
         f"log-facility={work / 'dnsmasq.log'}",
-        "pid-file=",
+        f"pid-file={work / 'dnsmasq.pid'}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -106,11 +110,40 @@ def nft_tables(nat_family: NatFamily = "inet") -> list[str]:
     return tables
 
 
-def render_nft(cfg: ApConfig, nat_family: NatFamily = "inet") -> str:
+def _host_ports(cfg: ApConfig, v6: bool) -> list[tuple[str, int]]:
+    """(protocol, port) phones may open on the AP host: DHCP, DNS, DHCPv6, ``host_ports``."""
+    ports = [("udp", 547)] if v6 else [("udp", 67)]
+    ports += [("udp", 53), ("tcp", 53)]
+    for item in cfg.host_ports:
+        proto, port = item.split("/")
+        if (proto, int(port)) not in ports:
+            ports.append((proto, int(port)))
+    return ports
+
+
+def _addresses6(cfg: ApConfig, extra: Sequence[str]) -> list[str]:
+    """The AP interface's global IPv6 addresses (without prefix length), for ``ipv6_ra``."""
+    if not cfg.ipv6_ra:
+        return []
+    out = [str(cfg.ipv6_address.ip)] if cfg.ipv6_address is not None else []
+    for item in extra:
+        ip = item.split("/")[0]
+        if ip not in out:
+            out.append(ip)
+    return out
+
+
+def render_nft(
+    cfg: ApConfig, nat_family: NatFamily = "inet", addresses6: Sequence[str] = ()
+) -> str:
     """An ``nft -f`` script for forwarding and masquerading, in dedicated tables only.
 
     ``nat_family="ip"`` puts NAT into ``ip flowtruth`` for kernels without inet NAT
-    (before 5.2). The script first deletes its own tables, so it is idempotent.
+    (before 5.2). The script first deletes its own tables, so it is idempotent. With
+    ``protect_host`` an input chain lets phones open only DHCP, DNS (and DHCPv6), ICMP and
+    ``host_ports`` on the host, and closes dnsmasq's ports on the AP's addresses to every
+    other interface; ``addresses6`` are the AP interface's IPv6 addresses besides
+    ``ipv6_address``.
     """
     ap = f'"{cfg.interface}"'
     out_match = f'oifname "{cfg.uplink}"' if cfg.uplink else f"oifname != {ap}"
@@ -134,12 +167,41 @@ def render_nft(cfg: ApConfig, nat_family: NatFamily = "inet") -> str:
     ]
     lines.append(f"table inet {NFT_TABLE} {{")
     lines += forward
+    if cfg.protect_host:
+        lines += _nft_input(cfg, addresses6)
     if nat_family == "inet":
         lines += nat
     lines.append("}")
     if nat_family == "ip":
         lines += [f"table ip {NFT_TABLE} {{", *nat, "}"]
     return "\n".join(lines) + "\n"
+
+
+def _nft_input(cfg: ApConfig, addresses6: Sequence[str]) -> list[str]:
+    ap = f'"{cfg.interface}"'
+    v6 = _addresses6(cfg, addresses6)
+    out = [
+        "    chain input {",
+        "        type filter hook input priority filter; policy accept;",
+        f"        iifname {ap} ct state established,related accept",
+        f"        iifname {ap} meta l4proto {{ icmp, ipv6-icmp }} accept",
+    ]
+    ports = _host_ports(cfg, v6=False) + (_host_ports(cfg, v6=True) if cfg.ipv6_ra else [])
+    seen = set()
+    for proto, port in ports:
+        if (proto, port) not in seen:
+            seen.add((proto, port))
+            out.append(f"        iifname {ap} {proto} dport {port} accept")
+    out.append(f"        iifname {ap} drop")
+    # dnsmasq binds the AP's addresses, which the uplink side can reach too
+    others = f'iifname != {{ {ap}, "lo" }}'
+    out.append(f"        {others} ip daddr {cfg.address.ip} meta l4proto {{ tcp, udp }} "
+               "th dport { 53, 67 } drop")  # fmt: skip
+    if v6:
+        out.append(f"        {others} ip6 daddr {{ {', '.join(v6)} }} "
+                   "meta l4proto { tcp, udp } th dport { 53, 547 } drop")  # fmt: skip
+    out.append("    }")
+    return out
 
 
 @dataclass(frozen=True)
@@ -150,18 +212,53 @@ class IptablesPlan:
     down: list[list[str]]
 
 
-def render_iptables(cfg: ApConfig, binary: str = "iptables") -> IptablesPlan:
-    """The iptables fallback: dedicated chains jumped to from FORWARD and POSTROUTING.
+def render_iptables(
+    cfg: ApConfig, binary: str = "iptables", addresses6: Sequence[str] = ()
+) -> IptablesPlan:
+    """The iptables fallback: dedicated chains jumped to from FORWARD, POSTROUTING and
+    (with ``protect_host``) INPUT.
 
     With ``ipv6_ra`` (routed IPv6, no NAT) the same forward filter goes into ip6tables
     too, so the phones stay unreachable from outside over IPv6 as over IPv4 (what the
-    nftables ``inet`` table does in one go).
+    nftables ``inet`` table does in one go), and so does the host's input filter.
     """
     plan = _iptables_v4(cfg, binary)
     if not cfg.ipv6_ra:
         return plan
-    v6 = _iptables_forward(cfg, [binary.replace("iptables", "ip6tables"), "-w"])
+    ipt6 = [binary.replace("iptables", "ip6tables"), "-w"]
+    v6 = _iptables_forward(cfg, ipt6)
+    if cfg.protect_host:
+        inp = _iptables_input(cfg, ipt6, _addresses6(cfg, addresses6))
+        v6 = IptablesPlan(up=v6.up + inp.up, down=inp.down + v6.down)
     return IptablesPlan(up=plan.up + v6.up, down=v6.down + plan.down)
+
+
+def _iptables_input(cfg: ApConfig, ipt: list[str], addresses6: list[str] | None) -> IptablesPlan:
+    """The host's input filter (``addresses6`` None: IPv4). Allowed packets RETURN to the
+    rest of INPUT, so the host's own rules still apply to them: this chain only removes."""
+    v6 = addresses6 is not None
+    ap = cfg.interface
+    chain = [*ipt, "-t", "filter", "-A", IPT_INPUT]
+    up = [
+        [*ipt, "-t", "filter", "-N", IPT_INPUT],
+        [*chain, "-i", "lo", "-j", "RETURN"],
+        [*chain, "-i", ap, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"],
+        [*chain, "-i", ap, "-p", "ipv6-icmp" if v6 else "icmp", "-j", "RETURN"],
+    ]  # fmt: skip
+    for proto, port in _host_ports(cfg, v6):
+        up.append([*chain, "-i", ap, "-p", proto, "--dport", str(port), "-j", "RETURN"])
+    up.append([*chain, "-i", ap, "-j", "DROP"])
+    # dnsmasq binds the AP's addresses, which the uplink side can reach too
+    for addr in addresses6 if v6 else [str(cfg.address.ip)]:
+        for proto, port in (("udp", 53), ("tcp", 53), ("udp", 547 if v6 else 67)):
+            up.append([*chain, "-d", addr, "-p", proto, "--dport", str(port), "-j", "DROP"])
+    up.append([*ipt, "-t", "filter", "-I", "INPUT", "1", "-j", IPT_INPUT])
+    down = [
+        [*ipt, "-t", "filter", "-D", "INPUT", "-j", IPT_INPUT],
+        [*ipt, "-t", "filter", "-F", IPT_INPUT],
+        [*ipt, "-t", "filter", "-X", IPT_INPUT],
+    ]
+    return IptablesPlan(up=up, down=down)
 
 
 def _iptables_forward(cfg: ApConfig, ipt: list[str]) -> IptablesPlan:
@@ -195,6 +292,10 @@ def _iptables_v4(cfg: ApConfig, binary: str) -> IptablesPlan:
     ]  # fmt: skip
     fwd = _iptables_forward(cfg, ipt)
     up += fwd.up
+    if cfg.protect_host:
+        inp = _iptables_input(cfg, ipt, None)
+        fwd = IptablesPlan(up=fwd.up + inp.up, down=inp.down + fwd.down)
+        up += inp.up
     down = [
         *fwd.down,
         [*ipt, "-t", "nat", "-D", "POSTROUTING", "-j", IPT_POSTROUTING],

@@ -41,6 +41,24 @@ class ProcessRecord(BaseModel):
     """File receiving its stdout and stderr."""
 
 
+class LaunchRecord(BaseModel):
+    """A daemon ``ap up`` is about to start, recorded *before* it is spawned.
+
+    Its command line names a file in the AP's own directories (the config file, or the
+    capture's output), so ``ap down`` finds the process by its ``/proc/PID/cmdline`` even
+    when its pid never reached the state file (``ap up`` killed while the daemon started).
+    """
+
+    model_config = ConfigDict(extra="ignore", use_attribute_docstrings=True)
+
+    name: str
+    """hostapd, dnsmasq or capture."""
+    argv: list[str]
+    """The command line it is started with."""
+    pid_file: str | None = None
+    """Where the daemon writes its pid (dnsmasq ``pid-file``), None when it writes none."""
+
+
 class RestartRecord(BaseModel):
     """One restart of a daemon by the supervisor."""
 
@@ -136,6 +154,10 @@ class ApState(BaseModel):
     """nftables tables (``family name``) that iptables-nft created for our chains."""
     processes: dict[str, ProcessRecord] = {}
     """Daemons we started, by name."""
+    launched: dict[str, LaunchRecord] = {}
+    """Every daemon we started or were about to start, by name, recorded before the spawn:
+    ``ap down`` also stops processes running these command lines (orphans of a killed
+    ``ap up`` or supervisor)."""
     capture_dir: str | None = None
     """Where the capture started with ``ap up --capture`` writes."""
     supervisor: SupervisorRecord | None = None

@@ -38,6 +38,7 @@ from ap_setup.runner import Process, Runner, SubprocessRunner
 from ap_setup.state import (
     ApState,
     DaemonHealth,
+    LaunchRecord,
     ProcessRecord,
     RestartRecord,
     SupervisorRecord,
@@ -118,6 +119,76 @@ def stop_daemon(rec: ProcessRecord, sig: int = signal.SIGTERM, timeout: float = 
         _wait_gone(rec, 2.0)
     _reap(rec.pid)
     return True
+
+
+def proc_cmdline(pid: int) -> list[str] | None:
+    """The command line of process ``pid`` (None when it is gone or unreadable)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return raw.decode(errors="surrogateescape").split("\0")[:-1] if raw else []
+
+
+def runs_argv(cmdline: Sequence[str] | None, argv: Sequence[str]) -> bool:
+    """True when ``cmdline`` is ``argv``, or ``ip netns exec NS argv`` before its exec."""
+    if not cmdline or not argv:
+        return False
+    argv = list(argv)
+    cmd = list(cmdline)
+    if cmd == argv:
+        return True
+    return len(cmd) == len(argv) + 4 and cmd[:3] == ["ip", "netns", "exec"] and cmd[4:] == argv
+
+
+def find_processes(argv: Sequence[str], pid_file: str | Path | None = None) -> list[int]:
+    """Pids of the processes running exactly ``argv`` (checked in ``/proc/PID/cmdline``).
+
+    ``pid_file`` (a daemon's own pid file) is looked at first; every candidate, also one
+    from the pid file, must run ``argv``, so a stale file whose pid now belongs to another
+    program never matches. Our argv lists name files in the AP's own directories, so a
+    match is the AP's daemon and nobody else's.
+    """
+    found: list[int] = []
+    candidates: list[int] = []
+    if pid_file is not None:
+        try:
+            text = Path(pid_file).read_text().strip()
+        except OSError:
+            text = ""
+        if text.isdigit() and len(text) < 12:
+            candidates.append(int(text))
+    try:
+        candidates += sorted(int(d) for d in os.listdir("/proc") if d.isdigit())
+    except OSError:
+        pass
+    me = os.getpid()
+    for pid in candidates:
+        if pid == me or pid in found:
+            continue
+        if runs_argv(proc_cmdline(pid), argv) and proc_starttime(pid) is not None:
+            found.append(pid)
+    return found
+
+
+def stop_orphans(
+    launch: LaunchRecord, keep: Sequence[int] = (), sig: int = signal.SIGTERM
+) -> list[int]:
+    """Stop every process running ``launch.argv`` except the pids in ``keep``; their pids.
+
+    A process is signalled only while its pid still has the start time it had when it was
+    found running the argv, so a pid reused in between is left alone.
+    """
+    stopped = []
+    for pid in find_processes(launch.argv, launch.pid_file):
+        if pid in keep:
+            continue
+        rec = ProcessRecord(name=launch.name, pid=pid, starttime=proc_starttime(pid),
+                            argv=list(launch.argv), log="")  # fmt: skip
+        if rec.starttime is not None and runs_argv(proc_cmdline(pid), launch.argv):
+            stop_daemon(rec, sig=sig)
+            stopped.append(pid)
+    return stopped
 
 
 def _wait_gone(rec: ProcessRecord, timeout: float) -> bool:

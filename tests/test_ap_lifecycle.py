@@ -228,7 +228,10 @@ def test_iptables_fallback_when_nft_is_missing(cfg: ApConfig) -> None:
     assert any("FT-POSTROUTING" in c and "-N" in c for c in commands(runner))
     down = RecordingRunner()
     ap_down(cfg.state_path, down)
-    assert commands(down)[:3] == [
+    assert commands(down)[:6] == [
+        "iptables -w -t filter -D INPUT -j FT-INPUT",
+        "iptables -w -t filter -F FT-INPUT",
+        "iptables -w -t filter -X FT-INPUT",
         "iptables -w -t filter -D FORWARD -j FT-FORWARD",
         "iptables -w -t filter -F FT-FORWARD",
         "iptables -w -t filter -X FT-FORWARD",

@@ -128,10 +128,12 @@ def test_iptables_down_undoes_every_up_step() -> None:
     plan = render_iptables(make_config())
     created = {tuple(a[a.index("-N") + 1 :]) for a in plan.up if "-N" in a}
     deleted = {tuple(a[a.index("-X") + 1 :]) for a in plan.down if "-X" in a}
-    assert created == deleted == {("FT-POSTROUTING",), ("FT-FORWARD",)}
+    assert created == deleted == {("FT-POSTROUTING",), ("FT-FORWARD",), ("FT-INPUT",)}
     jumps = [a for a in plan.up if "-I" in a]
     unjumps = [a for a in plan.down if "-D" in a]
-    assert len(jumps) == len(unjumps) == 2
+    assert len(jumps) == len(unjumps) == 3
+    open_host = render_iptables(make_config(protect_host=False))
+    assert not any("FT-INPUT" in a for a in open_host.up + open_host.down)
 
 
 def test_iptables_with_ipv6_ra_filters_forwarded_ipv6_too() -> None:
@@ -142,7 +144,13 @@ def test_iptables_with_ipv6_ra_filters_forwarded_ipv6_too() -> None:
     v6_up = [a for a in plan.up if a[0] == "ip6tables"]
     v6_down = [a for a in plan.down if a[0] == "ip6tables"]
     assert not any("nat" in a for a in v6_up)
-    assert [a[2:] for a in v6_up] == [a[2:] for a in v4.up if "filter" in a]
+    forward = [a[2:] for a in v6_up if "FORWARD" in a or "FT-FORWARD" in a]
+    assert forward == [a[2:] for a in v4.up if "FORWARD" in a or "FT-FORWARD" in a]
+    # the host's input filter in IPv6 terms: ICMPv6 (ND, RA), DHCPv6, DNS, then drop
+    v6_input = [" ".join(a[2:]) for a in v6_up if "FT-INPUT" in a]
+    assert "-t filter -A FT-INPUT -i wlx00c0ca123456 -p ipv6-icmp -j RETURN" in v6_input
+    assert "-t filter -A FT-INPUT -i wlx00c0ca123456 -p udp --dport 547 -j RETURN" in v6_input
+    assert "-t filter -A FT-INPUT -d fd00:f10e:1::1 -p udp --dport 53 -j DROP" in v6_input
     assert plan.down[: len(v6_down)] == v6_down  # IPv6 undone before IPv4
 
 

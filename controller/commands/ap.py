@@ -165,11 +165,17 @@ def _up_foreground(cfg: ApConfig, capture: Path | None, supervise: bool) -> None
 
 def down(config: ConfigOpt = None, interface: InterfaceOpt = None) -> None:
     """Tear the access point down and restore what was there before (idempotent)."""
-    from ap_setup.lifecycle import ap_down
+    from ap_setup.lifecycle import ap_down, daemon_launches, stop_leftovers
 
     cfg = load(config, interface)
     state = ap_down(cfg.state_path, sink=_print_step)
-    typer.echo("nothing was up" if state is None else f"AP on {state.interface} is down")
+    if state is not None:
+        typer.echo(f"AP on {state.interface} is down")
+        return
+    # No state file: still stop daemons running our config files (a killed `ap up`).
+    stopped = stop_leftovers(daemon_launches(cfg), _print_step)
+    typer.echo(f"nothing was up; stopped {len(stopped)} leftover daemon(s)" if stopped
+               else "nothing was up")  # fmt: skip
 
 
 def status(config: ConfigOpt = None, interface: InterfaceOpt = None) -> None:
