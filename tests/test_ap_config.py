@@ -116,6 +116,9 @@ def test_ipv6_address_and_supervision_settings() -> None:
         ({"ipv6_ra": True, "ipv6_address": "10.0.0.1/24"}, "ipv6_address", "valid IPv6"),
         ({"supervision": {"check_interval": 0}}, "supervision.check_interval", "greater than 0"),
         ({"supervision": {"restarts": 3}}, "supervision.restarts", "Extra inputs"),
+        ({"host_ports": ["5555"]}, "host_ports", "not tcp/PORT or udp/PORT"),
+        ({"host_ports": ["tcp/70000"]}, "host_ports", "port 1-65535"),
+        ({"host_ports": ["sctp/9"]}, "host_ports", "not tcp/PORT"),
     ],
 )  # fmt: skip
 def test_errors_name_the_file_and_field(data: dict, where: str, why: str) -> None:
@@ -144,3 +147,9 @@ def test_generated_passphrases_are_valid_and_differ() -> None:
     a, b = generate_passphrase(), generate_passphrase()
     assert a != b and len(a) == 20
     ApConfig(passphrase=a)
+
+
+def test_host_is_protected_and_phones_isolated_by_default() -> None:
+    cfg = ApConfig()
+    assert cfg.protect_host and cfg.ap_isolate and cfg.host_ports == []
+    assert ApConfig(host_ports=[" TCP/5555 ", "udp/05353"]).host_ports == ["tcp/5555", "udp/5353"]

@@ -7,6 +7,7 @@ NetworkManager and rfkill paths (absent on a Wi-Fi-less CI machine) are covered.
 from __future__ import annotations
 
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -431,3 +432,60 @@ def test_status_shows_supervisor_restarts_and_give_up(cfg: ApConfig, tmp_path: P
     cells = [c.strip() for c in row.split("│")[1:-1]]
     assert cells[2:4] == ["no", "3"] and cells[4].endswith("failed; killed by SIGKILL")
     assert "  dnsmasq keeps exiting: gave up after 3 restart(s)" in res.output
+
+
+def test_hostapd_conf_is_private_from_its_first_byte_and_isolates_phones(
+    cfg: ApConfig, monkeypatch
+) -> None:
+    """hostapd.conf holds the passphrase: never readable by others, not even for a moment
+    (an older 0644 file is replaced, not rewritten); ap_isolate is on by default."""
+    cfg.work_dir.mkdir(parents=True)
+    old = cfg.work_dir / "hostapd.conf"
+    old.write_text("wpa_passphrase=old-secret\n")
+    old.chmod(0o644)
+    modes = []
+    real_replace = lifecycle.os.replace
+
+    def checking_replace(src, dst):
+        if Path(dst).name == "hostapd.conf":
+            modes.append(stat.S_IMODE(os.stat(src).st_mode))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(lifecycle.os, "replace", checking_replace)
+    previous = os.umask(0)  # the mode must not depend on the caller's umask
+    try:
+        state = ap_up(cfg, make_runner(), check_root=False)
+    finally:
+        os.umask(previous)
+    assert modes == [0o600]
+    conf = cfg.work_dir / "hostapd.conf"
+    assert stat.S_IMODE(conf.stat().st_mode) == 0o600
+    text = conf.read_text()
+    assert f"wpa_passphrase={state.passphrase}\n" in text and "ap_isolate=1\n" in text
+    assert [p.name for p in cfg.work_dir.iterdir() if p.name.endswith(".tmp")] == []
+    ap_down(cfg.state_path, RecordingRunner())
+    shared = cfg.model_copy(update={"ap_isolate": False})
+    ap_up(shared, make_runner(), check_root=False)
+    assert "ap_isolate" not in (cfg.work_dir / "hostapd.conf").read_text()
+
+
+def test_daemons_are_recorded_before_they_are_spawned(cfg: ApConfig) -> None:
+    """Each daemon's command line (naming our config file) is in the state file before
+    the spawn, so a kill -9 in between cannot hide it from `ap down`."""
+    seen: list[dict] = []
+
+    class Watching(RecordingRunner):
+        def spawn(self, argv, *, log):
+            seen.append(json.loads(cfg.state_path.read_text())["launched"])
+            return super().spawn(argv, log=log)
+
+    runner = Watching(responses=make_runner().responses,
+                      spawn_logs={"hostapd": "wlan0: AP-ENABLED\n"})  # fmt: skip
+    ap_up(cfg, runner, check_root=False)
+    assert [sorted(s) for s in seen] == [["hostapd"], ["dnsmasq", "hostapd"]]
+    assert seen[1]["dnsmasq"]["argv"] == list(runner.spawned[1])
+    assert seen[1]["dnsmasq"]["pid_file"] == str(cfg.work_dir / "dnsmasq.pid")
+    assert f"pid-file={cfg.work_dir / 'dnsmasq.pid'}\n" in (
+        cfg.work_dir / "dnsmasq.conf").read_text()
+    assert seen[0]["hostapd"]["argv"] == list(runner.spawned[0])
+    ap_down(cfg.state_path, RecordingRunner())

@@ -753,3 +753,177 @@ def test_ipv6_ra_without_an_address_is_one_clear_error(lab: Lab) -> None:
         ap_up(lab.config(ipv6_ra=True))
     assert "ipv6_address" in info.value.one_line()
     assert snapshot(lab) == before
+
+
+def ns_pids(ns: str, needle: str) -> list[int]:
+    """Pids in namespace ``ns`` whose command line contains ``needle``."""
+    out = []
+    for pid in sh("ip", "netns", "pids", ns).stdout.split():
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if needle in cmd:
+            out.append(int(pid))
+    return out
+
+
+def test_ap_up_killed_while_dnsmasq_starts_leaves_nothing_behind(lab: Lab) -> None:
+    """`kill -9` of `flowtruth ap up` after dnsmasq was spawned but before its pid reached
+    the state file: `ap down` still finds and stops it (by its command line, recorded
+    before the spawn) and the next `ap up` works; a leftover no state file knows of (an
+    older `ap down` forgot it) is stopped by the next `ap up` and by `ap down`."""
+    import yaml
+
+    before = snapshot(lab)
+    # dnsmasq must stay alive this long before `ap up` records it: a wide, sure window
+    slow = lab.config(supervision={"settle": 8.0})
+    conf = lab.tmp / "ap.yaml"
+    conf.write_text(yaml.safe_dump(json.loads(slow.model_dump_json())))
+    repo = Path(__file__).resolve().parents[1]
+    base = [sys.executable, "-m", "controller.cli", "ap"]
+
+    def cli(*args: str, config: Path = conf) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*base, *args, "--config", str(config)], capture_output=True,
+                              text=True, timeout=60, cwd=repo)  # fmt: skip
+
+    marker = f"--conf-file={slow.work_dir / 'dnsmasq.conf'}"
+    up = subprocess.Popen([*base, "up", "--no-supervise", "--config", str(conf)], cwd=repo,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        wait_for(lambda: ns_pids(lab.ap, marker) or up.poll() is not None, timeout=30,
+                 what="dnsmasq to be spawned")  # fmt: skip
+        assert up.poll() is None, up.communicate()
+        up.kill()  # SIGKILL: no undo, no finally
+        up.wait()
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        up.communicate()
+    orphans = ns_pids(lab.ap, marker)
+    assert len(orphans) == 1
+    state = ApState.load(slow.state_path)
+    assert state is not None and state.status == "starting"
+    assert "dnsmasq" not in state.processes and "dnsmasq" in state.launched
+    # The pid file the daemon wrote names it too.
+    wait_for(lambda: (slow.work_dir / "dnsmasq.pid").exists(), what="dnsmasq's pid file")
+    assert int((slow.work_dir / "dnsmasq.pid").read_text()) == orphans[0]
+
+    down = cli("down")
+    assert down.returncode == 0, down.stderr
+    assert f"stopped a leftover dnsmasq (pid {orphans[0]})" in down.stderr
+    assert ns_pids(lab.ap, marker) == []
+    assert snapshot(lab) == before
+
+    # The next `ap up` works (dnsmasq gets the DHCP/DNS ports), and serves.
+    fast = lab.config(supervision={"settle": 0.3})
+    conf_fast = lab.tmp / "ap-fast.yaml"
+    conf_fast.write_text(yaml.safe_dump(json.loads(fast.model_dump_json())))
+    assert fast.work_dir == slow.work_dir
+    res = cli("up", "--no-supervise", config=conf_fast)
+    assert res.returncode == 0, res.stderr
+    assert dhcp_client(lab)["ip"] == LEASE_IP and dns_answers(lab)
+
+    # A dnsmasq the state file does not know of (what `ap down` forgot before this fix).
+    state = ApState.load(fast.state_path)
+    forgotten = state.processes.pop("dnsmasq").pid
+    state.launched = {}
+    state.save(fast.state_path)
+    assert cli("down", config=conf_fast).returncode == 0
+    assert ns_pids(lab.ap, marker) == [forgotten]
+    res = cli("down", config=conf_fast)  # no state file: still found by its command line
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "nothing was up; stopped 1 leftover daemon(s)"
+    assert ns_pids(lab.ap, marker) == []
+
+    # ... and `ap up` itself clears such a leftover before it starts its own.
+    state = ap_up(fast)
+    forgotten = state.processes.pop("dnsmasq").pid
+    state.launched = {}
+    state.save(fast.state_path)
+    ap_down(fast.state_path)
+    assert ns_pids(lab.ap, marker) == [forgotten]
+    events = []
+    state = ap_up(fast, sink=events.append)
+    assert any(e.step == "dnsmasq" and f"leftover dnsmasq (pid {forgotten})" in e.detail
+               for e in events)  # fmt: skip
+    assert ns_pids(lab.ap, marker) == [state.processes["dnsmasq"].pid]
+    in_ns(lab.client, "ip", "addr", "flush", "dev", "ftc0")
+    assert dhcp_client(lab)["ip"] == LEASE_IP
+    ap_down(fast.state_path)
+    assert sh("ip", "netns", "pids", lab.ap).stdout.split() == []
+    assert snapshot(lab) == before
+
+
+HOST_SERVICE_PORT = 8786  # a Dask scheduler's default port
+
+
+def connects(ns: str, host: str, port: int) -> bool:
+    code = (f"import socket\ntry:\n socket.create_connection(({host!r}, {port}), timeout=1.5)"
+            "\n print('yes')\nexcept OSError:\n print('no')\n")  # fmt: skip
+    return in_ns(ns, sys.executable, "-c", code, timeout=15).stdout.strip() == "yes"
+
+
+@pytest.mark.parametrize("firewall", ["nft", "iptables"])
+def test_phones_reach_only_dhcp_dns_and_icmp_on_the_ap_host(
+    lab: Lab, tcp_server, firewall: str
+) -> None:
+    """A service on the AP host's 0.0.0.0 is closed to phones, DHCP/DNS/ping and the way
+    to the internet work, and dnsmasq does not answer DNS from the uplink side."""
+    if firewall == "iptables" and shutil.which("iptables") is None:
+        pytest.skip("iptables not installed")
+    before = snapshot(lab)
+    service = subprocess.Popen(
+        ["ip", "netns", "exec", lab.ap, sys.executable, "-c",
+         "import socket,time\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, "
+         f"socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', {HOST_SERVICE_PORT})); s.listen(8)\n"
+         "print('ready', flush=True)\nwhile True: s.accept()[0].close()\n"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    # the uplink side knows the way to the phone subnet (as a LAN router might)
+    in_ns(lab.net, "ip", "route", "add", "192.168.77.0/24", "via", "10.77.0.1")
+    try:
+        assert service.stdout is not None and service.stdout.readline().strip() == "ready"
+        cfg = lab.config(firewall=firewall)
+        ap_up(cfg)
+        try:
+            assert dhcp_client(lab) == {"ip": LEASE_IP, "router": "192.168.77.1",
+                                        "dns": "192.168.77.1"}  # fmt: skip
+            assert dns_answers(lab)
+            in_ns(lab.client, "busybox", "ping", "-c", "1", "-W", "2", "192.168.77.1")
+            proc, nbytes = tcp_server
+            assert fetch(lab, nbytes) == nbytes  # forwarding to the internet unchanged
+            # the host's service: not from the phone, at either of the host's addresses
+            assert not connects(lab.client, "192.168.77.1", HOST_SERVICE_PORT)
+            assert not connects(lab.client, "10.77.0.1", HOST_SERVICE_PORT)
+            # the uplink side still reaches the host (not the AP's business) ...
+            assert connects(lab.net, "10.77.0.1", HOST_SERVICE_PORT)
+            # ... but not dnsmasq on the AP's address
+            ans = in_ns(lab.net, "busybox", "nslookup", "-type=a", "lab.flowtruth.test",
+                        "192.168.77.1", check=False, timeout=20)  # fmt: skip
+            assert "10.77.0.2" not in ans.stdout.split("lab.flowtruth.test", 1)[-1]
+        finally:
+            ap_down(cfg.state_path)
+        assert snapshot(lab) == before
+        # without the filter phones would reach it: the test sees what the filter does
+        cfg = lab.config(firewall=firewall, protect_host=False)
+        ap_up(cfg)
+        try:
+            assert connects(lab.client, "192.168.77.1", HOST_SERVICE_PORT)
+            ans = in_ns(lab.net, "busybox", "nslookup", "-type=a", "lab.flowtruth.test",
+                        "192.168.77.1", check=False, timeout=20)  # fmt: skip
+            assert "10.77.0.2" in ans.stdout.split("lab.flowtruth.test", 1)[-1]
+        finally:
+            ap_down(cfg.state_path)
+        # a port opened on purpose (host_ports)
+        cfg = lab.config(firewall=firewall, host_ports=[f"tcp/{HOST_SERVICE_PORT}"])
+        ap_up(cfg)
+        try:
+            assert connects(lab.client, "192.168.77.1", HOST_SERVICE_PORT)
+        finally:
+            ap_down(cfg.state_path)
+        assert snapshot(lab) == before
+    finally:
+        service.kill()
+        service.wait()
