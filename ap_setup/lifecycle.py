@@ -42,6 +42,7 @@ from ap_setup.state import (
 from ap_setup.supervise import (
     Supervisor,
     SupervisorSink,
+    find_processes,
     is_alive,
     log_tail,
     start_daemon,
@@ -247,14 +248,13 @@ def _orphan_signal(name: str) -> int:
 
 
 def stop_leftovers(
-    launches: dict[str, LaunchRecord], sink: Sink = _quiet, keep: dict[str, int] | None = None
+    launches: dict[str, LaunchRecord], netns: str | None, sink: Sink = _quiet
 ) -> list[str]:
-    """Stop processes running one of ``launches``' command lines (other than ``keep``'s
-    pids); one line per process stopped."""
+    """Stop processes in ``netns`` running one of ``launches``' command lines; one line
+    per process stopped."""
     done = []
     for name, launch in launches.items():
-        kept = [keep[name]] if keep and name in keep else []
-        for pid in stop_orphans(launch, kept, sig=_orphan_signal(name)):
+        for pid in stop_orphans(launch, sig=_orphan_signal(name), netns=netns):
             line = f"stopped a leftover {name} (pid {pid}) of an interrupted `ap up`"
             sink(ApStepFinished(name, line))
             done.append(line)
@@ -316,7 +316,7 @@ def ap_up(
     firewall = choose_firewall(cfg, runner)
     # Daemons a killed `ap up` left running with our config files (no state file knows them):
     # they would hold the DHCP/DNS ports and the radio.
-    stop_leftovers(daemon_launches(cfg, capture_dir), sink)
+    stop_leftovers(daemon_launches(cfg, capture_dir), cfg.netns, sink)
 
     work = cfg.work_dir
     work.mkdir(parents=True, exist_ok=True)
@@ -625,7 +625,7 @@ def ap_down(
             ran = stop_daemon(state.processes[name])
             sink(ApStepFinished(name, "stopped" if ran else "was not running"))
     # Daemons spawned but never recorded (`ap up` or a supervisor killed in between).
-    stop_leftovers(state.launched, sink)
+    stop_leftovers(state.launched, state.netns, sink)
     state.processes = {}
     state.launched = {}
     state.save(state_path)
@@ -735,6 +735,9 @@ class ApStatus:
     supervisor_alive: bool = False
     health: dict[str, DaemonHealth] = field(default_factory=dict)
     """Restarts per daemon (only daemons the supervisor restarted or gave up on)."""
+    leftovers: dict[str, list[int]] = field(default_factory=dict)
+    """Daemon name -> pids running its command line that the state file does not record
+    (left by a killed ``ap up`` or supervisor; ``ap down`` stops them)."""
 
 
 def read_leases(path: Path) -> list[Client]:
@@ -768,6 +771,12 @@ def ap_status(cfg: ApConfig) -> ApStatus:
     status.supervisor = state.supervisor
     status.supervisor_alive = supervisor_alive(state.supervisor)
     status.health = dict(state.health)
+    for name, launch in state.launched.items():
+        rec = state.processes.get(name)
+        extra = [pid for pid in find_processes(launch.argv, launch.pid_file, state.netns)
+                 if rec is None or pid != rec.pid]  # fmt: skip
+        if extra:
+            status.leftovers[name] = extra
     status.clients = read_leases(Path(state.work_dir) / "dnsmasq.leases")
     if state.capture_dir:
         status.capture_files = capture_files(Path(state.capture_dir))

@@ -249,7 +249,7 @@ def _iptables_input(cfg: ApConfig, ipt: list[str], addresses6: list[str] | None)
         up.append([*chain, "-i", ap, "-p", proto, "--dport", str(port), "-j", "RETURN"])
     up.append([*chain, "-i", ap, "-j", "DROP"])
     # dnsmasq binds the AP's addresses, which the uplink side can reach too
-    for addr in addresses6 if v6 else [str(cfg.address.ip)]:
+    for addr in addresses6 if addresses6 is not None else [str(cfg.address.ip)]:
         for proto, port in (("udp", 53), ("tcp", 53), ("udp", 547 if v6 else 67)):
             up.append([*chain, "-d", addr, "-p", proto, "--dport", str(port), "-j", "DROP"])
     up.append([*ipt, "-t", "filter", "-I", "INPUT", "1", "-j", IPT_INPUT])

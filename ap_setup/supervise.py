@@ -141,14 +141,31 @@ def runs_argv(cmdline: Sequence[str] | None, argv: Sequence[str]) -> bool:
     return len(cmd) == len(argv) + 4 and cmd[:3] == ["ip", "netns", "exec"] and cmd[4:] == argv
 
 
-def find_processes(argv: Sequence[str], pid_file: str | Path | None = None) -> list[int]:
-    """Pids of the processes running exactly ``argv`` (checked in ``/proc/PID/cmdline``).
+def _netns_id(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def netns_id(netns: str | None) -> tuple[int, int] | None:
+    """Identity of a named network namespace (None: ours); None when it cannot be found."""
+    return _netns_id(f"/run/netns/{netns}" if netns else "/proc/self/ns/net")
+
+
+def find_processes(
+    argv: Sequence[str], pid_file: str | Path | None = None, netns: str | None = None
+) -> list[int]:
+    """Pids of the processes running exactly ``argv`` (checked in ``/proc/PID/cmdline``)
+    in namespace ``netns`` (when that namespace can still be found by its name).
 
     ``pid_file`` (a daemon's own pid file) is looked at first; every candidate, also one
     from the pid file, must run ``argv``, so a stale file whose pid now belongs to another
     program never matches. Our argv lists name files in the AP's own directories, so a
     match is the AP's daemon and nobody else's.
     """
+    want_ns = netns_id(netns)
     found: list[int] = []
     candidates: list[int] = []
     if pid_file is not None:
@@ -166,13 +183,19 @@ def find_processes(argv: Sequence[str], pid_file: str | Path | None = None) -> l
     for pid in candidates:
         if pid == me or pid in found:
             continue
-        if runs_argv(proc_cmdline(pid), argv) and proc_starttime(pid) is not None:
-            found.append(pid)
+        if not runs_argv(proc_cmdline(pid), argv) or proc_starttime(pid) is None:
+            continue
+        if want_ns is not None and _netns_id(f"/proc/{pid}/ns/net") != want_ns:
+            continue  # the same command line in another namespace is not ours
+        found.append(pid)
     return found
 
 
 def stop_orphans(
-    launch: LaunchRecord, keep: Sequence[int] = (), sig: int = signal.SIGTERM
+    launch: LaunchRecord,
+    keep: Sequence[int] = (),
+    sig: int = signal.SIGTERM,
+    netns: str | None = None,
 ) -> list[int]:
     """Stop every process running ``launch.argv`` except the pids in ``keep``; their pids.
 
@@ -180,7 +203,7 @@ def stop_orphans(
     found running the argv, so a pid reused in between is left alone.
     """
     stopped = []
-    for pid in find_processes(launch.argv, launch.pid_file):
+    for pid in find_processes(launch.argv, launch.pid_file, netns):
         if pid in keep:
             continue
         rec = ProcessRecord(name=launch.name, pid=pid, starttime=proc_starttime(pid),

@@ -810,6 +810,10 @@ def test_ap_up_killed_while_dnsmasq_starts_leaves_nothing_behind(lab: Lab) -> No
     wait_for(lambda: (slow.work_dir / "dnsmasq.pid").exists(), what="dnsmasq's pid file")
     assert int((slow.work_dir / "dnsmasq.pid").read_text()) == orphans[0]
 
+    assert ap_status(slow).leftovers == {"dnsmasq": orphans}
+    status = cli("status")
+    assert f"dnsmasq: leftover process(es) {orphans[0]} not recorded" in status.stdout
+
     down = cli("down")
     assert down.returncode == 0, down.stderr
     assert f"stopped a leftover dnsmasq (pid {orphans[0]})" in down.stderr

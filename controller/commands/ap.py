@@ -173,7 +173,7 @@ def down(config: ConfigOpt = None, interface: InterfaceOpt = None) -> None:
         typer.echo(f"AP on {state.interface} is down")
         return
     # No state file: still stop daemons running our config files (a killed `ap up`).
-    stopped = stop_leftovers(daemon_launches(cfg), _print_step)
+    stopped = stop_leftovers(daemon_launches(cfg), cfg.netns, _print_step)
     typer.echo(f"nothing was up; stopped {len(stopped)} leftover daemon(s)" if stopped
                else "nothing was up")  # fmt: skip
 
@@ -224,6 +224,10 @@ def status(config: ConfigOpt = None, interface: InterfaceOpt = None) -> None:
             console.print(
                 f"  {name}: [red]not running[/] (last log lines: {log_tail(Path(rec.log))})"
             )
+    for name, pids in st.leftovers.items():
+        console.print(f"  [red]{name}: leftover process(es) {', '.join(map(str, pids))}[/] not "
+                      "recorded as running (an interrupted `ap up`); `flowtruth ap down` "
+                      "stops them")  # fmt: skip
     table = Table("MAC", "IP", "lease name", title="clients")
     for c in st.clients:
         table.add_row(c.mac, c.ip, c.name or "-")
