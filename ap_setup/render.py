@@ -154,6 +154,8 @@ def render_nft(
     forward = [
         "    chain forward {",
         "        type filter hook forward priority filter; policy accept;",
+        # ap_isolate: nor may a phone reach another routed through the host
+        *([f"        iifname {ap} oifname {ap} drop"] if cfg.ap_isolate else []),
         f"        iifname {ap} {out_match} accept",
         f"        {in_match} oifname {ap} ct state established,related accept",
         f"        {in_match} oifname {ap} drop",
@@ -265,8 +267,11 @@ def _iptables_forward(cfg: ApConfig, ipt: list[str]) -> IptablesPlan:
     """The forward filter chain only: out from the AP freely, in only as replies."""
     out = ["-o", cfg.uplink] if cfg.uplink else ["!", "-o", cfg.interface]
     inn = ["-i", cfg.uplink] if cfg.uplink else ["!", "-i", cfg.interface]
+    isolate = [[*ipt, "-t", "filter", "-A", IPT_FORWARD, "-i", cfg.interface,
+                "-o", cfg.interface, "-j", "DROP"]] if cfg.ap_isolate else []  # fmt: skip
     up = [
         [*ipt, "-t", "filter", "-N", IPT_FORWARD],
+        *isolate,
         [*ipt, "-t", "filter", "-A", IPT_FORWARD, "-i", cfg.interface, *out, "-j", "ACCEPT"],
         [*ipt, "-t", "filter", "-A", IPT_FORWARD, *inn, "-o", cfg.interface,
          "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"],

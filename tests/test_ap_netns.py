@@ -869,6 +869,18 @@ def connects(ns: str, host: str, port: int) -> bool:
     return in_ns(ns, sys.executable, "-c", code, timeout=15).stdout.strip() == "yes"
 
 
+def hairpinned(lab: Lab) -> bool:
+    """Does the AP route a phone's packet for another phone (192.168.77.50) back onto
+    the AP link? It then resolves that phone's address there (a neighbour entry)."""
+    other = "192.168.77.50"
+    in_ns(lab.ap, "ip", "neigh", "flush", "to", other, check=False)
+    in_ns(lab.client, "sysctl", "-q", "-w", "net.ipv4.conf.ftc0.accept_redirects=0")
+    in_ns(lab.client, "ip", "route", "replace", f"{other}/32", "via", "192.168.77.1")
+    in_ns(lab.client, "busybox", "ping", "-c", "1", "-W", "1", other, check=False)
+    in_ns(lab.client, "ip", "route", "del", f"{other}/32", check=False)
+    return bool(in_ns(lab.ap, "ip", "neigh", "show", "to", other).stdout.strip())
+
+
 @pytest.mark.parametrize("firewall", ["nft", "iptables"])
 def test_phones_reach_only_dhcp_dns_and_icmp_on_the_ap_host(
     lab: Lab, tcp_server, firewall: str
@@ -907,13 +919,17 @@ def test_phones_reach_only_dhcp_dns_and_icmp_on_the_ap_host(
             ans = in_ns(lab.net, "busybox", "nslookup", "-type=a", "lab.flowtruth.test",
                         "192.168.77.1", check=False, timeout=20)  # fmt: skip
             assert "10.77.0.2" not in ans.stdout.split("lab.flowtruth.test", 1)[-1]
+            # ap_isolate: the host does not route one phone's packets to another phone
+            assert not hairpinned(lab)
         finally:
             ap_down(cfg.state_path)
         assert snapshot(lab) == before
         # without the filter phones would reach it: the test sees what the filter does
-        cfg = lab.config(firewall=firewall, protect_host=False)
+        cfg = lab.config(firewall=firewall, protect_host=False, ap_isolate=False)
         ap_up(cfg)
         try:
+            dhcp_client(lab)
+            assert hairpinned(lab)
             assert connects(lab.client, "192.168.77.1", HOST_SERVICE_PORT)
             ans = in_ns(lab.net, "busybox", "nslookup", "-type=a", "lab.flowtruth.test",
                         "192.168.77.1", check=False, timeout=20)  # fmt: skip
