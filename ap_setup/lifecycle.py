@@ -2,6 +2,10 @@
 
 ``ap_up`` records every change in the state file *before* making it; ``ap_down``
 reads only the state file, so it restores exactly what was there, also after a crash.
+Daemons too are recorded before they are spawned (their command line, which names our
+config file, and dnsmasq's pid file): a daemon whose pid never reached the state file
+(``ap up`` killed while it started) is found in ``/proc`` and stopped by ``ap_down``, and
+one no state file knows of by the next ``ap_up`` (:func:`stop_leftovers`).
 Both report progress as :class:`ApStepFinished` events to a ``sink``. ``ap_up`` can leave
 a :class:`~ap_setup.supervise.Supervisor` restarting hostapd and dnsmasq (a thread, or a
 detached process for the CLI); ``ap_down`` stops it before anything else.
