@@ -32,7 +32,12 @@ Matching, per flow:
 
 A socket known only by its uid (no uid -> package map entry) labels the flow
 ``uid:<n>`` with ``BF_labeling_type`` ``unlabelled``; when a package is also known for
-the flow, the uid-only observation is ignored.
+the flow, the uid-only observation is ignored. A socket whose uid the phone's package
+list (``uid_map``) names gets that package; when the package is not one of
+``target_packages`` (an app running in the background during the session) the flow's
+type is ``background`` and its source says how: ``uid-map+netstat`` (or
+``uid-map+pcapdroid``). A process-level source (strace, frida) naming the same package
+for the flow makes it ``exact`` again.
 """
 
 from __future__ import annotations
@@ -44,9 +49,17 @@ from typing import Any
 import numpy as np
 
 from analysis.errors import BadInputError
-from analysis.traces.model import KIND_CODE, SOURCE_CODE, SOURCES, ObservationSet, SocketObservation
+from analysis.traces.model import (
+    INODE_SOCK,
+    KIND_CODE,
+    SOURCE_CODE,
+    SOURCES,
+    ObservationSet,
+    SocketObservation,
+)
 
-LABELING_TYPES = ("exact", "ambiguous", "unlabelled", "most-common", "resolver")
+LABELING_TYPES = ("exact", "ambiguous", "unlabelled", "most-common", "resolver", "background")
+BACKGROUND = "background"  # a non-target app's flow named by the uid -> package map
 UNKNOWN = "unknown"
 DEFAULT_DNS_LABEL = "android:dns-resolver"
 DNS_PORTS = (53, 853)  # DNS and DNS over TLS
@@ -190,22 +203,32 @@ def _lifetimes(obs: ObservationSet) -> tuple[_Lifetimes, list[str], np.ndarray, 
     rows = np.nonzero(keep)[0]
 
     # A socket's local port (and address) is fixed once bound: spread it to all its rows.
+    # A socket known by its kernel inode (strace's socket:[inode], when strace could not
+    # decode it) also takes them, and its protocol, from the netstat rows of that inode.
     has_sock = sock[rows] >= 0
     sk = np.where(has_sock, sock[rows] * 8 + source[rows], -1 - rows)
+    by_inode = sock[rows] >= INODE_SOCK
+    spread = np.where(by_inode, (sock[rows] - INODE_SOCK) * 8 + SOURCE_CODE["netstat"], sk)
+    pr = proto[rows]
     if len(rows):
         uniq, inv = np.unique(sk, return_inverse=True)
-        best = np.full(len(uniq), -1, dtype=np.int64)
-        np.maximum.at(best, inv, lport[rows])
-        lp = np.where(lport[rows] < 0, best[inv], lport[rows])
-        best_ip = np.full(len(uniq), -1, dtype=np.int64)
-        np.maximum.at(best_ip, inv, lip[rows])
-        li = np.where(lip[rows] < 0, best_ip[inv], lip[rows])
+        s_uniq, s_inv = np.unique(spread, return_inverse=True)
+        best = np.full(len(s_uniq), -1, dtype=np.int64)
+        np.maximum.at(best, s_inv, lport[rows])
+        lp = np.where(lport[rows] < 0, best[s_inv], lport[rows])
+        best_ip = np.full(len(s_uniq), -1, dtype=np.int64)
+        np.maximum.at(best_ip, s_inv, lip[rows])
+        li = np.where(lip[rows] < 0, best_ip[s_inv], lip[rows])
+        if by_inode.any():
+            best_pr = np.zeros(len(s_uniq), dtype=np.int64)
+            np.maximum.at(best_pr, s_inv, pr)
+            pr = np.where(pr == 0, best_pr[s_inv], pr)
     else:
         lp = li = np.zeros(0, dtype=np.int64)
         inv = np.zeros(0, dtype=np.int64)
 
     cols = {
-        "proto": proto[rows], "lport": lp, "lip": li, "rip": rip[rows], "rport": rport[rows],
+        "proto": pr, "lport": lp, "lip": li, "rip": rip[rows], "rport": rport[rows],
         "ts": ts[rows], "end": end[rows], "label": label[rows], "sub": sub[rows],
         "ltype": ltype[rows], "source": source[rows], "kind": kind[rows].astype(np.int64),
         "grp": inv,
@@ -428,7 +451,20 @@ def correlate(
     obs = (observations if isinstance(observations, ObservationSet)
            else ObservationSet.from_observations(observations))
     if uid_map:
+        need = (obs.label < 0) & (obs.uid >= 0)
         obs = obs.with_uid_map(uid_map)
+        if target_packages:
+            # Rows the package list named, of an app that is not a target: background.
+            filled = need & (obs.label >= 0) & (obs.labeling_type < 0)
+            if filled.any():
+                tset = set(target_packages)
+                other = np.array([not set(t.split("|")) <= tset for t in obs.strings] + [False],
+                                 dtype=bool)
+                mark = filled & other[obs.label]
+                if mark.any():
+                    lt_col = obs.labeling_type.copy()
+                    lt_col[mark] = obs.code_of(BACKGROUND)
+                    obs.labeling_type = lt_col
     n = len(flows)
     lt, strings, is_pkg, multi = _lifetimes(obs)
     index = {s: i for i, s in enumerate(strings)}
@@ -621,6 +657,9 @@ def correlate(
     }
     if targets:
         report["target_flows"] = int(sum(1 for x in out_label[exact] if x in targets))
+    bg = out_type == BACKGROUND
+    report["background"] = int(bg.sum())
+    out_src[bg] = np.array(["uid-map+" + str(x) for x in out_src[bg].tolist()], dtype=object)
     labels = {"BF_label": out_label, "BF_sublabel": out_sub, "BF_labeling_type": out_type,
               "BF_label_source": out_src, "BF_candidates": out_cand}
     return CorrelationResult(labels=labels, report=report, clock_offset=offset)

@@ -73,7 +73,7 @@ class LabelResult:
         q = self.quality
         n = q["totals"]["flows"]
         parts = [f"{n:,} bi-flows"]
-        for t in ("exact", "resolver", "ambiguous", "unlabelled"):
+        for t in ("exact", "background", "resolver", "ambiguous", "unlabelled"):
             k = q["by_type"].get(t, {}).get("flows", 0)
             if k:
                 parts.append(f"{k:,} {t}")

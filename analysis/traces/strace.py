@@ -9,8 +9,16 @@ Understood shapes (any mix of them in one file):
 * ``-tt``/``-t`` time of day (needs the day: ``date=``, from the run manifest or
   ``--date``; midnight wrap is followed), ``-ttt`` epoch seconds, no time at all;
 * ``-T`` durations, ``-y``/``-yy`` fd decorations (``3<TCP:[a:p->b:q]>``, ``UDPv6:[...]``,
-  ``TCP:[inode]``) or none;
+  ``TCP:[inode]``), ``46<socket:[98770]>`` (strace's own socket lookup failed: no
+  protocol, no addresses; strace ``src/socketutils.c``) or none (a bare ``46``);
 * ``<unfinished ...>`` joined with ``<... name resumed>`` per pid, timed at the entry.
+
+Socket identity comes from the strongest evidence on the line: the ``-yy`` decoration's
+addresses, else the syscall's own sockaddr (``connect``/``sendto``/``sendmsg``/``bind``;
+a socket of unknown type stands for TCP and UDP), else the kernel inode of a
+``socket:[inode]``/``TCP:[inode]`` decoration, which the observation keeps as its socket
+id (:func:`analysis.traces.model.inode_sock_id`) so the correlator takes the ports from
+the netstat poller's row of that inode.
 
 Damaged lines never stop a parse: :class:`ParseStats` counts them by reason
 (``garbage``, ``truncated last line``, ``unmatched resumed``, ...).
@@ -35,6 +43,7 @@ from analysis.traces.model import (
     ParseStats,
     SocketObservation,
     Syscall,
+    inode_sock_id,
     make_observation,
     make_syscall,
     new_sock_id,
@@ -351,6 +360,12 @@ class _Sock:
     remote_ip: str | None = None
     remote_port: int | None = None
     inet: bool = True  # False for AF_UNIX, netlink, ...
+    inode: int | None = None  # kernel inode, from a socket:[N] / TCP:[N] decoration
+
+    def set_inode(self, inode: int) -> None:
+        if self.inode is None:
+            self.inode = inode
+            self.sock = inode_sock_id(inode)
 
 
 def _endpoint(text: str) -> tuple[str | None, int | None]:
@@ -386,23 +401,29 @@ def _all_sockaddrs(args: str) -> list[tuple[str | None, int]]:
 
 
 def _parse_first_arg(first: str) -> tuple:
-    """``84<TCPv6:[[::1]:5->[::1]:6]>`` -> (fd, proto, inet, (lip, lport)|None, (rip, rport)|None).
+    """``84<TCPv6:[[::1]:5->[::1]:6]>`` -> (fd, proto, inet, (lip, lport)|None,
+    (rip, rport)|None, inode|None).
 
-    ``inet`` is None without a decoration, False for non-inet sockets.
+    ``inet`` is None without a decoration or with strace's ``socket:[inode]`` (a socket
+    of unknown family, the inode known), False for non-inet sockets.
     """
     m = _RE_DECOR.match(first)
     if m is None:
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     fd = int(m.group(1))
     kind = m.group(2)
     if kind is None:
-        return fd, None, None, None, None
+        return fd, None, None, None, None, None
+    inner = m.group(3)
+    if kind == "socket":
+        return fd, None, None, None, None, int(inner) if inner.isdigit() else None
     proto = _DECOR_PROTO.get(kind)
     if proto is None:
-        return fd, None, False, None, None
-    inner = m.group(3)
+        return fd, None, False, None, None, None
+    if inner.isdigit():
+        return fd, proto, True, None, None, int(inner)
     local = remote = None
-    if inner and not inner.isdigit():
+    if inner:
         lt, sep, rt = inner.partition("->")
         ip, port = _endpoint(lt)
         if port:
@@ -411,12 +432,15 @@ def _parse_first_arg(first: str) -> tuple:
             ip, port = _endpoint(rt)
             if port:
                 remote = (ip, port)
-    return fd, proto, True, local, remote
+    return fd, proto, True, local, remote, None
 
 
-def _other_socket(s: _Sock, proto: int | None, local: tuple | None) -> bool:
+def _other_socket(s: _Sock, proto: int | None, local: tuple | None, inode: int | None) -> bool:
     """Whether a -yy decoration shows a different socket than the one tracked on its fd:
-    another protocol, another local port, or no address where one was bound."""
+    another inode, another protocol, another local port, or no address where one was
+    bound."""
+    if inode is not None and s.inode is not None:
+        return s.inode != inode
     if s.proto is not None and proto is not None and s.proto != proto:
         return True
     if local is None:
@@ -440,7 +464,7 @@ class _Tracker:
     def _obs(self, c: Syscall, s: _Sock, kind: str, remote: tuple[str | None, int | None] | None = None
              ) -> SocketObservation | None:
         rip, rport = remote if remote is not None else (s.remote_ip, s.remote_port)
-        if s.local_port is None and rport is None:
+        if s.local_port is None and rport is None and s.inode is None:
             return None
         return make_observation(
             c.ts, "strace", s.proto or 0, s.local_ip, s.local_port, rip, rport, kind, c.pid,
@@ -455,21 +479,29 @@ class _Tracker:
             d = self.decor_cache[first] = _parse_first_arg(first)
             if len(self.decor_cache) > 100_000:
                 self.decor_cache.clear()
-        fd, proto, inet, local, remote = d
+        fd, proto, inet, local, remote, inode = d
         if fd is None:
             return -1, None
         s = self.fds.get(fd)
-        if inet is None:  # no decoration
+        if inet is None:  # no decoration, or socket:[inode] (family unknown)
+            if inode is not None:
+                if s is None or (s.inode is not None and s.inode != inode):
+                    # Maybe inet: the sockaddrs of its calls and the netstat row of its
+                    # inode tell; without either it yields nothing usable.
+                    s = self.fds[fd] = _Sock(new_sock_id(), None)
+                s.set_inode(inode)
             return fd, s
         if not inet:  # UNIX, NETLINK, ...
             if s is None or s.inet:
                 s = self.fds[fd] = _Sock(new_sock_id(), None, inet=False)
             return fd, s
-        if s is None or not s.inet or _other_socket(s, proto, local):
+        if s is None or not s.inet or _other_socket(s, proto, local, inode):
             # (A close strace did not show, e.g. before it attached, reused the fd.)
             s = self.fds[fd] = _Sock(new_sock_id(), proto)
         elif s.proto is None:
             s.proto = proto
+        if inode is not None:
+            s.set_inode(inode)
         if local is not None:
             s.local_port = local[1]
             if local[0] is not None:  # a wildcard never hides the address getsockname gave
@@ -498,9 +530,12 @@ class _Tracker:
         if decor:
             kind, _, inner = decor.partition(":")
             p = _DECOR_PROTO.get(kind)
+            body = inner[1:-1] if inner.startswith("[") and inner.endswith("]") else inner
             if p is not None:
                 s.proto, s.inet = p, True
-                self._apply_decor(s, inner.strip("[]") if inner.startswith("[") else inner)
+                self._apply_decor(s, body)
+            if (p is not None or kind == "socket") and body.isdigit():
+                s.set_inode(int(body))
         self.fds[fd] = s
         return s
 
