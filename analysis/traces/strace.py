@@ -64,6 +64,36 @@ _RE_RESUMED = re.compile(
     r"(?:<(\S*)>)?(?: (E[A-Z0-9_]+)(?: \([^)]*\))?)?(?: \(.*?\))?(?: <\d+\.\d+>)?\s*$"
 )
 _RE_OTHER = re.compile(_PREFIX + r"(?:---|\+\+\+|strace: )")
+# strace's own messages as a shell shows them ("/data/local/strace: Process 2815 attached").
+_RE_STRACE_MSG = re.compile(r"^\S*strace: ")
+_RE_AVC = re.compile(r"avc: +denied +\{ *([a-z_ ]+?) *\}.*?comm=\"?strace")
+
+# What strace's own messages say when tracing failed, in the words a user can act on.
+_FAILURES = (
+    (re.compile(r"wait4\(__WALL\): Permission denied"),
+     "SELinux denied strace the traced process's signals (wait4(__WALL): Permission denied; "
+     "Magisk issue 596): the process ran untraced"),
+    (re.compile(r"attach: ptrace\(PTRACE_(?:SEIZE|ATTACH)[^)]*\): Operation not permitted"),
+     "ptrace attach refused (Operation not permitted): a vendor ptrace block, an app that "
+     "traces itself, or yama ptrace_scope"),
+    (re.compile(r"attach: ptrace\(PTRACE_(?:SEIZE|ATTACH)[^)]*\): Permission denied"),
+     "ptrace attach denied (Permission denied): SELinux policy forbids strace"),
+    (re.compile(r"Can't open .*: (?:File name too long|No such file or directory)"),
+     "strace could not open its log file (a hostile process name?)"),
+)
+
+
+def strace_failure(text: str) -> str | None:
+    """Why tracing failed, read from strace's (or its launcher's) own output; None when
+    nothing there says so. Recognises SELinux's ``avc: denied { sigchld }`` followed by
+    ``wait4(__WALL): Permission denied`` (Magisk issue 596) and refused ptrace attaches."""
+    for rx, why in _FAILURES:
+        if rx.search(text):
+            return why
+    m = _RE_AVC.search(text)
+    if m is not None:
+        return f"SELinux denied strace {{ {m.group(1)} }} (avc: denied)"
+    return None
 _RE_LAUNCHER_NAME = re.compile(r"^strace\.(\d+)\.(.+)\.log$")
 
 NAN = float("nan")
@@ -308,6 +338,15 @@ def _parse(lines: Iterable[str], path: str | None, date, utc_offset: float, defa
                 continue
         if other(line) is not None and ("---" in line or "+++" in line or "strace: " in line):
             st.note("signals and exits")
+            if "SIGSYS" in line and "SYS_SECCOMP" in line:
+                st.note("seccomp SIGSYS")
+            last_ok = True
+            continue
+        if _RE_STRACE_MSG.match(line) is not None or " avc: " in line:
+            st.note("strace messages" if " avc: " not in line else "SELinux denials")
+            why = strace_failure(line)
+            if why is not None and why not in st.warnings:
+                st.warnings.append(f"{path or 'strace log'}: {why}")
             last_ok = True
             continue
         if not line.strip():
