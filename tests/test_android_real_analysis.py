@@ -170,6 +170,39 @@ def test_socket_inode_decoration_keeps_connect_and_sends() -> None:
                      ("close", "1.2.3.4", 443), ("send", "9.9.9.9", 53)]
 
 
+@pytest.mark.parametrize("form", ["yy", "inode"])
+def test_a_close_overtaken_by_another_threads_socket_stays_with_the_old_socket(form: str) -> None:
+    """Seen in a real -yy log: thread 8132's close(3) is <unfinished ...> while thread
+    8133's socket() gets fd 3; the close resumes after it. The close names the old socket
+    (another family, or another inode): the new socket keeps its own identity."""
+    old = "UDP:[10.99.0.2:35774->10.99.0.1:9000]" if form == "yy" else "socket:[420900]"
+    new_ret = "UDPv6:[420965]" if form == "yy" else "socket:[420965]"
+    new = "UDPv6:[[::]:42276]" if form == "yy" else "socket:[420965]"
+    lines = [
+        "8132  1.000100 socket(AF_INET, SOCK_DGRAM|SOCK_CLOEXEC, IPPROTO_IP) = 3"
+        + ("<UDP:[420900]>" if form == "yy" else "<socket:[420900]>"),
+        f'8132  1.000200 sendto(3<{old}>, "u", 1, 0, NULL, 0) = 1' if form == "yy" else
+        '8132  1.000200 sendto(3<socket:[420900]>, "u", 1, 0, {sa_family=AF_INET, '
+        'sin_port=htons(9000), sin_addr=inet_addr("10.99.0.1")}, 16) = 1',
+        "8133  1.001346 socket(AF_INET6, SOCK_DGRAM|SOCK_CLOEXEC, IPPROTO_IP <unfinished ...>",
+        f"8132  1.001352 close(3<{old}> <unfinished ...>",
+        f"8133  1.001382 <... socket resumed>) = 3<{new_ret}>",
+        "8132  1.001439 <... close resumed>) = 0",
+        f'8133  1.001615 sendto(3<{new_ret}>, "ping", 4, 0, {{sa_family=AF_INET6, '
+        'sin6_port=htons(9000), sin6_flowinfo=htonl(0), inet_pton(AF_INET6, "fd99::1", '
+        "&sin6_addr), sin6_scope_id=0}, 28) = 4",
+        f'8133  1.001826 recvfrom(3<{new}>, "ping", 100, 0, NULL, NULL) = 4',
+        f"8133  1.002427 close(3<{new}>) = 0",
+    ]
+    obs = list(iter_socket_observations(lines, process="app.a"))
+    (send,) = [o for o in obs if o.remote_ip == "fd99::1"]
+    v6 = [o for o in obs if o.sock == send.sock]
+    assert [o.kind for o in v6] == ["send", "recv", "close"]
+    assert all(o.local_ip is None and o.local_port in (None, 42276) for o in v6)
+    v4 = [o for o in obs if o.sock != send.sock]
+    assert {o.remote_ip for o in v4} == {"10.99.0.1"} and "close" in {o.kind for o in v4}
+
+
 # ----------------------------------------------------------------------------- netstat
 
 def test_proc_net_xcrash65_rows() -> None:
@@ -277,11 +310,10 @@ def undecorate(text: str, form: str, inodes: dict[tuple[int, int], int]) -> str:
     A decoration's inode is the one strace printed for that fd (``TCP:[1001]``), else the
     netstat row's of its (protocol, local port), else a made-up one.
     """
-    by_fd: dict[tuple[str, int], int] = {}
+    by_fd: dict[int, int] = {}  # per log: the threads of one process share their fds
     made = iter(range(900_000_000, 1_000_000_000))
     out = []
     for line in text.splitlines(keepends=True):
-        pid = line.split(" ", 1)[0]
 
         def sub(m: re.Match[str]) -> str:
             fd, kind, inner = int(m.group(1)), m.group(2), m.group(3)
@@ -289,7 +321,7 @@ def undecorate(text: str, form: str, inodes: dict[tuple[int, int], int]) -> str:
                 return m.group(0)
             if form == "bare":
                 return str(fd)
-            key = (pid, fd)
+            key = fd
             if inner.isdigit():
                 by_fd[key] = int(inner)
             elif key not in by_fd:
@@ -303,7 +335,7 @@ def undecorate(text: str, form: str, inodes: dict[tuple[int, int], int]) -> str:
         if " close(" in line:
             fd = re.search(r" close\((\d+)", line)
             if fd:
-                by_fd.pop((pid, int(fd.group(1))), None)
+                by_fd.pop(int(fd.group(1)), None)
     return "".join(out)
 
 

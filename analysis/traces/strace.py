@@ -400,6 +400,8 @@ class _Sock:
     remote_port: int | None = None
     inet: bool = True  # False for AF_UNIX, netlink, ...
     inode: int | None = None  # kernel inode, from a socket:[N] / TCP:[N] decoration
+    created: float = NAN  # when socket()/accept() was entered (NaN: unknown)
+    family: int = 0  # 4 or 6 (AF_INET/AF_INET6), 0 when unknown
 
     def set_inode(self, inode: int) -> None:
         if self.inode is None:
@@ -444,7 +446,8 @@ def _parse_first_arg(first: str) -> tuple:
     (rip, rport)|None, inode|None).
 
     ``inet`` is None without a decoration or with strace's ``socket:[inode]`` (a socket
-    of unknown family, the inode known), False for non-inet sockets.
+    of unknown family, the inode known), False for non-inet sockets, else the address
+    family of the decoration (4 for ``TCP``/``UDP``, 6 for ``TCPv6``/``UDPv6``).
     """
     m = _RE_DECOR.match(first)
     if m is None:
@@ -460,7 +463,7 @@ def _parse_first_arg(first: str) -> tuple:
     if proto is None:
         return fd, None, False, None, None, None
     if inner.isdigit():
-        return fd, proto, True, None, None, int(inner)
+        return fd, proto, 6 if kind.endswith("v6") else 4, None, None, int(inner)
     local = remote = None
     if inner:
         lt, sep, rt = inner.partition("->")
@@ -471,15 +474,18 @@ def _parse_first_arg(first: str) -> tuple:
             ip, port = _endpoint(rt)
             if port:
                 remote = (ip, port)
-    return fd, proto, True, local, remote, None
+    return fd, proto, 6 if kind.endswith("v6") else 4, local, remote, None
 
 
-def _other_socket(s: _Sock, proto: int | None, local: tuple | None, inode: int | None) -> bool:
+def _other_socket(s: _Sock, proto: int | None, local: tuple | None, inode: int | None,
+                  family: int) -> bool:
     """Whether a -yy decoration shows a different socket than the one tracked on its fd:
-    another inode, another protocol, another local port, or no address where one was
-    bound."""
+    another inode, address family or protocol, another local port, or no address where
+    one was bound."""
     if inode is not None and s.inode is not None:
         return s.inode != inode
+    if s.family and family and s.family != family:
+        return True
     if s.proto is not None and proto is not None and s.proto != proto:
         return True
     if local is None:
@@ -494,6 +500,7 @@ class _Tracker:
                  uid: int | None, st: ParseStats) -> None:
         self.fds: dict[int, _Sock] = {}
         self.decor_cache: dict[str, tuple] = {}
+        self.by_inode: dict[int, _Sock] = {}  # kernel inode -> its socket
         self.process = process
         self.label = label
         self.sublabel = sublabel
@@ -522,25 +529,46 @@ class _Tracker:
         if fd is None:
             return -1, None
         s = self.fds.get(fd)
+        if s is not None and c.ts < s.created:
+            # Entered before the socket now on this fd existed (a close or send of the
+            # fd's previous socket that another thread's socket() overtook while it was
+            # <unfinished ...>): it belongs to that older socket, not this one.
+            s = _Sock(new_sock_id(), proto, inet=inet is not False, family=inet or 0)
+            if local is not None:
+                s.local_ip, s.local_port = local
+            if remote is not None:
+                s.remote_ip, s.remote_port = remote
+            return fd, s
+        if inode is not None and (s is None or s.inode != inode):
+            old = self.by_inode.get(inode)
+            if old is not None:
+                if s is None:
+                    self.fds[fd] = old
+                # else: a call of the fd's previous socket that another thread's
+                # socket() overtook while it was <unfinished ...>: not the current one.
+                return fd, old
         if inet is None:  # no decoration, or socket:[inode] (family unknown)
             if inode is not None:
                 if s is None or (s.inode is not None and s.inode != inode):
                     # Maybe inet: the sockaddrs of its calls and the netstat row of its
                     # inode tell; without either it yields nothing usable.
                     s = self.fds[fd] = _Sock(new_sock_id(), None)
-                s.set_inode(inode)
+                self._set_inode(s, inode)
             return fd, s
         if not inet:  # UNIX, NETLINK, ...
             if s is None or s.inet:
                 s = self.fds[fd] = _Sock(new_sock_id(), None, inet=False)
             return fd, s
-        if s is None or not s.inet or _other_socket(s, proto, local, inode):
-            # (A close strace did not show, e.g. before it attached, reused the fd.)
-            s = self.fds[fd] = _Sock(new_sock_id(), proto)
+        if s is None or not s.inet or _other_socket(s, proto, local, inode, inet):
+            # (A close strace did not show, e.g. before it attached, reused the fd; or a
+            # call of the fd's previous socket that another thread's socket() overtook.)
+            s = self.fds[fd] = _Sock(new_sock_id(), proto, family=inet)
         elif s.proto is None:
             s.proto = proto
+        if not s.family:
+            s.family = inet
         if inode is not None:
-            s.set_inode(inode)
+            self._set_inode(s, inode)
         if local is not None:
             s.local_port = local[1]
             if local[0] is not None:  # a wildcard never hides the address getsockname gave
@@ -548,6 +576,13 @@ class _Tracker:
         if remote is not None:
             s.remote_ip, s.remote_port = remote
         return fd, s
+
+    def _set_inode(self, s: _Sock, inode: int) -> None:
+        if s.inode is None:
+            s.set_inode(inode)
+            self.by_inode[inode] = s
+            if len(self.by_inode) > 200_000:
+                self.by_inode.clear()
 
     @staticmethod
     def _apply_decor(s: _Sock, inner: str) -> None:
@@ -572,9 +607,10 @@ class _Tracker:
             body = inner[1:-1] if inner.startswith("[") and inner.endswith("]") else inner
             if p is not None:
                 s.proto, s.inet = p, True
+                s.family = 6 if kind.endswith("v6") else 4
                 self._apply_decor(s, body)
             if (p is not None or kind == "socket") and body.isdigit():
-                s.set_inode(int(body))
+                self._set_inode(s, int(body))
         self.fds[fd] = s
         return s
 
@@ -589,7 +625,10 @@ class _Tracker:
             proto = 6 if "SOCK_STREAM" in a else 17 if "SOCK_DGRAM" in a else None
             if inet and proto is None:
                 inet = False  # raw sockets and friends
-            self._new(c.retval, c.ret_decor, proto, inet)
+            ns = self._new(c.retval, c.ret_decor, proto, inet)
+            ns.created = c.ts
+            if not ns.family and inet:
+                ns.family = 6 if a.startswith(("AF_INET6", "PF_INET6")) else 4
             return
         if name in ("accept", "accept4"):
             if c.retval is None or c.retval < 0:
@@ -598,6 +637,7 @@ class _Tracker:
             if ls is not None and not ls.inet:
                 return
             s = self._new(c.retval, c.ret_decor, ls.proto if ls else 6, True)
+            s.created = c.ts
             if s.local_port is None and ls is not None:
                 s.local_ip, s.local_port = ls.local_ip, ls.local_port
             sa = _sockaddr(c.args)
@@ -619,7 +659,8 @@ class _Tracker:
         fd, s = self._fd(c)
         if name == "close":
             if s is not None:
-                del self.fds[fd]
+                if self.fds.get(fd) is s:
+                    del self.fds[fd]
                 if s.inet:
                     o = self._obs(c, s, "close")
                     if o is not None:
