@@ -200,7 +200,7 @@ def test_a_close_overtaken_by_another_threads_socket_stays_with_the_old_socket(f
     assert [o.kind for o in v6] == ["send", "recv", "close"]
     assert all(o.local_ip is None and o.local_port in (None, 42276) for o in v6)
     v4 = [o for o in obs if o.sock != send.sock]
-    assert {o.remote_ip for o in v4} == {"10.99.0.1"} and "close" in {o.kind for o in v4}
+    assert "10.99.0.1" in {o.remote_ip for o in v4} and "close" in {o.kind for o in v4}
 
 
 # ----------------------------------------------------------------------------- netstat
