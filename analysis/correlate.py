@@ -22,7 +22,10 @@ Matching, per flow:
    separates a port reused by two apps (or by an untraced one) seconds apart.
 2. *remote endpoint*: for flows without any tuple match, lifetimes whose device-side
    port is unknown but whose remote endpoint and time fit (a TCP lifetime that starts
-   with a connect must also start within ``tolerance`` of the flow's SYN).
+   with a connect must also start within ``tolerance`` of the flow's SYN). Such a match
+   is ``ambiguous`` when a socket of another app talked to the same endpoint within
+   ``remote_doubt_window`` seconds of the flow (without a local port nothing tells
+   them apart).
 3. Unexplained flows to port 53 or 853 (DNS from the system resolver, not the app) get
    ``dns_resolver_label`` (type ``resolver``); so do such flows that only a uid-level
    source (netstat, PCAPdroid) explains, because Android's resolver gives its query
@@ -441,6 +444,7 @@ def correlate(
     uid_map: dict[int, Any] | None = None,
     tolerance: float = 1.0,
     refine_window: float = 30.0,
+    remote_doubt_window: float = 1.0,
     min_clock_pairs: int = 3,
 ) -> CorrelationResult:
     """Label each flow from socket observations (see the module docstring for the rules).
@@ -541,11 +545,20 @@ def correlate(
     # One connect() makes one TCP connection. When more SYN flows compete for a flow's
     # connect() lifetimes than there are such lifetimes, something untraced also talked
     # to that endpoint then, so none of the competing flows is certain.
+    # A flow the tuple stage gave the lifetime's app (its SYN as near the connect) also
+    # claims it: without a local port the lifetime may be that flow's socket.
     if len(pb.f):
         claimed = np.isfinite(connect[pb.iv]) & flows.has_syn[pb.f]
         if claimed.any():
             cf, civ = pb.f[claimed], pb.iv[claimed]
             per_iv = np.bincount(civ, minlength=lt.n)  # flows claiming each lifetime
+            done = np.nonzero(flows.has_syn & (fdst >= 0) & (ra["ndist"] == 1))[0]
+            for f, pos in _expand(b_key, f_key_b, done):
+                iv = b_iv[pos]
+                ok = np.isfinite(connect[iv]) & (lt.label[iv] == ra["label"][f])
+                ok &= np.abs(connect[iv] - flows.syn_ts[f]) <= tolerance
+                ok &= (lt.lip[iv] < 0) | (lt.lip[iv] == fsrc[f])
+                per_iv += np.bincount(iv[ok], minlength=lt.n)
             per_f = np.bincount(cf, minlength=n)  # lifetimes each flow may be
             worst = np.zeros(n, dtype=np.int64)
             np.maximum.at(worst, cf, per_iv[civ])
@@ -556,6 +569,23 @@ def correlate(
             remote_doubt = 0
     else:
         remote_doubt = 0
+    # A flow matched by remote endpoint alone is certain only when no socket of another
+    # app talked to that endpoint near it: an strace entry time can lead the SYN (or
+    # packet) by more than the tolerance on a loaded phone, and without a local port
+    # nothing else tells two apps' sockets to one server apart.
+    near_other = 0
+    one_b = need_b[rb["ndist"][need_b] == 1]
+    if len(one_b):
+        w = max(tolerance, remote_doubt_window)
+        hit = np.zeros(n, dtype=bool)
+        for f, pos in _expand(b_key, f_key_b, one_b):
+            iv = b_iv[pos]
+            ok = (start[iv] - w <= last[f]) & (end[iv] + w >= first[f])
+            ok &= (lt.lip[iv] < 0) | (lt.lip[iv] == fsrc[f])
+            ok &= lt.label[iv] != rb["label"][f]
+            hit[f[ok]] = True
+        rb["ndist"][hit & (rb["ndist"] == 1)] = 2
+        near_other = int(hit.sum())
 
     # Assemble.
     out_label = np.full(n, UNKNOWN, dtype=object)
@@ -650,6 +680,7 @@ def correlate(
         "stages": stage_counts,
         "tightened": tightened,
         "remote_competing": remote_doubt,
+        "remote_near_other_app": near_other,
         "strace_netstat": {"both": int(both_mask.sum()), "agree": agree,
                            "disagree": int(both_mask.sum()) - agree},
         "clock": {**clock, "offset_used": offset, "tolerance": tolerance,
