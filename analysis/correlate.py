@@ -688,8 +688,9 @@ def correlate(
     }
     if targets:
         report["target_flows"] = int(sum(1 for x in out_label[exact] if x in targets))
-    bg = out_type == BACKGROUND
-    report["background"] = int(bg.sum())
+    report["background"] = int((out_type == BACKGROUND).sum())
+    # (A CSV row of type background, e.g. labels.csv applied again, keeps source csv.)
+    bg = (out_type == BACKGROUND) & np.isin(out_src, ("netstat", "pcapdroid"))
     out_src[bg] = np.array(["uid-map+" + str(x) for x in out_src[bg].tolist()], dtype=object)
     labels = {"BF_label": out_label, "BF_sublabel": out_sub, "BF_labeling_type": out_type,
               "BF_label_source": out_src, "BF_candidates": out_cand}
