@@ -22,7 +22,10 @@ Matching, per flow:
    separates a port reused by two apps (or by an untraced one) seconds apart.
 2. *remote endpoint*: for flows without any tuple match, lifetimes whose device-side
    port is unknown but whose remote endpoint and time fit (a TCP lifetime that starts
-   with a connect must also start within ``tolerance`` of the flow's SYN).
+   with a connect must also start within ``tolerance`` of the flow's SYN). Such a match
+   is ``ambiguous`` when a socket of another app talked to the same endpoint within
+   ``remote_doubt_window`` seconds of the flow (without a local port nothing tells
+   them apart).
 3. Unexplained flows to port 53 or 853 (DNS from the system resolver, not the app) get
    ``dns_resolver_label`` (type ``resolver``); so do such flows that only a uid-level
    source (netstat, PCAPdroid) explains, because Android's resolver gives its query
@@ -32,7 +35,12 @@ Matching, per flow:
 
 A socket known only by its uid (no uid -> package map entry) labels the flow
 ``uid:<n>`` with ``BF_labeling_type`` ``unlabelled``; when a package is also known for
-the flow, the uid-only observation is ignored.
+the flow, the uid-only observation is ignored. A socket whose uid the phone's package
+list (``uid_map``) names gets that package; when the package is not one of
+``target_packages`` (an app running in the background during the session) the flow's
+type is ``background`` and its source says how: ``uid-map+netstat`` (or
+``uid-map+pcapdroid``). A process-level source (strace, frida) naming the same package
+for the flow makes it ``exact`` again.
 """
 
 from __future__ import annotations
@@ -44,9 +52,17 @@ from typing import Any
 import numpy as np
 
 from analysis.errors import BadInputError
-from analysis.traces.model import KIND_CODE, SOURCE_CODE, SOURCES, ObservationSet, SocketObservation
+from analysis.traces.model import (
+    INODE_SOCK,
+    KIND_CODE,
+    SOURCE_CODE,
+    SOURCES,
+    ObservationSet,
+    SocketObservation,
+)
 
-LABELING_TYPES = ("exact", "ambiguous", "unlabelled", "most-common", "resolver")
+LABELING_TYPES = ("exact", "ambiguous", "unlabelled", "most-common", "resolver", "background")
+BACKGROUND = "background"  # a non-target app's flow named by the uid -> package map
 UNKNOWN = "unknown"
 DEFAULT_DNS_LABEL = "android:dns-resolver"
 DNS_PORTS = (53, 853)  # DNS and DNS over TLS
@@ -190,22 +206,32 @@ def _lifetimes(obs: ObservationSet) -> tuple[_Lifetimes, list[str], np.ndarray, 
     rows = np.nonzero(keep)[0]
 
     # A socket's local port (and address) is fixed once bound: spread it to all its rows.
+    # A socket known by its kernel inode (strace's socket:[inode], when strace could not
+    # decode it) also takes them, and its protocol, from the netstat rows of that inode.
     has_sock = sock[rows] >= 0
     sk = np.where(has_sock, sock[rows] * 8 + source[rows], -1 - rows)
+    by_inode = sock[rows] >= INODE_SOCK
+    spread = np.where(by_inode, (sock[rows] - INODE_SOCK) * 8 + SOURCE_CODE["netstat"], sk)
+    pr = proto[rows]
     if len(rows):
         uniq, inv = np.unique(sk, return_inverse=True)
-        best = np.full(len(uniq), -1, dtype=np.int64)
-        np.maximum.at(best, inv, lport[rows])
-        lp = np.where(lport[rows] < 0, best[inv], lport[rows])
-        best_ip = np.full(len(uniq), -1, dtype=np.int64)
-        np.maximum.at(best_ip, inv, lip[rows])
-        li = np.where(lip[rows] < 0, best_ip[inv], lip[rows])
+        s_uniq, s_inv = np.unique(spread, return_inverse=True)
+        best = np.full(len(s_uniq), -1, dtype=np.int64)
+        np.maximum.at(best, s_inv, lport[rows])
+        lp = np.where(lport[rows] < 0, best[s_inv], lport[rows])
+        best_ip = np.full(len(s_uniq), -1, dtype=np.int64)
+        np.maximum.at(best_ip, s_inv, lip[rows])
+        li = np.where(lip[rows] < 0, best_ip[s_inv], lip[rows])
+        if by_inode.any():
+            best_pr = np.zeros(len(s_uniq), dtype=np.int64)
+            np.maximum.at(best_pr, s_inv, pr)
+            pr = np.where(pr == 0, best_pr[s_inv], pr)
     else:
         lp = li = np.zeros(0, dtype=np.int64)
         inv = np.zeros(0, dtype=np.int64)
 
     cols = {
-        "proto": proto[rows], "lport": lp, "lip": li, "rip": rip[rows], "rport": rport[rows],
+        "proto": pr, "lport": lp, "lip": li, "rip": rip[rows], "rport": rport[rows],
         "ts": ts[rows], "end": end[rows], "label": label[rows], "sub": sub[rows],
         "ltype": ltype[rows], "source": source[rows], "kind": kind[rows].astype(np.int64),
         "grp": inv,
@@ -418,6 +444,7 @@ def correlate(
     uid_map: dict[int, Any] | None = None,
     tolerance: float = 1.0,
     refine_window: float = 30.0,
+    remote_doubt_window: float = 1.0,
     min_clock_pairs: int = 3,
 ) -> CorrelationResult:
     """Label each flow from socket observations (see the module docstring for the rules).
@@ -428,7 +455,20 @@ def correlate(
     obs = (observations if isinstance(observations, ObservationSet)
            else ObservationSet.from_observations(observations))
     if uid_map:
+        need = (obs.label < 0) & (obs.uid >= 0)
         obs = obs.with_uid_map(uid_map)
+        if target_packages:
+            # Rows the package list named, of an app that is not a target: background.
+            filled = need & (obs.label >= 0) & (obs.labeling_type < 0)
+            if filled.any():
+                tset = set(target_packages)
+                other = np.array([not set(t.split("|")) <= tset for t in obs.strings] + [False],
+                                 dtype=bool)
+                mark = filled & other[obs.label]
+                if mark.any():
+                    lt_col = obs.labeling_type.copy()
+                    lt_col[mark] = obs.code_of(BACKGROUND)
+                    obs.labeling_type = lt_col
     n = len(flows)
     lt, strings, is_pkg, multi = _lifetimes(obs)
     index = {s: i for i, s in enumerate(strings)}
@@ -505,11 +545,20 @@ def correlate(
     # One connect() makes one TCP connection. When more SYN flows compete for a flow's
     # connect() lifetimes than there are such lifetimes, something untraced also talked
     # to that endpoint then, so none of the competing flows is certain.
+    # A flow the tuple stage gave the lifetime's app (its SYN as near the connect) also
+    # claims it: without a local port the lifetime may be that flow's socket.
     if len(pb.f):
         claimed = np.isfinite(connect[pb.iv]) & flows.has_syn[pb.f]
         if claimed.any():
             cf, civ = pb.f[claimed], pb.iv[claimed]
             per_iv = np.bincount(civ, minlength=lt.n)  # flows claiming each lifetime
+            done = np.nonzero(flows.has_syn & (fdst >= 0) & (ra["ndist"] == 1))[0]
+            for f, pos in _expand(b_key, f_key_b, done):
+                iv = b_iv[pos]
+                ok = np.isfinite(connect[iv]) & (lt.label[iv] == ra["label"][f])
+                ok &= np.abs(connect[iv] - flows.syn_ts[f]) <= tolerance
+                ok &= (lt.lip[iv] < 0) | (lt.lip[iv] == fsrc[f])
+                per_iv += np.bincount(iv[ok], minlength=lt.n)
             per_f = np.bincount(cf, minlength=n)  # lifetimes each flow may be
             worst = np.zeros(n, dtype=np.int64)
             np.maximum.at(worst, cf, per_iv[civ])
@@ -520,6 +569,23 @@ def correlate(
             remote_doubt = 0
     else:
         remote_doubt = 0
+    # A flow matched by remote endpoint alone is certain only when no socket of another
+    # app talked to that endpoint near it: an strace entry time can lead the SYN (or
+    # packet) by more than the tolerance on a loaded phone, and without a local port
+    # nothing else tells two apps' sockets to one server apart.
+    near_other = 0
+    one_b = need_b[rb["ndist"][need_b] == 1]
+    if len(one_b):
+        w = max(tolerance, remote_doubt_window)
+        hit = np.zeros(n, dtype=bool)
+        for f, pos in _expand(b_key, f_key_b, one_b):
+            iv = b_iv[pos]
+            ok = (start[iv] - w <= last[f]) & (end[iv] + w >= first[f])
+            ok &= (lt.lip[iv] < 0) | (lt.lip[iv] == fsrc[f])
+            ok &= lt.label[iv] != rb["label"][f]
+            hit[f[ok]] = True
+        rb["ndist"][hit & (rb["ndist"] == 1)] = 2
+        near_other = int(hit.sum())
 
     # Assemble.
     out_label = np.full(n, UNKNOWN, dtype=object)
@@ -614,6 +680,7 @@ def correlate(
         "stages": stage_counts,
         "tightened": tightened,
         "remote_competing": remote_doubt,
+        "remote_near_other_app": near_other,
         "strace_netstat": {"both": int(both_mask.sum()), "agree": agree,
                            "disagree": int(both_mask.sum()) - agree},
         "clock": {**clock, "offset_used": offset, "tolerance": tolerance,
@@ -621,6 +688,10 @@ def correlate(
     }
     if targets:
         report["target_flows"] = int(sum(1 for x in out_label[exact] if x in targets))
+    report["background"] = int((out_type == BACKGROUND).sum())
+    # (A CSV row of type background, e.g. labels.csv applied again, keeps source csv.)
+    bg = (out_type == BACKGROUND) & np.isin(out_src, ("netstat", "pcapdroid"))
+    out_src[bg] = np.array(["uid-map+" + str(x) for x in out_src[bg].tolist()], dtype=object)
     labels = {"BF_label": out_label, "BF_sublabel": out_sub, "BF_labeling_type": out_type,
               "BF_label_source": out_src, "BF_candidates": out_cand}
     return CorrelationResult(labels=labels, report=report, clock_offset=offset)

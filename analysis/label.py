@@ -73,7 +73,7 @@ class LabelResult:
         q = self.quality
         n = q["totals"]["flows"]
         parts = [f"{n:,} bi-flows"]
-        for t in ("exact", "resolver", "ambiguous", "unlabelled"):
+        for t in ("exact", "background", "resolver", "ambiguous", "unlabelled"):
             k = q["by_type"].get(t, {}).get("flows", 0)
             if k:
                 parts.append(f"{k:,} {t}")
@@ -163,11 +163,12 @@ def collect(
     netstat: Sequence[PathLike] = (),
     frida: Sequence[PathLike] = (),
     labels_csv: Sequence[PathLike] = (),
+    pcapdroid: Sequence[PathLike] = (),
     date: str | _dt.date | None = None,
     utc_offset: float = 0.0,
 ) -> tuple[ObservationSet, dict[str, ParseStats], dict[str, list[str]], list[str]]:
     """Every trace parsed: observations, stats per kind of source, files per kind, warnings."""
-    from analysis.traces.csvlabels import iter_csv_labels
+    from analysis.traces.csvlabels import iter_csv_labels, iter_pcapdroid_csv
     from analysis.traces.frida import iter_frida_events
     from analysis.traces.netstat import iter_netstat_observations
     from analysis.traces.strace import iter_socket_observations
@@ -183,7 +184,7 @@ def collect(
             stats, warnings))
     parsers: tuple[tuple[str, Sequence[PathLike], Callable[..., Iterable[Any]]], ...] = (
         ("netstat", netstat, iter_netstat_observations), ("frida", frida, iter_frida_events),
-        ("csv", labels_csv, iter_csv_labels))
+        ("csv", labels_csv, iter_csv_labels), ("pcapdroid", pcapdroid, iter_pcapdroid_csv))
     for kind, paths, fn in parsers:
         for name in paths:
             q = _exists(name, f"{kind} file")
@@ -261,6 +262,7 @@ def label_capture(
     netstat: PathLike | Sequence[PathLike] | None = None,
     frida: PathLike | Sequence[PathLike] | None = None,
     labels_csv: PathLike | Sequence[PathLike] | None = None,
+    pcapdroid: PathLike | Sequence[PathLike] | None = None,
     uid_map: PathLike | Mapping[int, Any] | None = None,
     device_ips: Sequence[str] = (),
     clock_offset: float = 0.0,
@@ -304,11 +306,12 @@ def label_capture(
     targets = [t for t in targets if t]
     obs, stats, files, warnings = collect(strace=s_files, netstat=many(netstat),
                                           frida=many(frida), labels_csv=many(labels_csv),
-                                          date=date)
+                                          pcapdroid=many(pcapdroid), date=date)
     why = _nothing_usable(stats, files)
     if why is not None:
         raise BadInputError(f"nothing usable to label with: {why}",
-                            "give strace logs, a netstat log, frida events or a label CSV")
+                            "give strace logs, a netstat log, frida events, a label CSV or a "
+                            "PCAPdroid export")
     if not len(obs):
         warnings.append("the traces hold no socket events: every flow stays unlabelled")
 
@@ -431,15 +434,21 @@ def label_run(
         named = p.is_dir() or process_from_filename(p) is not None
         strace.setdefault("" if named else (target or ""), []).append(p)
     umap: dict[int, Any] = {}
-    if m.traces.packages:
+    # The phone's package list (``pm list packages -U --show-versioncode``, written by the
+    # session engine): names the uid of every app, background apps included. A manifest
+    # that does not name it still finds RUN_DIR/packages.txt.
+    pk_path = (need(m.traces.packages, "traces.packages") if m.traces.packages
+               else (m.run_dir or Path(run_dir)) / "packages.txt")
+    pk_stats = ParseStats()
+    if pk_path.is_file():
         from analysis.traces.uidmap import load_uid_map
 
-        umap.update(load_uid_map(need(m.traces.packages, "traces.packages")))
+        umap.update(load_uid_map(pk_path, pk_stats))
     for uid, pk in m.uid_map().items():
         umap.setdefault(uid, pk)
     ips = list(device_ips) or ([m.device.ip] if m.device.ip else [])
     started = m.started_at
-    return label_capture(
+    result = label_capture(
         pcaps,
         strace=strace,
         netstat=need(m.traces.netstat, "traces.netstat") if m.traces.netstat else None,
@@ -457,3 +466,7 @@ def label_run(
         date=started.astimezone(_dt.UTC).date() if started is not None else None,
         flow_options=flow_options,
     )
+    if pk_stats.lines and not pk_stats.parsed:
+        result.warnings.append(f"{pk_path}: no package lines, background apps stay uid:N "
+                               f"({pk_stats.summary()})")
+    return result

@@ -39,3 +39,16 @@ def test_demo_labels_every_flow_right_and_leaves_nothing_behind(tmp_path):
     assert truth[0].startswith("proto,local_ip,local_port,remote_ip,remote_port,app,time")
     assert list((out / "runs").rglob("*_MIRAGE-2019_traffic_dataset_labeled_biflows.json"))
     assert not {n for n in _namespaces() - before if n.startswith("ftl-")}
+    # A background app's flow is named by the session's package list, never uid:N while
+    # packages.txt names that uid (the engine writes `pm list packages -U --show-versioncode`).
+    from analysis.traces.uidmap import load_uid_map
+
+    named = 0
+    for labels in (out / "runs").rglob("labels.csv"):
+        known = load_uid_map(labels.parent.parent / "packages.txt")
+        for line in labels.read_text().splitlines()[1:]:
+            lab = line.split(",")[5]
+            if lab.startswith("uid:"):
+                assert int(lab[4:]) not in known, f"{labels}: {lab} although packages.txt names it"
+            named += lab in {p for ps in known.values() for p in ps}
+    assert named > 0

@@ -640,3 +640,56 @@ def test_netns_lab_removes_everything_even_after_a_failure() -> None:
     assert not any(n in listed for n in names)
     assert sleeper.poll() is not None
     assert stray.wait(timeout=5) is not None
+
+
+def test_netns_undecorated_strace_gives_the_same_labels_as_yy(lab_run, labelled) -> None:  # type: ignore[no-untyped-def]
+    """The real launcher's ``-yy`` logs rewritten as strace prints them when its socket
+    lookup fails (``46<socket:[98770]>``, the inode it printed) and without ``-yy`` (bare
+    fds): the capture gets the same labels, from the calls' sockaddrs (and getsockname)
+    and the netstat poller's rows of each inode.
+
+    With getsockname() hidden too, a socket shorter-lived than the poll interval has no
+    known local port; its flow is matched by remote endpoint and connect time, which
+    concurrent connections to one endpoint make ambiguous: never a wrong label."""
+    from analysis.assemble import FlowOptions
+    from analysis.label import label_capture
+    from analysis.traces.netstat import iter_socket_tables
+    from tests.test_android_real_analysis import undecorate
+
+    res, _ = labelled
+    want = list(zip(res.table.label_column("BF_label", "unknown").tolist(),
+                    res.table.label_column("BF_labeling_type", "unlabelled").tolist(),
+                    strict=True))
+    inodes = {(6 if r.table.startswith("tcp") else 17, r.local_port): r.inode
+              for r in iter_socket_tables(lab_run.netstat) if r.inode}
+    for form, hide_port in (("inode", False), ("bare", False), ("inode", True),
+                            ("bare", True)):
+        dirs = {}
+        for pkg, d in lab_run.strace_dirs.items():
+            nd = lab_run.tmp / f"strace_{form}_{hide_port}" / pkg
+            nd.mkdir(parents=True, exist_ok=True)
+            for f in d.glob("strace.*.log"):
+                text = undecorate(f.read_text(), form, inodes)
+                assert "<TCP" not in text and "<UDP" not in text
+                if hide_port:  # as an app that never calls getsockname()
+                    text = "".join(ln for ln in text.splitlines(keepends=True)
+                                   if "getsockname" not in ln)
+                (nd / f.name).write_text(text)
+            dirs[pkg] = nd
+        got = label_capture(
+            [lab_run.pcap], strace={p: [d] for p, d in dirs.items()},
+            netstat=lab_run.netstat, uid_map=lab_run.packages,
+            device_ips=[PHONE_V4, PHONE_V6], flow_options=FlowOptions(idle_timeout=IDLE))
+        labels = list(zip(got.table.label_column("BF_label", "unknown").tolist(),
+                          got.table.label_column("BF_labeling_type", "unlabelled").tolist(),
+                          strict=True))
+        diff = [(i, a, b) for i, (a, b) in enumerate(zip(want, labels, strict=True)) if a != b]
+        sc = score(got.table, lab_run)
+        print(f"\n{form} (getsockname hidden: {hide_port}): {len(diff)} of {len(want)} "
+              f"flows differ, recall {sc.recall:.3f}")
+        assert sc.wrong == [] and sc.untraced_with_traced_label == [], form
+        if not hide_port:
+            assert diff == [], f"{form}: {len(diff)} flows differ, e.g. {diff[:5]}"
+            assert sc.recall >= 0.99, form
+        else:  # flows lose their label (ambiguous), never get a wrong one
+            assert sc.recall >= 0.3, form

@@ -9,18 +9,27 @@ are epoch seconds (without them a row holds for the whole capture); ``labeling_t
 (e.g. ``ndpi``) is passed on to ``BF_labeling_type`` instead of ``exact``. The
 correlator matches a CSV row in either orientation.
 
-**PCAPdroid's connections export** (``ConnectionsRegister.dumpConnectionsCsv`` in
-PCAPdroid's source): a localised header line, then positional columns
-``IPProto, SrcIP, SrcPort, DstIP, DstPort, UID, App, Proto, Status, Info, BytesSent,
-BytesRcvd, PktsSent, PktsRcvd, FirstSeen, LastSeen`` (optionally ``Malicious``), where
-``IPProto`` is 6/17, ``Src`` is the device side, ``App`` the app's display name (not a
-package, so kept as ``process``), ``FirstSeen``/``LastSeen`` epoch milliseconds. The
-package comes from ``UID`` through a uid map (``pm list packages -U``).
+**PCAPdroid's connections export** (``ConnectionsAdapter.dumpConnectionsCsv`` in
+PCAPdroid's source): a header line, then one row per connection. Columns are found by
+their header names, so both layouts read:
+
+* v1.6: ``IPProto, SrcIP, SrcPort, DstIp, DstPort, UID, App, Proto, Status, Info,
+  BytesSent, BytesRcvd, PktsSent, PktsRcvd, FirstSeen, LastSeen`` (16 columns,
+  ``FirstSeen``/``LastSeen`` epoch milliseconds);
+* v1.7.4 and later: ``PackageName`` after ``App`` (17 columns) and, since v1.7.0,
+  ``FirstSeen``/``LastSeen`` in ISO 8601 with the phone's offset
+  (``2026-05-04T12:00:01.123+02:00``).
+
+``IPProto`` is 6/17, ``Src`` is the device side, ``App`` the app's display name (kept as
+``process``). ``PackageName``, when present, is the label; otherwise the package comes
+from ``UID`` through a uid map (``pm list packages -U``). A header whose names are not
+PCAPdroid's (a localised one) falls back to v1.6's positions.
 """
 
 from __future__ import annotations
 
 import csv
+import datetime as _dt
 import math
 import os
 from collections.abc import Iterator
@@ -33,6 +42,8 @@ GENERIC_COLUMNS = ("proto", "local_ip", "local_port", "remote_ip", "remote_port"
 PCAPDROID_COLUMNS = ("IPProto", "SrcIP", "SrcPort", "DstIP", "DstPort", "UID", "App", "Proto",
                      "Status", "Info", "BytesSent", "BytesRcvd", "PktsSent", "PktsRcvd",
                      "FirstSeen", "LastSeen")
+"""v1.6's layout (also the positions used for a header of unknown names)."""
+PCAPDROID_NEEDED = ("IPProto", "SrcIP", "SrcPort", "DstIP", "DstPort", "UID", "FirstSeen")
 _PROTO = {"tcp": 6, "udp": 17, "6": 6, "17": 17}
 
 
@@ -60,6 +71,30 @@ def _time(text: str | None) -> float | None:
     if not math.isfinite(v):
         raise ValueError("time not finite")
     return v
+
+
+def _pcapdroid_time(text: str) -> float | None:
+    """Epoch seconds of a PCAPdroid time: epoch milliseconds (v1.6; seconds tolerated)
+    or ISO 8601 with an offset (v1.7+; without one it is taken as UTC)."""
+    t = text.strip()
+    if not t:
+        return None
+    if "T" in t or (t.count("-") >= 2 and ":" in t):
+        iso = t[:-1] + "+00:00" if t.endswith("Z") else t
+        d = _dt.datetime.fromisoformat(iso)
+        if d.tzinfo is None:
+            d = d.replace(tzinfo=_dt.UTC)
+        return d.timestamp()
+    v = _time(t)
+    if v is not None and v > 1e11:  # milliseconds
+        v /= 1000.0
+    return v
+
+
+def is_pcapdroid_header(header: list[str]) -> bool:
+    """Whether a CSV header is PCAPdroid's (by its column names)."""
+    names = {h.strip().lower() for h in header}
+    return all(c.lower() in names for c in PCAPDROID_NEEDED)
 
 
 def iter_csv_labels(
@@ -118,40 +153,53 @@ def iter_pcapdroid_csv(
     with _open(path) as fh:
         reader = csv.reader(fh)
         header = next(reader, None)
+        if header is not None and header and header[0].startswith("\ufeff"):
+            header[0] = header[0][1:]
         if header is None or len(header) < len(PCAPDROID_COLUMNS):
             raise SchemaError(f"{path}: not a PCAPdroid connections CSV "
                               f"(needs {len(PCAPDROID_COLUMNS)} columns)")
-        for row in reader:
+        names = [h.strip().lower() for h in header]
+        if is_pcapdroid_header(header):
+            col = {n: i for i, n in reversed(list(enumerate(names)))}
+        else:  # a localised header: v1.6's positions
+            col = {c.lower(): i for i, c in enumerate(PCAPDROID_COLUMNS)}
+        i_proto, i_sip, i_sport = col["ipproto"], col["srcip"], col["srcport"]
+        i_dip, i_dport, i_uid = col["dstip"], col["dstport"], col["uid"]
+        i_app, i_pkg = col.get("app"), col.get("packagename")
+        i_first, i_last = col["firstseen"], col.get("lastseen")
+        width = max(i for i in col.values())
+        for lineno, row in enumerate(reader, start=2):
             st.lines += 1
             if not row:
                 continue
-            if len(row) < len(PCAPDROID_COLUMNS):
+            if len(row) <= width:
                 st.skip("short row")
                 continue
             try:
-                proto = _PROTO.get(row[0].strip().lower())
+                proto = _PROTO.get(row[i_proto].strip().lower())
                 if proto is None:
                     st.skip("protocol not TCP/UDP")
                     continue
-                lport, rport = _port(row[2]), _port(row[4])
-                uid = int(row[5]) if row[5].strip().lstrip("-").isdigit() else None
-                first, last = _time(row[14]), _time(row[15])
-            except (ValueError, TypeError):
+                lport, rport = _port(row[i_sport]), _port(row[i_dport])
+                u = row[i_uid].strip()
+                uid = int(u) if u.lstrip("-").isdigit() else None
+                first = _pcapdroid_time(row[i_first])
+                last = _pcapdroid_time(row[i_last]) if i_last is not None else None
+            except (ValueError, TypeError, OverflowError) as e:
                 st.skip("bad row")
+                if len(st.warnings) < 5:
+                    st.warnings.append(f"{path}: line {lineno}: bad row ({e})")
                 continue
-            # PCAPdroid writes milliseconds; tolerate seconds.
-            if first is not None and first > 1e11:
-                first /= 1000.0
-            if last is not None and last > 1e11:
-                last /= 1000.0
             if first is None:
                 st.skip("no time")
                 continue
+            pkg = (row[i_pkg].strip() if i_pkg is not None else "") or None
             st.parsed += 1
             yield SocketObservation(
-                first, "pcapdroid", proto, norm_ip(row[1]), lport, norm_ip(row[3]), rport,
-                "snapshot", uid=None if uid is None or uid < 0 else uid,
-                process=row[6].strip() or None, end_ts=last,
+                first, "pcapdroid", proto, norm_ip(row[i_sip]), lport, norm_ip(row[i_dip]),
+                rport, "snapshot", uid=None if uid is None or uid < 0 else uid,
+                process=(row[i_app].strip() or None) if i_app is not None else None,
+                label=pkg, end_ts=last,
             )
 
 
@@ -191,4 +239,4 @@ def ndpi_flow_labels_to_csv(flow_labels_csv: str | os.PathLike[str],
     return n
 
 
-__all__ = ["iter_csv_labels", "iter_pcapdroid_csv", "ndpi_flow_labels_to_csv", "split_process"]
+__all__ = ["is_pcapdroid_header", "iter_csv_labels", "iter_pcapdroid_csv", "ndpi_flow_labels_to_csv", "split_process"]

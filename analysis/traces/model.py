@@ -37,6 +37,17 @@ def new_sock_id() -> int:
     return next(_SOCK_IDS)
 
 
+INODE_SOCK = 1 << 40
+"""A parser that knows a socket's kernel inode (strace's ``socket:[98770]``) gives it the
+socket id ``INODE_SOCK + inode``: the correlator joins such a socket with the netstat
+rows of that inode (netstat's socket id is the inode itself)."""
+
+
+def inode_sock_id(inode: int) -> int:
+    """The socket id of a socket known by its kernel inode (see :data:`INODE_SOCK`)."""
+    return INODE_SOCK + inode
+
+
 @dataclass(frozen=True, slots=True)
 class Syscall:
     """One system call from an strace log (an ``<unfinished ...>`` call already joined

@@ -9,8 +9,16 @@ Understood shapes (any mix of them in one file):
 * ``-tt``/``-t`` time of day (needs the day: ``date=``, from the run manifest or
   ``--date``; midnight wrap is followed), ``-ttt`` epoch seconds, no time at all;
 * ``-T`` durations, ``-y``/``-yy`` fd decorations (``3<TCP:[a:p->b:q]>``, ``UDPv6:[...]``,
-  ``TCP:[inode]``) or none;
+  ``TCP:[inode]``), ``46<socket:[98770]>`` (strace's own socket lookup failed: no
+  protocol, no addresses; strace ``src/socketutils.c``) or none (a bare ``46``);
 * ``<unfinished ...>`` joined with ``<... name resumed>`` per pid, timed at the entry.
+
+Socket identity comes from the strongest evidence on the line: the ``-yy`` decoration's
+addresses, else the syscall's own sockaddr (``connect``/``sendto``/``sendmsg``/``bind``;
+a socket of unknown type stands for TCP and UDP), else the kernel inode of a
+``socket:[inode]``/``TCP:[inode]`` decoration, which the observation keeps as its socket
+id (:func:`analysis.traces.model.inode_sock_id`) so the correlator takes the ports from
+the netstat poller's row of that inode.
 
 Damaged lines never stop a parse: :class:`ParseStats` counts them by reason
 (``garbage``, ``truncated last line``, ``unmatched resumed``, ...).
@@ -35,6 +43,7 @@ from analysis.traces.model import (
     ParseStats,
     SocketObservation,
     Syscall,
+    inode_sock_id,
     make_observation,
     make_syscall,
     new_sock_id,
@@ -55,6 +64,36 @@ _RE_RESUMED = re.compile(
     r"(?:<(\S*)>)?(?: (E[A-Z0-9_]+)(?: \([^)]*\))?)?(?: \(.*?\))?(?: <\d+\.\d+>)?\s*$"
 )
 _RE_OTHER = re.compile(_PREFIX + r"(?:---|\+\+\+|strace: )")
+# strace's own messages as a shell shows them ("/data/local/strace: Process 2815 attached").
+_RE_STRACE_MSG = re.compile(r"^\S*strace: ")
+_RE_AVC = re.compile(r"avc: +denied +\{ *([a-z_ ]+?) *\}.*?comm=\"?strace")
+
+# What strace's own messages say when tracing failed, in the words a user can act on.
+_FAILURES = (
+    (re.compile(r"wait4\(__WALL\): Permission denied"),
+     "SELinux denied strace the traced process's signals (wait4(__WALL): Permission denied; "
+     "Magisk issue 596): the process ran untraced"),
+    (re.compile(r"attach: ptrace\(PTRACE_(?:SEIZE|ATTACH)[^)]*\): Operation not permitted"),
+     "ptrace attach refused (Operation not permitted): a vendor ptrace block, an app that "
+     "traces itself, or yama ptrace_scope"),
+    (re.compile(r"attach: ptrace\(PTRACE_(?:SEIZE|ATTACH)[^)]*\): Permission denied"),
+     "ptrace attach denied (Permission denied): SELinux policy forbids strace"),
+    (re.compile(r"Can't open .*: (?:File name too long|No such file or directory)"),
+     "strace could not open its log file (a hostile process name?)"),
+)
+
+
+def strace_failure(text: str) -> str | None:
+    """Why tracing failed, read from strace's (or its launcher's) own output; None when
+    nothing there says so. Recognises SELinux's ``avc: denied { sigchld }`` followed by
+    ``wait4(__WALL): Permission denied`` (Magisk issue 596) and refused ptrace attaches."""
+    for rx, why in _FAILURES:
+        if rx.search(text):
+            return why
+    m = _RE_AVC.search(text)
+    if m is not None:
+        return f"SELinux denied strace {{ {m.group(1)} }} (avc: denied)"
+    return None
 _RE_LAUNCHER_NAME = re.compile(r"^strace\.(\d+)\.(.+)\.log$")
 
 NAN = float("nan")
@@ -299,6 +338,15 @@ def _parse(lines: Iterable[str], path: str | None, date, utc_offset: float, defa
                 continue
         if other(line) is not None and ("---" in line or "+++" in line or "strace: " in line):
             st.note("signals and exits")
+            if "SIGSYS" in line and "SYS_SECCOMP" in line:
+                st.note("seccomp SIGSYS")
+            last_ok = True
+            continue
+        if _RE_STRACE_MSG.match(line) is not None or " avc: " in line:
+            st.note("strace messages" if " avc: " not in line else "SELinux denials")
+            why = strace_failure(line)
+            if why is not None and why not in st.warnings:
+                st.warnings.append(f"{path or 'strace log'}: {why}")
             last_ok = True
             continue
         if not line.strip():
@@ -351,6 +399,14 @@ class _Sock:
     remote_ip: str | None = None
     remote_port: int | None = None
     inet: bool = True  # False for AF_UNIX, netlink, ...
+    inode: int | None = None  # kernel inode, from a socket:[N] / TCP:[N] decoration
+    created: float = NAN  # when socket()/accept() was entered (NaN: unknown)
+    family: int = 0  # 4 or 6 (AF_INET/AF_INET6), 0 when unknown
+
+    def set_inode(self, inode: int) -> None:
+        if self.inode is None:
+            self.inode = inode
+            self.sock = inode_sock_id(inode)
 
 
 def _endpoint(text: str) -> tuple[str | None, int | None]:
@@ -386,23 +442,30 @@ def _all_sockaddrs(args: str) -> list[tuple[str | None, int]]:
 
 
 def _parse_first_arg(first: str) -> tuple:
-    """``84<TCPv6:[[::1]:5->[::1]:6]>`` -> (fd, proto, inet, (lip, lport)|None, (rip, rport)|None).
+    """``84<TCPv6:[[::1]:5->[::1]:6]>`` -> (fd, proto, inet, (lip, lport)|None,
+    (rip, rport)|None, inode|None).
 
-    ``inet`` is None without a decoration, False for non-inet sockets.
+    ``inet`` is None without a decoration or with strace's ``socket:[inode]`` (a socket
+    of unknown family, the inode known), False for non-inet sockets, else the address
+    family of the decoration (4 for ``TCP``/``UDP``, 6 for ``TCPv6``/``UDPv6``).
     """
     m = _RE_DECOR.match(first)
     if m is None:
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     fd = int(m.group(1))
     kind = m.group(2)
     if kind is None:
-        return fd, None, None, None, None
+        return fd, None, None, None, None, None
+    inner = m.group(3)
+    if kind == "socket":
+        return fd, None, None, None, None, int(inner) if inner.isdigit() else None
     proto = _DECOR_PROTO.get(kind)
     if proto is None:
-        return fd, None, False, None, None
-    inner = m.group(3)
+        return fd, None, False, None, None, None
+    if inner.isdigit():
+        return fd, proto, 6 if kind.endswith("v6") else 4, None, None, int(inner)
     local = remote = None
-    if inner and not inner.isdigit():
+    if inner:
         lt, sep, rt = inner.partition("->")
         ip, port = _endpoint(lt)
         if port:
@@ -411,12 +474,18 @@ def _parse_first_arg(first: str) -> tuple:
             ip, port = _endpoint(rt)
             if port:
                 remote = (ip, port)
-    return fd, proto, True, local, remote
+    return fd, proto, 6 if kind.endswith("v6") else 4, local, remote, None
 
 
-def _other_socket(s: _Sock, proto: int | None, local: tuple | None) -> bool:
+def _other_socket(s: _Sock, proto: int | None, local: tuple | None, inode: int | None,
+                  family: int) -> bool:
     """Whether a -yy decoration shows a different socket than the one tracked on its fd:
-    another protocol, another local port, or no address where one was bound."""
+    another inode, address family or protocol, another local port, or no address where
+    one was bound."""
+    if inode is not None and s.inode is not None:
+        return s.inode != inode
+    if s.family and family and s.family != family:
+        return True
     if s.proto is not None and proto is not None and s.proto != proto:
         return True
     if local is None:
@@ -431,6 +500,7 @@ class _Tracker:
                  uid: int | None, st: ParseStats) -> None:
         self.fds: dict[int, _Sock] = {}
         self.decor_cache: dict[str, tuple] = {}
+        self.by_inode: dict[int, _Sock] = {}  # kernel inode -> its socket
         self.process = process
         self.label = label
         self.sublabel = sublabel
@@ -440,7 +510,7 @@ class _Tracker:
     def _obs(self, c: Syscall, s: _Sock, kind: str, remote: tuple[str | None, int | None] | None = None
              ) -> SocketObservation | None:
         rip, rport = remote if remote is not None else (s.remote_ip, s.remote_port)
-        if s.local_port is None and rport is None:
+        if s.local_port is None and rport is None and s.inode is None:
             return None
         return make_observation(
             c.ts, "strace", s.proto or 0, s.local_ip, s.local_port, rip, rport, kind, c.pid,
@@ -455,21 +525,50 @@ class _Tracker:
             d = self.decor_cache[first] = _parse_first_arg(first)
             if len(self.decor_cache) > 100_000:
                 self.decor_cache.clear()
-        fd, proto, inet, local, remote = d
+        fd, proto, inet, local, remote, inode = d
         if fd is None:
             return -1, None
         s = self.fds.get(fd)
-        if inet is None:  # no decoration
+        if s is not None and c.ts < s.created:
+            # Entered before the socket now on this fd existed (a close or send of the
+            # fd's previous socket that another thread's socket() overtook while it was
+            # <unfinished ...>): it belongs to that older socket, not this one.
+            s = _Sock(new_sock_id(), proto, inet=inet is not False, family=inet or 0)
+            if local is not None:
+                s.local_ip, s.local_port = local
+            if remote is not None:
+                s.remote_ip, s.remote_port = remote
+            return fd, s
+        if inode is not None and (s is None or s.inode != inode):
+            old = self.by_inode.get(inode)
+            if old is not None:
+                if s is None:
+                    self.fds[fd] = old
+                # else: a call of the fd's previous socket that another thread's
+                # socket() overtook while it was <unfinished ...>: not the current one.
+                return fd, old
+        if inet is None:  # no decoration, or socket:[inode] (family unknown)
+            if inode is not None:
+                if s is None or (s.inode is not None and s.inode != inode):
+                    # Maybe inet: the sockaddrs of its calls and the netstat row of its
+                    # inode tell; without either it yields nothing usable.
+                    s = self.fds[fd] = _Sock(new_sock_id(), None)
+                self._set_inode(s, inode)
             return fd, s
         if not inet:  # UNIX, NETLINK, ...
             if s is None or s.inet:
                 s = self.fds[fd] = _Sock(new_sock_id(), None, inet=False)
             return fd, s
-        if s is None or not s.inet or _other_socket(s, proto, local):
-            # (A close strace did not show, e.g. before it attached, reused the fd.)
-            s = self.fds[fd] = _Sock(new_sock_id(), proto)
+        if s is None or not s.inet or _other_socket(s, proto, local, inode, inet):
+            # (A close strace did not show, e.g. before it attached, reused the fd; or a
+            # call of the fd's previous socket that another thread's socket() overtook.)
+            s = self.fds[fd] = _Sock(new_sock_id(), proto, family=inet)
         elif s.proto is None:
             s.proto = proto
+        if not s.family:
+            s.family = inet
+        if inode is not None:
+            self._set_inode(s, inode)
         if local is not None:
             s.local_port = local[1]
             if local[0] is not None:  # a wildcard never hides the address getsockname gave
@@ -477,6 +576,13 @@ class _Tracker:
         if remote is not None:
             s.remote_ip, s.remote_port = remote
         return fd, s
+
+    def _set_inode(self, s: _Sock, inode: int) -> None:
+        if s.inode is None:
+            s.set_inode(inode)
+            self.by_inode[inode] = s
+            if len(self.by_inode) > 200_000:
+                self.by_inode.clear()
 
     @staticmethod
     def _apply_decor(s: _Sock, inner: str) -> None:
@@ -498,9 +604,13 @@ class _Tracker:
         if decor:
             kind, _, inner = decor.partition(":")
             p = _DECOR_PROTO.get(kind)
+            body = inner[1:-1] if inner.startswith("[") and inner.endswith("]") else inner
             if p is not None:
                 s.proto, s.inet = p, True
-                self._apply_decor(s, inner.strip("[]") if inner.startswith("[") else inner)
+                s.family = 6 if kind.endswith("v6") else 4
+                self._apply_decor(s, body)
+            if (p is not None or kind == "socket") and body.isdigit():
+                self._set_inode(s, int(body))
         self.fds[fd] = s
         return s
 
@@ -515,7 +625,10 @@ class _Tracker:
             proto = 6 if "SOCK_STREAM" in a else 17 if "SOCK_DGRAM" in a else None
             if inet and proto is None:
                 inet = False  # raw sockets and friends
-            self._new(c.retval, c.ret_decor, proto, inet)
+            ns = self._new(c.retval, c.ret_decor, proto, inet)
+            ns.created = c.ts
+            if not ns.family and inet:
+                ns.family = 6 if a.startswith(("AF_INET6", "PF_INET6")) else 4
             return
         if name in ("accept", "accept4"):
             if c.retval is None or c.retval < 0:
@@ -524,6 +637,7 @@ class _Tracker:
             if ls is not None and not ls.inet:
                 return
             s = self._new(c.retval, c.ret_decor, ls.proto if ls else 6, True)
+            s.created = c.ts
             if s.local_port is None and ls is not None:
                 s.local_ip, s.local_port = ls.local_ip, ls.local_port
             sa = _sockaddr(c.args)
@@ -545,7 +659,8 @@ class _Tracker:
         fd, s = self._fd(c)
         if name == "close":
             if s is not None:
-                del self.fds[fd]
+                if self.fds.get(fd) is s:
+                    del self.fds[fd]
                 if s.inet:
                     o = self._obs(c, s, "close")
                     if o is not None:

@@ -46,7 +46,8 @@ def register(app: typer.Typer) -> None:
         netstat: Annotated[Path | None, typer.Option("--netstat", help="the netstat poller's log")] = None,
         frida: Annotated[Path | None, typer.Option("--frida", help="the frida agent's JSON lines")] = None,
         labels_csv: Annotated[Path | None, typer.Option("--labels-csv", help="labels in the generic CSV format")] = None,
-        uid_map: Annotated[Path | None, typer.Option("--uid-map", help="output of `pm list packages -U`")] = None,
+        pcapdroid: Annotated[Path | None, typer.Option("--pcapdroid", help="PCAPdroid's connections CSV export (v1.6 or v1.7+ layout)")] = None,
+        uid_map: Annotated[Path | None, typer.Option("--uid-map", help="output of `pm list packages -U` (with or without --show-versioncode), e.g. a run's packages.txt")] = None,
         device_ip: Annotated[list[str], typer.Option("--device-ip", help="the phone's address (repeatable); default: from the manifest or the traces")] = [],  # noqa: B006
         fmt: Annotated[str, typer.Option("--format", help="MIRAGE layout: mirage2019 or mirage2022")] = "mirage2019",
         out: Annotated[Path | None, typer.Option("-o", "--out", help="output directory (default RUN_DIR/labels)")] = None,
@@ -72,7 +73,7 @@ def register(app: typer.Typer) -> None:
             raise BadInputError("--idle-timeout must be positive")
         opts = FlowOptions(idle_timeout=idle_timeout)
         if run_dir is not None:
-            if pcap or strace or netstat or frida or labels_csv or uid_map:
+            if pcap or strace or netstat or frida or labels_csv or pcapdroid or uid_map:
                 raise BadInputError("give either RUN_DIR or --pcap with traces, not both",
                                     "a run directory's manifest names its files")
             result = label_run(run_dir, out_dir=out, fmt=fmt, device_ips=device_ip,
@@ -85,7 +86,7 @@ def register(app: typer.Typer) -> None:
                 raise BadInputError("--out DIR is needed with --pcap")
             result = label_capture(
                 pcap, strace=parse_strace_args(strace), netstat=netstat, frida=frida,
-                labels_csv=labels_csv, uid_map=uid_map, device_ips=device_ip,
+                labels_csv=labels_csv, pcapdroid=pcapdroid, uid_map=uid_map, device_ips=device_ip,
                 clock_offset=clock_offset or 0.0, targets=target or None, fmt=fmt,
                 out_dir=out, device_model=device_model, device_mac=device_mac,
                 activity=activity, date=date, flow_options=opts)
