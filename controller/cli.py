@@ -43,7 +43,9 @@ for _name in COMMAND_MODULES:
 
 def fail(err: FlowtruthError) -> int:
     """Print one line for a known failure and return its exit status."""
-    sys.stderr.write(f"flowtruth: error: {err.one_line()}\n")
+    from controller.safety import plain
+
+    sys.stderr.write(f"flowtruth: error: {plain(err.one_line())}\n")
     return err.exit_code
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from controller.errors import ControllerError
 
@@ -86,3 +87,24 @@ def markup(value: object) -> str:
     from rich.markup import escape
 
     return escape(plain(value))
+
+
+def clean_event(e: Any) -> Any:
+    """An engine event with :func:`plain` applied to every string field (and the strings in
+    tuple fields): what a front end shows of a phone's answers cannot drive its terminal."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(e) or isinstance(e, type):
+        return e
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(e):
+        v = getattr(e, f.name)
+        if isinstance(v, str):
+            c: Any = plain(v)
+        elif isinstance(v, tuple) and any(isinstance(x, str) for x in v):
+            c = tuple(plain(x) if isinstance(x, str) else x for x in v)
+        else:
+            continue
+        if c != v:
+            changes[f.name] = c
+    return dataclasses.replace(e, **changes) if changes else e

@@ -158,3 +158,79 @@ def test_hostile_phone_cannot_write_outside_the_run_dir(vlab: Any, tmp_path: Pat
         assert pull["ok"] and "refused 3" in pull["detail"]
     finally:
         evil.unlink(missing_ok=True)
+
+
+EVIL_MODEL = "\x1b]0;pwned\x07\x1b[2J[bold red]EVIL[/]\x1b[0m"
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_devices_prints_a_hostile_model_as_inert_text(vlab: Any) -> None:
+    """`flowtruth devices` (the CLI in a subprocess) against a lab phone whose
+    ro.product.model holds an OSC title, a clear-screen and rich markup."""
+    import subprocess
+    import sys
+
+    from tests.vlab_fixture import start_adbd
+
+    ph = vlab.phones[0]
+    ph.kill_adbd()
+    vlab.adb("disconnect", ph.address)
+    ph.config = ph.config.model_copy(update={"model": EVIL_MODEL,
+                                             "manufacturer": "[link=file:///etc]acme"})
+    start_adbd(vlab, ph)
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "devices", "--adb-port",
+                        str(vlab.adb_port), "--no-clock"],
+                       env={**vlab.adb_env, "COLUMNS": "400", "FORCE_COLOR": "1",
+                            "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+                       capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr.decode()
+    out = r.stdout.decode()
+    # rich's own styling is there (FORCE_COLOR), but none of the phone's bytes: no OSC
+    # title, no clear-screen, and its markup printed as text, not applied
+    assert "\x1b]0;" not in out and "\x1b[2J" not in out and "\x07" not in out
+    assert "[bold red]EVIL[/]" in out and "[link=file:///etc]acme" in out
+    assert "pwned" in out  # the text stays visible, only the control bytes are gone
+
+
+def test_tui_shows_a_hostile_model_as_inert_text() -> None:
+    """The TUI (Pilot): a phone's model and warning with ESC sequences and markup."""
+    import asyncio
+
+    pytest.importorskip("textual")
+    from rich.text import Text
+
+    from controller.tui.app import make_app
+    from controller.tui.engine import DEMO_PLAN, DemoEngine
+    from controller.tui.messages import EngineEvent
+    from controller.tui.widgets import DevicesTable
+
+    async def go() -> None:
+        app = make_app(engine=DemoEngine(tick=0.002, ticks_per_step=2), plan=DEMO_PLAN,
+                       ap_probe=None)
+        async with app.run_test(size=(120, 30)) as pilot:
+            serial = "EVIL[b]\x1b[31m01"
+            app.post_message(EngineEvent(ev.DeviceConnected(
+                serial, EVIL_MODEL, "[i]acme", "14", "arm64-v8a", True)))
+            app.post_message(EngineEvent(ev.PreflightWarned(
+                serial, "battery", "low [blink]battery\x1b[5m", "charge it")))
+            for _ in range(100):
+                if len(app.engine_events) == 2:
+                    break
+                await pilot.pause(0.02)
+            await pilot.pause()
+            table = app.query_one(DevicesTable)
+            key = plain(serial)
+            model = table.get_cell(key, "model")
+            assert isinstance(model, Text) and "\x1b" not in model.plain
+            assert model.plain.startswith("]0;pwned[2J[bold red]EVIL[/][0m")
+            assert all(sp.style == "bold yellow" for sp in model.spans)  # only our " !"
+            ser = table.get_cell(key, "serial")
+            assert isinstance(ser, Text) and ser.plain == "EVIL[b][31m01" and not ser.spans
+            # the log and the toast show the same text, markup and ESC inert
+            assert all("\x1b" not in line[2] for line in app.state.log)
+            toast = list(app._notifications)[-1]
+            assert toast.message == "low [blink]battery[5m\nFix: charge it"
+            assert not toast.markup and "\x1b" not in toast.title
+
+    asyncio.run(go())

@@ -108,6 +108,8 @@ def register(app: typer.Typer) -> None:
         if Lab.load() is not None:
             raise LabError("a virtual lab is already running",
                            hint="take it down first: flowtruth lab down")
+        from controller.safety import markup, plain
+
         console = Console()
         out = out.resolve()
         out.mkdir(parents=True, exist_ok=True)
@@ -126,8 +128,9 @@ def register(app: typer.Typer) -> None:
                           f"on port {port})")
             lab = Lab.up(phones=phones, adb_port=port, workdir=out / "lab")
             for p in lab.phones:
-                console.print(f"  {p.name}: {p.config.manufacturer} {p.config.model} "
-                              f"(adb {p.serial}, {p.ip}, clock {p.config.clock_offset_s:+.3f} s)")
+                console.print(plain(f"  {p.name}: {p.config.manufacturer} {p.config.model} "
+                                    f"(adb {p.serial}, {p.ip}, clock "
+                                    f"{p.config.clock_offset_s:+.3f} s)"), markup=False)
             plan = Plan(name="demo", devices=[f"lab:{p.name}" for p in lab.phones],
                         apps=list(APPS), activities=list(ACTIVITIES), wait_scale=wait_scale,
                         output=str(out / "runs"))
@@ -149,7 +152,7 @@ def register(app: typer.Typer) -> None:
                 return "-" if x is None else f"{100 * x:.1f} %"
 
             for name, a in sorted(result["apps"].items()):
-                table.add_row(name, str(a["labelled"]), str(a["correct"]), pct(a["precision"]),
+                table.add_row(markup(name), str(a["labelled"]), str(a["correct"]), pct(a["precision"]),
                               str(a["truth"]), pct(a["recall"]))
             tot = result["total"]
             table.add_row("[bold]all", str(tot["labelled"]), str(tot["correct"]),

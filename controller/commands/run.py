@@ -62,7 +62,9 @@ class RichSink:
 
     def __call__(self, e: Any) -> None:
         from controller import events as ev
+        from controller.safety import clean_event
 
+        e = clean_event(e)  # a phone's strings: no control characters from here on
         with self.lock:
             if isinstance(e, ev.PlanStarted):
                 self.progress.update(self.plan_task, total=e.sessions,
@@ -117,8 +119,11 @@ class RichSink:
             t = Table(expand=True)
             for c in ("device", "state", "session", "step", "scenario step", "last"):
                 t.add_column(c, overflow="fold")
+            from controller.safety import markup
+
             for serial, r in sorted(self.rows.items()):
-                t.add_row(serial, r["state"], r["session"], r["step"], r["scenario"], r["last"])
+                t.add_row(*(markup(c) for c in (serial, r["state"], r["session"], r["step"],
+                                                r["scenario"], r["last"])))
             return Group(self.progress, t)
 
 
@@ -232,6 +237,8 @@ def register(app: typer.Typer) -> None:
                     if serial not in known:
                         connect(client, serial)
             env = environment_for(plan, client=client, interface=interface, netns=netns)
+        from controller.safety import markup, plain
+
         console = Console(stderr=False)
         sink = RichSink(console)
 
@@ -240,27 +247,28 @@ def register(app: typer.Typer) -> None:
             if quiet and isinstance(e, (ev.SessionFinished, ev.SessionFailed)):
                 line = (f"ok      {e.session_id}  {e.run_dir}" if isinstance(e, ev.SessionFinished)
                         else f"FAILED  {e.session_id}  {e.error}")
-                console.print(line, highlight=False)
+                console.print(plain(line), highlight=False, markup=False)
 
         t0 = time.monotonic()
         res = drive(lambda cancel: run_plan(plan, env, out, cancel, resume=resume), sink,
                     console, quiet)
         console.print()
-        summary = Table(title=f"{plan.name}: {len(res.results)} sessions run, "
+        summary = Table(title=f"{markup(plan.name)}: {len(res.results)} sessions run, "
                               f"{len(res.failed)} failed, {len(res.skipped)} skipped "
                               f"({time.monotonic() - t0:.0f} s)")
         for c in ("session", "outcome", "run dir / reason"):
             summary.add_column(c, overflow="fold")
         for r in res.results:
-            summary.add_row(r.session_id, r.outcome,
-                            str(r.run_dir) if r.ok else f"{r.run_dir}\n{r.error}")
+            summary.add_row(markup(r.session_id), r.outcome,
+                            markup(str(r.run_dir) if r.ok else f"{r.run_dir}\n{r.error}"))
         for k in res.skipped:
-            summary.add_row(k, "skipped", "completed before (--resume)")
+            summary.add_row(markup(k), "skipped", "completed before (--resume)")
         console.print(summary)
         if res.capture_record is not None:
-            console.print(f"batch capture: {res.capture_record}", highlight=False)
+            console.print(plain(f"batch capture: {res.capture_record}"), highlight=False,
+                          markup=False)
         for w in sink.warnings:
-            console.print(f"warning: {w}", highlight=False)
+            console.print(plain(f"warning: {w}"), highlight=False, markup=False)
         if res.failed or res.cancelled:
             from controller.errors import ControllerError
 

@@ -276,9 +276,22 @@ class FlowtruthApp(App[None]):
                 s for s in st.sessions.values() if s.status != "queued")
             self.query_one(AppsPanel).show(self.selected_session("results"))
 
+    def notify(self, message: str, *, title: str = "", severity: Any = "information",
+               timeout: float | None = None, markup: bool = False) -> None:
+        """Textual's notify, for text that may come from a phone or a file: control
+        characters removed, and no markup unless asked for (``markup=True``)."""
+        from controller.safety import plain
+
+        super().notify(plain(message) if not markup else message, title=plain(title),
+                       severity=severity, timeout=timeout, markup=markup)
+
     # ------------------------------------------------------------------ handlers
     @on(EngineEvent)
     def handle_engine_event(self, message: EngineEvent) -> None:
+        from controller.safety import clean_event
+
+        # a phone's answers (model, serial, errors) never carry control characters here
+        message.event = clean_event(message.event)
         self.engine_events.append(message.event)
         log_from = len(self.state.log)
         parts = self.state.apply(message.event)
