@@ -6,8 +6,9 @@ Steps (each announced with ``StepStarted``/``StepFinished``)::
     → StopCapture → PullArtifacts → Label → Export
 
 :func:`run_session` never raises for a known failure: it returns a
-:class:`SessionResult` whose outcome is ``completed``, ``failed`` or ``stopped``
-(cancelled), and emits ``SessionFinished`` or ``SessionFailed``. Teardown (stop the
+:class:`SessionResult` whose outcome is ``completed``, ``failed``, ``stopped``
+(cancelled) or ``interrupted`` (the user's Ctrl-C or SIGTERM, through a
+:class:`controller.interrupt.Cancel`), and emits ``SessionFinished`` or ``SessionFailed``. Teardown (stop the
 tracers and poller, kill stragglers on the phone, stop the capture if this session
 started it, split the capture, pull whatever exists) always runs, and the run directory
 keeps every artifact collected so far with a manifest that says why it failed.
@@ -870,7 +871,10 @@ class Session:
             phone = self._stop_phone_tracers()
         except Exception as err:  # raised below, once frida's log is safe
             phone_err = err
-        hung = not done.wait(self.env.frida_stop_timeout_s)
+        from controller.interrupt import hurry
+
+        hung = not done.wait(min(self.env.frida_stop_timeout_s, 3.0) if hurry(self.cancel)
+                             else self.env.frida_stop_timeout_s)
         self.frida_tracer = None
         frida = self._collect_frida(pt)
         if hung:
@@ -913,18 +917,23 @@ class Session:
     def _stop_phone_tracers(self) -> str:
         if not self.tracer_pids:
             return "nothing to stop"
+        from controller.interrupt import hurry
+
         link, d, q = self.link, self.dev_dir, shlex.quote
         pids = " ".join(str(p) for p in self.tracer_pids.values())
-        # stop files, then wait on the phone (one round trip) up to ~8 s for both to exit
+        # stop files, then wait on the phone (one round trip) up to ~8 s for both to exit;
+        # a second Ctrl-C: no grace, the stragglers below are killed at once
+        rounds = 1 if hurry(self.cancel) else 80
         r = root_shell(link, f"touch {q(d)}/strace/strace_launcher.stop {q(d)}/netstat.stop; "
-                             f"i=0; while [ $i -lt 80 ]; do alive=; for p in {pids}; do "
+                             f"i=0; while [ $i -lt {rounds} ]; do alive=; for p in {pids}; do "
                              f'kill -0 $p 2>/dev/null && alive="$alive $p"; done; '
                              f'[ -z "$alive" ] && break; sleep 0.1; i=$((i+1)); done; '
                              f"echo alive:$alive", timeout=30)
         alive = r.stdout.strip().rpartition("alive:")[2].strip()
         killed = ""
         if alive:  # stragglers: TERM the launcher (it stops its stracers), then KILL
-            root_shell(link, f"kill -TERM {alive} 2>/dev/null; sleep 3; "
+            root_shell(link, f"kill -TERM {alive} 2>/dev/null; "
+                             f"sleep {0.5 if hurry(self.cancel) else 3}; "
                              f"kill -KILL {alive} 2>/dev/null; "
                              f"for p in $(cut -d' ' -f2 {q(d)}/strace/strace_launcher.pids "
                              f"2>/dev/null); do kill -KILL $p 2>/dev/null; done; true",
@@ -938,7 +947,10 @@ class Session:
         self.window_end = time.time()
         if cap is None:
             return "no capture"
-        time.sleep(self.env.capture_flush_s)
+        from controller.interrupt import hurry
+
+        if not hurry(self.cancel):
+            time.sleep(self.env.capture_flush_s)
         final = self.owns_capture
         if self.owns_capture:
             stats = cap.stop()
@@ -1219,7 +1231,15 @@ class Session:
         else:
             msg, hint = f"internal error: {type(failure).__name__}: {failure}", None
             self.m["traceback"] = "".join(traceback.format_exception(failure))
-        self.m["outcome"] = "stopped" if stopped else "failed"
+        from controller.interrupt import reason_of
+
+        interrupted = reason_of(self.cancel)  # the user's Ctrl-C/SIGTERM, not a failure
+        if interrupted:
+            if not stopped:  # what broke while stopping is kept, but is not the outcome
+                self.m["errors"].append({"step": "interrupt", "error": msg})
+            msg, hint = interrupted, "the run directory keeps what was collected until then"
+        self.m["outcome"] = ("interrupted" if interrupted else
+                             "stopped" if stopped else "failed")
         self.m["error"] = {"message": msg, "hint": hint, "type": type(failure).__name__}
         self.write_manifest()
         self.emit(ev.SessionFailed(self.session_id, str(self.run_dir), msg, hint or ""))

@@ -120,7 +120,16 @@ def register(app: typer.Typer) -> None:
             subprocess.run(["adb", "-P", str(port), *args], env=adb_env, capture_output=True,
                            stdin=subprocess.DEVNULL, timeout=30)
 
+        import contextlib
+
+        from controller.commands.run import interrupted_error
+        from controller.interrupt import Cancel, interrupts
+
         t0 = time.monotonic()
+        cancel = Cancel()
+        # Ctrl-C/SIGTERM from here on stop the demo cleanly (never half a lab left up)
+        guard = contextlib.ExitStack()
+        guard.enter_context(interrupts(cancel))
         adb("start-server")
         lab = None
         try:
@@ -136,7 +145,14 @@ def register(app: typer.Typer) -> None:
                         output=str(out / "runs"))
             env = Environment.for_lab(lab, runs_root=out / "runs")
             sink = RichSink(console)
-            res = drive(lambda cancel: run_plan(plan, env, sink, cancel), sink, console, quiet)
+            if cancel.reason:  # while the lab came up: run nothing
+                from controller.plan import PlanResult
+
+                raise interrupted_error(cancel, PlanResult(cancelled=True))
+            res = drive(lambda cancel: run_plan(plan, env, sink, cancel), sink, console, quiet,
+                        cancel)
+            if cancel.reason:
+                raise interrupted_error(cancel, res)
             truth = read_truth(lab.truth_path)
             write_truth_csv(truth, out / "truth.csv")
             result = score_runs(res.results, lab, truth)
@@ -165,6 +181,11 @@ def register(app: typer.Typer) -> None:
                 console.print("[bold]taking the virtual lab down[/]")
                 lab.down(keep_workdir=True)
             adb("kill-server")
+            guard.close()
         console.print(f"demo finished in {time.monotonic() - t0:.0f} s")
         if res.failed:
-            raise typer.Exit(1)
+            from controller.errors import ControllerError
+
+            raise ControllerError(f"{len(res.failed)} of {len(res.results)} demo sessions "
+                                  f"failed: {', '.join(r.session_id for r in res.failed)}",
+                                  hint=f"their run directories under {out / 'runs'} say why")

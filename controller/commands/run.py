@@ -131,13 +131,20 @@ _STEPS = ("Preflight", "StartCapture", "PushScripts", "StartTracers", "RunScenar
           "StopTracers", "StopCapture", "PullArtifacts", "Label", "Export")
 
 
-def drive(work: Any, sink: RichSink, console: Any, quiet: bool = False) -> Any:
-    """Run ``work(cancel)`` in a thread under a live display of ``sink``; Ctrl-C cancels
-    cooperatively (the engine tears down) and waits. Returns what ``work`` returned."""
+def drive(work: Any, sink: RichSink, console: Any, quiet: bool = False,
+          cancel: Any = None) -> Any:
+    """Run ``work(cancel)`` in a thread under a live display of ``sink``. The first
+    Ctrl-C or SIGTERM cancels cooperatively (the engine tears down, the manifests say
+    ``interrupted``) and waits; a second one makes the teardown skip its waits
+    (:mod:`controller.interrupt`). Returns what ``work`` returned; ``cancel`` tells
+    whether and why it was interrupted (``cancel.reason``, ``cancel.exit_code``)."""
     from rich.live import Live
 
-    cancel = threading.Event()
+    from controller.interrupt import Cancel, interrupts
+
+    cancel = cancel if cancel is not None else Cancel()
     box: dict[str, Any] = {}
+    told = [0]
 
     def target() -> None:
         try:
@@ -145,26 +152,45 @@ def drive(work: Any, sink: RichSink, console: Any, quiet: bool = False) -> Any:
         except BaseException as err:  # re-raised in the calling thread
             box["error"] = err
 
+    def tell() -> None:  # from the main loop, never from the signal handler
+        n = 2 if cancel.hard.is_set() else 1 if cancel.is_set() and cancel.reason else 0
+        if n > told[0]:
+            told[0] = n
+            console.print(f"{cancel.reason}: stopping, tearing down the running sessions "
+                          "(again to skip the waiting) ..." if n == 1 else
+                          "interrupted again: teardown skips its waits, still stopping "
+                          "what was started ...", highlight=False, markup=False)
+
     t = threading.Thread(target=target, name="plan", daemon=True)
-    try:
+    with interrupts(cancel):
         if quiet:
             t.start()
             while t.is_alive():
                 t.join(0.2)
+                tell()
         else:
             with Live(sink.render(), console=console, refresh_per_second=4,
                       transient=False) as live:
                 t.start()
                 while t.is_alive():
                     t.join(0.25)
+                    tell()
                     live.update(sink.render())
-    except KeyboardInterrupt:
-        console.print("stopping: tearing down the running sessions ...")
-        cancel.set()
-        t.join()
     if "error" in box:
         raise box["error"]
     return box["result"]
+
+
+def interrupted_error(cancel: Any, res: Any) -> Any:
+    """The one line (and exit status 130/143) of a plan the user interrupted."""
+    from controller.interrupt import Interrupted
+
+    done = sum(1 for r in res.results if r.ok)
+    where = f"; batch capture recorded in {res.capture_record}" if res.capture_record else ""
+    return Interrupted(f"{cancel.reason}: {done} session(s) completed, "
+                       f"{len(res.results) - done} stopped and torn down{where}",
+                       hint="their manifests say interrupted; rerun with --resume",
+                       exit_code=cancel.exit_code)
 
 
 def _lab_environment(plan: Any) -> Any:
@@ -249,9 +275,12 @@ def register(app: typer.Typer) -> None:
                         else f"FAILED  {e.session_id}  {e.error}")
                 console.print(plain(line), highlight=False, markup=False)
 
+        from controller.interrupt import Cancel
+
         t0 = time.monotonic()
+        cancel = Cancel()
         res = drive(lambda cancel: run_plan(plan, env, out, cancel, resume=resume), sink,
-                    console, quiet)
+                    console, quiet, cancel)
         console.print()
         summary = Table(title=f"{markup(plan.name)}: {len(res.results)} sessions run, "
                               f"{len(res.failed)} failed, {len(res.skipped)} skipped "
@@ -269,6 +298,8 @@ def register(app: typer.Typer) -> None:
                           markup=False)
         for w in sink.warnings:
             console.print(plain(f"warning: {w}"), highlight=False, markup=False)
+        if cancel.reason:
+            raise interrupted_error(cancel, res)
         if res.failed or res.cancelled:
             from controller.errors import ControllerError
 
