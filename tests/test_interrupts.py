@@ -197,3 +197,69 @@ def test_campus_ingest_with_a_failed_file_exits_1(tmp_path: Path, shared_data: P
     assert "1 failed" in r.stdout, r.stdout + r.stderr
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- the console
+
+
+def test_tui_interrupt_stops_the_plan_then_exits_130() -> None:
+    """Pilot: the console's Ctrl-C/SIGTERM handler (what the event loop calls) stops the
+    running plan, waits for its teardown, and exits 130; a second one hurries it."""
+    import asyncio
+
+    pytest.importorskip("textual")
+    from controller import events as ev
+    from controller.tui.app import make_app
+    from controller.tui.engine import DEMO_PLAN, DemoEngine
+
+    async def go() -> None:
+        app = make_app(engine=DemoEngine(tick=0.15, ticks_per_step=50), plan=DEMO_PLAN,
+                       ap_probe=None)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.press("s")
+            for _ in range(300):
+                if app.state.session is not None and app.state.session.step == "RunScenario":
+                    break
+                await pilot.pause(0.02)
+            app.interrupt(signal.SIGINT)
+            assert app.cancel.is_set() and app.cancel.reason == "interrupted by the user (Ctrl-C)"
+            app.interrupt(signal.SIGINT)
+            assert app.cancel.hard.is_set()
+            for _ in range(300):
+                if app.busy is None:
+                    break
+                await pilot.pause(0.02)
+            await pilot.pause(0.2)
+        assert app.return_code == 130
+        last = [e for e in app.engine_events if isinstance(e, ev.PlanFinished)]
+        assert last and last[-1].cancelled  # torn down before it exited
+        assert any("interrupted by the user (Ctrl-C): stopping" in t for _a, _l, t in app.state.log)
+
+    asyncio.run(go())
+
+
+@pytest.mark.skipif(__import__("shutil").which("tmux") is None, reason="needs tmux")
+def test_flowtruth_tui_in_a_terminal_exits_143_on_sigterm(tmp_path: Path) -> None:
+    """The real `flowtruth tui --demo` in tmux: SIGTERM mid-plan -> one line, exit 143."""
+    from tests.test_tui_tmux import Terminal
+
+    cmd = (f"PYTHONPATH={REPO} {sys.executable} -m controller.cli tui --demo "
+           "--demo-tick 0.3")
+    term = Terminal(cmd, tmp_path)
+    try:
+        term.wait_for("Plan queue", timeout=60)
+        term.keys("s")
+        term.wait_for("RunScenario", timeout=30)
+        shell = int(term.tmux("display", "-p", "-t", term.name, "#{pane_pid}").strip())
+        kids = _wait_for(lambda: Path(f"/proc/{shell}/task/{shell}/children").read_text().split(),
+                         10, "the TUI process")
+        os.kill(int(kids[0]), signal.SIGTERM)
+        assert term.wait_exit(60) == 143
+        # what the terminal shows once the console has left (history, wrapped lines joined)
+        screen = term.tmux("capture-pane", "-p", "-J", "-S", "-200", "-t", term.name)
+        lines = [x for x in screen.splitlines() if x.startswith("flowtruth:")]
+        assert "Traceback" not in screen and len(lines) == 1, screen
+        assert lines[0].startswith("flowtruth: interrupted by the user (SIGTERM): the "
+                                   "console stopped the plan"), screen
+    finally:
+        term.kill()
