@@ -263,3 +263,36 @@ def test_flowtruth_tui_in_a_terminal_exits_143_on_sigterm(tmp_path: Path) -> Non
                                    "console stopped the plan"), screen
     finally:
         term.kill()
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_ctrl_c_during_demo_stops_cleanly_and_takes_the_lab_down(tmp_path: Path) -> None:
+    from controller.lab.topology import skip_reason
+
+    if skip_reason():
+        pytest.skip(skip_reason())
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "TMPDIR": str(home),
+           "FLOWTRUTH_LAB_STATE_DIR": str(tmp_path / "state")}
+    out = tmp_path / "demo"
+    p = _cli("demo", "--out", str(out), "--phones", "1", "-q", env=env)
+    try:
+        _wait_for(lambda: _in_scenario(out / "runs") or p.poll() is not None, 240,
+                  "the first session")
+        assert p.poll() is None, p.communicate()
+        time.sleep(2.5)
+        os.killpg(p.pid, signal.SIGINT)
+        so, se = p.communicate(timeout=180)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    r = subprocess.CompletedProcess(p.args, p.returncode, so, se)
+    assert r.returncode == 130, r.stderr
+    _check_stopped_cleanly(r, out / "runs", "Ctrl-C")
+    assert "taking the virtual lab down" in r.stdout
+    from controller.lab.topology import Lab
+
+    assert Lab.load(str(tmp_path / "state")) is None  # the lab is down

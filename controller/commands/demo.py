@@ -105,7 +105,9 @@ def register(app: typer.Typer) -> None:
         if reason:
             raise LabError(f"the demo needs the virtual lab: {reason}",
                            hint="run it as root on Linux (sudo .venv/bin/flowtruth demo)")
-        if Lab.load() is not None:
+        # FLOWTRUTH_LAB_STATE_DIR: a demo lab with its own state directory (tests)
+        state_dir = os.environ.get("FLOWTRUTH_LAB_STATE_DIR") or None
+        if Lab.load(state_dir) is not None:
             raise LabError("a virtual lab is already running",
                            hint="take it down first: flowtruth lab down")
         from controller.safety import markup, plain
@@ -135,7 +137,7 @@ def register(app: typer.Typer) -> None:
         try:
             console.print(f"[bold]bringing up the virtual lab[/] ({phones} phones, adb server "
                           f"on port {port})")
-            lab = Lab.up(phones=phones, adb_port=port, workdir=out / "lab")
+            lab = Lab.up(phones=phones, adb_port=port, workdir=out / "lab", state_dir=state_dir)
             for p in lab.phones:
                 console.print(plain(f"  {p.name}: {p.config.manufacturer} {p.config.model} "
                                     f"(adb {p.serial}, {p.ip}, clock "
