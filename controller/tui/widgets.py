@@ -207,7 +207,8 @@ class LogPane(RichLog):
         import time as _time
 
         stamp = _time.strftime("%H:%M:%S", _time.gmtime(at))
-        self.write(Text.assemble((stamp + " ", "dim"), (text, LEVEL_STYLE.get(level, ""))))
+        self.write(Text.assemble((stamp + " ", "dim"),
+                                 (plain(text), LEVEL_STYLE.get(level, ""))))
 
 
 class SessionPanel(Static):
