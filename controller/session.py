@@ -8,10 +8,10 @@ Steps (each announced with ``StepStarted``/``StepFinished``)::
 :func:`run_session` never raises for a known failure: it returns a
 :class:`SessionResult` whose outcome is ``completed``, ``failed``, ``stopped``
 (cancelled) or ``interrupted`` (the user's Ctrl-C or SIGTERM, through a
-:class:`controller.interrupt.Cancel`), and emits ``SessionFinished`` or ``SessionFailed``. Teardown (stop the
-tracers and poller, kill stragglers on the phone, stop the capture if this session
-started it, split the capture, pull whatever exists) always runs, and the run directory
-keeps every artifact collected so far with a manifest that says why it failed.
+:class:`controller.interrupt.Cancel`), and emits ``SessionFinished`` or
+``SessionFailed``. Teardown (stop the tracers and poller, kill stragglers on the phone,
+stop the capture if this session started it, split the capture, pull whatever exists)
+always runs, and the run directory keeps every artifact collected so far with a manifest that says why it failed.
 
 The capture is one AP-side capture (:class:`TcpdumpCapture` over ap_setup's ``Capture``:
 tcpdump or dumpcap, ring buffer, device filter; in the lab inside the AP namespace). A

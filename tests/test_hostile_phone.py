@@ -60,7 +60,7 @@ def test_session_key_sanitises_every_component() -> None:
 # ----------------------------------------------------------------------------- the lab
 
 try:
-    from tests.vlab_fixture import VLab, skip_reason, start_vlab
+    from tests.vlab_fixture import skip_reason, start_vlab
     SKIP = skip_reason()
 except Exception as exc:  # pragma: no cover
     SKIP = f"virtual lab fixture unavailable: {exc}"

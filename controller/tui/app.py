@@ -218,7 +218,11 @@ class FlowtruthApp(App[None]):
         makes the teardown skip its waits. Idle: exit at once."""
         self.interrupt_code = 128 + int(signum)
         cancel = self.cancel
-        n = cancel.interrupt(signum) if isinstance(cancel, Cancel) else (cancel.set() or 1)
+        if isinstance(cancel, Cancel):
+            n = cancel.interrupt(signum)
+        else:
+            cancel.set()
+            n = 1
         if not self.busy:
             self.exit(return_code=self.interrupt_code)
             return
