@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from rich.text import Text
 from textual.widgets import DataTable, RichLog, Sparkline, Static
 
-from controller.safety import plain
+from controller.safety import markup, plain
 from controller.tui.state import ApRow, DeviceRow, RigState, SessionRow
 
 STATUS_STYLE = {"queued": "dim", "running": "bold cyan", "ok": "green", "failed": "bold red",
@@ -54,7 +54,7 @@ class SyncedTable(DataTable[Text | str]):
         for key, cells in rows:
             seen.add(key)
             # a str cell would be read as markup: a phone's "[bold red]" stays text
-            cells = [Text(plain(c)) if isinstance(c, str) else c for c in cells]
+            cells = [markup(c) if isinstance(c, str) else c for c in cells]
             if key not in self.rows:
                 self.add_row(*cells, key=key)
                 continue
