@@ -18,7 +18,9 @@ after the summary; a flagged check is one of the warnings printed there.
 
 Progress bars (the plan and each phone, with ETA) and a live status table (one row per
 phone: session, step, scenario step, last event) over the engine's events; a summary at
-the end; exit 1 when a session failed, 2 for a bad plan.
+the end; exit 1 when a session failed, 2 for a bad plan. The first Ctrl-C or SIGTERM
+stops the plan cleanly (sessions torn down, manifests ``interrupted``, the batch capture
+recorded) and exits 130/143 with one line; a second one skips the teardown's waits.
 """
 
 from __future__ import annotations
