@@ -3,7 +3,9 @@
 Each command lives in ``controller/commands/<name>.py`` with a ``register(app)``
 function; heavy libraries are imported inside the command bodies so that start-up
 stays fast. Known failures (:class:`analysis.errors.FlowtruthError`) become one line
-on stderr and an exit status (2 bad input, 1 anything else), never a traceback.
+on stderr and an exit status, never a traceback; every command exits with one of
+:data:`EXIT_STATUS` (0 done, 1 partly failed or internal error, 2 bad input, 130
+interrupted by Ctrl-C, 143 by SIGTERM).
 """
 
 from __future__ import annotations
@@ -43,19 +45,57 @@ for _name in COMMAND_MODULES:
 
 def fail(err: FlowtruthError) -> int:
     """Print one line for a known failure and return its exit status."""
-    sys.stderr.write(f"flowtruth: error: {err.one_line()}\n")
+    from controller.safety import plain
+
+    kind = "" if err.exit_code in (130, 143) else "error: "  # an interrupt is no error
+    sys.stderr.write(f"flowtruth: {kind}{plain(err.one_line())}\n")
     return err.exit_code
 
 
+EXIT_STATUS = {
+    0: "done",
+    1: "partly failed (some sessions, files or steps failed; the rest is done) or an "
+       "internal error",
+    2: "bad input (arguments, plan, scenario or data file); nothing was done",
+    130: "interrupted by Ctrl-C (SIGINT); what was started was stopped and recorded",
+    143: "terminated by SIGTERM; what was started was stopped and recorded",
+}
+"""Every command's exit status (the README's table)."""
+
+_SIGNALLED: list[int] = []
+
+
+def _on_sigterm(signum: int, _frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C (``finally`` blocks and teardown run); exit 143.
+    Commands with their own stop logic (run, demo, tui) install their own handler."""
+    _SIGNALLED.append(signum)
+    raise KeyboardInterrupt
+
+
+def _interrupted() -> None:
+    import signal
+
+    if _SIGNALLED and _SIGNALLED[0] == signal.SIGTERM:
+        sys.stderr.write("flowtruth: terminated (SIGTERM)\n")
+        sys.exit(143)
+    sys.stderr.write("flowtruth: interrupted (Ctrl-C)\n")
+    sys.exit(130)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``flowtruth`` console script."""
+    """Entry point of the ``flowtruth`` console script; exits with :data:`EXIT_STATUS`."""
+    import signal
+
     try:
-        app(args=argv, standalone_mode=False)
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (embedded): leave signals alone
+        pass
+    try:
+        rv = app(args=argv, standalone_mode=False)
     except FlowtruthError as err:
         sys.exit(fail(err))
     except KeyboardInterrupt:
-        sys.stderr.write("flowtruth: interrupted\n")
-        sys.exit(130)
+        _interrupted()
     except OSError as err:  # disk full, permission denied, ... on a path we were given
         where = f"{err.filename}: " if getattr(err, "filename", None) else ""
         sys.stderr.write(f"flowtruth: error: {where}{err.strerror or err}\n")
@@ -85,8 +125,21 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(err, tuple(abort_types)):
             sys.stderr.write("flowtruth: aborted\n")
             sys.exit(1)
-        raise
-    sys.exit(0)
+        import os
+
+        if os.environ.get("FLOWTRUTH_DEBUG"):
+            raise
+        from controller.safety import plain
+
+        sys.stderr.write(f"flowtruth: internal error: {type(err).__name__}: "
+                         f"{plain(err)[:300]} (a bug: rerun with FLOWTRUTH_DEBUG=1 for the "
+                         "traceback and report it)\n")
+        sys.exit(1)
+    # typer returns a command's typer.Exit code, and 130 for a KeyboardInterrupt it caught
+    code = rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
+    if code == 130:
+        _interrupted()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

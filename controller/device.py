@@ -382,12 +382,15 @@ def read_facts(link: DeviceLink) -> DeviceFacts:
         m = re.search(rf"^\d+:\s+(\S+)\s+inet\s+{re.escape(ip4)}/", addr_t, re.M)
         if m:
             mac = parse_macs(mac_t).get(m.group(1).split("@")[0])
-    return DeviceFacts(link.serial, props.get("ro.product.model", ""),
-                       props.get("ro.product.manufacturer", ""),
-                       props.get("ro.build.version.release", ""),
-                       props.get("ro.build.version.sdk", ""), props.get("ro.product.cpu.abi", ""),
-                       selinux.strip() or "unknown", parse_battery_level(battery), tuple(addrs),
-                       mac)
+    from controller.safety import plain
+
+    def prop(name: str) -> str:  # the phone's say: no control characters, bounded
+        return plain(props.get(name, ""))[:200]
+
+    return DeviceFacts(link.serial, prop("ro.product.model"), prop("ro.product.manufacturer"),
+                       prop("ro.build.version.release"), prop("ro.build.version.sdk"),
+                       prop("ro.product.cpu.abi"), plain(selinux.strip())[:40] or "unknown",
+                       parse_battery_level(battery), tuple(addrs), mac)
 
 
 @dataclass(frozen=True, slots=True)

@@ -289,6 +289,8 @@ class PlanResult:
     cancelled: bool = False
     capture_record: Path | None = None
     """The batch capture's ``capture.json`` (None: the plan started no capture)."""
+    interrupted: str | None = None
+    """Why the user stopped the batch (Ctrl-C, SIGTERM), when they did."""
 
     @property
     def failed(self) -> list[SessionResult]:
@@ -406,6 +408,9 @@ def run_plan(plan: Plan, env: Environment, sink: ev.Sink, cancel: threading.Even
                     time.sleep(0.1)
                 f.result()
     finally:
+        from controller.interrupt import reason_of
+
+        result.interrupted = reason_of(cancel)
         if owns_capture and env.capture is not None:
             stats = env.capture.stop()
             sink(ev.LogRecorded("info", f"batch capture stopped: {stats}"))
@@ -477,6 +482,7 @@ def record_batch_capture(plan: Plan, cap: Any, stats: dict[str, int], result: Pl
                           "run_dir": str(r.run_dir)} for r in result.results],
             "skipped": list(result.skipped),
             "cancelled": result.cancelled,
+            "interrupted": result.interrupted,
         }
         atomic_write(path, (json.dumps(doc, indent=2) + "\n").encode())
     except Exception as err:  # the batch has run: report, never lose the results to this

@@ -6,11 +6,12 @@ Steps (each announced with ``StepStarted``/``StepFinished``)::
     → StopCapture → PullArtifacts → Label → Export
 
 :func:`run_session` never raises for a known failure: it returns a
-:class:`SessionResult` whose outcome is ``completed``, ``failed`` or ``stopped``
-(cancelled), and emits ``SessionFinished`` or ``SessionFailed``. Teardown (stop the
-tracers and poller, kill stragglers on the phone, stop the capture if this session
-started it, split the capture, pull whatever exists) always runs, and the run directory
-keeps every artifact collected so far with a manifest that says why it failed.
+:class:`SessionResult` whose outcome is ``completed``, ``failed``, ``stopped``
+(cancelled) or ``interrupted`` (the user's Ctrl-C or SIGTERM, through a
+:class:`controller.interrupt.Cancel`), and emits ``SessionFinished`` or
+``SessionFailed``. Teardown (stop the tracers and poller, kill stragglers on the phone,
+stop the capture if this session started it, split the capture, pull whatever exists)
+always runs, and the run directory keeps every artifact collected so far with a manifest that says why it failed.
 
 The capture is one AP-side capture (:class:`TcpdumpCapture` over ap_setup's ``Capture``:
 tcpdump or dumpcap, ring buffer, device filter; in the lab inside the AP namespace). A
@@ -342,8 +343,14 @@ class SessionSpec:
     @property
     def key(self) -> str:
         """``<device>_<package-or-app>_<activity>_r<N>``: names the run dir (without its stamp)."""
-        dev = re.sub(r"[^A-Za-z0-9.-]+", "-", self.device_name or self.serial).strip("-")
-        return f"{dev}_{self.app}_{self.activity}_r{self.repetition}"
+        from controller.safety import safe_name
+
+        # every part is an untrusted string (a phone's serial, a scenario's activity):
+        # one harmless path component each (controller.safety.safe_name)
+        dev = safe_name(re.sub(r"[^A-Za-z0-9.-]+", "-", self.device_name or self.serial),
+                        limit=64)
+        return (f"{dev}_{safe_name(self.app, limit=64)}_{safe_name(self.activity, limit=64)}"
+                f"_r{int(self.repetition)}")
 
 
 @dataclass
@@ -514,7 +521,9 @@ class Session:
         self.t_start = time.time()
         stamp = _dt.datetime.fromtimestamp(self.t_start, _dt.UTC).strftime("%Y%m%dT%H%M%SZ")
         self.session_id = spec.key
-        self.run_dir = Path(env.runs_root) / f"{stamp}_{spec.key}"
+        from controller.safety import safe_join
+
+        self.run_dir = safe_join(env.runs_root, f"{stamp}_{spec.key}")
         self.dev_dir = f"{env.device_dir}/{self.run_dir.name}"
         self.facts: DeviceFacts | None = None
         self.owns_capture = False
@@ -862,7 +871,10 @@ class Session:
             phone = self._stop_phone_tracers()
         except Exception as err:  # raised below, once frida's log is safe
             phone_err = err
-        hung = not done.wait(self.env.frida_stop_timeout_s)
+        from controller.interrupt import hurry
+
+        hung = not done.wait(min(self.env.frida_stop_timeout_s, 3.0) if hurry(self.cancel)
+                             else self.env.frida_stop_timeout_s)
         self.frida_tracer = None
         frida = self._collect_frida(pt)
         if hung:
@@ -905,18 +917,23 @@ class Session:
     def _stop_phone_tracers(self) -> str:
         if not self.tracer_pids:
             return "nothing to stop"
+        from controller.interrupt import hurry
+
         link, d, q = self.link, self.dev_dir, shlex.quote
         pids = " ".join(str(p) for p in self.tracer_pids.values())
-        # stop files, then wait on the phone (one round trip) up to ~8 s for both to exit
+        # stop files, then wait on the phone (one round trip) up to ~8 s for both to exit;
+        # a second Ctrl-C: no grace, the stragglers below are killed at once
+        rounds = 1 if hurry(self.cancel) else 80
         r = root_shell(link, f"touch {q(d)}/strace/strace_launcher.stop {q(d)}/netstat.stop; "
-                             f"i=0; while [ $i -lt 80 ]; do alive=; for p in {pids}; do "
+                             f"i=0; while [ $i -lt {rounds} ]; do alive=; for p in {pids}; do "
                              f'kill -0 $p 2>/dev/null && alive="$alive $p"; done; '
                              f'[ -z "$alive" ] && break; sleep 0.1; i=$((i+1)); done; '
                              f"echo alive:$alive", timeout=30)
         alive = r.stdout.strip().rpartition("alive:")[2].strip()
         killed = ""
         if alive:  # stragglers: TERM the launcher (it stops its stracers), then KILL
-            root_shell(link, f"kill -TERM {alive} 2>/dev/null; sleep 3; "
+            root_shell(link, f"kill -TERM {alive} 2>/dev/null; "
+                             f"sleep {0.5 if hurry(self.cancel) else 3}; "
                              f"kill -KILL {alive} 2>/dev/null; "
                              f"for p in $(cut -d' ' -f2 {q(d)}/strace/strace_launcher.pids "
                              f"2>/dev/null); do kill -KILL $p 2>/dev/null; done; true",
@@ -930,7 +947,10 @@ class Session:
         self.window_end = time.time()
         if cap is None:
             return "no capture"
-        time.sleep(self.env.capture_flush_s)
+        from controller.interrupt import hurry
+
+        if not hurry(self.cancel):
+            time.sleep(self.env.capture_flush_s)
         final = self.owns_capture
         if self.owns_capture:
             stats = cap.stop()
@@ -984,23 +1004,65 @@ class Session:
         self.m["artifacts"][name] = {"size": size, "sha256": sha}
         self.emit(ev.ArtifactPulled(self.session_id, name, str(path), size, sha))
 
+    # what PullArtifacts takes from the phone: only names the controller chose (the
+    # launcher's per-pid logs, with the process name it sanitised) and fixed names
+    _PULL_FIXED = ("strace/strace_launcher.pids", "strace_launcher.err", "netstat_poller.err",
+                   "netstat.log")
+    _PULL_STRACE = re.compile(r"strace/strace\.[0-9]{1,10}\.[A-Za-z0-9._:-]{1,120}\.log")
+
     def pull_artifacts(self) -> str:
+        """Pull the session's files from the phone into the run directory, checked.
+
+        The phone is not trusted: it lists only regular files (not symlinks, resolving
+        inside the session's directory) among names the controller chose; each listed
+        name must again be one of those here, and its local path must stay inside the run
+        directory (:func:`controller.safety.safe_join`). A refused name is recorded in
+        ``manifest["pull"]["refused"]`` with why, and warned about."""
+        from controller.safety import UnsafePath, plain, safe_join
+
         link, d, q = self.link, self.dev_dir, shlex.quote
         # one round trip lists and checksums everything, then each file is pulled and checked
-        r = root_shell(link, f"cd {q(d)} && chmod -R a+rX . && for f in strace/* *; do "
-                             f'[ -f "$f" ] && sha256sum "$f"; done; true', timeout=60)
-        sums = {}
+        names = "strace/strace.[0-9]*.log " + " ".join(self._PULL_FIXED)
+        r = root_shell(link, f"cd {q(d)} && chmod -R a+rX . && top=$(pwd -P) && "
+                             f"for f in {names}; do "
+                             f'if [ -L "$f" ]; then echo "link: $f"; continue; fi; '
+                             f'[ -f "$f" ] || continue; '
+                             f'case "$(readlink -f "$f")" in "$top"/*) sha256sum "$f";; '
+                             f'*) echo "outside: $f";; esac; done; true', timeout=60)
+        sums: dict[str, str] = {}
+        refused: list[dict[str, str]] = []
         for line in r.stdout.splitlines():
+            if line.startswith(("outside: ", "link: ")):
+                refused.append({"name": plain(line.partition(": ")[2])[:300],
+                                "reason": "a symbolic link on the phone (files are pulled "
+                                          "only from inside the session's directory)"})
+                continue
             f = line.split(None, 1)
             if len(f) == 2 and re.fullmatch(r"[0-9a-f]{64}", f[0]):
                 sums[f[1].strip().lstrip("*")] = f[0]
-        wanted = [n for n in sums if re.fullmatch(r"strace/strace\.\d+\..+\.log", n)
-                  or n in ("strace/strace_launcher.pids", "strace_launcher.err",
-                           "netstat_poller.err", "netstat.log")]
+        wanted = []
+        for n in sums:
+            if not (self._PULL_STRACE.fullmatch(n) or n in self._PULL_FIXED):
+                refused.append({"name": plain(n)[:300],
+                                "reason": "not a name the controller asked for"})
+                continue
+            try:
+                wanted.append((n, safe_join(self.run_dir, n)))
+            except UnsafePath as err:
+                refused.append({"name": plain(n)[:300], "reason": err.message})
+        if refused:
+            self.m["pull"] = {"refused": refused}
+            self.emit(ev.LogRecorded(
+                "warning", f"{self.session_id}: refused {len(refused)} file(s) the phone "
+                           f"listed: {refused[0]['name']!r}: {refused[0]['reason']}"
+                           + (" (more in the manifest's pull.refused)" if len(refused) > 1
+                              else "")))
         strace_files = []
-        for rel in sorted(wanted):
-            local = self.run_dir / rel
+        for rel, local in sorted(wanted):
             local.parent.mkdir(parents=True, exist_ok=True)
+            safe_join(self.run_dir, rel)  # the directory just made is no link out either
+            if local.is_symlink():
+                raise UnsafePath(f"{link.serial}: {rel}: the run directory holds a link there")
             link.pull(f"{d}/{rel}", local)
             got = sha256_file(local)
             if got != sums[rel]:
@@ -1014,7 +1076,8 @@ class Session:
         self.m["traces"]["strace"] = strace_files
         if (self.run_dir / "packages.txt").exists():
             self._artifact("packages.txt", self.run_dir / "packages.txt")
-        return f"{len(wanted)} files"
+        return f"{len(wanted)} files" + (f"; refused {len(refused)} (see pull.refused)"
+                                         if refused else "")
 
     def cleanup_phone(self) -> str:
         root_shell(self.link, f"rm -rf {shlex.quote(self.dev_dir)}", timeout=20)
@@ -1168,7 +1231,15 @@ class Session:
         else:
             msg, hint = f"internal error: {type(failure).__name__}: {failure}", None
             self.m["traceback"] = "".join(traceback.format_exception(failure))
-        self.m["outcome"] = "stopped" if stopped else "failed"
+        from controller.interrupt import reason_of
+
+        interrupted = reason_of(self.cancel)  # the user's Ctrl-C/SIGTERM, not a failure
+        if interrupted:
+            if not stopped:  # what broke while stopping is kept, but is not the outcome
+                self.m["errors"].append({"step": "interrupt", "error": msg})
+            msg, hint = interrupted, "the run directory keeps what was collected until then"
+        self.m["outcome"] = ("interrupted" if interrupted else
+                             "stopped" if stopped else "failed")
         self.m["error"] = {"message": msg, "hint": hint, "type": type(failure).__name__}
         self.write_manifest()
         self.emit(ev.SessionFailed(self.session_id, str(self.run_dir), msg, hint or ""))

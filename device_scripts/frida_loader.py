@@ -379,7 +379,8 @@ class FridaPackageTracer:
         for pid in mine.frida:
             if pid in self.tracers or self._failures.get(pid, 0) >= 3:
                 continue
-            name = re.sub(r"[^A-Za-z0-9._:-]", "_", procs[pid])
+            # the phone's process name: one bounded file-name component
+            name = re.sub(r"[^A-Za-z0-9._:-]", "_", procs[pid])[:120]
             tracer = FridaTracer(
                 self.outdir / f"frida.{pid}.{name}.jsonl", pid=pid, device=self._device
             )

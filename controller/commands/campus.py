@@ -136,9 +136,11 @@ def _print_table(table, fmt: str) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        t = Table(*table.column_names)
-        for row in table.to_pylist():
-            t.add_row(*["" if v is None else str(v) for v in row.values()])
+        from controller.safety import markup
+
+        t = Table(*(markup(c) for c in table.column_names))
+        for row in table.to_pylist():  # a shared store's text: no markup, no ESC
+            t.add_row(*["" if v is None else markup(v) for v in row.values()])
         Console().print(t)
 
 

@@ -105,9 +105,13 @@ def register(app: typer.Typer) -> None:
         if reason:
             raise LabError(f"the demo needs the virtual lab: {reason}",
                            hint="run it as root on Linux (sudo .venv/bin/flowtruth demo)")
-        if Lab.load() is not None:
+        # FLOWTRUTH_LAB_STATE_DIR: a demo lab with its own state directory (tests)
+        state_dir = os.environ.get("FLOWTRUTH_LAB_STATE_DIR") or None
+        if Lab.load(state_dir) is not None:
             raise LabError("a virtual lab is already running",
                            hint="take it down first: flowtruth lab down")
+        from controller.safety import markup, plain
+
         console = Console()
         out = out.resolve()
         out.mkdir(parents=True, exist_ok=True)
@@ -118,22 +122,39 @@ def register(app: typer.Typer) -> None:
             subprocess.run(["adb", "-P", str(port), *args], env=adb_env, capture_output=True,
                            stdin=subprocess.DEVNULL, timeout=30)
 
+        import contextlib
+
+        from controller.commands.run import interrupted_error
+        from controller.interrupt import Cancel, interrupts
+
         t0 = time.monotonic()
+        cancel = Cancel()
+        # Ctrl-C/SIGTERM from here on stop the demo cleanly (never half a lab left up)
+        guard = contextlib.ExitStack()
+        guard.enter_context(interrupts(cancel))
         adb("start-server")
         lab = None
         try:
             console.print(f"[bold]bringing up the virtual lab[/] ({phones} phones, adb server "
                           f"on port {port})")
-            lab = Lab.up(phones=phones, adb_port=port, workdir=out / "lab")
+            lab = Lab.up(phones=phones, adb_port=port, workdir=out / "lab", state_dir=state_dir)
             for p in lab.phones:
-                console.print(f"  {p.name}: {p.config.manufacturer} {p.config.model} "
-                              f"(adb {p.serial}, {p.ip}, clock {p.config.clock_offset_s:+.3f} s)")
+                console.print(plain(f"  {p.name}: {p.config.manufacturer} {p.config.model} "
+                                    f"(adb {p.serial}, {p.ip}, clock "
+                                    f"{p.config.clock_offset_s:+.3f} s)"), markup=False)
             plan = Plan(name="demo", devices=[f"lab:{p.name}" for p in lab.phones],
                         apps=list(APPS), activities=list(ACTIVITIES), wait_scale=wait_scale,
                         output=str(out / "runs"))
             env = Environment.for_lab(lab, runs_root=out / "runs")
             sink = RichSink(console)
-            res = drive(lambda cancel: run_plan(plan, env, sink, cancel), sink, console, quiet)
+            if cancel.reason:  # while the lab came up: run nothing
+                from controller.plan import PlanResult
+
+                raise interrupted_error(cancel, PlanResult(cancelled=True))
+            res = drive(lambda cancel: run_plan(plan, env, sink, cancel), sink, console, quiet,
+                        cancel)
+            if cancel.reason:
+                raise interrupted_error(cancel, res)
             truth = read_truth(lab.truth_path)
             write_truth_csv(truth, out / "truth.csv")
             result = score_runs(res.results, lab, truth)
@@ -149,7 +170,7 @@ def register(app: typer.Typer) -> None:
                 return "-" if x is None else f"{100 * x:.1f} %"
 
             for name, a in sorted(result["apps"].items()):
-                table.add_row(name, str(a["labelled"]), str(a["correct"]), pct(a["precision"]),
+                table.add_row(markup(name), str(a["labelled"]), str(a["correct"]), pct(a["precision"]),
                               str(a["truth"]), pct(a["recall"]))
             tot = result["total"]
             table.add_row("[bold]all", str(tot["labelled"]), str(tot["correct"]),
@@ -162,6 +183,11 @@ def register(app: typer.Typer) -> None:
                 console.print("[bold]taking the virtual lab down[/]")
                 lab.down(keep_workdir=True)
             adb("kill-server")
+            guard.close()
         console.print(f"demo finished in {time.monotonic() - t0:.0f} s")
         if res.failed:
-            raise typer.Exit(1)
+            from controller.errors import ControllerError
+
+            raise ControllerError(f"{len(res.failed)} of {len(res.results)} demo sessions "
+                                  f"failed: {', '.join(r.session_id for r in res.failed)}",
+                                  hint=f"their run directories under {out / 'runs'} say why")

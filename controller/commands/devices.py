@@ -52,10 +52,15 @@ def register(app: typer.Typer) -> None:
         for c in ("serial", "state", "device", "android/abi", "battery", "selinux", "root",
                   "apps (uid, version)", "clock", "warnings"):
             t.add_column(c, overflow="fold")
+        from controller.safety import markup
+
+        def row(*cells: str) -> None:  # everything here is the phone's say: no markup, no ESC
+            t.add_row(*(markup(c) for c in cells))
+
         found = list_serials(client)
         for serial, state in found:
             if state != "device":
-                t.add_row(serial, state, *[""] * 8)
+                row(serial, state, *[""] * 8)
                 continue
             link = AdbDeviceLink(client, serial)
             try:
@@ -65,9 +70,9 @@ def register(app: typer.Typer) -> None:
                 clk = probe_clock(link) if clock else None
                 warns = preflight(link, f)
             except ControllerError as err:
-                t.add_row(serial, "error", err.one_line(), *[""] * 7)
+                row(serial, "error", err.one_line(), *[""] * 7)
                 continue
-            t.add_row(
+            row(
                 serial, state, f"{f.manufacturer} {f.model}", f"{f.android} / {f.abi}",
                 f"{f.battery_level} %" if f.battery_level is not None else "?", f.selinux,
                 (f"yes ({root.method}" + (f", Magisk {root.magisk})" if root.magisk else ")"))

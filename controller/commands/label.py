@@ -97,7 +97,7 @@ def register(app: typer.Typer) -> None:
 
             from analysis.quality import quality_tables
 
-            console = Console()
+            console = Console(markup=False)  # app names come from the phone's packages.txt
             for t in quality_tables(result.quality):
                 console.print(t)
         where = result.outputs.get("quality")

@@ -18,7 +18,9 @@ after the summary; a flagged check is one of the warnings printed there.
 
 Progress bars (the plan and each phone, with ETA) and a live status table (one row per
 phone: session, step, scenario step, last event) over the engine's events; a summary at
-the end; exit 1 when a session failed, 2 for a bad plan.
+the end; exit 1 when a session failed, 2 for a bad plan. The first Ctrl-C or SIGTERM
+stops the plan cleanly (sessions torn down, manifests ``interrupted``, the batch capture
+recorded) and exits 130/143 with one line; a second one skips the teardown's waits.
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ class RichSink:
 
     def __call__(self, e: Any) -> None:
         from controller import events as ev
+        from controller.safety import clean_event
 
+        e = clean_event(e)  # a phone's strings: no control characters from here on
         with self.lock:
             if isinstance(e, ev.PlanStarted):
                 self.progress.update(self.plan_task, total=e.sessions,
@@ -117,8 +121,11 @@ class RichSink:
             t = Table(expand=True)
             for c in ("device", "state", "session", "step", "scenario step", "last"):
                 t.add_column(c, overflow="fold")
+            from controller.safety import markup
+
             for serial, r in sorted(self.rows.items()):
-                t.add_row(serial, r["state"], r["session"], r["step"], r["scenario"], r["last"])
+                t.add_row(*(markup(c) for c in (serial, r["state"], r["session"], r["step"],
+                                                r["scenario"], r["last"])))
             return Group(self.progress, t)
 
 
@@ -126,13 +133,20 @@ _STEPS = ("Preflight", "StartCapture", "PushScripts", "StartTracers", "RunScenar
           "StopTracers", "StopCapture", "PullArtifacts", "Label", "Export")
 
 
-def drive(work: Any, sink: RichSink, console: Any, quiet: bool = False) -> Any:
-    """Run ``work(cancel)`` in a thread under a live display of ``sink``; Ctrl-C cancels
-    cooperatively (the engine tears down) and waits. Returns what ``work`` returned."""
+def drive(work: Any, sink: RichSink, console: Any, quiet: bool = False,
+          cancel: Any = None) -> Any:
+    """Run ``work(cancel)`` in a thread under a live display of ``sink``. The first
+    Ctrl-C or SIGTERM cancels cooperatively (the engine tears down, the manifests say
+    ``interrupted``) and waits; a second one makes the teardown skip its waits
+    (:mod:`controller.interrupt`). Returns what ``work`` returned; ``cancel`` tells
+    whether and why it was interrupted (``cancel.reason``, ``cancel.exit_code``)."""
     from rich.live import Live
 
-    cancel = threading.Event()
+    from controller.interrupt import Cancel, interrupts
+
+    cancel = cancel if cancel is not None else Cancel()
     box: dict[str, Any] = {}
+    told = [0]
 
     def target() -> None:
         try:
@@ -140,26 +154,45 @@ def drive(work: Any, sink: RichSink, console: Any, quiet: bool = False) -> Any:
         except BaseException as err:  # re-raised in the calling thread
             box["error"] = err
 
+    def tell() -> None:  # from the main loop, never from the signal handler
+        n = 2 if cancel.hard.is_set() else 1 if cancel.is_set() and cancel.reason else 0
+        if n > told[0]:
+            told[0] = n
+            console.print(f"{cancel.reason}: stopping, tearing down the running sessions "
+                          "(again to skip the waiting) ..." if n == 1 else
+                          "interrupted again: teardown skips its waits, still stopping "
+                          "what was started ...", highlight=False, markup=False)
+
     t = threading.Thread(target=target, name="plan", daemon=True)
-    try:
+    with interrupts(cancel):
         if quiet:
             t.start()
             while t.is_alive():
                 t.join(0.2)
+                tell()
         else:
             with Live(sink.render(), console=console, refresh_per_second=4,
                       transient=False) as live:
                 t.start()
                 while t.is_alive():
                     t.join(0.25)
+                    tell()
                     live.update(sink.render())
-    except KeyboardInterrupt:
-        console.print("stopping: tearing down the running sessions ...")
-        cancel.set()
-        t.join()
     if "error" in box:
         raise box["error"]
     return box["result"]
+
+
+def interrupted_error(cancel: Any, res: Any) -> Any:
+    """The one line (and exit status 130/143) of a plan the user interrupted."""
+    from controller.interrupt import Interrupted
+
+    done = sum(1 for r in res.results if r.ok)
+    where = f"; batch capture recorded in {res.capture_record}" if res.capture_record else ""
+    return Interrupted(f"{cancel.reason}: {done} session(s) completed, "
+                       f"{len(res.results) - done} stopped and torn down{where}",
+                       hint="their manifests say interrupted; rerun with --resume",
+                       exit_code=cancel.exit_code)
 
 
 def _lab_environment(plan: Any) -> Any:
@@ -232,6 +265,8 @@ def register(app: typer.Typer) -> None:
                     if serial not in known:
                         connect(client, serial)
             env = environment_for(plan, client=client, interface=interface, netns=netns)
+        from controller.safety import markup, plain
+
         console = Console(stderr=False)
         sink = RichSink(console)
 
@@ -240,27 +275,33 @@ def register(app: typer.Typer) -> None:
             if quiet and isinstance(e, (ev.SessionFinished, ev.SessionFailed)):
                 line = (f"ok      {e.session_id}  {e.run_dir}" if isinstance(e, ev.SessionFinished)
                         else f"FAILED  {e.session_id}  {e.error}")
-                console.print(line, highlight=False)
+                console.print(plain(line), highlight=False, markup=False)
+
+        from controller.interrupt import Cancel
 
         t0 = time.monotonic()
+        cancel = Cancel()
         res = drive(lambda cancel: run_plan(plan, env, out, cancel, resume=resume), sink,
-                    console, quiet)
+                    console, quiet, cancel)
         console.print()
-        summary = Table(title=f"{plan.name}: {len(res.results)} sessions run, "
+        summary = Table(title=f"{markup(plan.name)}: {len(res.results)} sessions run, "
                               f"{len(res.failed)} failed, {len(res.skipped)} skipped "
                               f"({time.monotonic() - t0:.0f} s)")
         for c in ("session", "outcome", "run dir / reason"):
             summary.add_column(c, overflow="fold")
         for r in res.results:
-            summary.add_row(r.session_id, r.outcome,
-                            str(r.run_dir) if r.ok else f"{r.run_dir}\n{r.error}")
+            summary.add_row(markup(r.session_id), r.outcome,
+                            markup(str(r.run_dir) if r.ok else f"{r.run_dir}\n{r.error}"))
         for k in res.skipped:
-            summary.add_row(k, "skipped", "completed before (--resume)")
+            summary.add_row(markup(k), "skipped", "completed before (--resume)")
         console.print(summary)
         if res.capture_record is not None:
-            console.print(f"batch capture: {res.capture_record}", highlight=False)
+            console.print(plain(f"batch capture: {res.capture_record}"), highlight=False,
+                          markup=False)
         for w in sink.warnings:
-            console.print(f"warning: {w}", highlight=False)
+            console.print(plain(f"warning: {w}"), highlight=False, markup=False)
+        if cancel.reason:
+            raise interrupted_error(cancel, res)
         if res.failed or res.cancelled:
             from controller.errors import ControllerError
 

@@ -176,3 +176,10 @@ def register(app: typer.Typer) -> None:
         finally:
             if holder is not None:
                 holder.down()
+        if app.interrupt_code:  # Ctrl-C or SIGTERM: the plan was stopped and torn down
+            from controller.interrupt import Interrupted
+
+            why = getattr(app.cancel, "reason", None) or "interrupted"
+            raise Interrupted(f"{why}: the console stopped the plan and tore down",
+                              hint="the run directories' manifests say interrupted",
+                              exit_code=app.interrupt_code)

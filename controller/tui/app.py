@@ -28,6 +28,7 @@ from textual.widgets import DataTable, Footer, Static, TabbedContent, TabPane
 
 from analysis.errors import FlowtruthError
 from controller.events import Event
+from controller.interrupt import Cancel
 from controller.tui.engine import DemoEngine, EngineProtocol, PlanOutline, outline_of
 from controller.tui.messages import (
     ActionDone,
@@ -150,8 +151,9 @@ class FlowtruthApp(App[None]):
         self.hang_up_signals = hang_up_signals
         self.outline: PlanOutline = outline_of(plan)
         self.state = RigState(self.outline, clock=clock)
-        self.cancel = threading.Event()
+        self.cancel: threading.Event = Cancel()
         self.pause = threading.Event()
+        self.interrupt_code = 0  # 130/143 once Ctrl-C or SIGTERM asked the console to stop
         self.busy: str | None = None  # "plan" | "provision" while the engine worker runs
         self.engine_idle = threading.Event()  # cleared while the engine worker runs
         self.engine_idle.set()
@@ -185,7 +187,8 @@ class FlowtruthApp(App[None]):
             # never a bare signal handler that could interrupt Textual mid-write.
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGHUP, self.hang_up)
-            loop.add_signal_handler(signal.SIGTERM, self.terminate)
+            loop.add_signal_handler(signal.SIGTERM, self.interrupt, signal.SIGTERM)
+            loop.add_signal_handler(signal.SIGINT, self.interrupt, signal.SIGINT)
         titles = {"ap": "Access point", "devices": "Devices", "queue": "Plan queue",
                   "log": "Log (UTC)", "session-panel": "Current session",
                   "rate": "Packet rate (pkt/s)", "results": "Label quality per session",
@@ -206,8 +209,32 @@ class FlowtruthApp(App[None]):
         self.cancel.set()
         if self.hang_up_signals:
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGHUP, signal.SIGTERM):
+            for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+
+    def interrupt(self, signum: int) -> None:
+        """Ctrl-C (SIGINT from outside the raw terminal) or SIGTERM: stop the running
+        plan cleanly (its manifests say interrupted), then exit 130/143; a second one
+        makes the teardown skip its waits. Idle: exit at once."""
+        self.interrupt_code = 128 + int(signum)
+        cancel = self.cancel
+        if isinstance(cancel, Cancel):
+            n = cancel.interrupt(signum)
+        else:
+            cancel.set()
+            n = 1
+        if not self.busy:
+            self.exit(return_code=self.interrupt_code)
+            return
+        self.quit_when_idle = True
+        if n == 1:
+            if self.state.running:
+                self.state.plan_state = "stopping"
+                self.refresh_parts({PLAN})
+            self.log_note("warning", f"{getattr(cancel, 'reason', 'interrupted')}: stopping, "
+                                     "tearing down (again to skip the waiting)")
+        else:
+            self.log_note("warning", "interrupted again: teardown skips its waits")
 
     def terminate(self) -> None:
         """SIGTERM: stop the engine and exit without asking; teardown follows."""
@@ -276,9 +303,22 @@ class FlowtruthApp(App[None]):
                 s for s in st.sessions.values() if s.status != "queued")
             self.query_one(AppsPanel).show(self.selected_session("results"))
 
+    def notify(self, message: str, *, title: str = "", severity: Any = "information",
+               timeout: float | None = None, markup: bool = False) -> None:
+        """Textual's notify, for text that may come from a phone or a file: control
+        characters removed, and no markup unless asked for (``markup=True``)."""
+        from controller.safety import plain
+
+        super().notify(plain(message) if not markup else message, title=plain(title),
+                       severity=severity, timeout=timeout, markup=markup)
+
     # ------------------------------------------------------------------ handlers
     @on(EngineEvent)
     def handle_engine_event(self, message: EngineEvent) -> None:
+        from controller.safety import clean_event
+
+        # a phone's answers (model, serial, errors) never carry control characters here
+        message.event = clean_event(message.event)
         self.engine_events.append(message.event)
         log_from = len(self.state.log)
         parts = self.state.apply(message.event)
@@ -323,7 +363,7 @@ class FlowtruthApp(App[None]):
                     row.status = "failed"
             self.refresh_parts({PLAN, QUEUE, SESSION, RESULTS})
         if self.quit_when_idle:
-            self.exit()
+            self.exit(return_code=self.interrupt_code)
 
     @on(ActionFailed)
     def handle_action_failed(self, message: ActionFailed) -> None:
@@ -443,7 +483,7 @@ class FlowtruthApp(App[None]):
         self.query_one(TabbedContent).active = "results-tab" if tab == "results" else tab
 
     def _run_engine(self, kind: str, only: list[str] | None = None) -> None:
-        self.cancel = threading.Event()
+        self.cancel = Cancel()
         self.pause = threading.Event()
         cancel, pause, engine, plan = self.cancel, self.pause, self.engine, self.plan
         self.busy = kind

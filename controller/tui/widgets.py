@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from rich.text import Text
 from textual.widgets import DataTable, RichLog, Sparkline, Static
 
+from controller.safety import markup, plain
 from controller.tui.state import ApRow, DeviceRow, RigState, SessionRow
 
 STATUS_STYLE = {"queued": "dim", "running": "bold cyan", "ok": "green", "failed": "bold red",
@@ -52,6 +53,8 @@ class SyncedTable(DataTable[Text | str]):
         seen: set[str] = set()
         for key, cells in rows:
             seen.add(key)
+            # a str cell would be read as markup: a phone's "[bold red]" stays text
+            cells = [markup(c) if isinstance(c, str) else c for c in cells]
             if key not in self.rows:
                 self.add_row(*cells, key=key)
                 continue
@@ -204,7 +207,8 @@ class LogPane(RichLog):
         import time as _time
 
         stamp = _time.strftime("%H:%M:%S", _time.gmtime(at))
-        self.write(Text.assemble((stamp + " ", "dim"), (text, LEVEL_STYLE.get(level, ""))))
+        self.write(Text.assemble((stamp + " ", "dim"),
+                                 (plain(text), LEVEL_STYLE.get(level, ""))))
 
 
 class SessionPanel(Static):
