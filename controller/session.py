@@ -607,7 +607,8 @@ class Session:
             raise ConfigError(f"tracer must be one of {', '.join(TRACERS)}, not {spec.tracer!r}")
         self.m["scenario"] = {"file": str(sc.path), "app": sc.app, "package": sc.package,
                               "steps": [s.describe() for s in self.steps_]}
-        facts = read_facts(link)
+        subnet, leases = self._ap_network()
+        facts = read_facts(link, subnet=subnet, leases=leases)
         self.facts = facts
         dev = facts.to_manifest()
         if spec.ip or self.env.ips.get(link.serial):
@@ -651,8 +652,28 @@ class Session:
                 f"{sc.package} uid {apps[sc.package].uid}; clock {clock.offset_s:+.3f}s "
                 f"±{clock.uncertainty_s:.3f}; {len(warns)} warnings{frida}")
 
+    def _ap_network(self) -> tuple[str | None, dict[str, str] | None]:
+        """The AP's subnet and DHCP leases ({mac: ip}) from its state file, when known:
+        the authority for the phone's address at the AP."""
+        path = self.env.ap_state
+        if path is None:
+            return None, None
+        try:
+            from ap_setup.state import ApState
+
+            st = ApState.load(Path(path))
+            if st is None:
+                return None, None
+            text = (Path(st.work_dir) / "dnsmasq.leases").read_text(errors="replace")
+        except Exception:  # no AP state or leases: the phone's own addresses decide
+            return None, None
+        from controller.device import parse_dnsmasq_leases
+
+        return st.address_added, parse_dnsmasq_leases(text)
+
     def _addresses(self) -> list[str]:
-        ip = self.spec.ip or self.env.ips.get(self.link.serial)
+        ip = self.spec.ip or self.env.ips.get(self.link.serial) or (
+            self.facts.ip if self.facts else None)
         found = list(self.facts.addresses) if self.facts else []
         if ip:
             # the phone's IPv4 on the AP's network, plus its global IPv6 addresses: apps
