@@ -1015,9 +1015,9 @@ class Session:
             f = line.split(None, 1)
             if len(f) == 2 and re.fullmatch(r"[0-9a-f]{64}", f[0]):
                 sums[f[1].strip().lstrip("*")] = f[0]
-        wanted = [n for n in sums if re.fullmatch(r"strace/strace\.\d+\..+\.log", n)
-                  or n in ("strace/strace_launcher.pids", "strace_launcher.err",
-                           "netstat_poller.err", "netstat.log")]
+        wanted = [n for n in sums if re.fullmatch(r"strace/strace\.\d+\.(?:log|err)", n)
+                  or n in ("strace/strace_launcher.pids", "strace/strace_launcher.procs",
+                           "strace_launcher.err", "netstat_poller.err", "netstat.log")]
         strace_files = []
         for rel in sorted(wanted):
             local = self.run_dir / rel
@@ -1032,10 +1032,92 @@ class Session:
                 strace_files.append(rel)
             if rel == "netstat.log" and local.stat().st_size > 0:
                 self.m["traces"]["netstat"] = "netstat.log"
-        self.m["traces"]["strace"] = strace_files
+        self.m["traces"]["strace"] = self._name_strace_logs(strace_files)
         if (self.run_dir / "packages.txt").exists():
             self._artifact("packages.txt", self.run_dir / "packages.txt")
-        return f"{len(wanted)} files"
+        health = self._tracer_health()
+        return f"{len(wanted)} files" + (f"; {health}" if health else "")
+
+    def _name_strace_logs(self, logs: list[str]) -> list[str]:
+        """The phone names logs by pid (``strace.<pid>.log``); here each gets its process's
+        name from the launcher's procs file (``strace.<pid>.<procname>.log``), which the
+        analysis reads. A name that is not one safe word keeps the pid-only name."""
+        procs = self._strace_procs()
+        out = []
+        for rel in logs:
+            m = re.fullmatch(r"strace/strace\.(\d+)\.log", rel)
+            name = procs.get(int(m.group(1))) if m else None
+            if m is None or name is None:
+                out.append(rel)
+                continue
+            new = f"strace/strace.{m.group(1)}.{name}.log"
+            os.replace(self.run_dir / rel, self.run_dir / new)
+            self.m["artifacts"][new] = self.m["artifacts"].pop(rel)
+            out.append(new)
+        return out
+
+    def _strace_procs(self) -> dict[int, str]:
+        f = self.run_dir / "strace" / "strace_launcher.procs"
+        out: dict[int, str] = {}
+        try:
+            text = f.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return out
+        for line in text.splitlines()[:100000]:
+            pid, _, name = line.partition(" ")
+            if pid.isdigit() and len(pid) < 10 and re.fullmatch(r"[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,99}",
+                                                                   name):
+                out.setdefault(int(pid), name)
+        return out
+
+    def _tracer_health(self) -> str:
+        """Whether strace traced every process it should have (``tracers.processes``), read
+        from the launcher's log and strace's own stderr; a warning names the others."""
+        if self.spec.tracer not in ("strace", "both"):
+            return ""
+        from analysis.traces.tracerhealth import process_health, summary
+
+        def text(rel: str) -> str:
+            try:
+                with open(self.run_dir / rel, encoding="utf-8", errors="replace") as f:
+                    return f.read(4_000_000)
+            except OSError:
+                return ""
+
+        launcher_log = text("strace_launcher.err")
+        logs = {int(m.group(1)): rel for rel in self.m["traces"]["strace"]
+                if (m := re.fullmatch(r"strace/strace\.(\d+)(?:\..+)?\.log", rel))}
+        procs = self._strace_procs()
+        health = [process_health(pid, procs.get(pid, self.scenario.package),
+                                 stderr=text(f"strace/strace.{pid}.err"),
+                                 trace=text(logs[pid]) if pid in logs else "",
+                                 launcher_log=launcher_log)
+                  for pid in sorted(set(procs) | set(logs))]
+        bad = [h for h in health if h.status != "attached"]
+        netstat = self.m["traces"].get("netstat")
+        self.m["tracers"] = {
+            "processes": [h.to_manifest() for h in health],
+            "untraced": len(bad),
+            "labels_from": ("strace and netstat" if not bad else
+                            "netstat (strace missed processes)" if netstat else
+                            "strace only where it attached"),
+        }
+        if not health:
+            self.m["tracers"]["labels_from"] = "netstat (strace found no process)" if netstat \
+                else "nothing"
+            self.emit(ev.LogRecorded("warning", f"{self.session_id}: strace found no process of "
+                                     f"{self.scenario.package} to trace"))
+            return "strace traced no process"
+        line = summary(health)
+        if bad:
+            causes = sorted({h.cause for h in bad if h.cause})
+            from analysis.traces.tracerhealth import FIXES
+
+            fix = next((FIXES[c] for c in causes if c in FIXES), "")
+            self.emit(ev.LogRecorded("warning", f"{self.session_id}: {line}; labels come from "
+                                     f"the netstat poller{'' if netstat else ' (none ran)'}"
+                                     + (f"; fix: {fix}" if fix else "")))
+        return line
 
     def cleanup_phone(self) -> str:
         root_shell(self.link, f"rm -rf {shlex.quote(self.dev_dir)}", timeout=20)
