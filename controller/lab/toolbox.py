@@ -44,7 +44,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError
@@ -122,6 +122,26 @@ class PhoneConfig(BaseModel):
         description="ADBKeyBoard (com.android.adbkeyboard) is installed, as on a phone prepared "
         "for flowtruth (installed, not enabled); False: a phone without it.",
     )
+    strace_fault: Literal["none", "selinux", "ptrace"] = Field(
+        default="none",
+        description="Failure of strace on this phone, as on real ones: selinux: attaches, then "
+        "wait4(__WALL) is denied (Magisk issue 596); ptrace: PTRACE_SEIZE/ATTACH refused "
+        "(a vendor's ptrace block). Real kernel errors: a seccomp filter on everything su runs.",
+    )
+    crlf_output: bool = Field(
+        default=False,
+        description="Shell output ends lines with CRLF, as through old adbd without shell v2.",
+    )
+    hostile_process: Literal["none", "long", "newline"] = Field(
+        default="none",
+        description="Each simulated app also runs a process named PACKAGE:<300 characters> "
+        "(long) or PACKAGE:<a name with a newline> (newline).",
+    )
+
+    def faults(self) -> dict[str, Any]:
+        """The failure modes the toolbox, adbd and the simulated apps act on."""
+        return {"strace": self.strace_fault, "crlf": self.crlf_output,
+                "hostile_process": self.hostile_process}
 
     def all_packages(self) -> dict[str, PackageInfo]:
         """The installed packages: ``packages`` plus ADBKeyBoard when ``adb_keyboard``."""
@@ -224,6 +244,7 @@ class PhoneConfig(BaseModel):
             },
             "display": {"width": self.display_width, "height": self.display_height, "density": 420},
             "clock_offset_s": self.clock_offset_s,
+            "faults": self.faults(),
             "next_pid": 21000 + (sum(self.serial.encode()) % 500) * 7,
         }
 
@@ -587,6 +608,7 @@ class Toolbox:
             def refresh(state: dict[str, Any]) -> None:
                 state["props"] = self.config.props()
                 state["clock_offset_s"] = self.config.clock_offset_s
+                state["faults"] = self.config.faults()
 
             rt.update_state(self.state_dir, refresh)
         (self.state_dir / rt.INPUT_LOG).touch()

@@ -12,10 +12,12 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import ctypes
 import fcntl
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -1413,6 +1415,72 @@ def tool_cmd(t: Tool) -> int:
     return 20
 
 
+# --------------------------------------------------------------------------- tracer faults
+
+AUDIT_ARCH_X86_64 = 0xC000003E
+AUDIT_ARCH_AARCH64 = 0xC00000B7
+_NR = {  # (wait4, ptrace) per architecture
+    AUDIT_ARCH_X86_64: (61, 101),
+    AUDIT_ARCH_AARCH64: (260, 117),
+}
+__WALL = 0x40000000
+PTRACE_ATTACH, PTRACE_SEIZE = 16, 0x4206
+EACCES, EPERM = 13, 1
+
+
+def _bpf(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
+    return struct.pack("<HBBI", code, jt, jf, k)
+
+
+def tracing_filter(fault: str, arch: int) -> bytes:
+    """A seccomp BPF program for this process tree: ``selinux`` fails ``wait4(..., __WALL)``
+    with EACCES (what SELinux's denial of sigchld does to strace on a Samsung, Magisk issue
+    596); ``ptrace`` fails PTRACE_SEIZE/PTRACE_ATTACH with EPERM (a vendor's ptrace block).
+    Every other call is allowed; shells never wait with __WALL."""
+    ld_w_abs, jeq_k, jset_k, ret_k = 0x20, 0x15, 0x45, 0x06
+    wait4, ptrace = _NR[arch]
+    allow = _bpf(ret_k, 0x7FFF0000)
+    if fault == "selinux":
+        errno = 0x00050000 | EACCES
+        prog = [_bpf(ld_w_abs, 4), _bpf(jeq_k, arch, 0, 5),
+                _bpf(ld_w_abs, 0), _bpf(jeq_k, wait4, 0, 3),
+                _bpf(ld_w_abs, 16 + 8 * 2), _bpf(jset_k, __WALL, 0, 1),
+                _bpf(ret_k, errno), allow]
+    elif fault == "ptrace":
+        errno = 0x00050000 | EPERM
+        prog = [_bpf(ld_w_abs, 4), _bpf(jeq_k, arch, 0, 6),
+                _bpf(ld_w_abs, 0), _bpf(jeq_k, ptrace, 0, 4),
+                _bpf(ld_w_abs, 16), _bpf(jeq_k, PTRACE_SEIZE, 1, 0),
+                _bpf(jeq_k, PTRACE_ATTACH, 0, 1), _bpf(ret_k, errno), allow]
+    else:
+        raise ValueError(f"unknown strace fault {fault!r}")
+    return b"".join(prog)
+
+
+def deny_tracing(fault: str) -> None:
+    """Install :func:`tracing_filter` on this process (inherited by everything it starts):
+    real kernel errors for a lab phone whose strace must fail as on real phones."""
+    import platform
+
+    arch = {"x86_64": AUDIT_ARCH_X86_64, "aarch64": AUDIT_ARCH_AARCH64}.get(platform.machine())
+    if arch is None:
+        raise OSError(f"strace faults are not available on {platform.machine()}")
+    prog = tracing_filter(fault, arch)
+    buf = ctypes.create_string_buffer(prog, len(prog))
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    fprog = SockFprog(len(prog) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong,
+                           ctypes.c_ulong]
+    if libc.prctl(38, 1, None, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    if libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, MODE_FILTER
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP)")
+
+
 def tool_su(t: Tool) -> int:
     """Magisk-style ``su``: ``su -c CMD``, ``su 0 CMD...``, or a root shell reading stdin."""
     args = list(t.args)
@@ -1457,6 +1525,9 @@ def tool_su(t: Tool) -> int:
     elif rest and rest[0].isdigit():
         print("su: only root (uid 0) is supported on this lab phone", file=t.err)
         return 1
+    fault = str(t.state().get("faults", {}).get("strace", "none"))
+    if fault != "none":
+        deny_tracing(fault)
     env = dict(os.environ)
     env[UID_ENV] = "0"
     env["USER"] = "root"

@@ -398,9 +398,15 @@ def skip_reason() -> str | None:
     return None
 
 
-def lab_phone_config(index: int) -> PhoneConfig:
-    """Phone N's identity: the Samsung and Xiaomi presets, reporting x86_64 (host binaries)."""
+def lab_phone_config(index: int, updates: dict[str, Any] | None = None) -> PhoneConfig:
+    """Phone N's identity: the Samsung and Xiaomi presets, reporting x86_64 (host binaries);
+    ``updates`` sets more PhoneConfig fields (e.g. a failure mode: ``strace_fault``)."""
     base = samsung_s21() if index % 2 == 1 else xiaomi_poco_x3_pro()
+    if updates:
+        try:
+            base = PhoneConfig.model_validate({**base.model_dump(), **updates})
+        except ValueError as exc:
+            raise LabError(f"phone{index}: bad phone settings: {exc}".splitlines()[0]) from None
     serial = base.serial if index <= 2 else f"{base.serial[:-2]}{index:02d}"
     abi = {
         "ro.product.cpu.abilist": "x86_64,arm64-v8a",
@@ -472,6 +478,7 @@ class Lab:
         mgmt_base: int | None = None,
         capture_dir: str | os.PathLike[str] | None = None,
         sink: Sink = _quiet,
+        phone_updates: dict[int, dict[str, Any]] | None = None,
     ) -> Lab:
         """Create namespaces, servers, AP and phones; attach the phones to the adb server.
 
@@ -515,6 +522,7 @@ class Lab:
         state = LabState(lab_id=lab_id, workdir=str(wd.resolve()), own_workdir=own,
                          adb_port=adb_port)  # fmt: skip
         lab = cls(state, path)
+        lab.phone_updates = dict(phone_updates or {})
         lab._save()
         _register(lab_id, path)
         try:
@@ -585,6 +593,17 @@ class Lab:
         inet, ap = self._add_ns("inet"), self._add_ns("ap")
         phone_ns = [self._add_ns(f"phone{i}") for i in range(1, phones + 1)]
         sink("namespaces", ", ".join([inet, ap, *phone_ns]))
+        # mobile data, as on a real phone with it on: rmnet_data0 (a link to the operator,
+        # here the internet namespace, with no route through it) comes before wlan0 in
+        # `ip addr` and `ip route`; the phone's address at the AP is still wlan0's
+        for i, pns in enumerate(phone_ns, start=1):
+            _run(["ip", "-n", pns, "link", "add", "rmnet_data0", "type", "veth", "peer", "name",
+                  f"mob{i}", "netns", inet])  # fmt: skip
+            _run(["ip", "-n", pns, "addr", "add", f"10.200.{i}.6/30", "dev", "rmnet_data0"])
+            _run(["sysctl", "-q", "-w", "net.ipv6.conf.rmnet_data0.disable_ipv6=1"], netns=pns,
+                 check=False)  # fmt: skip
+            _run(["ip", "-n", inet, "link", "set", f"mob{i}", "up"])
+            _run(["ip", "-n", pns, "link", "set", "rmnet_data0", "up"])
 
         # internet <-> AP uplink, server addresses
         _run(["ip", "-n", ap, "link", "add", "wan0", "type", "veth", "peer", "name", "up0",
@@ -694,7 +713,7 @@ class Lab:
             _run(["ip", "link", "set", host_link, "up"])
             _run(["ip", "-n", pns, "addr", "add", f"{mgmt_ip}/30", "dev", "adb0"])
             _run(["ip", "-n", pns, "link", "set", "adb0", "up"])
-            config = lab_phone_config(i)
+            config = lab_phone_config(i, getattr(self, "phone_updates", {}).get(i))
             pdir = wd / "phones" / f"phone{i}"
             pdir.mkdir(parents=True, exist_ok=True)
             cfg_path = wd / "phones" / f"phone{i}.json"
