@@ -313,7 +313,7 @@ def test_e2e_session_in_the_virtual_lab_produces_labelled_mirage_json(vlab: VLab
     from analysis.runinfo import load_manifest
 
     m = load_manifest(res.run_dir)
-    assert m.outcome == "completed" and m.device.ip == ph.ip and m.device.model == "SM-G991B"
+    assert m.outcome == "completed" and m.device.ip == ph.ip and m.device.model == "SM-S936B"
     assert m.apps[0].package == "org.thoughtcrime.securesms" and m.apps[0].uid == 10263
     raw = json.loads((res.run_dir / "manifest.json").read_text())
     assert abs(raw["clock"]["offset_s"] - 0.25) <= raw["clock"]["uncertainty_s"] + 0.05

@@ -53,6 +53,7 @@ TOOLS = (
     "id",
     "whoami",
     "pidof",
+    "ps",
     "date",
     "wm",
     "monkey",
@@ -1137,6 +1138,22 @@ def tool_dumpsys(t: Tool) -> int:
             f"  temperature: {int(b.get('temperature_dc', 285))}",
             "  technology: Li-ion",
         ]
+        if state.get("props", {}).get("ro.product.manufacturer") == "samsung":
+            # Samsung's BatteryService, as a real S-series prints it (no Dock line, its own
+            # keys, two unindented trailer lines)
+            lines = [x for x in lines if "Dock powered" not in x] + [
+                "  batterySWSelfDischarging: false",
+                "  batteryMiscEvent: 65536",
+                "  batteryCurrentEvent: 0",
+                f"  mSecPlugTypeSummary: {2 if b.get('usb_powered', True) else 0}",
+                "  LED Charging: true",
+                "  LED Low Battery: true",
+                "  current now: 0",
+                f"  charge counter: {level * 38000}",
+                "  Adaptive Fast Charging Settings: true",
+                "USE_FAKE_BATTERY: false",
+                "SEC_FEATURE_BATTERY_SIMULATION: false",
+            ]
         print("\n".join(lines), file=t.out)
         return 0
     if service == "package" and len(args) > 1:
@@ -1269,6 +1286,57 @@ def tool_pidof(t: Tool) -> int:
     if not pids:
         return 1
     print(" ".join(str(p) for p in sorted(set(pids), reverse=True)), file=t.out)
+    return 0
+
+
+def android_user(uid: int) -> str:
+    """Android's name of a uid as ps prints it: root, system, shell, u0_a<N>, u0_i<N>."""
+    named = {0: "root", 1000: "system", 1001: "radio", 1010: "wifi", 1013: "media",
+             1041: "audioserver", 2000: "shell", 9999: "nobody"}
+    user, app = divmod(uid, 100000)
+    if app in named and user == 0:
+        return named[app]
+    if 10000 <= app < 20000:
+        return f"u{user}_a{app - 10000}"
+    if 90000 <= app < 100000:
+        return f"u{user}_i{app - 90000}"
+    return str(uid)
+
+
+PS_FORMAT = "{:<10}{:>8}{:>6}{:>8}{:>7} {:<16} {:>4} {} {}"
+
+
+def tool_ps(t: Tool) -> int:
+    """toybox ``ps -A``: ``USER PID PPID VSZ RSS WCHAN ADDR S NAME`` of the processes in this
+    phone's network namespace (NAME: argv[0], or [comm] for a process without one)."""
+    own_ns = _netns_of("self")
+    rows = []
+    for entry in sorted((e for e in os.listdir("/proc") if e.isdigit()), key=int):
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv0 = f.read().split(b"\0", 1)[0].decode(errors="replace")
+            uid = os.stat(f"/proc/{entry}").st_uid
+        except OSError:
+            continue
+        if _netns_of(entry) != own_ns:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        try:
+            with open(f"/proc/{entry}/wchan", encoding="utf-8", errors="replace") as f:
+                wchan = f.read().strip() or "0"
+        except OSError:
+            wchan = "0"
+        name = argv0.replace("\n", "?") if argv0 else f"[{comm}]"
+        rows.append(PS_FORMAT.format(android_user(uid), entry, fields[1],
+                                     int(fields[20]) // 1024, int(fields[21]) * 4,
+                                     wchan[:16], 0, fields[0], name))
+    print(PS_FORMAT.format("USER", "PID", "PPID", "VSZ", "RSS", "WCHAN", "ADDR", "S", "NAME"),
+          file=t.out)
+    for r in rows:
+        print(r, file=t.out)
     return 0
 
 
@@ -1562,6 +1630,7 @@ HANDLERS: dict[str, Callable[[Tool], int]] = {
     "id": tool_id,
     "whoami": tool_whoami,
     "pidof": tool_pidof,
+    "ps": tool_ps,
     "date": tool_date,
     "wm": tool_wm,
     "monkey": tool_monkey,
