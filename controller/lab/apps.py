@@ -784,7 +784,8 @@ class Manager:
         if hostile in ("long", "newline"):
             self.apps[package].sidecar = subprocess.Popen(
                 [hostile_name(package, hostile), "-c",
-                 f"import os, time\nos.setgid({uid}); os.setuid({uid})\n"
+                 f"import ctypes, os, time\nos.setgid({uid}); os.setuid({uid})\n"
+                 "ctypes.CDLL(None).prctl(4, 1)  # PR_SET_DUMPABLE, as zygote's children\n"
                  "while True: time.sleep(60)"] if os.geteuid() == 0 and uid else
                 [hostile_name(package, hostile), "-c", "import time\nwhile True: time.sleep(60)"],
                 executable=sys.executable, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

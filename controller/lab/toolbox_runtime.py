@@ -1298,8 +1298,8 @@ def android_user(uid: int) -> str:
         return named[app]
     if 10000 <= app < 20000:
         return f"u{user}_a{app - 10000}"
-    if 90000 <= app < 100000:
-        return f"u{user}_i{app - 90000}"
+    if 99000 <= app < 100000:  # AID_ISOLATED_START
+        return f"u{user}_i{app - 99000}"
     return str(uid)
 
 
