@@ -1025,6 +1025,74 @@ def preflight(link: DeviceLink, facts: DeviceFacts | None = None,
     return out
 
 
+PHONE_STRACE = "/data/local/tmp/flowtruth/bin/strace"
+"""Where the engine keeps its strace on the phone (across sessions)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TracingFacts:
+    """Whether root can trace apps on this phone."""
+
+    selinux: str
+    ptrace_scope: int | None
+    root_ptrace: str  # "ok" | "failed" | "unchecked" (no strace on the phone yet, or no root)
+    detail: str = ""
+    cause: str = ""
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {"selinux": self.selinux, "ptrace_scope": self.ptrace_scope,
+                "root_ptrace": self.root_ptrace, "detail": self.detail, "cause": self.cause}
+
+
+_PTRACE_SCOPE_FIX = ("reboot the phone (Yama's 3 holds until then), then keep "
+                     "/proc/sys/kernel/yama/ptrace_scope at 2 or less")
+
+
+def check_tracing(link: DeviceLink, strace: str | None = PHONE_STRACE,
+                  ) -> tuple[TracingFacts, list[PreflightWarning]]:
+    """SELinux mode, Yama's ``ptrace_scope`` and whether root's strace stays attached to a
+    sleeping process for half a second (one root round trip; skipped when ``strace`` is
+    not on the phone). Each problem comes with its one-line fix."""
+    from analysis.traces.tracerhealth import FIXES, iter_tracer_problems
+
+    q = shlex.quote
+    tmp = "/data/local/tmp/.flowtruth-ptrace-check"
+    probe = (f"S={q(strace)}; if [ -x \"$S\" ]; then sleep 5 & p=$!; "
+             f"\"$S\" -e trace=none -o /dev/null -p $p 2>{tmp} & s=$!; sleep 0.5; "
+             "if kill -0 $s 2>/dev/null; then echo ptrace:ok; else echo ptrace:failed; fi; "
+             f"kill $s $p 2>/dev/null; wait $s $p 2>/dev/null; cat {tmp}; rm -f {tmp}; "
+             "else echo ptrace:unchecked; fi") if strace else "echo ptrace:unchecked"
+    r = root_shell(link, "echo selinux:$(getenforce 2>/dev/null); "
+                         "echo yama:$(cat /proc/sys/kernel/yama/ptrace_scope 2>/dev/null); "
+                         + probe, timeout=20)
+    out = decode_text(r.stdout) if r.ok else ""
+    sel = re.search(r"^selinux:(\S*)", out, re.M)
+    yama = re.search(r"^yama:(\d+)", out, re.M)
+    pt = re.search(r"^ptrace:(\w+)", out, re.M)
+    selinux = sel.group(1) if sel and sel.group(1) else "unknown"
+    scope = int(yama.group(1)) if yama else None
+    root_ptrace = pt.group(1) if pt else "unchecked"
+    problems = list(iter_tracer_problems(out))
+    cause = problems[0].cause if problems else ""
+    detail = problems[0].text if problems else ""
+    if root_ptrace == "failed" and not cause:
+        cause, detail = "ptrace", next((x for x in out.splitlines() if "strace" in x), "")
+    facts = TracingFacts(selinux, scope, root_ptrace, detail, cause if root_ptrace == "failed"
+                         else "")
+    warns: list[PreflightWarning] = []
+    if scope is not None and scope >= 3:
+        warns.append(PreflightWarning("ptrace_scope", "Yama ptrace_scope is 3: no process may "
+                                      "be traced, not even by root", _PTRACE_SCOPE_FIX))
+    if root_ptrace == "failed":
+        fix = FIXES.get(cause, FIXES["ptrace"])
+        if cause == "selinux" and selinux.lower() == "enforcing":
+            fix = ("su -c setenforce 0 (permissive until reboot) for the session; or trace with "
+                   "--tracer frida, or label from netstat alone")
+        warns.append(PreflightWarning("root_ptrace", f"root cannot trace apps (SELinux "
+                                      f"{selinux}): {detail or 'strace detached at once'}", fix))
+    return facts, warns
+
+
 # --------------------------------------------------------------------------- frida
 
 FRIDA_SERVER = "/data/local/tmp/frida-server"

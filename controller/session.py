@@ -743,7 +743,19 @@ class Session:
                                   f"{got.get(remote)}, expected {want[name]}",
                                   hint="storage full or a flaky cable?")
         self.m["pushed"] = want
-        return f"{len(pushed)} of {len(files)} files pushed to {d} (checksums verified)"
+        tracing = ""
+        if "strace" in files:  # now that strace is on the phone: can root trace here?
+            from controller.device import check_tracing
+
+            tf, warns = check_tracing(link, self.strace_remote)
+            self.m["tracing_check"] = tf.to_manifest()
+            for w in warns:
+                self.emit(ev.PreflightWarned(link.serial, w.check, w.message, w.fix))
+                self.m["preflight"].append({"check": w.check, "message": w.message,
+                                            "fix": w.fix})
+            tracing = f"; SELinux {tf.selinux}, root ptrace {tf.root_ptrace}"
+        return (f"{len(pushed)} of {len(files)} files pushed to {d} (checksums verified)"
+                + tracing)
 
     def _start_detached(self, argv: list[str], log: str) -> int:
         cmd = (f"cd {shlex.quote(self.dev_dir)} && setsid "

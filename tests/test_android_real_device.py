@@ -10,6 +10,7 @@ import pytest
 
 from controller.device import (
     RecordingDeviceLink,
+    ShellResult,
     choose_ap_address,
     decode_text,
     parse_battery,
@@ -142,3 +143,32 @@ def test_samsung_dumpsys_battery(shared_data: Path) -> None:
         "100", "100", "true", "5", "309")
     assert b["technology"] == "Li-ion" and b["USE_FAKE_BATTERY"] == "false"
     assert b["Charge counter"] == "2967000"
+
+
+def test_tracing_check_reads_selinux_yama_and_a_failed_attach() -> None:
+    from controller.device import check_tracing
+
+    magisk596 = ("selinux:Enforcing\nyama:1\nptrace:failed\n"
+                 "/data/local/tmp/flowtruth/bin/strace: Process 4242 attached\n"
+                 "/data/local/tmp/flowtruth/bin/strace: wait4(__WALL): Permission denied\n"
+                 "/data/local/tmp/flowtruth/bin/strace: Process 4242 detached\n")
+    link = RecordingDeviceLink().on(r"^su -c ", magisk596)
+    facts, warns = check_tracing(link)
+    assert (facts.selinux, facts.ptrace_scope, facts.root_ptrace, facts.cause) == (
+        "Enforcing", 1, "failed", "selinux")
+    assert [w.check for w in warns] == ["root_ptrace"]
+    assert "wait4(__WALL): Permission denied" in warns[0].message
+    assert "setenforce 0" in warns[0].fix
+    yama3 = RecordingDeviceLink().on(r"^su -c ", "selinux:Permissive\r\nyama:3\r\nptrace:failed\r\n"
+                                     "strace: attach: ptrace(PTRACE_SEIZE, 9): Operation not "
+                                     "permitted\r\n")
+    facts, warns = check_tracing(yama3)
+    assert (facts.ptrace_scope, facts.cause) == (3, "ptrace")
+    assert [w.check for w in warns] == ["ptrace_scope", "root_ptrace"]
+    assert "reboot" in warns[0].fix and "ptrace_scope" in warns[1].fix
+    ok = RecordingDeviceLink().on(r"^su -c ", "selinux:Enforcing\nyama:0\nptrace:ok\n")
+    assert check_tracing(ok) == (check_tracing(ok)[0], [])
+    assert check_tracing(ok)[0].root_ptrace == "ok"
+    unrooted = RecordingDeviceLink().on(r"^su ", ShellResult("", 127, "", "su: not found"))
+    facts, warns = check_tracing(unrooted)
+    assert (facts.root_ptrace, warns) == ("unchecked", [])

@@ -5,6 +5,8 @@ untraced process and why, a warning says so, and its labels come from the netsta
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from controller import events as ev
 
 SIGNAL = "org.thoughtcrime.securesms"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.root
@@ -58,3 +61,19 @@ def test_sessions_on_phones_whose_strace_is_denied_label_from_netstat(tmp_path: 
             flows = read_labels_csv(res.run_dir / "labels" / "labels.csv")
             sc = score(flows, read_truth(truth_path), apps=[SIGNAL])[SIGNAL]
             assert sc.precision == 1.0 and sc.recalled >= 1, sc.to_dict()
+            # the check after PushScripts saw it coming, and said what to do
+            tc = m["tracing_check"]
+            assert (tc["selinux"], tc["root_ptrace"], tc["cause"]) == ("Enforcing", "failed",
+                                                                       cause), tc
+            assert tc["ptrace_scope"] in (0, 1, 2, None)
+            pre = {w["check"]: w for w in m["preflight"]}
+            assert words in pre["root_ptrace"]["message"] and pre["root_ptrace"]["fix"]
+            assert any(e.check == "root_ptrace" for e in sink.of(ev.PreflightWarned))
+        # `flowtruth devices` checks the same before any session (strace stays on the phone)
+        r = subprocess.run([sys.executable, "-m", "controller.cli", "devices", "--lab",
+                            "--no-clock"], cwd=REPO, env=pl.env, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        text = " ".join(r.stdout.split())
+        assert text.count("root cannot trace apps") == 2, r.stdout
+        assert "setenforce 0" in text, r.stdout
