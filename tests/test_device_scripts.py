@@ -21,8 +21,8 @@ import pytest
 
 from analysis.traces.model import ParseStats
 from analysis.traces.netstat import iter_socket_tables
-from analysis.traces.tracerhealth import process_health
 from analysis.traces.strace import iter_socket_observations, process_from_filename
+from analysis.traces.tracerhealth import process_health
 from device_scripts import script_path
 from device_scripts.strace_cache import ABIS, cached_strace, normalize_abi, strace_cache_dir
 

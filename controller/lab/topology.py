@@ -428,6 +428,8 @@ class Lab:
     def __init__(self, state: LabState, state_path: Path) -> None:
         self.state = state
         self.state_path = state_path
+        self.phone_updates: dict[int, dict[str, Any]] = {}
+        """PhoneConfig fields per phone index for ``up`` (failure modes)."""
 
     # ---- views
 
@@ -713,7 +715,7 @@ class Lab:
             _run(["ip", "link", "set", host_link, "up"])
             _run(["ip", "-n", pns, "addr", "add", f"{mgmt_ip}/30", "dev", "adb0"])
             _run(["ip", "-n", pns, "link", "set", "adb0", "up"])
-            config = lab_phone_config(i, getattr(self, "phone_updates", {}).get(i))
+            config = lab_phone_config(i, self.phone_updates.get(i))
             pdir = wd / "phones" / f"phone{i}"
             pdir.mkdir(parents=True, exist_ok=True)
             cfg_path = wd / "phones" / f"phone{i}.json"
