@@ -42,7 +42,7 @@
 # Start it detached (nohup/setsid) when the adb shell that starts it may close; never
 # SIGKILL the launcher itself, or its stracers are left running.
 # POSIX sh with toybox/busybox applets only (pidof grep xargs echo sed mkdir mv rm sleep
-# kill); every value is quoted.
+# kill readlink); every value is quoted.
 
 set -u
 
@@ -113,6 +113,16 @@ candidates() {
         f=${f#/proc/}
         printf '%s\n' "${f%/cmdline}"
     done
+}
+
+# True when the process lives in another network namespace than this script: on a phone
+# every app shares one, so nothing is skipped there; where phones are namespaces of one
+# host (the virtual lab), another phone's processes are not this phone's.
+OWNNS=$(readlink "/proc/$$/ns/net" 2>/dev/null)
+other_netns() {
+    [ -n "$OWNNS" ] || return 1
+    ns=$(readlink "/proc/$1/ns/net" 2>/dev/null)
+    [ -n "$ns" ] && [ "$ns" != "$OWNNS" ]
 }
 
 is_traced() {
@@ -221,6 +231,7 @@ scan() {
         case "$p" in ''|*[!0-9]*) continue ;; esac
         is_traced "$p" && continue
         case "$excluded$GIVENUP" in *" $p "*) continue ;; esac
+        other_netns "$p" && continue
         a0=$(argv0 "$p")
         case "$a0" in
             "$PKG") [ "$ROLE" = all ] || continue ;;

@@ -33,7 +33,8 @@ STRACE = shutil.which("strace") or "/usr/bin/strace"
 
 # Every applet the scripts may call; PATH holds nothing else, so a GNU-only tool or flag
 # fails the test.
-APPLETS = "adjtimex cat date echo grep head kill mkdir mv pidof printf rm sed sleep xargs".split()
+APPLETS = ("adjtimex cat date echo grep head kill mkdir mv pidof printf readlink rm sed sleep "
+           "xargs").split()
 # The socket owner's uid: an Android-style app uid when we may switch to one.
 APP_UID = 10123 if os.getuid() == 0 else os.getuid()
 
@@ -851,3 +852,30 @@ def test_launcher_traces_processes_with_hostile_names(
         assert process_health(a.pid, procs[a.pid], trace=log_of(outdir, a.pid).read_text(),
                               stderr=(outdir / f"strace.{a.pid}.err").read_text()
                               ).status == "attached"
+
+
+def test_launcher_leaves_processes_of_another_network_namespace_alone(
+    tmp_path: Path, server: LocalServer
+) -> None:
+    """Where phones are network namespaces of one host (the virtual lab), a launcher on one
+    phone must not trace the same package running on another (a phone has one namespace)."""
+    require_ptrace()
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("unshare is not installed")
+    outdir = tmp_path / "out"
+    app = start_app(tmp_path, f"{PKG}:remote", server.port)
+    env = {"PATH": str(make_applet_dir(tmp_path, "busybox"))}
+    launcher = subprocess.Popen(
+        [unshare, "-n", *shell_cmd(SHELLS["busybox"]), str(LAUNCHER), PKG, str(outdir), STRACE,
+         "0.2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)  # several scans
+        (outdir / "strace_launcher.stop").touch()
+        _, err = launcher.communicate(timeout=10)
+        assert launcher.returncode == 0, err
+        assert "tracing" not in err and tracer_pid(app.pid) == 0
+        assert procs_of(outdir) == {}
+    finally:
+        kill_and_reap(launcher)
+        kill_and_reap(app)

@@ -42,6 +42,8 @@ def test_sessions_on_phones_whose_strace_is_denied_label_from_netstat(tmp_path: 
             m = json.loads((res.run_dir / "manifest.json").read_text())
             # the phone's address at the AP, not its mobile data's (rmnet_data0 comes first)
             assert m["device"]["ip"] == phone.ip
+            # found by the authority: the AP's DHCP lease for the phone's Wi-Fi MAC
+            assert (m["device"]["ip_source"], m["device"]["mac"]) == ("dhcp-lease", phone.mac)
             assert "10.200." not in " ".join(m["capture"]["filter"]["addresses"])
             procs = m["tracers"]["processes"]
             assert procs and m["tracers"]["untraced"] == len(procs), procs
