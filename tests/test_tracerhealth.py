@@ -47,6 +47,12 @@ def test_strace_own_messages_ptrace_refused_gone_and_no_log() -> None:
                "strace: Process 17195 detached\n")
     h = process_health(17195, "org.x", stderr=refused)
     assert (h.status, h.cause) == ("denied", "ptrace")
+    # the launcher's retry got through: the earlier refusal no longer decides
+    later = refused.replace("strace: Process 17195 attached\n", "") + \
+        "strace: Process 17195 attached\n"
+    assert process_health(17195, "org.x", stderr=later).status == "no_output"
+    assert process_health(17195, "org.x", stderr=later + refused.splitlines()[1] + "\n"
+                          ).status == "denied"
     gone = "strace: attach: ptrace(PTRACE_SEIZE, 999): No such process\n"
     assert process_health(999, "org.x", stderr=gone).status == "exited"
     nolog = "/data/local/tmp/strace: Can't fopen '/d/x.log': File name too long\n"

@@ -113,7 +113,14 @@ def process_health(pid: int, name: str, *, stderr: str = "", trace: str = "",
     """One traced process's health from strace's own stderr for it, its trace, the
     launcher's log and (optionally) logcat. A denial wins over everything; a trace with
     syscalls means attached; then seccomp, the process's exit, and finally no output."""
-    own = list(iter_tracer_problems(stderr)) + list(iter_tracer_problems(trace))
+    from_stderr = list(iter_tracer_problems(stderr))
+    # a refused attach that a later attempt overcame (the launcher retries) is history
+    attached_at = [i for i, line in enumerate(stderr.replace("\r\n", "\n").split("\n"), 1)
+                   if re.search(_STRACE + r"Process \d+ attached", line)]
+    if attached_at:
+        from_stderr = [p for p in from_stderr
+                       if p.cause not in ("ptrace", "exited") or p.line_no > attached_at[-1]]
+    own = from_stderr + list(iter_tracer_problems(trace))
     launcher = [p for p in iter_tracer_problems(launcher_log)
                 if p.pid == pid and p.cause in ("gave_up", "ptrace", "exited")]
     # logcat's avc lines name strace's pid, not the tracee's: they back a wait4 denial

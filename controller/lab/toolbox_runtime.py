@@ -1303,7 +1303,7 @@ def android_user(uid: int) -> str:
     return str(uid)
 
 
-PS_FORMAT = "{:<10}{:>8}{:>6}{:>8}{:>7} {:<16} {:>4} {} {}"
+PS_FORMAT = "{:<9} {:>8} {:>5} {:>7} {:>6} {:<16} {:>4} {} {}"
 
 
 def tool_ps(t: Tool) -> int:
