@@ -173,3 +173,26 @@ def test_lab_phones_network_crlf_and_hostile_names_through_sessions(tmp_path: Pa
                     break
                 time.sleep(0.1)
             assert not Path(f"/proc/{pid}").exists()
+
+
+@pytest.mark.parametrize(("arg", "words"), [
+    ("1:strace_fault=bogus", "phone1: strace_fault: Input should be"),
+    ("1:colour=red", "no phone setting 'colour'"),
+    ("5:crlf_output=true", "N from 1 to 2"),
+    ("strace_fault", "expected N:FIELD=VALUE"),
+])
+def test_lab_up_rejects_bad_phone_settings_in_one_line(tmp_path: Path, arg: str,
+                                                        words: str) -> None:
+    import os
+    import sys
+
+    if os.geteuid() != 0:
+        pytest.skip("lab up checks root first")
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "lab", "up", "--no-adb",
+                        "--state-dir", str(tmp_path), "--phone", arg],
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "COLUMNS": "250"})
+    assert r.returncode == 2, r.stderr
+    assert words in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "lab.json").exists()

@@ -62,7 +62,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller.errors import LabError, RootRequired
+from controller.errors import ConfigError, LabError, RootRequired
 from controller.lab.toolbox import PhoneConfig, samsung_s21, xiaomi_poco_x3_pro
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -403,10 +403,18 @@ def lab_phone_config(index: int, updates: dict[str, Any] | None = None) -> Phone
     ``updates`` sets more PhoneConfig fields (e.g. a failure mode: ``strace_fault``)."""
     base = samsung_s21() if index % 2 == 1 else xiaomi_poco_x3_pro()
     if updates:
+        from pydantic import ValidationError
+
+        unknown = sorted(set(updates) - set(PhoneConfig.model_fields))
+        if unknown:
+            raise ConfigError(f"phone{index}: no phone setting {unknown[0]!r}",
+                           hint="e.g. strace_fault, crlf_output, hostile_process")
         try:
             base = PhoneConfig.model_validate({**base.model_dump(), **updates})
-        except ValueError as exc:
-            raise LabError(f"phone{index}: bad phone settings: {exc}".splitlines()[0]) from None
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(x) for x in first["loc"])
+            raise ConfigError(f"phone{index}: {where}: {first['msg']}") from None
     serial = base.serial if index <= 2 else f"{base.serial[:-2]}{index:02d}"
     abi = {
         "ro.product.cpu.abilist": "x86_64,arm64-v8a",
@@ -499,6 +507,10 @@ class Lab:
             raise LabError(f"--phones must be 1 to 9, not {phones}")
         if mgmt_base is not None and not 0 <= mgmt_base <= 240:
             raise LabError("mgmt_base must be 0 to 240")
+        for index, updates in (phone_updates or {}).items():  # bad settings fail before anything
+            if not 1 <= index <= phones:
+                raise ConfigError(f"phone{index}: the lab has phones 1 to {phones}")
+            lab_phone_config(index, updates)
         missing = [p for p in PROGRAMS if shutil.which(p) is None]
         if adb_port is not None and shutil.which("adb") is None:
             missing.append("adb")
