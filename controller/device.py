@@ -7,12 +7,17 @@ naming the serial, so a phone that vanishes mid-call never hangs the engine.
 command patterns and records every call.
 
 The functions below take any link: :func:`read_facts` (model, manufacturer, Android
-version, ABI, battery, SELinux, addresses), :func:`check_root` (``su -c id``, ``su 0 id``,
+version, ABI, battery, SELinux, locale, addresses, and the phone's address at the AP: the
+AP's DHCP lease for its Wi-Fi MAC, else the address inside the AP's subnet, else wlan0's;
+never the mobile-data address ``ip addr`` may list first), :func:`check_root` (``su -c id``, ``su 0 id``,
 ``magisk -v``), :func:`read_apps` (``pm list packages -U --show-versioncode`` and
 ``dumpsys package`` versionName), :func:`probe_clock` (bracketed ``date +%s.%N``),
 :func:`push_checked` / :func:`pull_checked` (sha256 on both ends) and :func:`preflight`
 (what a technician must fix before a run: mobile data, private DNS, IPv6, screen lock,
-battery, airplane mode). :func:`type_text` types into the focused field: printable ASCII
+battery, airplane mode) and :func:`check_tracing` (SELinux mode, Yama ptrace_scope, whether
+root's strace stays attached). Parsers read real phones' output: ``getprop`` in UTF-16 or
+with CRLF and values over several lines, ``ip -o addr``, ``ip route``, toybox ``ps -A``,
+``dumpsys battery``. :func:`type_text` types into the focused field: printable ASCII
 with ``input text``, anything else through the ADBKeyBoard IME (``ADB_INPUT_B64``
 broadcasts), restoring the phone's own keyboard afterwards.
 """

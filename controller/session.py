@@ -39,6 +39,14 @@ are merged into ``frida.jsonl`` (on the phone's clock) when it stops; ``both`` g
 the app's main process and the launcher (role ``secondary``) the others, never one pid to
 both; ``none`` leaves the netstat poller alone.
 
+Tracer health: after PullArtifacts, every process the launcher tried is judged from the
+launcher's log, strace's own stderr (``strace/strace.<pid>.err``) and its trace
+(:mod:`analysis.traces.tracerhealth`): ``manifest["tracers"]["processes"]`` holds
+``{pid, name, status, reason, cause}`` (attached, denied: selinux/ptrace/seccomp, exited,
+no_output); untraced processes give a warning that labels come from the netstat poller.
+PushScripts also checks that root can trace on this phone (``manifest["tracing_check"]``).
+The phone names logs by pid only; pulled logs get their process's (safe) name here.
+
 Strace binary by ABI: ``arm64-v8a``/``armeabi-v7a`` (real phones) take the static build
 from :mod:`device_scripts.strace_cache`; ``x86_64`` (virtual-lab phones are namespaces of
 this host, as Android emulator images report) takes the host's ``/usr/bin/strace``.

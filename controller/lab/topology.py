@@ -4,7 +4,8 @@
 
     host ── ftl<id>a<N> ═══ adb0 (10.254.X.2:5555, emulated adbd)      management, like USB
                               │
-    ftl-<id>-phone<N>:  wlan0 (MAC 02:66:74:00:00:0N, DHCP 192.168.77.1N, SLAAC fd77:7466::/64)
+    ftl-<id>-phone<N>:  rmnet_data0 (10.200.N.6/30, mobile data: listed first, no route)
+                        wlan0 (MAC 02:66:74:00:00:0N, DHCP 192.168.77.1N, SLAAC fd77:7466::/64)
                               ║ veth
     ftl-<id>-ap:        sta<N> ─ bridge wlan0 (192.168.77.1/24; ap_setup: dnsmasq DHCP/DNS,
                                   nftables NAT, tcpdump capture)   wan0 (100.64.0.2/30)
@@ -25,7 +26,8 @@ traffic never shows in the AP capture (on a real phone it goes over USB).
 
 API::
 
-    lab = Lab.up(phones=2, adb_port=5037, workdir=None, state_dir=None)   # needs root
+    lab = Lab.up(phones=2, adb_port=5037, workdir=None, state_dir=None,   # needs root
+                 phone_updates={1: {"strace_fault": "selinux"}})  # PhoneConfig fields
     lab = Lab.load(state_dir=None)      # the running lab from its state file, or None
     lab.phones      # [LabPhone(name, index, serial="10.254.X.2:5555", netns, ip, mac,
                     #           mgmt_ip, host_ip, host_link, state_dir, config: PhoneConfig, ip6)]
