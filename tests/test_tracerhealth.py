@@ -50,7 +50,8 @@ def test_strace_own_messages_ptrace_refused_gone_and_no_log() -> None:
     # the launcher's retry got through: the earlier refusal no longer decides
     later = refused.replace("strace: Process 17195 attached\n", "") + \
         "strace: Process 17195 attached\n"
-    assert process_health(17195, "org.x", stderr=later).status == "no_output"
+    h = process_health(17195, "org.x", stderr=later)
+    assert (h.status, h.lines) == ("attached", 0) and "no traced syscall" in h.reason
     assert process_health(17195, "org.x", stderr=later + refused.splitlines()[1] + "\n"
                           ).status == "denied"
     gone = "strace: attach: ptrace(PTRACE_SEIZE, 999): No such process\n"

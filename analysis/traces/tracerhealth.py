@@ -10,8 +10,10 @@ for ``comm="strace"``, Magisk issue 596) and zygote's seccomp filter shows in th
 as ``--- SIGSYS {... si_code=SYS_SECCOMP ...}``.
 
 :func:`iter_tracer_problems` yields each recognised line; :func:`process_health` turns
-one process's evidence into a :class:`TracerHealth`: ``attached``, ``denied`` (cause
-``selinux``, ``ptrace`` or ``seccomp``), ``exited`` or ``no_output``.
+one process's evidence into a :class:`TracerHealth`: ``attached`` (its trace has syscalls,
+or strace said it attached and nothing went wrong after), ``denied`` (cause ``selinux``,
+``ptrace`` or ``seccomp``), ``exited`` (gone before strace attached) or ``no_output``
+(nothing says strace ever attached, and it logged nothing).
 """
 
 from __future__ import annotations
@@ -139,6 +141,9 @@ def process_health(pid: int, name: str, *, stderr: str = "", trace: str = "",
         return TracerHealth(pid, name, "attached", note, "seccomp" if note else "", lines)
     if "seccomp" in by:
         return TracerHealth(pid, name, "denied", _reason("seccomp", by["seccomp"]), "seccomp")
+    if attached_at and "log_file" not in by:
+        return TracerHealth(pid, name, "attached", "strace attached; the process made no traced "
+                            "syscall while it was traced")
     if "log_file" in by:
         return TracerHealth(pid, name, "no_output", _reason("log_file", by["log_file"]),
                             "log_file")
