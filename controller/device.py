@@ -7,12 +7,17 @@ naming the serial, so a phone that vanishes mid-call never hangs the engine.
 command patterns and records every call.
 
 The functions below take any link: :func:`read_facts` (model, manufacturer, Android
-version, ABI, battery, SELinux, addresses), :func:`check_root` (``su -c id``, ``su 0 id``,
+version, ABI, battery, SELinux, locale, addresses, and the phone's address at the AP: the
+AP's DHCP lease for its Wi-Fi MAC, else the address inside the AP's subnet, else wlan0's;
+never the mobile-data address ``ip addr`` may list first), :func:`check_root` (``su -c id``, ``su 0 id``,
 ``magisk -v``), :func:`read_apps` (``pm list packages -U --show-versioncode`` and
 ``dumpsys package`` versionName), :func:`probe_clock` (bracketed ``date +%s.%N``),
 :func:`push_checked` / :func:`pull_checked` (sha256 on both ends) and :func:`preflight`
 (what a technician must fix before a run: mobile data, private DNS, IPv6, screen lock,
-battery, airplane mode). :func:`type_text` types into the focused field: printable ASCII
+battery, airplane mode) and :func:`check_tracing` (SELinux mode, Yama ptrace_scope, whether
+root's strace stays attached). Parsers read real phones' output: ``getprop`` in UTF-16 or
+with CRLF and values over several lines, ``ip -o addr``, ``ip route``, toybox ``ps -A``,
+``dumpsys battery``. :func:`type_text` types into the focused field: printable ASCII
 with ``input text``, anything else through the ADBKeyBoard IME (``ADB_INPUT_B64``
 broadcasts), restoring the phone's own keyboard afterwards.
 """
@@ -292,6 +297,12 @@ class RecordingDeviceLink:
 # --------------------------------------------------------------------------- facts
 
 
+MOBILE_IFACES = ("rmnet", "ccmni", "seth_", "v4-rmnet", "clat", "dummy", "tun", "p2p",
+                 "ap0", "swlan", "adb0")
+"""Interface prefixes that never carry the phone's address at the AP (mobile data, CLAT,
+VPN, hotspot, the virtual lab's adb management link)."""
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceFacts:
     """What the engine records about a phone."""
@@ -306,17 +317,38 @@ class DeviceFacts:
     battery_level: int | None
     addresses: tuple[str, ...] = ()
     mac: str | None = None
+    ap_ip: str | None = None
+    """The phone's IPv4 address at the AP (see :func:`choose_ap_address`)."""
+    ip_source: str = ""
+    """How ``ap_ip`` was found: ``dhcp-lease``, ``ap-subnet``, ``wifi-interface``, ``first``."""
+    locale: str = ""
+    wifi_interface: str = "wlan0"
 
     @property
     def ip(self) -> str | None:
-        """The first IPv4 address (the phone's side of a flow at the AP)."""
-        return next((a for a in self.addresses if ":" not in a), None)
+        """The phone's side of a flow at the AP: its address on the AP's subnet (never
+        the mobile-data address that ``ip addr`` may list first)."""
+        return self.ap_ip or next((a for a in self.addresses if ":" not in a), None)
 
     def to_manifest(self) -> dict[str, Any]:
         return {"serial": self.serial, "model": self.model, "manufacturer": self.manufacturer,
                 "android": self.android, "sdk": self.sdk, "abi": self.abi,
                 "selinux": self.selinux, "battery_level": self.battery_level,
-                "ip": self.ip, "addresses": list(self.addresses), "mac": self.mac}
+                "ip": self.ip, "ip_source": self.ip_source, "addresses": list(self.addresses),
+                "mac": self.mac, "locale": self.locale}
+
+
+def parse_battery(text: str) -> dict[str, str]:
+    """``dumpsys battery`` as ``{key: value}`` (indented ``key: value`` lines; Samsung's
+    extra keys and unindented trailer lines included)."""
+    out: dict[str, str] = {}
+    for line in text.replace("\r", "").splitlines():
+        key, sep, value = line.strip().partition(": ")
+        if not sep:
+            key, sep, value = line.strip().partition(":")
+        if sep and key and not key.endswith("state"):
+            out.setdefault(key, value.strip())
+    return out
 
 
 def parse_battery_level(text: str) -> int | None:
@@ -336,6 +368,123 @@ def parse_addresses(text: str) -> list[str]:
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class InterfaceAddress:
+    """One address line of ``ip -o addr`` (or a ``src`` of ``ip route``)."""
+
+    interface: str
+    address: str
+    prefix: int
+
+    @property
+    def network(self) -> Any:
+        import ipaddress
+
+        return ipaddress.ip_interface(f"{self.address}/{self.prefix}").network
+
+
+_IP_O_ADDR = re.compile(r"^\s*\d+:\s+(\S+?)(?:@\S+)?\s+inet6?\s+([0-9a-fA-F.:]+)/(\d+)")
+
+
+def parse_ip_addr(text: str) -> list[InterfaceAddress]:
+    """``ip -o addr`` / ``ip -o -4 addr`` lines as (interface, address, prefix), in the
+    order printed (loopback and link-local left out)."""
+    out = []
+    for line in text.replace("\r", "").splitlines():
+        m = _IP_O_ADDR.match(line)
+        if not m:
+            continue
+        a = m.group(2)
+        if a.startswith("127.") or a == "::1" or a.lower().startswith("fe80"):
+            continue
+        out.append(InterfaceAddress(m.group(1), a, int(m.group(3))))
+    return out
+
+
+_IP_ROUTE = re.compile(r"^(\d+\.\d+\.\d+\.\d+)/(\d+)\s.*?\bdev\s+(\S+).*?\bsrc\s+(\d+\.\d+\.\d+\.\d+)")
+
+
+def parse_ip_route(text: str) -> list[InterfaceAddress]:
+    """The link routes of ``ip route`` (``NET/P dev IFACE ... src ADDR``) as the
+    interface's own address with the route's prefix, in the order printed."""
+    out = []
+    for line in text.replace("\r", "").splitlines():
+        m = _IP_ROUTE.match(line.strip())
+        if m:
+            out.append(InterfaceAddress(m.group(3), m.group(4), int(m.group(2))))
+    return out
+
+
+def parse_dnsmasq_leases(text: str) -> dict[str, str]:
+    """A dnsmasq lease file (``expiry mac ip name client-id``) as {mac: ip}."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) >= 3 and f[0].isdigit() and re.fullmatch(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}",
+                                                              f[1]):
+            out[f[1].lower()] = f[2]
+    return out
+
+
+def choose_ap_address(ifaddrs: Sequence[InterfaceAddress], *, mac: str | None = None,
+                      leases: dict[str, str] | None = None, subnet: str | None = None,
+                      wifi_interface: str = "wlan0") -> tuple[str | None, str]:
+    """The phone's IPv4 address at the AP and how it was found: the AP's DHCP lease for
+    the phone's Wi-Fi MAC (the authority), else the address inside the AP's subnet, else
+    the Wi-Fi interface's, else the first IPv4 address not on a mobile-data interface."""
+    import ipaddress
+
+    v4 = [a for a in ifaddrs if ":" not in a.address]
+    if mac and leases and mac.lower() in leases:
+        return leases[mac.lower()], "dhcp-lease"
+    if subnet:
+        try:
+            net = ipaddress.ip_network(subnet, strict=False)
+        except ValueError:
+            net = None
+        if net is not None:
+            for a in v4:
+                if ipaddress.ip_address(a.address) in net:
+                    return a.address, "ap-subnet"
+    for a in v4:
+        if a.interface == wifi_interface:
+            return a.address, "wifi-interface"
+    for a in v4:
+        if not a.interface.startswith(MOBILE_IFACES):
+            return a.address, "first"
+    return None, ""
+
+
+@dataclass(frozen=True, slots=True)
+class PsEntry:
+    """One row of toybox ``ps -A``."""
+
+    user: str
+    pid: int
+    ppid: int
+    vsz: int
+    rss: int
+    wchan: str
+    addr: str
+    state: str
+    name: str
+
+
+_PS_ROW = re.compile(r"^(\S+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\S+)\s+(\S+)\s+([A-Za-z])\s(.*)$")
+
+
+def parse_ps(text: str) -> list[PsEntry]:
+    """toybox ``ps -A`` (``USER PID PPID VSZ RSS WCHAN ADDR S NAME``; the header line and
+    damaged rows are skipped; NAME may hold blanks)."""
+    out = []
+    for line in text.replace("\r", "").splitlines():
+        m = _PS_ROW.match(line)
+        if m:
+            out.append(PsEntry(m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4)),
+                               int(m.group(5)), m.group(6), m.group(7), m.group(8), m.group(9)))
+    return out
+
+
 MARK = "----flowtruth----"
 
 
@@ -343,18 +492,67 @@ def shell_many(link: DeviceLink, commands: Sequence[str], timeout: float = 30.0)
     """Run several commands in one shell round trip; the stdout of each (round trips over
     adb cost tens of milliseconds each)."""
     line = f"; echo {MARK}; ".join(f"{{ {c}; }} 2>/dev/null" for c in commands)
-    out = link.shell(line, timeout=timeout).stdout
+    # CRLF: an old phone without adb's shell protocol v2 (or a pty) ends lines with \r\n
+    out = link.shell(line, timeout=timeout).stdout.replace("\r\n", "\n")
     parts = out.split(MARK + "\n")
     parts = [p.rstrip("\n") for p in parts] + [""] * len(commands)
     return parts[:len(commands)]
 
 
-_PROP = re.compile(r"^\[([^\]]+)\]: \[(.*)\]$", re.M)
+def decode_text(data: bytes | str) -> str:
+    """Device output as text: UTF-16LE/BE (with or without a BOM, as a Windows redirect of
+    ``adb shell`` writes it), UTF-8 with or without a BOM; CRLF and CR become LF."""
+    if isinstance(data, str):
+        text = data
+        if "\x00" in text[:200]:  # UTF-16 read as a one-byte encoding
+            raw = text.encode("latin-1", errors="replace")
+            return decode_text(raw)
+    else:
+        if data.startswith(b"\xff\xfe") or data.startswith(b"\xfe\xff"):
+            text = data.decode("utf-16", errors="replace")
+        elif len(data) >= 4 and data[1:4:2] == b"\x00\x00" and data[0] != 0:
+            text = data.decode("utf-16-le", errors="replace")
+        elif len(data) >= 4 and data[0:4:2] == b"\x00\x00" and data[1] != 0:
+            text = data.decode("utf-16-be", errors="replace")
+        else:
+            text = data.decode("utf-8", errors="replace")
+    return text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
 
 
-def parse_getprop(text: str) -> dict[str, str]:
-    """``getprop`` (all properties) as a dict."""
-    return {m.group(1): m.group(2) for m in _PROP.finditer(text)}
+_PROP_START = re.compile(r"^\[([^\]\n]+)\]: \[(.*)$")
+
+
+def parse_getprop(text: str | bytes) -> dict[str, str]:
+    """``getprop`` (all properties) as a dict: UTF-16 or CRLF output too, and values that
+    span lines (a value runs until the line that closes its ``]``)."""
+    out: dict[str, str] = {}
+    key: str | None = None
+    buf: list[str] = []
+    for line in decode_text(text).split("\n"):
+        m = _PROP_START.match(line)
+        if key is not None and m is None:
+            buf.append(line)
+            if line.endswith("]"):
+                out[key] = "\n".join(buf)[:-1]
+                key = None
+            continue
+        if m is None:
+            continue
+        # a new property; one still open before it lost its closing bracket: keep it as read
+        if key is not None:
+            out[key] = "\n".join(buf)
+        key, buf = m.group(1), [m.group(2)]
+        if m.group(2).endswith("]"):
+            out[key] = m.group(2)[:-1]
+            key = None
+    if key is not None:
+        out[key] = "\n".join(buf)
+    return out
+
+
+def props_locale(props: dict[str, str]) -> str:
+    """The phone's locale: ``persist.sys.locale``, else ``ro.product.locale``."""
+    return props.get("persist.sys.locale") or props.get("ro.product.locale") or ""
 
 
 def parse_macs(text: str) -> dict[str, str]:
@@ -367,21 +565,45 @@ def parse_macs(text: str) -> dict[str, str]:
     return out
 
 
-def read_facts(link: DeviceLink) -> DeviceFacts:
-    """Model, manufacturer, Android version, ABI, SELinux mode, battery, addresses and MAC."""
-    props_t, selinux, battery, addr_t, mac_t = shell_many(link, [
-        "getprop", "getenforce", "dumpsys battery", "ip -o addr",
+def read_wifi_mac(link: DeviceLink, interface: str = "wlan0") -> str | None:
+    """The Wi-Fi MAC, read as root (Android 10+ denies ``/sys/class/net/*/address`` to the
+    shell user)."""
+    path = f"/sys/class/net/{interface}/address"
+    try:
+        r = root_shell(link, f"cat {shlex.quote(path)}", timeout=10)
+    except DeviceError:
+        raise
+    m = re.search(r"\b[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}\b", r.stdout)
+    return m.group(0).lower() if r.ok and m else None
+
+
+def read_facts(link: DeviceLink, *, subnet: str | None = None,
+               leases: dict[str, str] | None = None) -> DeviceFacts:
+    """Model, manufacturer, Android version, ABI, SELinux mode, battery, addresses, MAC and
+    the phone's address at the AP (``subnet``: the AP's network; ``leases``: the AP's
+    DHCP leases {mac: ip}, the authority for that address)."""
+    props_t, selinux, battery, addr_t, route_t, mac_t = shell_many(link, [
+        "getprop", "getenforce", "dumpsys battery", "ip -o addr", "ip route",
         'for i in /sys/class/net/*; do echo "${i##*/} $(cat "$i/address")"; done'])
     props = parse_getprop(props_t)
     if not props.get("ro.product.model") and not props.get("ro.product.cpu.abi"):
         raise DeviceError(f"{link.serial}: getprop answered nothing; is this an Android device?")
+    addr_t, route_t, mac_t = (decode_text(x) for x in (addr_t, route_t, mac_t))
     addrs = parse_addresses(addr_t)
-    mac = None
-    ip4 = next((a for a in addrs if ":" not in a), None)
-    if ip4:
-        m = re.search(rf"^\d+:\s+(\S+)\s+inet\s+{re.escape(ip4)}/", addr_t, re.M)
-        if m:
-            mac = parse_macs(mac_t).get(m.group(1).split("@")[0])
+    ifaddrs = parse_ip_addr(addr_t)
+    known = {a.address for a in ifaddrs}
+    ifaddrs += [a for a in parse_ip_route(route_t) if a.address not in known]
+    wifi = props.get("wifi.interface") or "wlan0"
+    macs = parse_macs(mac_t)
+    mac = macs.get(wifi)
+    if mac is None and wifi in {a.interface for a in ifaddrs}:
+        mac = read_wifi_mac(link, wifi)  # the shell user may not read it; root can
+    ip, source = choose_ap_address(ifaddrs, mac=mac, leases=leases, subnet=subnet,
+                                   wifi_interface=wifi)
+    if ip is not None and mac is None:
+        on = next((a.interface for a in ifaddrs if a.address == ip), None)
+        if on is not None:
+            mac = macs.get(on)
     from controller.safety import plain
 
     def prop(name: str) -> str:  # the phone's say: no control characters, bounded
@@ -389,8 +611,10 @@ def read_facts(link: DeviceLink) -> DeviceFacts:
 
     return DeviceFacts(link.serial, prop("ro.product.model"), prop("ro.product.manufacturer"),
                        prop("ro.build.version.release"), prop("ro.build.version.sdk"),
-                       prop("ro.product.cpu.abi"), plain(selinux.strip())[:40] or "unknown",
-                       parse_battery_level(battery), tuple(addrs), mac)
+                       prop("ro.product.cpu.abi"),
+                       plain(decode_text(selinux).strip())[:40] or "unknown",
+                       parse_battery_level(battery),
+                       tuple(addrs), mac, ip, source, props_locale(props), wifi)
 
 
 @dataclass(frozen=True, slots=True)
@@ -809,6 +1033,74 @@ def preflight(link: DeviceLink, facts: DeviceFacts | None = None,
     if facts.battery_level is not None and facts.battery_level < battery_min:
         out.append(PreflightWarning("battery", f"battery at {facts.battery_level} %", "charge the phone"))
     return out
+
+
+PHONE_STRACE = "/data/local/tmp/flowtruth/bin/strace"
+"""Where the engine keeps its strace on the phone (across sessions)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TracingFacts:
+    """Whether root can trace apps on this phone."""
+
+    selinux: str
+    ptrace_scope: int | None
+    root_ptrace: str  # "ok" | "failed" | "unchecked" (no strace on the phone yet, or no root)
+    detail: str = ""
+    cause: str = ""
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {"selinux": self.selinux, "ptrace_scope": self.ptrace_scope,
+                "root_ptrace": self.root_ptrace, "detail": self.detail, "cause": self.cause}
+
+
+_PTRACE_SCOPE_FIX = ("reboot the phone (Yama's 3 holds until then), then keep "
+                     "/proc/sys/kernel/yama/ptrace_scope at 2 or less")
+
+
+def check_tracing(link: DeviceLink, strace: str | None = PHONE_STRACE,
+                  ) -> tuple[TracingFacts, list[PreflightWarning]]:
+    """SELinux mode, Yama's ``ptrace_scope`` and whether root's strace stays attached to a
+    sleeping process for half a second (one root round trip; skipped when ``strace`` is
+    not on the phone). Each problem comes with its one-line fix."""
+    from analysis.traces.tracerhealth import FIXES, iter_tracer_problems
+
+    q = shlex.quote
+    tmp = "/data/local/tmp/.flowtruth-ptrace-check"
+    probe = (f"S={q(strace)}; if [ -x \"$S\" ]; then sleep 5 & p=$!; "
+             f"\"$S\" -e trace=none -o /dev/null -p $p 2>{tmp} & s=$!; sleep 0.5; "
+             "if kill -0 $s 2>/dev/null; then echo ptrace:ok; else echo ptrace:failed; fi; "
+             f"kill $s $p 2>/dev/null; wait $s $p 2>/dev/null; cat {tmp}; rm -f {tmp}; "
+             "else echo ptrace:unchecked; fi") if strace else "echo ptrace:unchecked"
+    r = root_shell(link, "echo selinux:$(getenforce 2>/dev/null); "
+                         "echo yama:$(cat /proc/sys/kernel/yama/ptrace_scope 2>/dev/null); "
+                         + probe, timeout=20)
+    out = decode_text(r.stdout) if r.ok else ""
+    sel = re.search(r"^selinux:(\S*)", out, re.M)
+    yama = re.search(r"^yama:(\d+)", out, re.M)
+    pt = re.search(r"^ptrace:(\w+)", out, re.M)
+    selinux = sel.group(1) if sel and sel.group(1) else "unknown"
+    scope = int(yama.group(1)) if yama else None
+    root_ptrace = pt.group(1) if pt else "unchecked"
+    problems = list(iter_tracer_problems(out))
+    cause = problems[0].cause if problems else ""
+    detail = problems[0].text if problems else ""
+    if root_ptrace == "failed" and not cause:
+        cause, detail = "ptrace", next((x for x in out.splitlines() if "strace" in x), "")
+    facts = TracingFacts(selinux, scope, root_ptrace, detail, cause if root_ptrace == "failed"
+                         else "")
+    warns: list[PreflightWarning] = []
+    if scope is not None and scope >= 3:
+        warns.append(PreflightWarning("ptrace_scope", "Yama ptrace_scope is 3: no process may "
+                                      "be traced, not even by root", _PTRACE_SCOPE_FIX))
+    if root_ptrace == "failed":
+        fix = FIXES.get(cause, FIXES["ptrace"])
+        if cause == "selinux" and selinux.lower() == "enforcing":
+            fix = ("su -c setenforce 0 (permissive until reboot) for the session; or trace with "
+                   "--tracer frida, or label from netstat alone")
+        warns.append(PreflightWarning("root_ptrace", f"root cannot trace apps (SELinux "
+                                      f"{selinux}): {detail or 'strace detached at once'}", fix))
+    return facts, warns
 
 
 # --------------------------------------------------------------------------- frida

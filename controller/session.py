@@ -40,6 +40,14 @@ are merged into ``frida.jsonl`` (on the phone's clock) when it stops; ``both`` g
 the app's main process and the launcher (role ``secondary``) the others, never one pid to
 both; ``none`` leaves the netstat poller alone.
 
+Tracer health: after PullArtifacts, every process the launcher tried is judged from the
+launcher's log, strace's own stderr (``strace/strace.<pid>.err``) and its trace
+(:mod:`analysis.traces.tracerhealth`): ``manifest["tracers"]["processes"]`` holds
+``{pid, name, status, reason, cause}`` (attached, denied: selinux/ptrace/seccomp, exited,
+no_output); untraced processes give a warning that labels come from the netstat poller.
+PushScripts also checks that root can trace on this phone (``manifest["tracing_check"]``).
+The phone names logs by pid only; pulled logs get their process's (safe) name here.
+
 Strace binary by ABI: ``arm64-v8a``/``armeabi-v7a`` (real phones) take the static build
 from :mod:`device_scripts.strace_cache`; ``x86_64`` (virtual-lab phones are namespaces of
 this host, as Android emulator images report) takes the host's ``/usr/bin/strace``.
@@ -616,7 +624,8 @@ class Session:
             raise ConfigError(f"tracer must be one of {', '.join(TRACERS)}, not {spec.tracer!r}")
         self.m["scenario"] = {"file": str(sc.path), "app": sc.app, "package": sc.package,
                               "steps": [s.describe() for s in self.steps_]}
-        facts = read_facts(link)
+        subnet, leases = self._ap_network()
+        facts = read_facts(link, subnet=subnet, leases=leases)
         self.facts = facts
         dev = facts.to_manifest()
         if spec.ip or self.env.ips.get(link.serial):
@@ -660,8 +669,28 @@ class Session:
                 f"{sc.package} uid {apps[sc.package].uid}; clock {clock.offset_s:+.3f}s "
                 f"±{clock.uncertainty_s:.3f}; {len(warns)} warnings{frida}")
 
+    def _ap_network(self) -> tuple[str | None, dict[str, str] | None]:
+        """The AP's subnet and DHCP leases ({mac: ip}) from its state file, when known:
+        the authority for the phone's address at the AP."""
+        path = self.env.ap_state
+        if path is None:
+            return None, None
+        try:
+            from ap_setup.state import ApState
+
+            st = ApState.load(Path(path))
+            if st is None:
+                return None, None
+            text = (Path(st.work_dir) / "dnsmasq.leases").read_text(errors="replace")
+        except Exception:  # no AP state or leases: the phone's own addresses decide
+            return None, None
+        from controller.device import parse_dnsmasq_leases
+
+        return st.address_added, parse_dnsmasq_leases(text)
+
     def _addresses(self) -> list[str]:
-        ip = self.spec.ip or self.env.ips.get(self.link.serial)
+        ip = self.spec.ip or self.env.ips.get(self.link.serial) or (
+            self.facts.ip if self.facts else None)
         found = list(self.facts.addresses) if self.facts else []
         if ip:
             # the phone's IPv4 on the AP's network, plus its global IPv6 addresses: apps
@@ -731,7 +760,19 @@ class Session:
                                   f"{got.get(remote)}, expected {want[name]}",
                                   hint="storage full or a flaky cable?")
         self.m["pushed"] = want
-        return f"{len(pushed)} of {len(files)} files pushed to {d} (checksums verified)"
+        tracing = ""
+        if "strace" in files:  # now that strace is on the phone: can root trace here?
+            from controller.device import check_tracing
+
+            tf, warns = check_tracing(link, self.strace_remote)
+            self.m["tracing_check"] = tf.to_manifest()
+            for w in warns:
+                self.emit(ev.PreflightWarned(link.serial, w.check, w.message, w.fix))
+                self.m["preflight"].append({"check": w.check, "message": w.message,
+                                            "fix": w.fix})
+            tracing = f"; SELinux {tf.selinux}, root ptrace {tf.root_ptrace}"
+        return (f"{len(pushed)} of {len(files)} files pushed to {d} (checksums verified)"
+                + tracing)
 
     def _start_detached(self, argv: list[str], log: str) -> int:
         cmd = (f"cd {shlex.quote(self.dev_dir)} && setsid "
@@ -1006,9 +1047,10 @@ class Session:
 
     # what PullArtifacts takes from the phone: only names the controller chose (the
     # launcher's per-pid logs, with the process name it sanitised) and fixed names
-    _PULL_FIXED = ("strace/strace_launcher.pids", "strace_launcher.err", "netstat_poller.err",
+    _PULL_FIXED = ("strace/strace_launcher.pids", "strace/strace_launcher.procs",
+                   "strace_launcher.err", "netstat_poller.err",
                    "netstat.log")
-    _PULL_STRACE = re.compile(r"strace/strace\.[0-9]{1,10}\.[A-Za-z0-9._:-]{1,120}\.log")
+    _PULL_STRACE = re.compile(r"strace/strace\.[0-9]{1,10}\.(?:log|err)")
 
     def pull_artifacts(self) -> str:
         """Pull the session's files from the phone into the run directory, checked.
@@ -1022,7 +1064,7 @@ class Session:
 
         link, d, q = self.link, self.dev_dir, shlex.quote
         # one round trip lists and checksums everything, then each file is pulled and checked
-        names = "strace/strace.[0-9]*.log " + " ".join(self._PULL_FIXED)
+        names = "strace/strace.[0-9]*.log strace/strace.[0-9]*.err " + " ".join(self._PULL_FIXED)
         r = root_shell(link, f"cd {q(d)} && chmod -R a+rX . && top=$(pwd -P) && "
                              f"for f in {names}; do "
                              f'if [ -L "$f" ]; then echo "link: $f"; continue; fi; '
@@ -1073,11 +1115,93 @@ class Session:
                 strace_files.append(rel)
             if rel == "netstat.log" and local.stat().st_size > 0:
                 self.m["traces"]["netstat"] = "netstat.log"
-        self.m["traces"]["strace"] = strace_files
+        self.m["traces"]["strace"] = self._name_strace_logs(strace_files)
         if (self.run_dir / "packages.txt").exists():
             self._artifact("packages.txt", self.run_dir / "packages.txt")
-        return f"{len(wanted)} files" + (f"; refused {len(refused)} (see pull.refused)"
-                                         if refused else "")
+        health = self._tracer_health()
+        return f"{len(wanted)} files" + (f"; {health}" if health else "") + (
+            f"; refused {len(refused)} (see pull.refused)" if refused else "")
+
+    def _name_strace_logs(self, logs: list[str]) -> list[str]:
+        """The phone names logs by pid (``strace.<pid>.log``); here each gets its process's
+        name from the launcher's procs file (``strace.<pid>.<procname>.log``), which the
+        analysis reads. A name that is not one safe word keeps the pid-only name."""
+        procs = self._strace_procs()
+        out = []
+        for rel in logs:
+            m = re.fullmatch(r"strace/strace\.(\d+)\.log", rel)
+            name = procs.get(int(m.group(1))) if m else None
+            if m is None or name is None:
+                out.append(rel)
+                continue
+            new = f"strace/strace.{m.group(1)}.{name}.log"
+            os.replace(self.run_dir / rel, self.run_dir / new)
+            self.m["artifacts"][new] = self.m["artifacts"].pop(rel)
+            out.append(new)
+        return out
+
+    def _strace_procs(self) -> dict[int, str]:
+        f = self.run_dir / "strace" / "strace_launcher.procs"
+        out: dict[int, str] = {}
+        try:
+            text = f.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return out
+        for line in text.splitlines()[:100000]:
+            pid, _, name = line.partition(" ")
+            if pid.isdigit() and len(pid) < 10 and re.fullmatch(r"[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,99}",
+                                                                   name):
+                out.setdefault(int(pid), name)
+        return out
+
+    def _tracer_health(self) -> str:
+        """Whether strace traced every process it should have (``tracers.processes``), read
+        from the launcher's log and strace's own stderr; a warning names the others."""
+        if self.spec.tracer not in ("strace", "both"):
+            return ""
+        from analysis.traces.tracerhealth import process_health, summary
+
+        def text(rel: str) -> str:
+            try:
+                with open(self.run_dir / rel, encoding="utf-8", errors="replace") as f:
+                    return f.read(4_000_000)
+            except OSError:
+                return ""
+
+        launcher_log = text("strace_launcher.err")
+        logs = {int(m.group(1)): rel for rel in self.m["traces"]["strace"]
+                if (m := re.fullmatch(r"strace/strace\.(\d+)(?:\..+)?\.log", rel))}
+        procs = self._strace_procs()
+        health = [process_health(pid, procs.get(pid, self.scenario.package),
+                                 stderr=text(f"strace/strace.{pid}.err"),
+                                 trace=text(logs[pid]) if pid in logs else "",
+                                 launcher_log=launcher_log)
+                  for pid in sorted(set(procs) | set(logs))]
+        bad = [h for h in health if h.status != "attached"]
+        netstat = self.m["traces"].get("netstat")
+        self.m["tracers"] = {
+            "processes": [h.to_manifest() for h in health],
+            "untraced": len(bad),
+            "labels_from": ("strace and netstat" if not bad else
+                            "netstat (strace missed processes)" if netstat else
+                            "strace only where it attached"),
+        }
+        if not health:
+            self.m["tracers"]["labels_from"] = "netstat (strace found no process)" if netstat \
+                else "nothing"
+            self.emit(ev.LogRecorded("warning", f"{self.session_id}: strace found no process of "
+                                     f"{self.scenario.package} to trace"))
+            return "strace traced no process"
+        line = summary(health)
+        if bad:
+            causes = sorted({h.cause for h in bad if h.cause})
+            from analysis.traces.tracerhealth import FIXES
+
+            fix = next((FIXES[c] for c in causes if c in FIXES), "")
+            self.emit(ev.LogRecorded("warning", f"{self.session_id}: {line}; labels come from "
+                                     f"the netstat poller{'' if netstat else ' (none ran)'}"
+                                     + (f"; fix: {fix}" if fix else "")))
+        return line
 
     def cleanup_phone(self) -> str:
         root_shell(self.link, f"rm -rf {shlex.quote(self.dev_dir)}", timeout=20)

@@ -15,10 +15,12 @@
 # secondary ones whose argv[0] is "PACKAGE:<name>" (found through /proc/<pid>/cmdline).
 # Each candidate's argv[0] is re-checked before it is traced. Every process not yet
 # traced gets its own
-#     STRACE -f -ttt -yy -s 32 -A -e trace=%network,close,dup,dup2,dup3 -e signal=none
-#            -o OUTDIR/strace.<pid>.<procname>.log -p <pid>
-# (procname is argv[0] with characters other than [A-Za-z0-9._:-] replaced by "_"; -A
-# appends, so a re-attach never truncates an earlier log). When a traced process exits
+#     STRACE -f -ttt -yy -s 32 -A -e trace=%network,close,dup,dup2,dup3 -e signal=SIGSYS
+#            -o OUTDIR/strace.<pid>.log -p <pid>   2>>OUTDIR/strace.<pid>.err
+# Log names derive from the pid only: a process name may be longer than a file name may
+# be, or hold a newline. strace's own stderr (attach failures, SELinux denials) goes to
+# strace.<pid>.err; SIGSYS (a seccomp filter's kill) is the only signal logged. -A
+# appends, so a re-attach never truncates an earlier log. When a traced process exits
 # its strace exits too and the pid is forgotten; a restarted app's new pids are found
 # by the next scan. Syscalls a new process makes before that scan (up to INTERVAL
 # after it starts) are not seen. A strace that exits while its process lives is retried
@@ -28,6 +30,11 @@
 #   strace.exclude         pids never to trace, one per line (optional; re-read each scan)
 #   strace_launcher.pids   "<pid> <strace pid> <procname>" for every traced process,
 #                          rewritten when the set changes
+#   strace_launcher.procs  "<pid> <procname>" for every process it ever tried to trace
+#                          (appended; the controller names the pulled logs with it)
+#   strace.<pid>.err       strace's own stderr for that process
+# <procname> is argv[0] on one line, characters other than [A-Za-z0-9._:-] replaced by
+# "_", cut to 100 characters.
 #   strace_launcher.stop   create it to stop (a stale one is removed at start)
 # Stopping (stop file, SIGTERM or SIGINT): every strace gets SIGTERM, on which it
 # detaches and exits; one still running after 3 s gets SIGKILL (the kernel then detaches
@@ -35,7 +42,7 @@
 # Start it detached (nohup/setsid) when the adb shell that starts it may close; never
 # SIGKILL the launcher itself, or its stracers are left running.
 # POSIX sh with toybox/busybox applets only (pidof grep xargs echo sed mkdir mv rm sleep
-# kill); every value is quoted.
+# kill readlink); every value is quoted.
 
 set -u
 
@@ -73,6 +80,7 @@ fi
 STOPFILE="$OUTDIR/strace_launcher.stop"
 EXCLUDEFILE="$OUTDIR/strace.exclude"
 PIDSFILE="$OUTDIR/strace_launcher.pids"
+PROCSFILE="$OUTDIR/strace_launcher.procs"
 rm -f "$STOPFILE"
 
 TRACED=""    # "<pid>:<strace pid>:<procname>" words
@@ -105,6 +113,16 @@ candidates() {
         f=${f#/proc/}
         printf '%s\n' "${f%/cmdline}"
     done
+}
+
+# True when the process lives in another network namespace than this script: on a phone
+# every app shares one, so nothing is skipped there; where phones are namespaces of one
+# host (the virtual lab), another phone's processes are not this phone's.
+OWNNS=$(readlink "/proc/$$/ns/net" 2>/dev/null)
+other_netns() {
+    [ -n "$OWNNS" ] || return 1
+    ns=$(readlink "/proc/$1/ns/net" 2>/dev/null)
+    [ -n "$ns" ] && [ "$ns" != "$OWNNS" ]
 }
 
 is_traced() {
@@ -142,15 +160,32 @@ write_pidsfile() {
     } >"$PIDSFILE.tmp" && mv -f "$PIDSFILE.tmp" "$PIDSFILE"
 }
 
+NL='
+'
+# A process name as one safe word: lines joined with "_", [A-Za-z0-9._:-] only, at most
+# 100 characters.
+safe_name() {
+    n=$1
+    while :; do
+        case "$n" in
+            *"$NL"*) n="${n%%"$NL"*}_${n#*"$NL"}" ;;
+            *) break ;;
+        esac
+    done
+    n=$(printf '%s\n' "$n" | sed -e 's/[^A-Za-z0-9._:-]/_/g' -e 's/^\(.\{100\}\).*/\1/')
+    printf '%s\n' "${n:-unnamed}"
+}
+
 start_trace() {
     pid=$1
-    name=$(printf '%s\n' "$2" | sed 's/[^A-Za-z0-9._:-]/_/g')
-    out="$OUTDIR/strace.$pid.$name.log"
-    "$STRACE" -f -ttt -yy -s 32 -A -e trace=%network,close,dup,dup2,dup3 -e signal=none \
-        -o "$out" -p "$pid" </dev/null &
+    name=$(safe_name "$2")
+    out="$OUTDIR/strace.$pid.log"
+    grep -q -s "^$pid " "$PROCSFILE" || printf '%s %s\n' "$pid" "$name" >>"$PROCSFILE"
+    "$STRACE" -f -ttt -yy -s 32 -A -e trace=%network,close,dup,dup2,dup3 -e signal=SIGSYS \
+        -o "$out" -p "$pid" </dev/null 2>>"$OUTDIR/strace.$pid.err" &
     spid=$!
     TRACED="$TRACED $pid:$spid:$name"
-    log "tracing $pid ($2) with strace $spid into $out"
+    log "tracing $pid ($name) with strace $spid into $out"
 }
 
 # Forget stracers that exited: their process exited (app restart) or attaching failed.
@@ -196,6 +231,7 @@ scan() {
         case "$p" in ''|*[!0-9]*) continue ;; esac
         is_traced "$p" && continue
         case "$excluded$GIVENUP" in *" $p "*) continue ;; esac
+        other_netns "$p" && continue
         a0=$(argv0 "$p")
         case "$a0" in
             "$PKG") [ "$ROLE" = all ] || continue ;;

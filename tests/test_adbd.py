@@ -170,8 +170,8 @@ def test_real_adb_server_lists_both_phones_as_devices(server, samsung, xiaomi):
     assert states[samsung[0].address] == "device"
     assert states[xiaomi[0].address] == "device"
     listing = server.adb("devices", "-l").stdout
-    assert "product:o1sxeea model:SM_G991B device:o1s" in listing
-    assert "product:vayu_global model:M2102J20SG device:vayu" in listing
+    assert "product:pa2qxeea model:SM_S936B device:pa2q" in listing
+    assert "product:peridot_in model:24069PC21I device:peridot" in listing
 
 
 def test_banner_features_reach_the_server(samsung):
@@ -292,9 +292,9 @@ def test_pty_shells(server, samsung):
     assert lines[0].startswith(b"/dev/pts/") and lines[1] == b"hi", forced
     assert forced.returncode == 5
     interactive = adb_bytes("shell", "-tt", stdin=b"getprop ro.product.device\nexit 3\n")
-    assert b"o1s:/ $ " in interactive.stdout  # the prompt of an interactive shell
+    assert b"pa2q:/ $ " in interactive.stdout  # the prompt of an interactive shell
     # The terminal echoes the typed lines, before or after the first prompt.
-    assert re.search(rb"(\$ |\n)o1s\r\n", interactive.stdout), interactive.stdout
+    assert re.search(rb"(\$ |\n)pa2q\r\n", interactive.stdout), interactive.stdout
     assert interactive.returncode == 3
 
 
@@ -304,17 +304,17 @@ def test_pty_shells(server, samsung):
 def test_getprop(samsung, xiaomi):
     _, s = samsung
     _, x = xiaomi
-    assert s.prop.model == "SM-G991B"
+    assert s.prop.model == "SM-S936B"
     assert s.getprop("ro.product.manufacturer") == "samsung"
-    assert s.getprop("ro.build.version.release") == "14"
-    assert s.getprop("ro.build.version.sdk") == "34"
+    assert s.getprop("ro.build.version.release") == "16"
+    assert s.getprop("ro.build.version.sdk") == "36"
     assert s.getprop("ro.product.cpu.abi") == "arm64-v8a"
-    assert s.getprop("ro.serialno") == "R5CR10ABCDE"
-    assert x.prop.model == "M2102J20SG"
+    assert s.getprop("ro.serialno") == "R5CY743GDFY"
+    assert x.prop.model == "24069PC21I"
     assert x.getprop("ro.product.manufacturer") == "Xiaomi"
-    assert x.getprop("ro.build.version.release") == "13"
+    assert x.getprop("ro.build.version.release") == "15"
     listing = s.shell("getprop")
-    assert "[ro.product.model]: [SM-G991B]" in listing.splitlines()
+    assert "[ro.product.model]: [SM-S936B]" in listing.splitlines()
 
 
 def test_su_gives_root_identity(samsung):
@@ -624,7 +624,7 @@ def test_handshake_checksum_follows_the_negotiated_version(samsung):
     adbd, _ = samsung
     legacy, legacy_crc = _raw_cnxn(adbd.port, A_VERSION_MIN)
     assert legacy.command == Command.CNXN and legacy.arg1 == 256 * 1024
-    assert legacy.data.startswith(b"device::ro.product.name=o1sxeea;ro.product.model=SM-G991B;")
+    assert legacy.data.startswith(b"device::ro.product.name=pa2qxeea;ro.product.model=SM-S936B;")
     assert legacy_crc == checksum(legacy.data)
     modern, modern_crc = _raw_cnxn(adbd.port, A_VERSION)
     assert modern.arg0 == A_VERSION and modern_crc == 0
@@ -857,7 +857,7 @@ def test_without_mount_namespace_device_paths_are_rewritten(workdir):
     r = subprocess.run(
         tb.argv(cmd), env=tb.environment(), capture_output=True, text=True, timeout=20
     )
-    assert r.stdout.splitlines() == ["x", "Download", "SM-G991B"], r
+    assert r.stdout.splitlines() == ["x", "Download", "SM-S936B"], r
     assert (tb.state_dir / "fs/data/local/tmp/f").read_text() == "x\n"
     assert tb.fs_path("/sdcard/a") == tb.state_dir / "fs/storage/emulated/0/a"
     assert tb.fs_path("/proc/net/tcp") == Path("/proc/net/tcp")

@@ -204,8 +204,9 @@ def adb_phone() -> Iterator[tuple[object, AdbDeviceLink, object]]:
 def test_e2e_facts_root_apps_clock_through_the_real_adb_server(adb_phone) -> None:  # type: ignore[no-untyped-def]
     _adbd, link, _client = adb_phone
     f = read_facts(link)
-    assert (f.model, f.manufacturer, f.android, f.abi) == ("SM-G991B", "samsung", "14",
+    assert (f.model, f.manufacturer, f.android, f.abi) == ("SM-S936B", "samsung", "16",
                                                            "arm64-v8a")
+    assert f.locale == "es-ES"  # persist.sys.locale of the real Samsung's dump
     assert f.battery_level == 87 and f.selinux == "Enforcing"
     root = require_root(link)
     assert root.method == "su -c" and "MAGISK" in (root.magisk or "")
@@ -240,7 +241,7 @@ def test_e2e_cli_devices_lists_the_phone(adb_phone) -> None:  # type: ignore[no-
                        timeout=60, cwd=Path(__file__).resolve().parents[1],
                        env={**os.environ, "COLUMNS": "250"})
     assert r.returncode == 0, r.stderr
-    for text in (link.serial, "SM-G991B", "14 / arm64-v8a", "87 %", "Enforcing", "su -c",
+    for text in (link.serial, "SM-S936B", "16 / arm64-v8a", "87 %", "Enforcing", "su -c",
                  "org.thoughtcrime.securesms (10263, 7.8.1)"):
         assert text in r.stdout, (text, r.stdout)
 

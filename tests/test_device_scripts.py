@@ -22,6 +22,7 @@ import pytest
 from analysis.traces.model import ParseStats
 from analysis.traces.netstat import iter_socket_tables
 from analysis.traces.strace import iter_socket_observations, process_from_filename
+from analysis.traces.tracerhealth import process_health
 from device_scripts import script_path
 from device_scripts.strace_cache import ABIS, cached_strace, normalize_abi, strace_cache_dir
 
@@ -32,7 +33,8 @@ STRACE = shutil.which("strace") or "/usr/bin/strace"
 
 # Every applet the scripts may call; PATH holds nothing else, so a GNU-only tool or flag
 # fails the test.
-APPLETS = "adjtimex cat date echo grep head kill mkdir mv pidof printf rm sed sleep xargs".split()
+APPLETS = ("adjtimex cat date echo grep head kill mkdir mv pidof printf readlink rm sed sleep "
+           "xargs").split()
 # The socket owner's uid: an Android-style app uid when we may switch to one.
 APP_UID = 10123 if os.getuid() == 0 else os.getuid()
 
@@ -495,13 +497,23 @@ def tracer_pid(pid: int) -> int:
 
 
 def log_of(outdir: Path, pid: int) -> Path:
-    logs = list(outdir.glob(f"strace.{pid}.*.log"))
+    logs = list(outdir.glob(f"strace.{pid}.log"))
     assert len(logs) == 1, logs
     return logs[0]
 
 
+def procs_of(outdir: Path) -> dict[int, str]:
+    """strace_launcher.procs: every process the launcher tried, with its safe name."""
+    f = outdir / "strace_launcher.procs"
+    out = {}
+    for line in (f.read_text().splitlines() if f.exists() else []):
+        pid, name = line.split(" ", 1)
+        out[int(pid)] = name
+    return out
+
+
 def has_connect(outdir: Path, pid: int, port: int) -> bool:
-    logs = list(outdir.glob(f"strace.{pid}.*.log"))
+    logs = list(outdir.glob(f"strace.{pid}.log"))
     return bool(logs) and f"sin_port=htons({port})" in logs[0].read_text()
 
 
@@ -585,11 +597,13 @@ def test_launcher_traces_every_process_and_follows_an_app_restart(
         assert not Path(f"/proc/{sp}").exists(), f"strace {sp} still running"
     assert traced_pids(outdir) == {}
 
-    # One log per process, named after argv[0], with -yy decorations and -ttt stamps.
+    # One log per process, named after its pid (never its name; strace's own stderr
+    # beside it), with -yy decorations and -ttt stamps; the names are in the procs file.
     names = sorted(p.name for p in outdir.glob("strace.*.log"))
     assert len(names) == 3, names
-    assert f"strace.{old}.{PKG}.log" in names
-    assert f"strace.{remote.pid}.{PKG}:remote.log" in names
+    assert f"strace.{old}.log" in names and f"strace.{remote.pid}.log" in names
+    assert procs_of(outdir) == {old: PKG, remote.pid: f"{PKG}:remote", main.pid: PKG}
+    assert (outdir / f"strace.{old}.err").exists()
     text = log_of(outdir, main.pid).read_text()
     connect = re.compile(
         rf"^{main.pid}\s+\d{{10}}\.\d{{6}} connect\((\d+)<TCP:\[\d+\]>, "
@@ -606,6 +620,9 @@ def test_launcher_traces_every_process_and_follows_an_app_restart(
 
     # The analysis parser reads the logs: names give pid and process, connects their ports.
     log = log_of(outdir, remote.pid)
+    named = log.with_name(f"strace.{remote.pid}.{procs_of(outdir)[remote.pid]}.log")
+    log.rename(named)  # what the controller does with the pulled log
+    log = named
     assert process_from_filename(log) == (remote.pid, f"{PKG}:remote")
     stats = ParseStats()
     obs = list(iter_socket_observations(log, stats=stats))
@@ -782,8 +799,83 @@ def test_launcher_gives_up_on_a_process_it_cannot_attach_to(
         assert launcher.returncode == 0, err
         assert err.count("giving up") == 1, err
         assert err.count(f"tracing {app.pid} ") == 3, err
+        # strace's own words for each attempt, read back as a refused ptrace
+        own = (outdir / f"strace.{app.pid}.err").read_text()
+        assert own.count(f"attach: ptrace(PTRACE_SEIZE, {app.pid}): Operation not permitted") == 3
+        h = process_health(app.pid, PKG, stderr=own, launcher_log=err,
+                           trace=log_of(outdir, app.pid).read_text())
+        assert (h.status, h.cause) == ("denied", "ptrace"), h
     finally:
         kill_and_reap(launcher)
         holder.terminate()
         holder.wait(timeout=5)
+        kill_and_reap(app)
+
+
+@pytest.mark.parametrize("shell", list(SHELLS.values()), ids=list(SHELLS))
+def test_launcher_traces_processes_with_hostile_names(
+    shell: Shell, tmp_path: Path, server: LocalServer
+) -> None:
+    """A 300-character process name (longer than a file name may be) and one holding a
+    newline are traced like any other: logs are named by pid, names are made safe."""
+    require_ptrace()
+    outdir = tmp_path / "out"
+    long_name = f"{PKG}:" + "x" * 300
+    nl_name = f"{PKG}:evil\nname $(touch {tmp_path}/pwned)"
+    apps = [start_app(tmp_path, long_name, server.port), start_app(tmp_path, nl_name, server.port)]
+    launcher = None
+    spids: set[int] = set()
+    try:
+        launcher = start_launcher(shell, tmp_path, outdir)
+        for a in apps:
+            wait_for(lambda a=a: has_connect(outdir, a.pid, server.port), what=f"{a.pid} traced")
+        spids |= set(traced_pids(outdir).values())
+        (outdir / "strace_launcher.stop").touch()
+        _, err = launcher.communicate(timeout=10)
+        assert launcher.returncode == 0, err
+    finally:
+        kill_and_reap(launcher)
+        for sp in spids:
+            try:
+                os.kill(sp, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for a in apps:
+            kill_and_reap(a)
+    procs = procs_of(outdir)
+    assert procs[apps[0].pid] == f"{PKG}:" + "x" * (100 - len(PKG) - 1)
+    assert procs[apps[1].pid] == f"{PKG}:evil_name"  # argv[0] up to its first blank
+    assert "giving up" not in err and not (tmp_path / "pwned").exists()
+    assert sorted(p.name for p in outdir.glob("strace.*.log")) == sorted(
+        f"strace.{a.pid}.log" for a in apps)
+    for a in apps:
+        assert process_health(a.pid, procs[a.pid], trace=log_of(outdir, a.pid).read_text(),
+                              stderr=(outdir / f"strace.{a.pid}.err").read_text()
+                              ).status == "attached"
+
+
+def test_launcher_leaves_processes_of_another_network_namespace_alone(
+    tmp_path: Path, server: LocalServer
+) -> None:
+    """Where phones are network namespaces of one host (the virtual lab), a launcher on one
+    phone must not trace the same package running on another (a phone has one namespace)."""
+    require_ptrace()
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("unshare is not installed")
+    outdir = tmp_path / "out"
+    app = start_app(tmp_path, f"{PKG}:remote", server.port)
+    env = {"PATH": str(make_applet_dir(tmp_path, "busybox"))}
+    launcher = subprocess.Popen(
+        [unshare, "-n", *shell_cmd(SHELLS["busybox"]), str(LAUNCHER), PKG, str(outdir), STRACE,
+         "0.2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)  # several scans
+        (outdir / "strace_launcher.stop").touch()
+        _, err = launcher.communicate(timeout=10)
+        assert launcher.returncode == 0, err
+        assert "tracing" not in err and tracer_pid(app.pid) == 0
+        assert procs_of(outdir) == {}
+    finally:
+        kill_and_reap(launcher)
         kill_and_reap(app)

@@ -476,7 +476,7 @@ def test_tracer_both_runs_frida_on_main_and_strace_on_the_rest(
     frida_pids = {e["pid"] for e in read_events(tmp_path / "main.jsonl")}
     assert frida_pids == {main.pid}
     logs = sorted(x.name for x in outdir.glob("strace.*.log"))
-    assert logs == [f"strace.{remote.pid}.{PKG}:remote.log"]
+    assert logs == [f"strace.{remote.pid}.log"]
     text = (outdir / logs[0]).read_text()
     port = next(t for t in remote_truth if t["op"] == "tcp4")["remote"]["port"]
     assert f"sin_port=htons({port})" in text

@@ -139,8 +139,8 @@ def test_adb_devices_lists_the_phones(lab: Lab, server: AdbServer) -> None:
 
 
 def test_identity_and_abi(devices) -> None:  # type: ignore[no-untyped-def]
-    assert devices[0].shell("getprop ro.product.model").strip() == "SM-G991B"
-    assert devices[1].shell("getprop ro.product.model").strip() == "M2102J20SG"
+    assert devices[0].shell("getprop ro.product.model").strip() == "SM-S936B"
+    assert devices[1].shell("getprop ro.product.model").strip() == "24069PC21I"
     assert devices[0].shell("getprop ro.product.cpu.abi").strip() == "x86_64"
 
 

@@ -313,11 +313,16 @@ def test_e2e_session_in_the_virtual_lab_produces_labelled_mirage_json(vlab: VLab
     from analysis.runinfo import load_manifest
 
     m = load_manifest(res.run_dir)
-    assert m.outcome == "completed" and m.device.ip == ph.ip and m.device.model == "SM-G991B"
+    assert m.outcome == "completed" and m.device.ip == ph.ip and m.device.model == "SM-S936B"
     assert m.apps[0].package == "org.thoughtcrime.securesms" and m.apps[0].uid == 10263
     raw = json.loads((res.run_dir / "manifest.json").read_text())
     assert abs(raw["clock"]["offset_s"] - 0.25) <= raw["clock"]["uncertainty_s"] + 0.05
     assert raw["tool_versions"].get("tcpdump") and raw["tool_versions"].get("strace")
+    # a healthy phone: root's strace stays attached, every process of the app was traced
+    assert raw["tracing_check"]["root_ptrace"] == "ok", raw["tracing_check"]
+    assert raw["tracers"]["processes"] and raw["tracers"]["untraced"] == 0, raw["tracers"]
+    assert {p["status"] for p in raw["tracers"]["processes"]} == {"attached"}
+    assert raw["tracers"]["labels_from"] == "strace and netstat"
     # the session owned the capture: tcpdump's final counters and ap_setup's QA
     st = raw["capture"]["stats"]
     assert st["packets_captured"] > 0 and st["packets_dropped_by_kernel"] == 0

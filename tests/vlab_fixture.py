@@ -184,8 +184,10 @@ class VLab:
         self.lab.close()
 
 
-def start_vlab(n_phones: int = 2, clock_offsets: tuple[float, ...] = (0.0, 0.25)) -> VLab:
-    """Bring up the namespaces, adb server, adbds, apps and echo server (close() undoes all)."""
+def start_vlab(n_phones: int = 2, clock_offsets: tuple[float, ...] = (0.0, 0.25),
+               phone_updates: dict[str, Any] | None = None) -> VLab:
+    """Bring up the namespaces, adb server, adbds, apps and echo server (close() undoes all);
+    ``phone_updates`` sets PhoneConfig fields of every phone (failure modes)."""
     tmp = Path(tempfile.mkdtemp(prefix="flowtruth-vlab-"))
     lab = NetnsLab("ftv")
     vl = VLab(tmp, lab, lab.add("ap"))
@@ -201,7 +203,7 @@ def start_vlab(n_phones: int = 2, clock_offsets: tuple[float, ...] = (0.0, 0.25)
             vl.ap.run(["ip", "link", "set", f"a{i}", "master", "br0"])
             cfg = presets[i % 2](serial=f"VLAB{i:04d}",
                                  clock_offset_s=clock_offsets[i % len(clock_offsets)])
-            cfg = cfg.model_copy(update={"abi": "x86_64"})
+            cfg = cfg.model_copy(update={"abi": "x86_64", **(phone_updates or {})})
             vl.phones.append(Phone(f"phone{i}", ns, cfg, ip, tmp / f"phone{i}"))
         srv = vl.ap.popen([sys.executable, "-c", SERVER, *map(str, APP_PORTS.values())],
                           stdout=subprocess.PIPE, text=True)
@@ -268,7 +270,7 @@ class PrivateLab:
                        capture_output=True, stdin=subprocess.DEVNULL, timeout=30)
 
 
-def private_lab(tmp_path: Path, phones: int, mgmt_base: int) -> Any:
+def private_lab(tmp_path: Path, phones: int, mgmt_base: int, **up: Any) -> Any:
     """A context manager: the real virtual lab with a private adb server, state dir and HOME
     under ``tmp_path`` (never the default lab), skipped where the lab cannot run; the lab
     goes down and the adb server is killed on exit. ``mgmt_base`` keeps concurrently
@@ -295,7 +297,8 @@ def private_lab(tmp_path: Path, phones: int, mgmt_base: int) -> Any:
         pl.adb("start-server")
         try:
             pl.lab = topology.Lab.up(phones=phones, adb_port=pl.port, workdir=tmp_path / "lab",
-                                     state_dir=tmp_path / "state", mgmt_base=mgmt_base)
+                                     state_dir=tmp_path / "state", mgmt_base=mgmt_base,
+                                     **up)
             try:
                 yield pl
             finally:

@@ -1,6 +1,6 @@
 """``flowtruth demo [--out DIR]``: the whole collection path in the virtual lab, scored.
 
-Brings the virtual lab up (two phones, a Samsung SM-G991B and a Xiaomi M2102J20SG, with
+Brings the virtual lab up (two phones, a Samsung SM-S936B and a Xiaomi 24069PC21I, with
 their own clock offsets), runs the same session engine used with real phones — device
 scripts pushed over adb, strace attached, netstat polling, AP capture — for Signal,
 Telegram and WhatsApp (chat and audio call), labels every flow, exports MIRAGE JSON,

@@ -23,6 +23,7 @@ def register(app: typer.Typer) -> None:
             AdbDeviceLink,
             adb_client,
             check_root,
+            check_tracing,
             connect,
             list_serials,
             preflight,
@@ -69,6 +70,8 @@ def register(app: typer.Typer) -> None:
                 apps = read_apps(link, APPS.values())
                 clk = probe_clock(link) if clock else None
                 warns = preflight(link, f)
+                if root.rooted:  # SELinux, Yama, and whether root's strace stays attached
+                    warns += check_tracing(link)[1]
             except ControllerError as err:
                 row(serial, "error", err.one_line(), *[""] * 7)
                 continue
@@ -79,7 +82,8 @@ def register(app: typer.Typer) -> None:
                 if root.rooted else "NO",
                 "\n".join(f"{a.package} ({a.uid}, {a.version})" for a in apps.values()) or "none",
                 f"{clk.offset_s:+.3f} s ±{clk.uncertainty_s:.3f}" if clk else "",
-                "\n".join(w.message for w in warns))
+                "\n".join(f"{w.message} (fix: {w.fix})" if w.check in ("root_ptrace",
+                          "ptrace_scope") else w.message for w in warns))
         console.print(t)
         if not found:
             console.print("no devices: plug a phone in (USB debugging on) or --connect HOST:PORT")

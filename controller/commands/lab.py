@@ -42,15 +42,30 @@ def up(
         typer.Option("--capture", help="Also capture on the AP into this directory."),
     ] = None,
     state_dir: StateDirOpt = None,
+    phone_set: Annotated[
+        list[str],
+        typer.Option("--phone", help="N:FIELD=VALUE sets a field of phone N, e.g. a failure "
+                     "mode seen on real phones: 1:strace_fault=selinux (or ptrace), "
+                     "2:crlf_output=true, 1:hostile_process=long (or newline). Repeatable."),
+    ] = [],  # noqa: B006
 ) -> None:
     """Bring the virtual lab up: internet, access point and phones in network namespaces."""
     import time
 
+    from controller.errors import ConfigError
     from controller.lab.topology import Lab
 
+    updates: dict[int, dict[str, str]] = {}
+    for item in phone_set:
+        n, _, rest = item.partition(":")
+        field, eq, value = rest.partition("=")
+        if not (n.isdigit() and 1 <= int(n) <= phones and field and eq):
+            raise ConfigError(f"--phone {item!r}: expected N:FIELD=VALUE with N from 1 to "
+                              f"{phones}", hint="e.g. --phone 1:strace_fault=selinux")
+        updates.setdefault(int(n), {})[field] = value
     started = time.monotonic()
     lab = Lab.up(phones=phones, adb_port=None if no_adb else adb_port, state_dir=state_dir,
-                 capture_dir=capture, sink=_print_step)  # fmt: skip
+                 capture_dir=capture, sink=_print_step, phone_updates=updates)  # fmt: skip
     for p in lab.phones:
         typer.echo(f"{p.name}: {p.config.model} {p.serial} ip {p.ip} ({p.netns})")
     typer.echo(f"lab {lab.lab_id} up in {time.monotonic() - started:.1f} s; "

@@ -426,8 +426,8 @@ async def shell_raw(adbd: EmulatedAdbd, stream: Stream, command: str, merge_stde
         drain_err = asyncio.create_task(proc.stderr.read())
     try:
         assert proc.stdout is not None
-        while chunk := await proc.stdout.read(stream.conn.max_payload):
-            await stream.write(chunk)
+        while chunk := await proc.stdout.read(stream.conn.max_payload // 2):
+            await stream.write(_line_ends(adbd, chunk))
         await proc.wait()
     finally:
         _kill_group(proc)
@@ -436,6 +436,12 @@ async def shell_raw(adbd: EmulatedAdbd, stream: Stream, command: str, merge_stde
             drain_err.cancel()
         with contextlib.suppress(Exception):
             await proc.wait()
+
+
+def _line_ends(adbd: EmulatedAdbd, data: bytes) -> bytes:
+    """A phone with ``crlf_output`` ends its output lines with CRLF (old adbd without shell
+    v2 ran commands on a pty, whose ONLCR turns LF into CRLF)."""
+    return data.replace(b"\n", b"\r\n") if adbd.config.crlf_output else data
 
 
 def _shell_packet(kind: ShellId, data: bytes) -> bytes:
@@ -470,8 +476,8 @@ async def shell_v2(adbd: EmulatedAdbd, stream: Stream, command: str) -> None:
 
     async def forward(pipe: asyncio.StreamReader | None, kind: ShellId) -> None:
         assert pipe is not None
-        while chunk := await pipe.read(room):
-            await stream.write(_shell_packet(kind, chunk))
+        while chunk := await pipe.read(room // 2):
+            await stream.write(_shell_packet(kind, _line_ends(adbd, chunk)))
 
     try:
         await asyncio.gather(

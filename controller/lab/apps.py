@@ -702,6 +702,18 @@ class _Running:
     screen: str = "chat"
     stopping_since: float | None = None
     started: float = field(default_factory=time.monotonic)
+    sidecar: subprocess.Popen[bytes] | None = None
+    """A process of the app with a hostile name (``hostile_process`` failure mode)."""
+
+    def kill_sidecar(self) -> None:
+        if self.sidecar is not None and self.sidecar.poll() is None:
+            self.sidecar.kill()
+            self.sidecar.wait()
+
+
+def hostile_name(package: str, kind: str) -> str:
+    """argv[0] of a process strace's log naming must survive: 300 characters, or a newline."""
+    return f"{package}:" + ("x" * 300 if kind == "long" else "evil\nname")
 
 
 class Manager:
@@ -768,6 +780,17 @@ class Manager:
             env=env, cwd="/", start_new_session=True,
         )  # fmt: skip
         self.apps[package] = _Running(proc)
+        hostile = rt.read_state(self.state_dir).get("faults", {}).get("hostile_process", "none")
+        if hostile in ("long", "newline"):
+            self.apps[package].sidecar = subprocess.Popen(
+                [hostile_name(package, hostile), "-c",
+                 f"import ctypes, os, time\nos.setgid({uid}); os.setuid({uid})\n"
+                 "ctypes.CDLL(None).prctl(4, 1)  # PR_SET_DUMPABLE, as zygote's children\n"
+                 "while True: time.sleep(60)"] if os.geteuid() == 0 and uid else
+                [hostile_name(package, hostile), "-c", "import time\nwhile True: time.sleep(60)"],
+                executable=sys.executable, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, env=env, cwd="/", start_new_session=True,
+            )  # fmt: skip
 
         def record_pid(s: dict[str, Any]) -> None:
             entry = s.get("running", {}).get(package)
@@ -802,6 +825,7 @@ class Manager:
                 if running.proc.stdin is not None:
                     running.proc.stdin.close()
                 del self.apps[package]
+                running.kill_sidecar()
                 if running.stopping_since is None:  # crashed: the next tick restarts it
                     self.crashes[package] = self.crashes.get(package, 0) + 1
             elif (
@@ -902,6 +926,7 @@ class Manager:
         for running in self.apps.values():
             running.proc.kill()
             running.proc.wait()
+            running.kill_sidecar()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,7 +44,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError
@@ -96,7 +96,7 @@ class PhoneConfig(BaseModel):
     """The identity of one virtual phone: what getprop, pm and the adb banner report."""
 
     serial: str = Field(description="ro.serialno, the phone's hardware serial.")
-    model: str = Field(description="ro.product.model, e.g. SM-G991B.")
+    model: str = Field(description="ro.product.model, e.g. SM-S936B.")
     manufacturer: str = Field(description="ro.product.manufacturer, e.g. samsung.")
     brand: str = Field(default="", description="ro.product.brand (defaults to the manufacturer).")
     product_name: str = Field(description="ro.product.name, e.g. o1sxeea.")
@@ -122,6 +122,26 @@ class PhoneConfig(BaseModel):
         description="ADBKeyBoard (com.android.adbkeyboard) is installed, as on a phone prepared "
         "for flowtruth (installed, not enabled); False: a phone without it.",
     )
+    strace_fault: Literal["none", "selinux", "ptrace"] = Field(
+        default="none",
+        description="Failure of strace on this phone, as on real ones: selinux: attaches, then "
+        "wait4(__WALL) is denied (Magisk issue 596); ptrace: PTRACE_SEIZE/ATTACH refused "
+        "(a vendor's ptrace block). Real kernel errors: a seccomp filter on everything su runs.",
+    )
+    crlf_output: bool = Field(
+        default=False,
+        description="Shell output ends lines with CRLF, as through old adbd without shell v2.",
+    )
+    hostile_process: Literal["none", "long", "newline"] = Field(
+        default="none",
+        description="Each simulated app also runs a process named PACKAGE:<300 characters> "
+        "(long) or PACKAGE:<a name with a newline> (newline).",
+    )
+
+    def faults(self) -> dict[str, Any]:
+        """The failure modes the toolbox, adbd and the simulated apps act on."""
+        return {"strace": self.strace_fault, "crlf": self.crlf_output,
+                "hostile_process": self.hostile_process}
 
     def all_packages(self) -> dict[str, PackageInfo]:
         """The installed packages: ``packages`` plus ADBKeyBoard when ``adb_keyboard``."""
@@ -224,6 +244,7 @@ class PhoneConfig(BaseModel):
             },
             "display": {"width": self.display_width, "height": self.display_height, "density": 420},
             "clock_offset_s": self.clock_offset_s,
+            "faults": self.faults(),
             "next_pid": 21000 + (sum(self.serial.encode()) % 500) * 7,
         }
 
@@ -297,23 +318,76 @@ SAMSUNG_KEYBOARD = (
 GBOARD = ("com.google.android.inputmethod.latin", "com.android.inputmethod.latin.LatinIME")
 
 
-def samsung_s21(serial: str = "R5CR10ABCDE", clock_offset_s: float = 2.375) -> PhoneConfig:
-    """A Samsung Galaxy S21 (SM-G991B, Android 14, arm64-v8a) with the three messengers."""
+# Identity properties of two real phones, from their getprop dumps (../shared/data/
+# android_real: getprop_samsung_RootMyGalaxy.txt, getprop_xiaomi_peridot.txt).
+SAMSUNG_S936B_PROPS = {
+    "ro.product.brand": "samsung",
+    "ro.product.board": "sun",
+    "ro.hardware": "qcom",
+    "ro.boot.hardware": "qcom",
+    "ro.build.id": "BP4A.251205.006",
+    "ro.build.display.id": "BP4A.251205.006.S936BXXUACZF1",
+    "ro.build.version.incremental": "S936BXXUACZF1",
+    "ro.build.version.codename": "REL",
+    "ro.build.characteristics": "phone",
+    "ro.product.first_api_level": "35",
+    "ro.soc.manufacturer": "QTI",
+    "ro.soc.model": "SM8750",
+    "ro.sf.lcd_density": "450",
+    "ro.csc.sales_code": "EUX",
+    "ro.crypto.state": "encrypted",
+    "gsm.operator.alpha": "Movistar,simyo",
+    "persist.sys.locale": "es-ES",
+    "ro.product.locale": "en-GB",
+    # a value over several lines, as getprop prints it
+    "persist.sys.boot.reason.history": "reboot,1784638255\nreboot,userrequested,1784637108\n"
+    "reboot,lpm,1784545284",
+}
+XIAOMI_PERIDOT_PROPS = {
+    "ro.product.brand": "POCO",
+    "ro.product.board": "pineapple",
+    "ro.product.marketname": "POCO F6",
+    "ro.hardware": "qcom",
+    "ro.boot.hardware": "qcom",
+    "ro.build.id": "BP1A.250405.007",
+    "ro.build.display.id": "lineage_peridot-userdebug 15 BP1A.250405.007 611 release-keys",
+    "ro.build.version.incremental": "611",
+    "ro.build.version.codename": "REL",
+    "ro.build.characteristics": "default",
+    "ro.product.first_api_level": "34",
+    "ro.soc.manufacturer": "QTI",
+    "ro.soc.model": "SM8635",
+    "ro.sf.lcd_density": "480",
+    "ro.crypto.state": "encrypted",
+    "gsm.operator.alpha": "JIO 4G,Vi India",
+    "persist.sys.locale": "en-IN",
+    "ro.product.locale": "en-US",
+    "persist.sys.boot.reason.history": "reboot,,1745935181\nshutdown,userrequested,1745815614\n"
+    "reboot,,1745768086\nreboot,,1745686927",
+}
+
+
+def samsung_s936b(serial: str = "R5CY743GDFY", clock_offset_s: float = 2.375) -> PhoneConfig:
+    """A Samsung Galaxy S25+ (SM-S936B, Android 16, arm64-v8a) as its real getprop dump
+    shows it, with the three messengers."""
     return PhoneConfig(
         serial=serial,
-        model="SM-G991B",
+        model="SM-S936B",
         manufacturer="samsung",
         brand="samsung",
-        product_name="o1sxeea",
-        device="o1s",
-        android_release="14",
-        sdk=34,
-        fingerprint="samsung/o1sxeea/o1s:14/UP1A.231005.007/G991BXXSBGXE2:user/release-keys",
-        security_patch="2024-05-01",
+        product_name="pa2qxeea",
+        device="pa2q",
+        android_release="16",
+        sdk=36,
+        fingerprint="samsung/pa2qxeea/pa2q:16/BP4A.251205.006/S936BXXUACZF1_OXMACZF1:user/"
+        "release-keys",
+        security_patch="2026-06-05",
         clock_offset_s=clock_offset_s,
         battery_level=87,
         display_width=1080,
         display_height=2400,
+        timezone="Europe/Madrid",
+        extra_props=dict(SAMSUNG_S936B_PROPS),
         packages=_messengers(
             {
                 "signal": 10263,
@@ -328,23 +402,27 @@ def samsung_s21(serial: str = "R5CR10ABCDE", clock_offset_s: float = 2.375) -> P
     )
 
 
-def xiaomi_poco_x3_pro(serial: str = "7c8a9b1d", clock_offset_s: float = -1.625) -> PhoneConfig:
-    """A Xiaomi Poco X3 Pro (M2102J20SG, Android 13, arm64-v8a) with the three messengers."""
+def xiaomi_24069pc21i(serial: str = "f89a5ec6", clock_offset_s: float = -1.625) -> PhoneConfig:
+    """A Xiaomi POCO F6 (24069PC21I "peridot", Android 15, arm64-v8a) as its real getprop
+    dump shows it, with the three messengers."""
     return PhoneConfig(
         serial=serial,
-        model="M2102J20SG",
+        model="24069PC21I",
         manufacturer="Xiaomi",
         brand="POCO",
-        product_name="vayu_global",
-        device="vayu",
-        android_release="13",
-        sdk=33,
-        fingerprint="POCO/vayu_global/vayu:13/RKQ1.200826.002/V14.0.3.0.TJUMIXM:user/release-keys",
-        security_patch="2023-10-01",
+        product_name="peridot_in",
+        device="peridot",
+        android_release="15",
+        sdk=35,
+        fingerprint="POCO/peridot_global/peridot:14/UKQ1.240624.001/OS2.0.100.0.VNPMIXM:user/"
+        "release-keys",
+        security_patch="2025-04-05",
         clock_offset_s=clock_offset_s,
         battery_level=64,
         display_width=1080,
         display_height=2400,
+        timezone="Asia/Kolkata",
+        extra_props=dict(XIAOMI_PERIDOT_PROPS),
         packages=_messengers(
             {
                 "signal": 10288,
@@ -359,9 +437,18 @@ def xiaomi_poco_x3_pro(serial: str = "7c8a9b1d", clock_offset_s: float = -1.625)
     )
 
 
+# The lab's first presets were a Galaxy S21 and a Poco X3 Pro; their names stay, for
+# callers and phone config files, and now give the phones of the real dumps.
+samsung_s21 = samsung_s936b
+xiaomi_poco_x3_pro = xiaomi_24069pc21i
+
+
 PRESETS = {
-    "samsung-sm-g991b": samsung_s21,
-    "xiaomi-m2102j20sg": xiaomi_poco_x3_pro,
+    "samsung-sm-s936b": samsung_s936b,
+    "xiaomi-24069pc21i": xiaomi_24069pc21i,
+    # the first presets' names, kept for existing phone config files
+    "samsung-sm-g991b": samsung_s936b,
+    "xiaomi-m2102j20sg": xiaomi_24069pc21i,
 }
 
 
@@ -587,6 +674,7 @@ class Toolbox:
             def refresh(state: dict[str, Any]) -> None:
                 state["props"] = self.config.props()
                 state["clock_offset_s"] = self.config.clock_offset_s
+                state["faults"] = self.config.faults()
 
             rt.update_state(self.state_dir, refresh)
         (self.state_dir / rt.INPUT_LOG).touch()

@@ -12,10 +12,12 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import ctypes
 import fcntl
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -51,6 +53,7 @@ TOOLS = (
     "id",
     "whoami",
     "pidof",
+    "ps",
     "date",
     "wm",
     "monkey",
@@ -1135,6 +1138,22 @@ def tool_dumpsys(t: Tool) -> int:
             f"  temperature: {int(b.get('temperature_dc', 285))}",
             "  technology: Li-ion",
         ]
+        if state.get("props", {}).get("ro.product.manufacturer") == "samsung":
+            # Samsung's BatteryService, as a real S-series prints it (no Dock line, its own
+            # keys, two unindented trailer lines)
+            lines = [x for x in lines if "Dock powered" not in x] + [
+                "  batterySWSelfDischarging: false",
+                "  batteryMiscEvent: 65536",
+                "  batteryCurrentEvent: 0",
+                f"  mSecPlugTypeSummary: {2 if b.get('usb_powered', True) else 0}",
+                "  LED Charging: true",
+                "  LED Low Battery: true",
+                "  current now: 0",
+                f"  charge counter: {level * 38000}",
+                "  Adaptive Fast Charging Settings: true",
+                "USE_FAKE_BATTERY: false",
+                "SEC_FEATURE_BATTERY_SIMULATION: false",
+            ]
         print("\n".join(lines), file=t.out)
         return 0
     if service == "package" and len(args) > 1:
@@ -1267,6 +1286,57 @@ def tool_pidof(t: Tool) -> int:
     if not pids:
         return 1
     print(" ".join(str(p) for p in sorted(set(pids), reverse=True)), file=t.out)
+    return 0
+
+
+def android_user(uid: int) -> str:
+    """Android's name of a uid as ps prints it: root, system, shell, u0_a<N>, u0_i<N>."""
+    named = {0: "root", 1000: "system", 1001: "radio", 1010: "wifi", 1013: "media",
+             1041: "audioserver", 2000: "shell", 9999: "nobody"}
+    user, app = divmod(uid, 100000)
+    if app in named and user == 0:
+        return named[app]
+    if 10000 <= app < 20000:
+        return f"u{user}_a{app - 10000}"
+    if 99000 <= app < 100000:  # AID_ISOLATED_START
+        return f"u{user}_i{app - 99000}"
+    return str(uid)
+
+
+PS_FORMAT = "{:<9} {:>8} {:>5} {:>7} {:>6} {:<16} {:>4} {} {}"
+
+
+def tool_ps(t: Tool) -> int:
+    """toybox ``ps -A``: ``USER PID PPID VSZ RSS WCHAN ADDR S NAME`` of the processes in this
+    phone's network namespace (NAME: argv[0], or [comm] for a process without one)."""
+    own_ns = _netns_of("self")
+    rows = []
+    for entry in sorted((e for e in os.listdir("/proc") if e.isdigit()), key=int):
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv0 = f.read().split(b"\0", 1)[0].decode(errors="replace")
+            uid = os.stat(f"/proc/{entry}").st_uid
+        except OSError:
+            continue
+        if _netns_of(entry) != own_ns:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        try:
+            with open(f"/proc/{entry}/wchan", encoding="utf-8", errors="replace") as f:
+                wchan = f.read().strip() or "0"
+        except OSError:
+            wchan = "0"
+        name = argv0.replace("\n", "?") if argv0 else f"[{comm}]"
+        rows.append(PS_FORMAT.format(android_user(uid), entry, fields[1],
+                                     int(fields[20]) // 1024, int(fields[21]) * 4,
+                                     wchan[:16], 0, fields[0], name))
+    print(PS_FORMAT.format("USER", "PID", "PPID", "VSZ", "RSS", "WCHAN", "ADDR", "S", "NAME"),
+          file=t.out)
+    for r in rows:
+        print(r, file=t.out)
     return 0
 
 
@@ -1413,6 +1483,72 @@ def tool_cmd(t: Tool) -> int:
     return 20
 
 
+# --------------------------------------------------------------------------- tracer faults
+
+AUDIT_ARCH_X86_64 = 0xC000003E
+AUDIT_ARCH_AARCH64 = 0xC00000B7
+_NR = {  # (wait4, ptrace) per architecture
+    AUDIT_ARCH_X86_64: (61, 101),
+    AUDIT_ARCH_AARCH64: (260, 117),
+}
+__WALL = 0x40000000
+PTRACE_ATTACH, PTRACE_SEIZE = 16, 0x4206
+EACCES, EPERM = 13, 1
+
+
+def _bpf(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
+    return struct.pack("<HBBI", code, jt, jf, k)
+
+
+def tracing_filter(fault: str, arch: int) -> bytes:
+    """A seccomp BPF program for this process tree: ``selinux`` fails ``wait4(..., __WALL)``
+    with EACCES (what SELinux's denial of sigchld does to strace on a Samsung, Magisk issue
+    596); ``ptrace`` fails PTRACE_SEIZE/PTRACE_ATTACH with EPERM (a vendor's ptrace block).
+    Every other call is allowed; shells never wait with __WALL."""
+    ld_w_abs, jeq_k, jset_k, ret_k = 0x20, 0x15, 0x45, 0x06
+    wait4, ptrace = _NR[arch]
+    allow = _bpf(ret_k, 0x7FFF0000)
+    if fault == "selinux":
+        errno = 0x00050000 | EACCES
+        prog = [_bpf(ld_w_abs, 4), _bpf(jeq_k, arch, 0, 5),
+                _bpf(ld_w_abs, 0), _bpf(jeq_k, wait4, 0, 3),
+                _bpf(ld_w_abs, 16 + 8 * 2), _bpf(jset_k, __WALL, 0, 1),
+                _bpf(ret_k, errno), allow]
+    elif fault == "ptrace":
+        errno = 0x00050000 | EPERM
+        prog = [_bpf(ld_w_abs, 4), _bpf(jeq_k, arch, 0, 6),
+                _bpf(ld_w_abs, 0), _bpf(jeq_k, ptrace, 0, 4),
+                _bpf(ld_w_abs, 16), _bpf(jeq_k, PTRACE_SEIZE, 1, 0),
+                _bpf(jeq_k, PTRACE_ATTACH, 0, 1), _bpf(ret_k, errno), allow]
+    else:
+        raise ValueError(f"unknown strace fault {fault!r}")
+    return b"".join(prog)
+
+
+def deny_tracing(fault: str) -> None:
+    """Install :func:`tracing_filter` on this process (inherited by everything it starts):
+    real kernel errors for a lab phone whose strace must fail as on real phones."""
+    import platform
+
+    arch = {"x86_64": AUDIT_ARCH_X86_64, "aarch64": AUDIT_ARCH_AARCH64}.get(platform.machine())
+    if arch is None:
+        raise OSError(f"strace faults are not available on {platform.machine()}")
+    prog = tracing_filter(fault, arch)
+    buf = ctypes.create_string_buffer(prog, len(prog))
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    fprog = SockFprog(len(prog) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong,
+                           ctypes.c_ulong]
+    if libc.prctl(38, 1, None, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    if libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, MODE_FILTER
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP)")
+
+
 def tool_su(t: Tool) -> int:
     """Magisk-style ``su``: ``su -c CMD``, ``su 0 CMD...``, or a root shell reading stdin."""
     args = list(t.args)
@@ -1457,6 +1593,9 @@ def tool_su(t: Tool) -> int:
     elif rest and rest[0].isdigit():
         print("su: only root (uid 0) is supported on this lab phone", file=t.err)
         return 1
+    fault = str(t.state().get("faults", {}).get("strace", "none"))
+    if fault != "none":
+        deny_tracing(fault)
     env = dict(os.environ)
     env[UID_ENV] = "0"
     env["USER"] = "root"
@@ -1491,6 +1630,7 @@ HANDLERS: dict[str, Callable[[Tool], int]] = {
     "id": tool_id,
     "whoami": tool_whoami,
     "pidof": tool_pidof,
+    "ps": tool_ps,
     "date": tool_date,
     "wm": tool_wm,
     "monkey": tool_monkey,

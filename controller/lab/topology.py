@@ -4,7 +4,8 @@
 
     host ── ftl<id>a<N> ═══ adb0 (10.254.X.2:5555, emulated adbd)      management, like USB
                               │
-    ftl-<id>-phone<N>:  wlan0 (MAC 02:66:74:00:00:0N, DHCP 192.168.77.1N, SLAAC fd77:7466::/64)
+    ftl-<id>-phone<N>:  rmnet_data0 (10.200.N.6/30, mobile data: listed first, no route)
+                        wlan0 (MAC 02:66:74:00:00:0N, DHCP 192.168.77.1N, SLAAC fd77:7466::/64)
                               ║ veth
     ftl-<id>-ap:        sta<N> ─ bridge wlan0 (192.168.77.1/24; ap_setup: dnsmasq DHCP/DNS,
                                   nftables NAT, tcpdump capture)   wan0 (100.64.0.2/30)
@@ -25,7 +26,8 @@ traffic never shows in the AP capture (on a real phone it goes over USB).
 
 API::
 
-    lab = Lab.up(phones=2, adb_port=5037, workdir=None, state_dir=None)   # needs root
+    lab = Lab.up(phones=2, adb_port=5037, workdir=None, state_dir=None,   # needs root
+                 phone_updates={1: {"strace_fault": "selinux"}})  # PhoneConfig fields
     lab = Lab.load(state_dir=None)      # the running lab from its state file, or None
     lab.phones      # [LabPhone(name, index, serial="10.254.X.2:5555", netns, ip, mac,
                     #           mgmt_ip, host_ip, host_link, state_dir, config: PhoneConfig, ip6)]
@@ -62,7 +64,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller.errors import LabError, RootRequired
+from controller.errors import ConfigError, LabError, RootRequired
 from controller.lab.toolbox import PhoneConfig, samsung_s21, xiaomi_poco_x3_pro
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -398,9 +400,23 @@ def skip_reason() -> str | None:
     return None
 
 
-def lab_phone_config(index: int) -> PhoneConfig:
-    """Phone N's identity: the Samsung and Xiaomi presets, reporting x86_64 (host binaries)."""
+def lab_phone_config(index: int, updates: dict[str, Any] | None = None) -> PhoneConfig:
+    """Phone N's identity: the Samsung and Xiaomi presets, reporting x86_64 (host binaries);
+    ``updates`` sets more PhoneConfig fields (e.g. a failure mode: ``strace_fault``)."""
     base = samsung_s21() if index % 2 == 1 else xiaomi_poco_x3_pro()
+    if updates:
+        from pydantic import ValidationError
+
+        unknown = sorted(set(updates) - set(PhoneConfig.model_fields))
+        if unknown:
+            raise ConfigError(f"phone{index}: no phone setting {unknown[0]!r}",
+                           hint="e.g. strace_fault, crlf_output, hostile_process")
+        try:
+            base = PhoneConfig.model_validate({**base.model_dump(), **updates})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(x) for x in first["loc"])
+            raise ConfigError(f"phone{index}: {where}: {first['msg']}") from None
     serial = base.serial if index <= 2 else f"{base.serial[:-2]}{index:02d}"
     abi = {
         "ro.product.cpu.abilist": "x86_64,arm64-v8a",
@@ -422,6 +438,8 @@ class Lab:
     def __init__(self, state: LabState, state_path: Path) -> None:
         self.state = state
         self.state_path = state_path
+        self.phone_updates: dict[int, dict[str, Any]] = {}
+        """PhoneConfig fields per phone index for ``up`` (failure modes)."""
 
     # ---- views
 
@@ -472,6 +490,7 @@ class Lab:
         mgmt_base: int | None = None,
         capture_dir: str | os.PathLike[str] | None = None,
         sink: Sink = _quiet,
+        phone_updates: dict[int, dict[str, Any]] | None = None,
     ) -> Lab:
         """Create namespaces, servers, AP and phones; attach the phones to the adb server.
 
@@ -490,6 +509,10 @@ class Lab:
             raise LabError(f"--phones must be 1 to 9, not {phones}")
         if mgmt_base is not None and not 0 <= mgmt_base <= 240:
             raise LabError("mgmt_base must be 0 to 240")
+        for index, updates in (phone_updates or {}).items():  # bad settings fail before anything
+            if not 1 <= index <= phones:
+                raise ConfigError(f"phone{index}: the lab has phones 1 to {phones}")
+            lab_phone_config(index, updates)
         missing = [p for p in PROGRAMS if shutil.which(p) is None]
         if adb_port is not None and shutil.which("adb") is None:
             missing.append("adb")
@@ -515,6 +538,7 @@ class Lab:
         state = LabState(lab_id=lab_id, workdir=str(wd.resolve()), own_workdir=own,
                          adb_port=adb_port)  # fmt: skip
         lab = cls(state, path)
+        lab.phone_updates = dict(phone_updates or {})
         lab._save()
         _register(lab_id, path)
         try:
@@ -585,6 +609,17 @@ class Lab:
         inet, ap = self._add_ns("inet"), self._add_ns("ap")
         phone_ns = [self._add_ns(f"phone{i}") for i in range(1, phones + 1)]
         sink("namespaces", ", ".join([inet, ap, *phone_ns]))
+        # mobile data, as on a real phone with it on: rmnet_data0 (a link to the operator,
+        # here the internet namespace, with no route through it) comes before wlan0 in
+        # `ip addr` and `ip route`; the phone's address at the AP is still wlan0's
+        for i, pns in enumerate(phone_ns, start=1):
+            _run(["ip", "-n", pns, "link", "add", "rmnet_data0", "type", "veth", "peer", "name",
+                  f"mob{i}", "netns", inet])  # fmt: skip
+            _run(["ip", "-n", pns, "addr", "add", f"10.200.{i}.6/30", "dev", "rmnet_data0"])
+            _run(["sysctl", "-q", "-w", "net.ipv6.conf.rmnet_data0.disable_ipv6=1"], netns=pns,
+                 check=False)  # fmt: skip
+            _run(["ip", "-n", inet, "link", "set", f"mob{i}", "up"])
+            _run(["ip", "-n", pns, "link", "set", "rmnet_data0", "up"])
 
         # internet <-> AP uplink, server addresses
         _run(["ip", "-n", ap, "link", "add", "wan0", "type", "veth", "peer", "name", "up0",
@@ -694,7 +729,7 @@ class Lab:
             _run(["ip", "link", "set", host_link, "up"])
             _run(["ip", "-n", pns, "addr", "add", f"{mgmt_ip}/30", "dev", "adb0"])
             _run(["ip", "-n", pns, "link", "set", "adb0", "up"])
-            config = lab_phone_config(i)
+            config = lab_phone_config(i, self.phone_updates.get(i))
             pdir = wd / "phones" / f"phone{i}"
             pdir.mkdir(parents=True, exist_ok=True)
             cfg_path = wd / "phones" / f"phone{i}.json"

@@ -350,6 +350,7 @@ class SessionEngine:
         from controller.device import (
             AdbDeviceLink,
             check_root,
+            check_tracing,
             list_serials,
             preflight,
             probe_clock,
@@ -374,5 +375,8 @@ class SessionEngine:
                 sink(BatteryRead(serial, facts.battery_level))
             clock = probe_clock(link)
             sink(ev.ClockMeasured(serial, clock.offset_s, clock.uncertainty_s))
-            for w in preflight(link, facts):
+            warns = preflight(link, facts)
+            if root.rooted:  # SELinux, Yama, and whether root's strace stays attached
+                warns += check_tracing(link)[1]
+            for w in warns:
                 sink(ev.PreflightWarned(serial, w.check, w.message, w.fix))
