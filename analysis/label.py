@@ -145,7 +145,7 @@ def _stats_dict(st: ParseStats, files: list[str]) -> dict[str, Any]:
 def _parse_one(kind: str, path: Path, it_fn: Callable[..., Iterable[Any]],
                stats: dict[str, ParseStats], warnings: list[str]) -> ObservationSet:
     st = ParseStats()
-    obs = ObservationSet.from_observations(it_fn(stats=st))
+    obs = ObservationSet.from_source(path, it_fn(stats=st), st)
     if st.lines and not st.parsed:
         warnings.append(f"{path}: nothing usable in {kind} input ({st.summary()})")
     elif st.n_skipped:

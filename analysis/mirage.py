@@ -492,6 +492,8 @@ def read_mirage(path: str | os.PathLike[str] | Iterable[str | os.PathLike[str]])
         if len(columns) > MAX_FIELDS:
             raise SchemaError(f"{short(r['file'])}: the MIRAGE files together have more than "
                               f"{MAX_FIELDS} distinct fields (not MIRAGE records)")
+    if not rows:  # files without bi-flows: the key columns, no rows
+        columns = dict.fromkeys((*KEY_PARTS, "session", "device", "app", "file"))
     names = list(columns)
     if any(len(r) != len(names) for r in rows):
         rows = [{k: r.get(k, pd.NA) for k in names} for r in rows]

@@ -94,8 +94,8 @@ def test_statements_that_write_or_reconfigure_are_refused(store, sql):
 
 def test_the_sandbox_holds_in_the_library_too(store):
     from analysis.campus.query import connect
-    from analysis.errors import BadInputError
     from analysis.campus.query import query as lib_query
+    from analysis.errors import BadInputError
 
     con = connect(store / "store")
     try:

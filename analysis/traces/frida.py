@@ -87,7 +87,7 @@ def iter_frida_events(
             continue
         try:
             e = json.loads(s)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past the limit
             st.skip("not JSON")
             continue
         if not isinstance(e, dict):

@@ -43,8 +43,10 @@ def iter_package_uids(source: str | os.PathLike[str] | Iterable[str],
             continue
         st.parsed += 1
         for u in m.group(2).split(","):
-            if u:
+            if u and len(u) <= 10:  # a uid is 32 bits; longer digit runs are damage
                 yield m.group(1), int(u)
+            elif u:
+                st.skip("uid out of range")
 
 
 def load_uid_map(source: str | os.PathLike[str] | Iterable[str],
