@@ -330,6 +330,8 @@ _NUMERIC_SERIES = {f"packet_data_{k}" for k in (*PACKET_DATA_2022, *PACKET_DATA_
 def _flatten(prefix: str, value: Any, out: dict[str, Any], path: Path, key: str,
              depth: int = 0) -> None:
     """Flatten one record section into ``out``, within the name, depth and field limits."""
+    if isinstance(value, dict) and prefix.startswith("packet_data_"):
+        _check_series(prefix, value, path, key)
     if isinstance(value, dict):
         if depth >= MAX_DEPTH:
             raise SchemaError(f"{short(path)}: flow {short(key, 80)}: {short(prefix, 80)} nests "
