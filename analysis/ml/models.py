@@ -335,5 +335,7 @@ def model_file(d: Path, meta: dict[str, Any]) -> Path:
     return blob
 
 
-def _minor(version: str | None) -> str | None:
+def _minor(version: object) -> str | None:
+    if not isinstance(version, str):  # a damaged model.json; never equal to a real version
+        return None if version is None else f"<{type(version).__name__}>"
     return None if not version else ".".join(version.split(".")[:2])
