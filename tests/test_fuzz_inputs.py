@@ -66,6 +66,8 @@ HOSTILE_TEXT = [
     "'\"`$(reboot)`",
     ",,,,,,,,,,,,,,,,",
     "\"unterminated",
+    "4294967296",
+    "10000",
 ]
 
 
@@ -394,6 +396,12 @@ def _alarm(signum, frame):  # noqa: ANN001
     raise Hang
 
 
+def _address_space() -> int:
+    """This process's current virtual size (bytes)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def check_input(kind: Kind, tmp: Path, content: bytes) -> None:
     """Load ``content`` as ``kind``: success or one FlowtruthError line, in bounded time."""
     case = tmp / f"case{os.getpid()}"
@@ -405,8 +413,14 @@ def check_input(kind: Kind, tmp: Path, content: bytes) -> None:
     path.write_bytes(content)
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(HANG_SECONDS)
+    # a blow-up fails this example with MemoryError instead of taking the machine
+    limits = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (_address_space() + RSS_LIMIT, limits[1]))
     try:
         kind.load(path)
+    except MemoryError:
+        raise AssertionError(f"{kind.name}: needs more than {RSS_LIMIT >> 20} MB more memory "
+                             f"for input {content[:200]!r}") from None
     except FlowtruthError as err:
         line = err.one_line()
         assert "\n" not in line and len(line) <= LINE_LIMIT, (kind.name, line[:300])
@@ -416,6 +430,7 @@ def check_input(kind: Kind, tmp: Path, content: bytes) -> None:
         raise AssertionError(f"{kind.name}: {type(err).__name__}: {str(err)[:300]} "
                              f"for input {content[:200]!r}") from err
     finally:
+        resource.setrlimit(resource.RLIMIT_AS, limits)
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -323,11 +323,16 @@ def model_file(d: Path, meta: dict[str, Any]) -> Path:
     (a ``file`` pointing elsewhere, through ``..``, an absolute path or a symlink, is refused
     before it is opened)."""
     name = meta.get("file", "model.skops")
-    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+    if (not isinstance(name, str) or not name or len(name) > 255 or "/" in name
+            or "\\" in name or "\0" in name or name in (".", "..")):
         raise SchemaError(f"{short(d / 'model.json')}: model file {short(repr(name), 80)} is not "
                           "a file name inside the model directory")
     blob = d / name
-    if blob.is_symlink() or not blob.resolve().parent == d.resolve():
+    try:
+        inside = not blob.is_symlink() and blob.resolve().parent == d.resolve()
+    except (OSError, RuntimeError) as err:
+        raise SchemaError(f"{short(blob)}: cannot check the model file ({err})") from None
+    if not inside:
         raise SchemaError(f"{short(blob)}: the model file must be a plain file inside the model "
                           "directory, not a link")
     if not blob.is_file():
