@@ -49,7 +49,8 @@ def test_reads_still_work(store):
     assert json.loads(res.stdout)["n"] > 0
     for sql in ("WITH t AS (SELECT * FROM flows) SELECT count(*) AS n FROM t",
                 "DESCRIBE flows", "SHOW TABLES", "EXPLAIN SELECT * FROM flows",
-                "FROM flows LIMIT 1", "SELECT 1 AS a; SELECT 2 AS a"):
+                "FROM flows LIMIT 1", "SELECT 1 AS a; SELECT 2 AS a",
+                "EXPLAIN (FORMAT json) SELECT count(*) FROM flows", "SUMMARIZE flows"):
         res = query(store, sql)
         assert res.returncode == 0, (sql, res.stderr)
 
@@ -80,6 +81,7 @@ def test_files_outside_the_store_cannot_be_read(store, sql):
     "PRAGMA enable_profiling",
     "CREATE TABLE t AS SELECT 1",
     "EXPLAIN ANALYZE COPY flows TO 'out.csv'",
+    "EXPLAIN (ANALYZE) COPY flows TO 'out.csv'",
     "SELECT 1; COPY flows TO 'out2.csv'",
     "/* hidden */ EXPORT DATABASE 'exported'",
     "CALL pragma_version()",

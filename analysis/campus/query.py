@@ -55,7 +55,8 @@ def connect(store_dir: str | os.PathLike[str]) -> Any:
     return con
 
 
-_EXPLAIN = re.compile(r"\s*explain\s+(?:analy[sz]e\s+)?(.*)\Z", re.IGNORECASE | re.DOTALL)
+_EXPLAIN = re.compile(r"\s*explain\s+(?:analy[sz]e\s+)?(?:\([^()]*\)\s*)?(.*)\Z",
+                      re.IGNORECASE | re.DOTALL)
 _COMMENT = re.compile(r"\A(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?\*/)*", re.DOTALL)
 
 
@@ -78,12 +79,17 @@ def check_read_only(sql: str) -> None:
         kind = st.type
         if kind == duckdb.StatementType.EXPLAIN:
             m = _EXPLAIN.match(_COMMENT.sub("", st.query, count=1))
-            inner = duckdb.extract_statements(m.group(1)) if m else []
+            try:
+                inner = duckdb.extract_statements(m.group(1)) if m else []
+            except duckdb.Error:
+                inner = []
             if inner and all(i.type == duckdb.StatementType.SELECT for i in inner):
                 continue
         elif kind == duckdb.StatementType.SELECT:
             continue
-        raise BadInputError(f"query refused: {kind.name} statements are not allowed",
+        what = ("EXPLAIN of anything but a read" if kind == duckdb.StatementType.EXPLAIN
+                else f"{kind.name} statements")
+        raise BadInputError(f"query refused: {what} not allowed",
                             "campus query only reads: SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE, "
                             "EXPLAIN over the views flows, predictions, scored")
 
