@@ -177,3 +177,25 @@ def test_long_names_are_cut_in_error_lines(tmp_path):
     o = run_limited(["dataset", "card", str(tmp_path / "d")])
     _assert_refused(o)
     assert "\x1b" not in o.stderr and "\u2026" in o.stderr
+
+
+def test_model_json_cannot_point_outside_or_lack_fields(tmp_path):
+    """model.json naming /etc/shadow is refused before the file is opened; a missing key is
+    one line, not a KeyError."""
+    import numpy as np
+
+    from analysis.ml.features import FeatureSpec
+    from analysis.ml.models import fit_model, save_model
+
+    d = save_model(fit_model(np.ones((4, 9)), np.array(["a", "b", "a", "b"]), kind="majority",
+                             features=FeatureSpec(("counters",))), tmp_path / "model")
+    meta = json.loads((d / "model.json").read_text())
+    data = REPO / "tests/golden/mirage2019.json"
+    (d / "model.json").write_text(json.dumps({**meta, "file": "/etc/shadow"}))
+    o = run_limited(["predict", str(d), str(data), "-o", str(tmp_path / "p.csv")])
+    _assert_refused(o)
+    assert "inside the model directory" in o.stderr
+    (d / "model.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "labels"}))
+    o = run_limited(["predict", str(d), str(data), "-o", str(tmp_path / "p.csv")])
+    _assert_refused(o)
+    assert "no 'labels' field" in o.stderr
