@@ -469,7 +469,9 @@ def read_mirage(path: str | os.PathLike[str] | Iterable[str | os.PathLike[str]])
     if isinstance(path, (str, os.PathLike)):
         p = Path(path)
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*.json") if f.is_file())
+            # hidden files are not flows: temp files, an output set's .flowtruth-set.json
+            files = sorted(f for f in p.rglob("*.json")
+                           if f.is_file() and not f.name.startswith("."))
             if not files:
                 raise BadInputError(f"no MIRAGE .json files under {p}")
         elif p.exists():
