@@ -145,7 +145,7 @@ def _stats_dict(st: ParseStats, files: list[str]) -> dict[str, Any]:
 def _parse_one(kind: str, path: Path, it_fn: Callable[..., Iterable[Any]],
                stats: dict[str, ParseStats], warnings: list[str]) -> ObservationSet:
     st = ParseStats()
-    obs = ObservationSet.from_observations(it_fn(stats=st))
+    obs = ObservationSet.from_source(path, it_fn(stats=st), st)
     if st.lines and not st.parsed:
         warnings.append(f"{path}: nothing usable in {kind} input ({st.summary()})")
     elif st.n_skipped:
@@ -366,8 +366,11 @@ def label_capture(
 def write_outputs(result: LabelResult, pcaps: Sequence[PathLike], out_dir: PathLike, *,
                   fmt: str = "mirage2019", device_model: str | None = None,
                   device_mac: str | None = None, activity: str | None = None) -> None:
-    """MIRAGE JSON, filtered.pcap, labelled.pcapng, labels.csv and quality.json."""
-    from analysis.atomic import atomic_write
+    """MIRAGE JSON, filtered.pcap, labelled.pcapng, labels.csv and quality.json, written
+    as one set: into a directory beside ``out_dir`` that then takes its place atomically
+    (:func:`analysis.atomic.atomic_dir`), so ``out_dir`` holds the complete old set or the
+    complete new one, whatever interrupts the writing."""
+    from analysis.atomic import atomic_dir, atomic_write
     from analysis.mirage import write_mirage_dir
     from analysis.pcapng_out import write_filtered_pcap, write_labelled_pcapng
     from analysis.quality import write_quality
@@ -378,24 +381,27 @@ def write_outputs(result: LabelResult, pcaps: Sequence[PathLike], out_dir: PathL
     table = result.table
     package = result.targets[0] if result.targets else "unknown"
     epoch = (table.capture.first_ts_ns or 0) // 1_000_000_000
-    result.outputs["mirage"] = write_mirage_dir(
-        table, out, package, device_model or "flowtruth", device_mac or "00:00:00:00:00:00",
-        epoch, fmt, activity=activity)
-    keep = target_mask(table, result.targets)
-    fst = write_filtered_pcap(pcaps, table, keep, out / "filtered.pcap")
-    result.outputs["filtered"] = out / "filtered.pcap"
-    lst = write_labelled_pcapng(pcaps, table, out / "labelled.pcapng")
-    result.outputs["labelled"] = out / "labelled.pcapng"
-    atomic_write(out / "labels.csv", labels_csv_text(table).encode("utf-8"))
-    result.outputs["labels_csv"] = out / "labels.csv"
-    result.quality["outputs"] = {
-        "mirage": [str(p) for p in result.outputs["mirage"]],
-        "filtered_pcap": {"path": str(out / "filtered.pcap"), "packets": fst.written,
-                          "skipped": fst.skipped},
-        "labelled_pcapng": {"path": str(out / "labelled.pcapng"), "packets": lst.written},
-        "labels_csv": str(out / "labels.csv"),
-    }
-    result.outputs["quality"] = write_quality(result.quality, out / "quality.json")
+    with atomic_dir(out) as tmp:
+        mirage = write_mirage_dir(
+            table, tmp, package, device_model or "flowtruth",
+            device_mac or "00:00:00:00:00:00", epoch, fmt, activity=activity)
+        result.outputs["mirage"] = [out / p.relative_to(tmp) for p in mirage]
+        keep = target_mask(table, result.targets)
+        fst = write_filtered_pcap(pcaps, table, keep, tmp / "filtered.pcap")
+        result.outputs["filtered"] = out / "filtered.pcap"
+        lst = write_labelled_pcapng(pcaps, table, tmp / "labelled.pcapng")
+        result.outputs["labelled"] = out / "labelled.pcapng"
+        atomic_write(tmp / "labels.csv", labels_csv_text(table).encode("utf-8"))
+        result.outputs["labels_csv"] = out / "labels.csv"
+        result.quality["outputs"] = {
+            "mirage": [str(p) for p in result.outputs["mirage"]],
+            "filtered_pcap": {"path": str(out / "filtered.pcap"), "packets": fst.written,
+                              "skipped": fst.skipped},
+            "labelled_pcapng": {"path": str(out / "labelled.pcapng"), "packets": lst.written},
+            "labels_csv": str(out / "labels.csv"),
+        }
+        write_quality(result.quality, tmp / "quality.json")
+        result.outputs["quality"] = out / "quality.json"
 
 
 def label_run(

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from analysis.atomic import atomic_write
-from analysis.errors import AnalysisError, BadInputError, ParseError, SchemaError
+from analysis.errors import AnalysisError, BadInputError, ParseError, SchemaError, short
 from analysis.flowtable import DIRECTIONS, METRICS, STAT_NAMES, FlowTable, tcp_flags_str
 
 LAYOUTS = ("mirage2019", "mirage2022")
@@ -314,12 +314,61 @@ def write_mirage_dir(table: FlowTable, out_dir: str | os.PathLike[str], package:
 # ---------------------------------------------------------------------------- import
 
 
-def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+MAX_NAME = 128
+"""Longest flattened field name read (MIRAGE's longest is under 60 characters)."""
+MAX_DEPTH = 4
+"""Deepest nesting of objects in a bi-flow record (MIRAGE: flow_features/metric/direction)."""
+MAX_FIELDS = 512
+"""Most fields in one bi-flow record, and distinct columns over all files (MIRAGE: ~150)."""
+MAX_PORT = 65535
+MAX_PROTO = 255
+_SCALARS = (str, int, float, bool, type(None))
+_NUMERIC_SERIES = {f"packet_data_{k}" for k in (*PACKET_DATA_2022, *PACKET_DATA_2019)
+                   if k not in ("TCP_flags", "L4_raw_payload")}
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any], path: Path, key: str,
+             depth: int = 0) -> None:
+    """Flatten one record section into ``out``, within the name, depth and field limits."""
+    if isinstance(value, dict) and prefix.startswith("packet_data_"):
+        _check_series(prefix, value, path, key)
     if isinstance(value, dict):
+        if depth >= MAX_DEPTH:
+            raise SchemaError(f"{short(path)}: flow {short(key, 80)}: {short(prefix, 80)} nests "
+                              f"deeper than {MAX_DEPTH} objects (not a MIRAGE record)")
         for k, v in value.items():
-            _flatten(f"{prefix}_{k}", v, out)
-    else:
-        out[prefix] = value
+            name = f"{prefix}_{k}"
+            if len(name) > MAX_NAME:
+                raise SchemaError(f"{short(path)}: flow {short(key, 80)}: field name "
+                                  f"{short(name, 80)} is longer than {MAX_NAME} characters "
+                                  "(not a MIRAGE field)")
+            _flatten(name, v, out, path, key, depth + 1)
+        return
+    if len(out) >= MAX_FIELDS:
+        raise SchemaError(f"{short(path)}: flow {short(key, 80)} has more than {MAX_FIELDS} "
+                          "fields (not a MIRAGE record)")
+    if prefix.startswith("packet_data_"):
+        _check_series(prefix, value, path, key)
+    elif not isinstance(value, _SCALARS) or (isinstance(value, int) and abs(value) >= 1 << 63):
+        raise SchemaError(f"{short(path)}: flow {short(key, 80)}: {short(prefix, 80)} is not a "
+                          "number, text or null")
+    out[prefix] = value
+
+
+def _check_series(name: str, value: Any, path: Path, key: str) -> None:
+    """A ``packet_data`` series is a list; the known numeric series hold numbers only."""
+    if value is None:
+        return
+    if not isinstance(value, list):
+        raise SchemaError(f"{short(path)}: flow {short(key, 80)}: {short(name, 80)} is not a "
+                          f"list (a {type(value).__name__})")
+    if name not in _NUMERIC_SERIES:
+        return
+    for v in value:
+        if not isinstance(v, (int, float, type(None))) or (
+                isinstance(v, int) and abs(v) >= 1 << 63):
+            raise SchemaError(f"{short(path)}: flow {short(key, 80)}: {short(name, 80)} holds "
+                              "a value that is not a number")
 
 
 def _app_token(stem: str) -> str:
@@ -342,7 +391,13 @@ def _load(path: Path) -> dict[str, Any]:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ParseError(path, f"line {err.lineno} column {err.colno}", err.msg) from err
+        raise ParseError(path, f"line {err.lineno} column {err.colno}", err.msg) from None
+    except RecursionError:
+        raise ParseError(path, None, "JSON nested too deeply (not a MIRAGE file)") from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise ParseError(path, None, f"bad JSON value: {str(err).splitlines()[0]}") from None
+    finally:
+        del text
     if not isinstance(obj, dict):
         raise SchemaError(f"{path}: not a MIRAGE file (the top level is not an object)")
     return obj
@@ -354,22 +409,29 @@ def _file_rows(path: Path) -> list[dict[str, Any]]:
     session = _DUP_RE.sub("", stem)
     rows = []
     for key, rec in obj.items():
-        parts = key.split(",")
+        parts = key.split(",") if len(key) <= 200 else []
         try:
-            if len(parts) != 5:
+            if len(parts) != 5 or any(len(p) > 45 for p in parts):
                 raise ValueError
             row: dict[str, Any] = {"src_ip": parts[0], "src_port": int(parts[1]),
                                    "dst_ip": parts[2], "dst_port": int(parts[3]),
                                    "proto": int(parts[4])}
+            if not (0 <= row["src_port"] <= MAX_PORT and 0 <= row["dst_port"] <= MAX_PORT
+                    and 0 <= row["proto"] <= MAX_PROTO):
+                raise ValueError
         except ValueError:
-            raise ParseError(path, f"flow key {key!r}",
-                             "not <src_ip>,<src_port>,<dst_ip>,<dst_port>,<proto>") from None
+            raise ParseError(path, f"flow key {short(repr(key), 80)}",
+                             "not <src_ip>,<src_port>,<dst_ip>,<dst_port>,<proto> "
+                             "(ports 0-65535, protocol 0-255)") from None
         if not isinstance(rec, dict) or not all(
                 isinstance(rec.get(s), dict) for s in ("packet_data", "flow_metadata")):
-            raise SchemaError(f"{path}: flow {key!r} is not a MIRAGE bi-flow record "
-                              "(needs packet_data and flow_metadata objects)")
+            raise SchemaError(f"{short(path)}: flow {short(repr(key), 80)} is not a MIRAGE "
+                              "bi-flow record (needs packet_data and flow_metadata objects)")
         for section, value in rec.items():
-            _flatten(section, value, row)
+            if len(section) > MAX_NAME:
+                raise SchemaError(f"{short(path)}: flow {short(repr(key), 80)}: section name "
+                                  f"longer than {MAX_NAME} characters (not a MIRAGE record)")
+            _flatten(section, value, row, path, key)
         row["session"] = session
         row["device"] = path.parent.name
         row["app"] = _app_token(stem)
@@ -407,7 +469,9 @@ def read_mirage(path: str | os.PathLike[str] | Iterable[str | os.PathLike[str]])
     if isinstance(path, (str, os.PathLike)):
         p = Path(path)
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*.json") if f.is_file())
+            # hidden files are not flows: temp files, an output set's .flowtruth-set.json
+            files = sorted(f for f in p.rglob("*.json")
+                           if f.is_file() and not f.name.startswith("."))
             if not files:
                 raise BadInputError(f"no MIRAGE .json files under {p}")
         elif p.exists():
@@ -429,6 +493,11 @@ def read_mirage(path: str | os.PathLike[str] | Iterable[str | os.PathLike[str]])
     for r in rows:
         for k in r:
             columns.setdefault(k, None)
+        if len(columns) > MAX_FIELDS:
+            raise SchemaError(f"{short(r['file'])}: the MIRAGE files together have more than "
+                              f"{MAX_FIELDS} distinct fields (not MIRAGE records)")
+    if not rows:  # files without bi-flows: the key columns, no rows
+        columns = dict.fromkeys((*KEY_PARTS, "session", "device", "app", "file"))
     names = list(columns)
     if any(len(r) != len(names) for r in rows):
         rows = [{k: r.get(k, pd.NA) for k in names} for r in rows]

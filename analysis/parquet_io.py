@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from analysis.atomic import atomic_output
-from analysis.errors import BadInputError, ParseError, SchemaError
+from analysis.errors import BadInputError, ParseError, SchemaError, short
 from analysis.flowtable import (
     DIRECTIONS,
     FLOW_FIELDS,
@@ -169,27 +169,81 @@ def write_parquet(table: FlowTable, path: str | os.PathLike[str],
     return path
 
 
-def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The key-value metadata of a flowtruth Parquet file, schema version checked."""
-    import pyarrow as pa
+MAX_COLUMNS = 1024
+"""Most columns a Parquet input may declare (a flowtruth file has about 150)."""
+MAX_COLUMN_NAME = 128
+"""Longest column name a Parquet input may declare."""
+MAX_METADATA_BYTES = 16 << 20
+"""Largest key-value metadata (all keys and values together) of a Parquet input."""
+MIN_BYTES_PER_ROW = 1
+"""A Parquet input declaring more rows than it has bytes is refused before it is read:
+a real flow row (distinct times, ports and counters) never compresses below a byte."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return short(text[0] if text else type(err).__name__, 300)
+
+
+def check_parquet(path: str | os.PathLike[str]) -> Any:
+    """The footer (``pyarrow.parquet.FileMetaData``) of a Parquet input, checked for
+    plausibility before any data is read: column count and names, declared rows against
+    the file size, metadata size. Raises :class:`ParseError` or :class:`SchemaError`."""
     import pyarrow.parquet as pq
 
     path = Path(path)
     if not path.is_file():
-        raise BadInputError(f"no such file: {path}")
+        raise BadInputError(f"no such file: {short(path)}")
     try:
-        # The file's key-value metadata, not the embedded Arrow schema's: streaming
-        # writers add entries (capture_stats) only when they close the file.
-        raw = pq.read_metadata(path).metadata or {}
-    except (pa.ArrowInvalid, OSError) as err:
-        raise ParseError(path, None, f"not a Parquet file ({err})") from err
+        size = path.stat().st_size
+        md = pq.read_metadata(path)
+    except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... on damaged footers
+        raise ParseError(path, None, f"not a Parquet file ({_first_line(err)})") from None
+    if md.num_columns > MAX_COLUMNS:
+        raise SchemaError(f"{short(path)}: {md.num_columns} columns, more than {MAX_COLUMNS} "
+                          "(not a flowtruth Parquet file)")
+    for i in range(md.num_columns):
+        name = md.schema.column(i).path
+        if len(name) > MAX_COLUMN_NAME:
+            raise SchemaError(f"{short(path)}: column name {short(name, 80)} is longer than "
+                              f"{MAX_COLUMN_NAME} characters (not a flowtruth Parquet file)")
+    if md.num_rows < 0 or md.num_rows * MIN_BYTES_PER_ROW > size:
+        raise ParseError(path, None, f"declares {md.num_rows:,} rows in {size:,} bytes "
+                         "(damaged or hostile; refused before reading)")
+    raw = md.metadata or {}
+    if sum(len(k) + len(v) for k, v in raw.items()) > MAX_METADATA_BYTES:
+        raise SchemaError(f"{short(path)}: key-value metadata larger than "
+                          f"{MAX_METADATA_BYTES >> 20} MB")
+    return md
+
+
+def read_table(path: str | os.PathLike[str], columns: list[str] | None = None) -> Any:
+    """A checked Parquet input read into a pyarrow Table; any failure is one ParseError."""
+    import pyarrow.parquet as pq
+
+    check_parquet(path)
+    try:
+        return pq.read_table(path, columns=columns)
+    except MemoryError:
+        raise ParseError(path, None, "too large to read into memory") from None
+    except Exception as err:  # damaged pages: ArrowInvalid, OSError, ArrowNotImplementedError
+        raise ParseError(path, None, f"cannot read Parquet data ({_first_line(err)})") from None
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The key-value metadata of a flowtruth Parquet file, schema version checked (and
+    the footer checked by :func:`check_parquet`)."""
+    path = Path(path)
+    # The file's key-value metadata, not the embedded Arrow schema's: streaming
+    # writers add entries (capture_stats) only when they close the file.
+    raw = check_parquet(path).metadata or {}
     meta = {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in raw.items()
             if k != b"ARROW:schema"}
     version = meta.get("schema_version")
     if version is None:
-        raise SchemaError(f"{path}: not a flowtruth Parquet file (no schema_version)")
+        raise SchemaError(f"{short(path)}: not a flowtruth Parquet file (no schema_version)")
     if version not in SUPPORTED_VERSIONS:
-        raise SchemaError(f"{path}: unknown schema_version {version!r}",
+        raise SchemaError(f"{short(path)}: unknown schema_version {short(repr(version), 40)}",
                           hint=f"this flowtruth reads {', '.join(SUPPORTED_VERSIONS)}")
     return meta
 
@@ -200,8 +254,6 @@ def read_parquet(path: str | os.PathLike[str]) -> Any:
     The schema version of every file is checked first; list columns hold numpy arrays.
     """
     import pandas as pd
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     p = Path(path)
     files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
@@ -210,8 +262,9 @@ def read_parquet(path: str | os.PathLike[str]) -> Any:
     frames = []
     for f in files:
         read_metadata(f)
+        tbl = read_table(f)
         try:
-            frames.append(pq.read_table(f).to_pandas())
-        except (pa.ArrowInvalid, OSError) as err:
-            raise ParseError(f, None, f"cannot read Parquet data ({err})") from err
+            frames.append(tbl.to_pandas())
+        except Exception as err:  # an Arrow type pandas cannot hold
+            raise ParseError(f, None, f"cannot convert Parquet data ({_first_line(err)})") from None
     return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)

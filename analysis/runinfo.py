@@ -188,6 +188,11 @@ def load_manifest(run_dir_or_file: str | os.PathLike[str]) -> RunManifest:
     except json.JSONDecodeError as err:
         raise ParseError(path, f"line {err.lineno} column {err.colno}",
                          f"not JSON: {err.msg}") from None
+    except RecursionError:
+        raise ParseError(path, None, "not a manifest: JSON nested too deeply") from None
+    except ValueError as err:  # an integer of more digits than Python converts
+        raise ParseError(path, None, f"not a manifest: {str(err).splitlines()[0][:120]}"
+                         ) from None
     if not isinstance(data, dict):
         raise SchemaError(f"{path}: the manifest must be a JSON object, not "
                           f"{type(data).__name__}")

@@ -151,6 +151,10 @@ class AdbOptions(_M):
     port: int = Field(default=5037, gt=0, lt=65536)
 
 
+MAX_SESSIONS = 100_000
+"""Most sessions one plan may expand to (a plan is expanded in memory before it runs)."""
+
+
 class Plan(_M):
     """A batch of sessions; every field has a docstring and errors name the file and field."""
 
@@ -159,7 +163,7 @@ class Plan(_M):
     apps: list[AppName] = Field(min_length=1)
     """App names (signal, telegram, whatsapp) or their packages."""
     activities: list[str] = Field(min_length=1)
-    repetitions: int = Field(default=1, ge=1)
+    repetitions: int = Field(default=1, ge=1, le=10_000)
     parallelism: int = Field(default=4, ge=1)
     output: str = "runs"
     tracer: Literal["strace", "frida", "both", "none"] = "strace"
@@ -254,6 +258,12 @@ def load_plan(path: str | Path) -> Plan:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except OSError as err:
         raise ConfigError(f"{p}: cannot read: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{p}: not UTF-8 text (byte offset {err.start})") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: not valid YAML: nested too deeply") from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise ConfigError(f"{p}: not valid YAML: {str(err).splitlines()[0][:120]}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(raw, dict):
@@ -265,6 +275,10 @@ def load_plan(path: str | Path) -> Plan:
         more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
         msg = str(e["msg"]).removeprefix("Value error, ")
         raise ConfigError(f"{p}: field {_loc(e['loc'])}: {msg}{more}") from None
+    total = len(plan.devices) * len(plan.apps) * len(plan.activities) * plan.repetitions
+    if total > MAX_SESSIONS:
+        raise ConfigError(f"{p}: {total:,} sessions (devices x apps x activities x "
+                          f"repetitions), more than {MAX_SESSIONS:,}", hint="split the plan")
     plan.path = p.resolve()
     from controller.scenario import scenario_for
 

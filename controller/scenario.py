@@ -246,6 +246,12 @@ def load_scenario(path: str | Path) -> Scenario:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except OSError as err:
         raise ConfigError(f"{p}: cannot read: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{p}: not UTF-8 text (byte offset {err.start})") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: not valid YAML: nested too deeply") from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise ConfigError(f"{p}: not valid YAML: {str(err).splitlines()[0][:120]}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML: {err}".splitlines()[0]) from None
     if not isinstance(raw, dict):

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from analysis.errors import BadInputError, OutputError, SchemaError
+from analysis.errors import BadInputError, OutputError, ParseError, SchemaError, short
 from analysis.flowtable import DIRECTIONS, METRICS, STAT_NAMES, FlowTable
 
 SERIES_PACKETS = 32  # MIRAGE-2019 keeps 32; longer series are cut to this
@@ -319,46 +319,61 @@ def _parquet_frame(path: Path) -> Any:
     import pyarrow.parquet as pq
 
     from analysis.flowtable import FLOW_FIELDS, PACKET_FIELDS
-    from analysis.parquet_io import read_metadata
+    from analysis.parquet_io import read_metadata, read_table
 
-    meta = read_metadata(path)
-    tbl = pq.read_table(path)
-    names = set(tbl.column_names)
+    meta = read_metadata(path)  # footer checked: columns, names, rows against size
+    # the schema is checked before any data is read
+    try:
+        names = set(pq.read_schema(path).names)
+    except Exception as err:  # checked footer, so rare: a schema pyarrow cannot map
+        raise ParseError(path, None, f"unreadable schema ({short(str(err), 200)})") from None
+    need = [k for k in FLOW_FIELDS if k not in ("src_addr", "dst_addr", "stats")]
+    need += [*STAT_COLUMNS, *PACKET_FIELDS, "src_ip", "dst_ip"]
+    missing = [k for k in need if k not in names]
+    if missing:
+        raise SchemaError(f"{short(path)}: no column {missing[0]!r} (not a flowtruth flow file)")
+    tbl = read_table(path)
     n = tbl.num_rows
-    flows: dict[str, np.ndarray] = {}
-    for k, dt in FLOW_FIELDS.items():
-        if k in ("src_addr", "dst_addr", "stats"):
-            continue
-        if k not in names:
-            raise SchemaError(f"{path}: no column {k!r}")
-        flows[k] = tbl.column(k).to_numpy().astype(dt)
-    stats = (
-        np.column_stack([tbl.column(c).to_numpy() for c in STAT_COLUMNS])
-        if n
-        else np.zeros((0, len(STAT_COLUMNS)))
-    )
-    flows["stats"] = stats.astype(np.float64)
-    packets: dict[str, np.ndarray] = {}
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    for k, dt in PACKET_FIELDS.items():
-        colm = tbl.column(k).combine_chunks()
-        packets[k] = colm.flatten().to_numpy().astype(dt)
-        offsets = np.asarray(colm.offsets, dtype=np.int64)
-    # Addresses stay text: from_flowtable only needs them as strings.
-    table = FlowTable(flows, packets, offsets)
-    for k in (
-        "BF_label",
-        "BF_sublabel",
-        "BF_labeling_type",
-        "BF_label_source",
-        "BF_device",
-        "BF_activity",
-    ):
-        if k in names:
-            table.labels[k] = np.array(tbl.column(k).to_pylist(), dtype=object)
-    src = tbl.column("src_ip").to_pylist()
-    dst = tbl.column("dst_ip").to_pylist()
-    table.ip_strings = lambda: (src, dst)  # type: ignore[method-assign]
+    try:
+        flows: dict[str, np.ndarray] = {}
+        for k, dt in FLOW_FIELDS.items():
+            if k in ("src_addr", "dst_addr", "stats"):
+                continue
+            if k not in names:
+                raise SchemaError(f"{path}: no column {k!r}")
+            flows[k] = tbl.column(k).to_numpy().astype(dt)
+        stats = (
+            np.column_stack([tbl.column(c).to_numpy() for c in STAT_COLUMNS])
+            if n
+            else np.zeros((0, len(STAT_COLUMNS)))
+        )
+        flows["stats"] = stats.astype(np.float64)
+        packets: dict[str, np.ndarray] = {}
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        for k, dt in PACKET_FIELDS.items():
+            colm = tbl.column(k).combine_chunks()
+            packets[k] = colm.flatten().to_numpy().astype(dt)
+            offsets = np.asarray(colm.offsets, dtype=np.int64)
+        # Addresses stay text: from_flowtable only needs them as strings.
+        table = FlowTable(flows, packets, offsets)
+        for k in (
+            "BF_label",
+            "BF_sublabel",
+            "BF_labeling_type",
+            "BF_label_source",
+            "BF_device",
+            "BF_activity",
+        ):
+            if k in names:
+                table.labels[k] = np.array(tbl.column(k).to_pylist(), dtype=object)
+        src = tbl.column("src_ip").to_pylist()
+        dst = tbl.column("dst_ip").to_pylist()
+        table.ip_strings = lambda: (src, dst)  # type: ignore[method-assign]
+    except (ValueError, TypeError, OverflowError, MemoryError, KeyError, AttributeError,
+            NotImplementedError) as err:
+        why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise SchemaError(f"{short(path)}: a column has the wrong type or values "
+                          f"({short(why)})") from None
     session = meta.get("session") or path.stem
     device = meta.get("device") or path.parent.name
     df = from_flowtable(table, session, device, str(path))

@@ -24,12 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from analysis.errors import BadInputError, OutputError, SchemaError
+from analysis.errors import BadInputError, OutputError, SchemaError, short
 from analysis.ml.features import FeatureSpec
 
 MODEL_KINDS = ("rf", "extratrees", "hgb", "knn", "majority")
 TASKS = ("app", "genre", "ovr")
 MODEL_FORMAT = "1"
+MAX_MODEL_JSON = 16 << 20
+"""Largest ``model.json`` read (a real one is a few kilobytes)."""
 # Each Random Forest tree is grown on a bootstrap sample of at most this many flows:
 # identical to the textbook forest below it, and it keeps 200 trees on 100,000 flows
 # within a minute on two cores (benchmarks/bench_ml.py).
@@ -239,9 +241,13 @@ def read_model_metadata(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
             hint="give the -o directory of flowtruth train",
         )
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise SchemaError(f"{path}: unreadable model metadata ({err})") from err
+        if path.stat().st_size > MAX_MODEL_JSON:
+            raise SchemaError(f"{short(path)}: larger than {MAX_MODEL_JSON >> 20} MB "
+                              "(not a flowtruth model.json)")
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:  # JSONDecodeError, bad UTF-8, digits
+        why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise SchemaError(f"{short(path)}: unreadable model metadata ({short(why)})") from None
     if not isinstance(meta, dict) or meta.get("format_version") != MODEL_FORMAT:
         got = meta.get("format_version") if isinstance(meta, dict) else None
         raise SchemaError(
@@ -257,9 +263,7 @@ def load_model(model_dir: str | os.PathLike[str]) -> TrainedModel:
 
     d = Path(model_dir)
     meta = read_model_metadata(d)
-    blob = d / str(meta.get("file", "model.skops"))
-    if not blob.is_file():
-        raise BadInputError(f"{d}: model file {blob.name} is missing")
+    blob = model_file(d, meta)
     digest = _sha256(blob)
     if digest != meta.get("sha256"):
         raise SchemaError(
@@ -269,6 +273,8 @@ def load_model(model_dir: str | os.PathLike[str]) -> TrainedModel:
         )
     now = library_versions()
     saved = meta.get("versions", {})
+    if not isinstance(saved, dict):
+        raise SchemaError(f"{short(d / 'model.json')}: versions is not an object")
     for lib in ("scikit-learn",):
         if _minor(saved.get(lib)) != _minor(now[lib]):
             raise SchemaError(
@@ -282,24 +288,59 @@ def load_model(model_dir: str | os.PathLike[str]) -> TrainedModel:
     untrusted = [t for t in untrusted if t not in TRUSTED_TYPES]
     if untrusted:
         raise SchemaError(f"{blob}: needs untrusted types {', '.join(untrusted)}; refusing to load")
-    est = sio.load(blob, trusted=list(TRUSTED_TYPES))
-    spec = FeatureSpec.from_dict(meta["features"])
-    td = meta.get("training_data", {})
-    return TrainedModel(
-        est,
-        meta["kind"],
-        meta["task"],
-        list(meta["labels"]),
-        spec,
-        list(meta.get("feature_names", [])),
-        tuple(meta.get("messaging_apps", DEFAULT_MESSAGING_APPS)),
-        td.get("fingerprint", ""),
-        int(td.get("flows", 0)),
-        td.get("card", {}),
-        dict(saved),
-        meta.get("created", ""),
-    )
+    try:
+        spec = FeatureSpec.from_dict(meta["features"])
+        td = meta.get("training_data", {})
+        fields = (
+            meta["kind"],
+            meta["task"],
+            [str(x) for x in meta["labels"]],
+            spec,
+            [str(x) for x in meta.get("feature_names", [])],
+            tuple(meta.get("messaging_apps", DEFAULT_MESSAGING_APPS)),
+            str(td.get("fingerprint", "")),
+            int(td.get("flows", 0)),
+            dict(td.get("card", {})),
+            dict(saved),
+            str(meta.get("created", "")),
+        )
+    except KeyError as err:
+        raise SchemaError(f"{short(d / 'model.json')}: no {short(err.args[0], 60)!r} field",
+                          hint="retrain the model with this version") from None
+    except (TypeError, ValueError, AttributeError) as err:
+        raise SchemaError(f"{short(d / 'model.json')}: a field has the wrong type "
+                          f"({short(str(err), 120)})") from None
+    try:
+        est = sio.load(blob, trusted=list(TRUSTED_TYPES))
+    except Exception as err:  # noqa: BLE001 - a damaged file that passed the type check
+        raise SchemaError(f"{short(blob)}: not a readable skops file "
+                          f"({short(str(err), 120)})") from None
+    return TrainedModel(est, *fields)
 
 
-def _minor(version: str | None) -> str | None:
+def model_file(d: Path, meta: dict[str, Any]) -> Path:
+    """The model file named by ``model.json``: a plain file inside the model directory
+    (a ``file`` pointing elsewhere, through ``..``, an absolute path or a symlink, is refused
+    before it is opened)."""
+    name = meta.get("file", "model.skops")
+    if (not isinstance(name, str) or not name or len(name) > 255 or "/" in name
+            or "\\" in name or "\0" in name or name in (".", "..")):
+        raise SchemaError(f"{short(d / 'model.json')}: model file {short(repr(name), 80)} is not "
+                          "a file name inside the model directory")
+    blob = d / name
+    try:
+        inside = not blob.is_symlink() and blob.resolve().parent == d.resolve()
+    except (OSError, RuntimeError) as err:
+        raise SchemaError(f"{short(blob)}: cannot check the model file ({err})") from None
+    if not inside:
+        raise SchemaError(f"{short(blob)}: the model file must be a plain file inside the model "
+                          "directory, not a link")
+    if not blob.is_file():
+        raise BadInputError(f"{short(d)}: model file {short(name)} is missing")
+    return blob
+
+
+def _minor(version: object) -> str | None:
+    if not isinstance(version, str):  # a damaged model.json; never equal to a real version
+        return None if version is None else f"<{type(version).__name__}>"
     return None if not version else ".".join(version.split(".")[:2])

@@ -53,16 +53,18 @@ def collect_observations(
     stats = {k: ParseStats() for k in ("strace", "netstat", "frida", "csv", "pcapdroid")}
     sets = []
     for p in strace:
-        sets.append(ObservationSet.from_observations(iter_socket_observations(
-            p, date=date, utc_offset=utc_offset, stats=stats["strace"])))
+        sets.append(ObservationSet.from_source(p, iter_socket_observations(
+            p, date=date, utc_offset=utc_offset, stats=stats["strace"]), stats["strace"]))
     for p in netstat:
-        sets.append(ObservationSet.from_observations(
-            iter_netstat_observations(p, stats["netstat"])))
+        sets.append(ObservationSet.from_source(
+            p, iter_netstat_observations(p, stats["netstat"]), stats["netstat"]))
     for p in frida:
-        sets.append(ObservationSet.from_observations(iter_frida_events(p, stats["frida"])))
+        sets.append(ObservationSet.from_source(p, iter_frida_events(p, stats["frida"]),
+                                               stats["frida"]))
     for p in csv:
-        sets.append(ObservationSet.from_observations(
-            iter_csv_labels(p, stats["csv"], pcap=csv_pcap)))
+        sets.append(ObservationSet.from_source(
+            p, iter_csv_labels(p, stats["csv"], pcap=csv_pcap), stats["csv"]))
     for p in pcapdroid:
-        sets.append(ObservationSet.from_observations(iter_pcapdroid_csv(p, stats["pcapdroid"])))
+        sets.append(ObservationSet.from_source(p, iter_pcapdroid_csv(p, stats["pcapdroid"]),
+                                               stats["pcapdroid"]))
     return ObservationSet.concat(sets), stats

@@ -87,7 +87,7 @@ def iter_frida_events(
             continue
         try:
             e = json.loads(s)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past the limit
             st.skip("not JSON")
             continue
         if not isinstance(e, dict):
@@ -108,6 +108,9 @@ def iter_frida_events(
             st.skip("missing ts or proto")
             continue
         pid = e.get("pid") if isinstance(e.get("pid"), int) else None
+        if (pid is not None and not 0 <= pid < 1 << 31) or not -1e12 < ts < 1e12:
+            st.skip("pid or ts out of range")  # int32 pid column; a huge int ts
+            continue
         fd = e.get("fd") if isinstance(e.get("fd"), int) else None
         errno = e.get("errno")
         ret = e.get("ret")

@@ -206,6 +206,23 @@ class ObservationSet:
         return cls(**arrays, strings=strings)
 
     @classmethod
+    def from_source(cls, path: str | os.PathLike[str], observations: Iterable[SocketObservation],
+                    stats: ParseStats | None = None) -> ObservationSet:
+        """:meth:`from_observations` of one file's parser, where a value no parser expected
+        (a 5,000-digit pid, a port beyond its column's type, a CSV field over the csv
+        module's 128 KB limit, JSON nested past the recursion limit) becomes one
+        :class:`ParseError` naming the file and line instead of a traceback."""
+        import csv
+
+        try:
+            return cls.from_observations(observations)
+        except (ValueError, OverflowError, RecursionError, csv.Error) as err:
+            where = f"line {stats.lines}" if stats is not None and stats.lines else None
+            why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ParseError(path, where, f"value out of range or too large ({why[:160]})"
+                             ) from None
+
+    @classmethod
     def concat(cls, sets: Iterable[ObservationSet]) -> ObservationSet:
         """One set holding the rows of several (string codes re-mapped)."""
         sets = [s for s in sets if len(s)]

@@ -56,7 +56,10 @@ def iter_package_uids(source: str | os.PathLike[str] | Iterable[str],
             continue
         st.parsed += 1
         for part in u.group(1).split(","):
-            yield m.group(1), int(part)
+            if part and len(part) <= 10:  # a uid is 32 bits; longer digit runs are damage
+                yield m.group(1), int(part)
+            elif part:
+                st.skip("uid out of range")
 
 
 def load_uid_map(source: str | os.PathLike[str] | Iterable[str],
