@@ -113,6 +113,18 @@ def clean_stale(directory: str | os.PathLike[str], name: str | None = None) -> i
     return n
 
 
+_CLEANED: set[str] = set()
+
+
+def _clean_once(directory: Path) -> None:
+    """:func:`clean_stale` on the first write into ``directory`` in this process (a writer
+    of thousands of files into one folder scans it once, not once per file)."""
+    key = os.path.abspath(directory)
+    if key not in _CLEANED:
+        _CLEANED.add(key)
+        clean_stale(directory)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str]) -> Iterator[str]:
     """Yield a temp path beside ``path``; on success it replaces ``path``, else it is removed."""
@@ -120,7 +132,7 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[str]:
     tmp: str | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale(target.parent, target.name)
+        _clean_once(target.parent)
         fd, tmp = _create_temp(target)
         os.close(fd)
         yield tmp

@@ -290,6 +290,8 @@ def load_model(model_dir: str | os.PathLike[str]) -> TrainedModel:
         raise SchemaError(f"{blob}: needs untrusted types {', '.join(untrusted)}; refusing to load")
     try:
         spec = FeatureSpec.from_dict(meta["features"])
+        if not 0 <= spec.series_packets <= 10_000:  # features are built per packet position
+            raise ValueError(f"features.series_packets {spec.series_packets} out of range")
         td = meta.get("training_data", {})
         fields = (
             meta["kind"],
@@ -307,7 +309,7 @@ def load_model(model_dir: str | os.PathLike[str]) -> TrainedModel:
     except KeyError as err:
         raise SchemaError(f"{short(d / 'model.json')}: no {short(err.args[0], 60)!r} field",
                           hint="retrain the model with this version") from None
-    except (TypeError, ValueError, AttributeError) as err:
+    except (TypeError, ValueError, AttributeError, OverflowError) as err:
         raise SchemaError(f"{short(d / 'model.json')}: a field has the wrong type "
                           f"({short(str(err), 120)})") from None
     try:
