@@ -82,6 +82,7 @@ from controller.device import (
 from controller.device import preflight as preflight_checks
 from controller.device import probe_clock as probe_clock_
 from controller.errors import CaptureError, ConfigError, ControllerError, DeviceError
+from controller.pairing import PairLink, PeerFailed
 from controller.scenario import Scenario, ScenarioCancelled, ScenarioRunner, scenario_for
 
 MANIFEST_SCHEMA_VERSION = 1
@@ -327,6 +328,11 @@ class SessionSpec:
     """The phone's address at the AP (default: read from the phone)."""
     scenario: Scenario | None = None
     scenario_dir: Path | None = None
+    role: str = "solo"
+    """``solo``, or in a pair ``caller`` (places the call, starts the chat) or ``callee``
+    (answers, replies)."""
+    peer: str | None = None
+    """The paired phone's device name (its sessions run in lockstep with this one's)."""
 
     @property
     def session_id(self) -> str:
@@ -342,8 +348,21 @@ class SessionSpec:
     @property
     def key(self) -> str:
         """``<device>_<package-or-app>_<activity>_r<N>``: names the run dir (without its stamp)."""
-        dev = re.sub(r"[^A-Za-z0-9.-]+", "-", self.device_name or self.serial).strip("-")
-        return f"{dev}_{self.app}_{self.activity}_r{self.repetition}"
+        return f"{_key_part(self.device_name or self.serial)}_{self.pair_key}"
+
+    @property
+    def pair_key(self) -> str:
+        """``<app>_<activity>_r<N>``: the same on both phones of a pair."""
+        return f"{self.app}_{self.activity}_r{self.repetition}"
+
+    @property
+    def peer_key(self) -> str | None:
+        """The key of the peer's session this one runs with (None: not paired)."""
+        return None if self.peer is None else f"{_key_part(self.peer)}_{self.pair_key}"
+
+
+def _key_part(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", name).strip("-")
 
 
 @dataclass
@@ -378,6 +397,9 @@ class Environment:
     """Where frida-server lives on the phones (the default ``frida_device`` starts it)."""
     frida_stop_timeout_s: float = 20.0
     """How long StopTracers waits for frida to detach before it gives up on it."""
+    contact_names: dict[str, str] = field(default_factory=dict)
+    """adb serial (or plan device name) to how that phone appears in its peers' contacts
+    (the lab phones' owners); a plan's ``contact_name:`` takes precedence."""
     ap_state: Path | None = None
     """The AP's state file (``flowtruth ap up``, the lab's AP): the supervisor's restarts of
     hostapd/dnsmasq during a session go into its manifest (``ap.restarts``)."""
@@ -414,6 +436,13 @@ class Environment:
             {p.serial: p.netns for p in lab.phones},
             {p.serial: float(p.config.clock_offset_s) for p in lab.phones}))
         kw.setdefault("ap_state", Path(lab.ap.state_path))
+        owners = {}
+        for p in lab.phones:  # each lab phone's owner is a contact on the others
+            owner = getattr(p.config, "owner", None) or getattr(p, "owner", None)  # TEMP h14b
+            if owner:
+                for name in (p.serial, p.name, f"lab:{p.name}"):
+                    owners[name] = str(owner)
+        kw.setdefault("contact_names", owners)
         return cls(runs_root=runs, client=adb_client(int(lab.adb_port)), capture=cap,
                    serials=serials, ips={p.serial: p.ip for p in lab.phones}, **kw)
 
@@ -463,6 +492,10 @@ def strace_for_abi(abi: str) -> Path:
     return p
 
 
+def _why(err: BaseException) -> str:
+    return err.message if isinstance(err, FlowtruthError) else f"{type(err).__name__}: {err}"
+
+
 def _utc(t: float) -> str:
     return _dt.datetime.fromtimestamp(t, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -509,8 +542,9 @@ class Session:
     """The state of one running session (the engine's internals; use :func:`run_session`)."""
 
     def __init__(self, spec: SessionSpec, link: DeviceLink, env: Environment, sink: ev.Sink,
-                 cancel: threading.Event) -> None:
+                 cancel: threading.Event, pair: PairLink | None = None) -> None:
         self.spec, self.link, self.env, self.sink, self.cancel = spec, link, env, sink, cancel
+        self.pair = pair
         self.t_start = time.time()
         stamp = _dt.datetime.fromtimestamp(self.t_start, _dt.UTC).strftime("%Y%m%dT%H%M%SZ")
         self.session_id = spec.key
@@ -539,7 +573,7 @@ class Session:
             "errors": [],
             "steps": [],
             "artifacts": {},
-            "scenario": {},
+            "scenario": {"verified": None, "role": spec.role, "peer": spec.peer},
             "params": dict(spec.params),
             "tracer": spec.tracer,
             "tool_versions": {},
@@ -602,11 +636,17 @@ class Session:
         if spec.activity not in sc.activities:
             raise ConfigError(f"{sc.path}: no activity {spec.activity!r}",
                               hint="has: " + ", ".join(sc.activities))
-        self.steps_ = sc.steps(spec.activity, spec.params)
+        try:  # TEMP until h14a's role-aware steps land
+            self.steps_ = sc.steps(spec.activity, spec.params, role=spec.role)
+        except TypeError:
+            self.steps_ = sc.steps(spec.activity, spec.params)
         if spec.tracer not in TRACERS:
             raise ConfigError(f"tracer must be one of {', '.join(TRACERS)}, not {spec.tracer!r}")
-        self.m["scenario"] = {"file": str(sc.path), "app": sc.app, "package": sc.package,
-                              "steps": [s.describe() for s in self.steps_]}
+        self.m["scenario"].update({"file": str(sc.path), "app": sc.app, "package": sc.package,
+                                   "steps": [s.describe() for s in self.steps_]})
+        if self.pair is not None:  # both phones start the session together
+            waited = self.pair.meet("start", self.cancel)
+            self.m["scenario"]["pair"] = {"start_wait_s": round(waited, 3)}
         facts = read_facts(link)
         self.facts = facts
         dev = facts.to_manifest()
@@ -793,10 +833,19 @@ class Session:
                 last[0] = time.monotonic()
                 self._progress_tracers()
 
-        runner = ScenarioRunner(self.link, self.scenario, seed=self.spec.seed,
-                                cancel=self.cancel, wait_scale=self.spec.wait_scale,
-                                on_step=on_step)
+        try:  # TEMP until h14a's runner lands
+            runner = ScenarioRunner(self.link, self.scenario, seed=self.spec.seed,
+                                    cancel=self.cancel, wait_scale=self.spec.wait_scale,
+                                    on_step=on_step, role=self.spec.role, peer=self.spec.peer,
+                                    run_dir=self.run_dir)
+        except TypeError:
+            runner = ScenarioRunner(self.link, self.scenario, seed=self.spec.seed,
+                                    cancel=self.cancel, wait_scale=self.spec.wait_scale,
+                                    on_step=on_step)
         self.scenario_runner = runner
+        if self.pair is not None:  # both phones' tracers run: the scenarios start together
+            waited = self.pair.meet("scenario", self.cancel)
+            self.m["scenario"].setdefault("pair", {})["scenario_wait_s"] = round(waited, 3)
         done = threading.Event()
 
         def tick() -> None:  # live capture counters also during long waits (calls)
@@ -807,12 +856,41 @@ class Session:
         ticker.start()
         try:
             runner.run(self.steps_)
+        except BaseException as err:
+            self.m["scenario"]["verified"] = False
+            self.m["scenario"]["reason"] = (err.one_line() if isinstance(err, FlowtruthError)
+                                            else f"{type(err).__name__}: {err}")
+            raise
         finally:
             done.set()
             ticker.join()
             self.m["scenario"]["log"] = runner.log
+            self._scenario_report(runner)
         self._progress_tracers()
-        return f"{len(self.steps_)} steps"
+        if self.pair is not None:  # neither stops its capture while the other is in the call
+            try:
+                waited = self.pair.meet("done", self.cancel, timeout=min(
+                    60.0, self.pair.sync.timeout))
+                self.m["scenario"]["pair"]["done_wait_s"] = round(waited, 3)
+            except PeerFailed as err:  # this side's own actions were verified
+                self.emit(ev.LogRecorded("warning", f"{self.session_id}: {err.message}"))
+        s = self.m["scenario"]
+        return (f"{len(self.steps_)} steps; verified {s.get('verified')}" +
+                (f" as {s['role']} with {s['peer']}" if s.get("peer") else ""))
+
+    def _scenario_report(self, runner: Any) -> None:
+        """The runner's account of the scenario (verified, role, peer, app version, steps)
+        into the manifest's ``scenario``; a failure's reason is kept."""
+        try:
+            rep = runner.report()
+        except Exception as err:  # never lose the session's own failure to this
+            self.m["scenario"]["report_error"] = f"{type(err).__name__}: {err}"
+            return
+        keep = {k: self.m["scenario"][k] for k in ("reason",) if k in self.m["scenario"]}
+        self.m["scenario"].update(rep)
+        self.m["scenario"].update(keep)
+        if "reason" in keep:
+            self.m["scenario"]["verified"] = False
 
     def _progress_capture(self) -> None:
         counters = getattr(self.env.capture, "counters", None)
@@ -1082,6 +1160,7 @@ class Session:
             self.step("RunScenario", self.run_scenario)
         except BaseException as err:  # noqa: BLE001 - recorded, then teardown
             failure = err
+            self._leave_pair(err)  # the peer stops waiting now, not after our teardown
             if isinstance(err, DeviceError):
                 self._lost(err)
         # teardown always runs; each part on its own
@@ -1104,6 +1183,11 @@ class Session:
             except BaseException as err:  # noqa: BLE001
                 failure = err
         return self._finish(failure)
+
+    def _leave_pair(self, failure: BaseException | None) -> None:
+        """Tell the peer's session this one will not come to a later barrier."""
+        if self.pair is not None and not self.pair.left:
+            self.pair.leave("finished" if failure is None else f"failed ({_why(failure)})")
 
     def _close_frida(self) -> None:
         ep, self.frida_ep = self.frida_ep, None
@@ -1151,6 +1235,10 @@ class Session:
                                                 f"restarted during the session ({r['at']})"))
 
     def _finish(self, failure: BaseException | None) -> SessionResult:
+        if failure is not None and self.m["scenario"].get("verified") is None:
+            # it never got to verify: say why
+            self.m["scenario"].update(verified=False, reason=_why(failure))
+        self._leave_pair(failure)
         self._record_ap_health()
         self.m["finished_at"] = _utc(time.time())
         self.m["timings"] = {"duration_s": round(time.time() - self.t_start, 3)}
@@ -1178,9 +1266,12 @@ class Session:
 
 
 def run_session(spec: SessionSpec, link: DeviceLink, env: Environment, sink: ev.Sink,
-                cancel: threading.Event | None = None) -> SessionResult:
-    """Run one session; never raises for a known failure (see the module docstring)."""
-    return Session(spec, link, env, sink, cancel or threading.Event()).run()
+                cancel: threading.Event | None = None, *,
+                pair: PairLink | None = None) -> SessionResult:
+    """Run one session; never raises for a known failure (see the module docstring).
+    ``pair``: this session's end of a pair (:mod:`controller.pairing`), whose peer session
+    runs at the same time on the other phone."""
+    return Session(spec, link, env, sink, cancel or threading.Event(), pair).run()
 
 
 def run_plan(plan: Any, env: Environment, sink: ev.Sink, cancel: threading.Event | None = None,
