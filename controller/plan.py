@@ -208,7 +208,7 @@ class Plan(_M):
     label: LabelOptions = Field(default_factory=LabelOptions)
     adb: AdbOptions = Field(default_factory=AdbOptions)
 
-    pairs: list[tuple[str, str]] = Field(default_factory=list)
+    pairs: list[list[str]] = Field(default_factory=list)
     """Paired phones ``[[caller, callee], ...]`` by device name (``name``, serial, or a
     lab phone's name): their sessions run in lockstep (same app and activity at the same
     time); the first of a pair places calls and starts chats, the other answers and
@@ -225,11 +225,16 @@ class Plan(_M):
     @field_validator("devices")
     @classmethod
     def _entries(cls, v: list[DeviceEntry | str]) -> list[DeviceEntry | str]:
-        out = [DeviceEntry(serial=d) if isinstance(d, str) else d for d in v]
-        for d in out:
-            if d.peer is not None:
-                _device_index(out, d.peer, f"{d.label}'s peer")
-        return out
+        return [DeviceEntry(serial=d) if isinstance(d, str) else d for d in v]
+
+    @field_validator("pairs")
+    @classmethod
+    def _two(cls, v: list[list[str]]) -> list[list[str]]:
+        for k, p in enumerate(v):
+            if len(p) != 2:
+                raise ValueError(f"pairs[{k}] names {len(p)} device(s); a pair is two: "
+                                 "[caller, callee]")
+        return v
 
     @model_validator(mode="after")
     def _pairing(self) -> Plan:
@@ -237,44 +242,44 @@ class Plan(_M):
         return self
 
     def pair_roles(self) -> dict[int, tuple[int, str]]:
-        """Device index -> (its peer's index, ``caller`` | ``callee``) of paired devices."""
+        """Device index -> (its peer's index, ``caller`` | ``callee``) of paired devices.
+        Errors (ValueError) start with ``field <where>:``."""
         devs = self.device_entries
-        pairs: list[tuple[int, int, str]] = []  # (first, second, where it was said)
+        pairs: list[tuple[int, int, str]] = []  # (caller, callee, where it was said)
         for k, (a, b) in enumerate(self.pairs):
-            where = f"pairs[{k}] [{a}, {b}]"
+            where = f"pairs[{k}]"
             ia = _device_index(devs, a, where)
             ib = _device_index(devs, b, where)
             if ia == ib:
-                raise ValueError(f"{where} pairs {devs[ia].label} with itself")
+                raise ValueError(f"field {where}: [{a}, {b}] pairs {devs[ia].label} with itself")
             pairs.append((ia, ib, where))
         for i, d in enumerate(devs):
             if d.peer is None:
                 continue
-            j = _device_index(devs, d.peer, f"{d.label}'s peer")
+            where = f"devices[{i}].peer"
+            j = _device_index(devs, d.peer, where)
             if i == j:
-                raise ValueError(f"{d.label}'s peer is {d.label} itself")
-            first, second = min(i, j), max(i, j)  # peer: is symmetric; first listed calls
+                raise ValueError(f"field {where}: {d.label}'s peer is {d.label} itself")
             if any({a, b} == {i, j} for a, b, _w in pairs):
                 continue  # the same pair said twice
-            pairs.append((first, second, f"{d.label}'s peer {d.peer}"))
+            pairs.append((min(i, j), max(i, j), where))  # symmetric: the first listed calls
         roles: dict[int, tuple[int, str]] = {}
         said: dict[int, str] = {}
         for a, b, where in pairs:
             for x in (a, b):
                 if x in roles:
-                    raise ValueError(f"{devs[x].label} is in two pairs ({said[x]} and {where}); "
-                                     "a phone has one peer")
+                    raise ValueError(f"field {where}: {devs[x].label} is in two pairs "
+                                     f"({said[x]} and {where}); a phone has one peer")
                 said[x] = where
             roles[a] = (b, "caller")
             roles[b] = (a, "callee")
-        for i, (j, _role) in roles.items():
+        for i, (j, _role) in sorted(roles.items()):
             d = devs[j]
             if d.contact_name is None and not d.serial.startswith("lab:"):
-                raise ValueError(f"{d.label} is paired with {devs[i].label} but has no "
-                                 f"contact_name: set devices[{j}].contact_name to how "
-                                 f"{d.label} appears in {devs[i].label}'s contacts")
+                raise ValueError(f"field devices[{j}].contact_name: {d.label} is paired with "
+                                 f"{devs[i].label} but has no contact_name: set how {d.label} "
+                                 f"appears in {devs[i].label}'s contacts")
         return roles
-
 
     @property
     def device_entries(self) -> list[DeviceEntry]:
@@ -358,7 +363,7 @@ def _device_index(devs: list[DeviceEntry], name: str, where: str) -> int:
     for i, d in enumerate(devs):
         if name in d.names():
             return i
-    raise ValueError(f"{where}: {name!r} is not a device of the plan (devices: "
+    raise ValueError(f"field {where}: {name!r} is not a device of the plan (devices: "
                      f"{', '.join(d.label for d in devs)})")
 
 
@@ -386,6 +391,8 @@ def load_plan(path: str | Path) -> Plan:
         e = err.errors()[0]
         more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
         msg = str(e["msg"]).removeprefix("Value error, ")
+        if not e["loc"] and msg.startswith("field "):  # the plan's checks name their field
+            raise ConfigError(f"{p}: {msg}{more}") from None
         raise ConfigError(f"{p}: field {_loc(e['loc'])}: {msg}{more}") from None
     plan.path = p.resolve()
     from controller.scenario import scenario_for
