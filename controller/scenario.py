@@ -560,6 +560,22 @@ class Scenario:
     verify: VerifyDef = field(default_factory=VerifyDef)
     table_app: str = ""
 
+    def values(self, params: dict[str, str] | None = None, role: str = "solo") -> dict[str, str]:
+        """The parameter values: defaults, ``params``, ``role``, and a random ``token`` unless
+        given (it makes a session's messages unique on screen; give both phones of a pair the
+        same one). Defaults may use other parameters (one level deep)."""
+        bad = [k for k in (params or {}) if not PARAM_RE.fullmatch(str(k))]
+        if bad:
+            raise ConfigError(f"parameter name {str(bad[0])[:60]!r}: use letters, digits and _ only")
+        values = {**self.params, **{str(k): str(v) for k, v in (params or {}).items()},
+                  "role": role}
+        if not values.get("token"):
+            values["token"] = secrets.token_hex(3)
+        for k, v in list(values.items()):
+            if "{" in v or "}" in v:
+                values[k] = fill_text(v, values, f"{self.path}: params.{k}")
+        return values
+
     def roles(self, activity: str) -> list[str]:
         return list(self.activities.get(activity, {}))
 
@@ -575,16 +591,7 @@ class Scenario:
         if role not in by_role:
             raise ConfigError(f"{self.path}: activity {activity!r} has no {role!r} steps",
                               hint="has: " + ", ".join(by_role))
-        bad = [k for k in (params or {}) if not PARAM_RE.fullmatch(str(k))]
-        if bad:
-            raise ConfigError(f"parameter name {bad[0]!r}: use letters, digits and _ only")
-        values = {**self.params, **{str(k): str(v) for k, v in (params or {}).items()},
-                  "role": role}
-        if not values.get("token"):  # makes this session's messages unique on screen
-            values["token"] = secrets.token_hex(3)
-        for k, v in list(values.items()):  # defaults may use other parameters, one level deep
-            if "{" in v or "}" in v:
-                values[k] = fill_text(v, values, f"{self.path}: params.{k}")
+        values = self.values(params, role)
         out = []
         for i, st in enumerate(by_role[role]):
             out.append(Step(st.kind, _fill(st.args, values,
@@ -985,8 +992,12 @@ def ancestor(nodes: list[Node], i: int, levels: int) -> int:
     return i
 
 
-def _fill_sel(sel: Selector, values: dict[str, str]) -> Selector:
-    return _fill(sel, values, "screen selector")
+def fill_selector(sel: Selector, values: dict[str, str], where: str = "selector") -> Selector:
+    """A selector with its ``{parameters}`` filled in."""
+    return _fill(sel, values, where)
+
+
+_fill_sel = fill_selector
 
 
 def recognise(sc: Scenario, nodes: list[Node], resolver: Resolver,
