@@ -55,6 +55,7 @@ flagged check is a warning.
 from __future__ import annotations
 
 import json
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -317,6 +318,7 @@ class Plan(_M):
             sdir = sdir if sdir.is_absolute() else self.base_dir() / sdir
         devs = self.device_entries
         roles = self.pair_roles()
+        tokens: dict[tuple[Any, ...], str] = {}  # one per pair and session: both sides' messages
         out = []
         for di, d in enumerate(devs):
             serial = (serials or {}).get(d.serial, d.serial)
@@ -334,6 +336,10 @@ class Plan(_M):
                         params = {**self.params, **self.scenario_overrides.get(app, {})}
                         if contact is not None:
                             params["contact"] = contact
+                        if peer is not None and not params.get("token"):
+                            # the messages one side sends are the ones the other awaits
+                            params["token"] = tokens.setdefault(
+                                (min(di, pi), app, act, rep), secrets.token_hex(3))
                         out.append(SessionSpec(
                             serial=serial, app=app, activity=act, repetition=rep,
                             params=params,
@@ -401,13 +407,19 @@ def load_plan(path: str | Path) -> Plan:
     if plan.scenario_dir:
         sdir = Path(plan.scenario_dir)
         sdir = sdir if sdir.is_absolute() else plan.base_dir() / sdir
+    roles = plan.pair_roles()
+    used = {r for _i, r in roles.values()}
+    if len(roles) < len(plan.device_entries):
+        used.add("solo")
     for app in plan.apps:  # activities must exist and parameters be given, before any run
         sc = scenario_for(app, sdir)
         for act in plan.activities:
             if act not in sc.activities:
                 raise ConfigError(f"{p}: field activities: {sc.app} has no activity {act!r}",
                                   hint="has: " + ", ".join(sc.activities))
-            sc.steps(act, {**plan.params, **plan.scenario_overrides.get(app, {})})
+            for role in sorted(used):  # the steps of each role the plan's phones play
+                sc.steps(act, {**plan.params, **plan.scenario_overrides.get(app, {})},
+                         role=role)
     return plan
 
 

@@ -69,6 +69,7 @@ from controller.device import (
     DeviceFacts,
     DeviceLink,
     FridaEndpoint,
+    PreflightWarning,
     bounded,
     local_frida,
     phone_frida,
@@ -83,7 +84,15 @@ from controller.device import preflight as preflight_checks
 from controller.device import probe_clock as probe_clock_
 from controller.errors import CaptureError, ConfigError, ControllerError, DeviceError
 from controller.pairing import PairLink, PeerFailed
-from controller.scenario import Scenario, ScenarioCancelled, ScenarioRunner, scenario_for
+from controller.scenario import (
+    Scenario,
+    ScenarioCancelled,
+    ScenarioRunner,
+    check_locale,
+    check_version,
+    read_locale,
+    scenario_for,
+)
 
 MANIFEST_SCHEMA_VERSION = 1
 STEPS = ("Preflight", "StartCapture", "PushScripts", "StartTracers", "RunScenario",
@@ -636,10 +645,7 @@ class Session:
         if spec.activity not in sc.activities:
             raise ConfigError(f"{sc.path}: no activity {spec.activity!r}",
                               hint="has: " + ", ".join(sc.activities))
-        try:  # TEMP until h14a's role-aware steps land
-            self.steps_ = sc.steps(spec.activity, spec.params, role=spec.role)
-        except TypeError:
-            self.steps_ = sc.steps(spec.activity, spec.params)
+        self.steps_ = sc.steps(spec.activity, spec.params, role=spec.role)
         if spec.tracer not in TRACERS:
             raise ConfigError(f"tracer must be one of {', '.join(TRACERS)}, not {spec.tracer!r}")
         self.m["scenario"].update({"file": str(sc.path), "app": sc.app, "package": sc.package,
@@ -669,10 +675,19 @@ class Session:
             raise ControllerError(f"{link.serial}: {sc.package} is not installed",
                                   hint=f"install {sc.app} on the phone")
         self.m["apps"] = [apps[sc.package].to_manifest()]
+        self.locale = read_locale(link)  # the scenario's texts are in the phone's language
+        bad = check_locale(self.locale, sc.app)
+        if bad:
+            raise ConfigError(f"{link.serial}: {bad}")
+        self.app_version = apps[sc.package].version
         clock = probe_clock_(link)
         self.m["clock"] = clock.to_manifest()
         self.emit(ev.ClockMeasured(link.serial, clock.offset_s, clock.uncertainty_s))
         warns = preflight_checks(link, facts)
+        vw = check_version(self.app_version, sc.app)
+        if vw:
+            warns.append(PreflightWarning("app_version", vw,
+                                          f"flowtruth scenario probe {link.serial} --app {sc.app}"))
         for w in warns:
             self.emit(ev.PreflightWarned(link.serial, w.check, w.message, w.fix))
         self.m["preflight"] = [{"check": w.check, "message": w.message, "fix": w.fix}
@@ -833,15 +848,11 @@ class Session:
                 last[0] = time.monotonic()
                 self._progress_tracers()
 
-        try:  # TEMP until h14a's runner lands
-            runner = ScenarioRunner(self.link, self.scenario, seed=self.spec.seed,
-                                    cancel=self.cancel, wait_scale=self.spec.wait_scale,
-                                    on_step=on_step, role=self.spec.role, peer=self.spec.peer,
-                                    run_dir=self.run_dir)
-        except TypeError:
-            runner = ScenarioRunner(self.link, self.scenario, seed=self.spec.seed,
-                                    cancel=self.cancel, wait_scale=self.spec.wait_scale,
-                                    on_step=on_step)
+        runner = ScenarioRunner(self.link, self.scenario, seed=self.spec.seed,
+                                cancel=self.cancel, wait_scale=self.spec.wait_scale,
+                                on_step=on_step, role=self.spec.role, peer=self.spec.peer,
+                                locale=getattr(self, "locale", None), run_dir=self.run_dir,
+                                app_version=getattr(self, "app_version", None))
         self.scenario_runner = runner
         if self.pair is not None:  # both phones' tracers run: the scenarios start together
             waited = self.pair.meet("scenario", self.cancel)
@@ -856,11 +867,6 @@ class Session:
         ticker.start()
         try:
             runner.run(self.steps_)
-        except BaseException as err:
-            self.m["scenario"]["verified"] = False
-            self.m["scenario"]["reason"] = (err.one_line() if isinstance(err, FlowtruthError)
-                                            else f"{type(err).__name__}: {err}")
-            raise
         finally:
             done.set()
             ticker.join()
@@ -884,13 +890,10 @@ class Session:
         try:
             rep = runner.report()
         except Exception as err:  # never lose the session's own failure to this
-            self.m["scenario"]["report_error"] = f"{type(err).__name__}: {err}"
+            self.m["scenario"].update(verified=False,
+                                      report_error=f"{type(err).__name__}: {err}")
             return
-        keep = {k: self.m["scenario"][k] for k in ("reason",) if k in self.m["scenario"]}
         self.m["scenario"].update(rep)
-        self.m["scenario"].update(keep)
-        if "reason" in keep:
-            self.m["scenario"]["verified"] = False
 
     def _progress_capture(self) -> None:
         counters = getattr(self.env.capture, "counters", None)

@@ -31,6 +31,7 @@ from controller.scenario import (
     ScenarioRunner,
     load_scenario,
     parse_screen,
+    scenario_files,
     scenario_for,
 )
 
@@ -86,11 +87,18 @@ def test_shipped_scenarios_cover_every_app_and_activity() -> None:
         assert sc.package == package
         assert set(ACTIVITIES) <= set(sc.activities)
         assert scenario_for(package).path == sc.path
-        steps = sc.steps("chat", {"contact": "Bob", "message": "ciao"})
-        assert steps[0].kind == "launch"
-        texts = [s.args.text for s in steps if s.kind == "type"]
-        assert texts[0] == "ciao"
-        assert any(getattr(s.args, "text", None) == "Bob" for s in steps if s.kind == "tap")
+        for role in ("solo", "caller", "callee"):
+            assert set(sc.roles("chat")) == {"solo", "caller", "callee"}
+            steps = sc.steps("chat", {"contact": "Bob", "message": "ciao", "reply": "ok"}, role=role)
+            assert steps[0].kind == "goto" and steps[0].args.screen == "conversation"
+            assert steps[0].params["contact"] == "Bob"
+            texts = [s.args.text for s in steps if s.kind == "type"]
+            assert texts[0] == ("ok" if role == "callee" else "ciao")
+            assert "sent" in [s.kind for s in steps]
+        for act in ("audio_call", "video_call"):
+            assert "connected" in [s.kind for s in sc.steps(act, role="caller")]
+            callee = [s.kind for s in sc.steps(act, role="callee")]
+            assert "await" in callee and "connected" in callee and callee[-2] == "hangup"
 
 
 @pytest.mark.parametrize(("body", "match"), [
@@ -259,7 +267,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_scenario_check(tmp_path: Path) -> None:
-    ok = _cli("scenario", "check", *map(str, sorted(SCENARIO_DIR.glob("*.yaml"))))
+    ok = _cli("scenario", "check", *map(str, scenario_files()))
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.count(": ok: ") == 3
     bad = write(tmp_path, BASE + "activities:\n  chat:\n    - tap: {txt: Alice}\n")
