@@ -7,7 +7,8 @@
     apps: [signal, telegram, whatsapp]
     activities: [chat, idle]
     repetitions: 2
-    parallelism: 2              # phones at once (sessions on one phone run in order)
+    parallelism: 2              # phones at once (sessions on one phone run in order;
+                                # a pair's two phones take one slot)
     output: runs                # relative to the plan file
     tracer: strace              # strace | frida | both | none
     params: {contact: Alice}
