@@ -126,6 +126,8 @@ class LabPhone:
     state_dir: str
     config: PhoneConfig
     ip6: str = ""
+    owner: str = ""  # the phone owner's display name: the other lab phones' contact name
+    contacts: list[str] = field(default_factory=list)  # the names its messengers list
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -398,6 +400,20 @@ def skip_reason() -> str | None:
     return None
 
 
+OWNERS = ("Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan")
+OUTSIDE_CONTACT = "Zoe"  # in every phone's contacts, not a lab phone: her phone never answers
+
+
+def phone_owner(index: int) -> str:
+    """Phone N's owner: Alice, Bob, ... (what the other phones' messengers call it)."""
+    return OWNERS[(index - 1) % len(OWNERS)]
+
+
+def phone_contacts(index: int, phones: int) -> list[str]:
+    """Phone N's contacts: the other lab phones' owners, then someone outside the lab."""
+    return [phone_owner(i) for i in range(1, phones + 1) if i != index] + [OUTSIDE_CONTACT]
+
+
 def lab_phone_config(index: int) -> PhoneConfig:
     """Phone N's identity: the Samsung and Xiaomi presets, reporting x86_64 (host binaries)."""
     base = samsung_s21() if index % 2 == 1 else xiaomi_poco_x3_pro()
@@ -407,6 +423,7 @@ def lab_phone_config(index: int) -> PhoneConfig:
         "ro.product.cpu.abilist64": "x86_64,arm64-v8a",
         "ro.kernel.qemu": "0",
         "ro.flowtruth.lab": "1",
+        "ro.flowtruth.lab.owner": phone_owner(index),
     }
     return base.model_copy(
         update={"abi": "x86_64", "serial": serial, "extra_props": {**base.extra_props, **abi}}
@@ -422,6 +439,8 @@ class Lab:
     def __init__(self, state: LabState, state_path: Path) -> None:
         self.state = state
         self.state_path = state_path
+        self._options: dict[int, dict[str, Any]] = {}  # Lab.up's phone_options
+        self._ring_timeout_s = 45.0
 
     # ---- views
 
@@ -472,12 +491,18 @@ class Lab:
         mgmt_base: int | None = None,
         capture_dir: str | os.PathLike[str] | None = None,
         sink: Sink = _quiet,
+        phone_options: dict[int, dict[str, Any]] | None = None,
+        ring_timeout_s: float = 45.0,
     ) -> Lab:
         """Create namespaces, servers, AP and phones; attach the phones to the adb server.
 
         ``adb_port=None`` leaves adb alone.  Phone N's management subnet is the first free
         10.254.X.0/30 on the host (X > ``mgmt_base`` when given), so labs can coexist.  On failure everything made
         so far is removed and :class:`LabError` is raised.
+
+        ``phone_options`` changes phone N's :class:`PhoneConfig` fields (``{2: {"locale":
+        "de-DE", "interruption_rate": 0}}``); ``ring_timeout_s`` is how long an unanswered
+        call rings before the caller's app gives up.
         """
         if sys.platform != "linux":
             raise LabError("the virtual lab needs Linux network namespaces")
@@ -490,6 +515,11 @@ class Lab:
             raise LabError(f"--phones must be 1 to 9, not {phones}")
         if mgmt_base is not None and not 0 <= mgmt_base <= 240:
             raise LabError("mgmt_base must be 0 to 240")
+        for index, opts in (phone_options or {}).items():
+            try:
+                PhoneConfig.model_validate({**lab_phone_config(int(index)).model_dump(), **opts})
+            except ValueError as exc:
+                raise LabError(f"phone{index} options: {exc}".splitlines()[0]) from None
         missing = [p for p in PROGRAMS if shutil.which(p) is None]
         if adb_port is not None and shutil.which("adb") is None:
             missing.append("adb")
@@ -515,6 +545,8 @@ class Lab:
         state = LabState(lab_id=lab_id, workdir=str(wd.resolve()), own_workdir=own,
                          adb_port=adb_port)  # fmt: skip
         lab = cls(state, path)
+        lab._options = {int(k): dict(v) for k, v in (phone_options or {}).items()}
+        lab._ring_timeout_s = float(ring_timeout_s)
         lab._save()
         _register(lab_id, path)
         try:
@@ -694,7 +726,9 @@ class Lab:
             _run(["ip", "link", "set", host_link, "up"])
             _run(["ip", "-n", pns, "addr", "add", f"{mgmt_ip}/30", "dev", "adb0"])
             _run(["ip", "-n", pns, "link", "set", "adb0", "up"])
-            config = lab_phone_config(i)
+            config = PhoneConfig.model_validate(
+                {**lab_phone_config(i).model_dump(), **self._options.get(i, {})}
+            )
             pdir = wd / "phones" / f"phone{i}"
             pdir.mkdir(parents=True, exist_ok=True)
             cfg_path = wd / "phones" / f"phone{i}.json"
@@ -702,7 +736,8 @@ class Lab:
             phone = LabPhone(name=f"phone{i}", index=i, serial=f"{mgmt_ip}:{ADBD_PORT}",
                              netns=pns, ip=str(lease.ip), mac=lease.mac, mgmt_ip=mgmt_ip,
                              host_ip=host_ip, host_link=host_link, state_dir=str(pdir),
-                             config=config)  # fmt: skip
+                             config=config, owner=phone_owner(i),
+                             contacts=phone_contacts(i, phones))  # fmt: skip
             self.state.phones.append(phone)
             self._save()
             self._spawn(f"adbd-phone{i}", pns, [sys.executable, "-m", "controller.lab.adbd",
@@ -710,7 +745,12 @@ class Lab:
                         "--state-dir", str(pdir)], ready="listening on")  # fmt: skip
             self._spawn(f"apps-phone{i}", pns, [sys.executable, "-m", "controller.lab.apps",
                         "manager", "--state-dir", str(pdir), "--truth", str(self.truth_path),
-                        "--ca", str(ca)], ready="managing")  # fmt: skip
+                        "--ca", str(ca), "--owner", phone.owner,
+                        *[a for c in phone.contacts for a in ("--contact", c)],
+                        "--relay", str(wd / "relay"), "--interruptions",
+                        str(config.interruption_rate), "--ring-timeout",
+                        str(self._ring_timeout_s)],
+                        ready="managing")  # fmt: skip
             sink(f"phone{i}", f"{config.model} at {lease.ip}, adb {phone.serial}")
 
         for phone in self.phones:  # router advertisements: all phones at once
