@@ -445,13 +445,9 @@ class Environment:
             {p.serial: p.netns for p in lab.phones},
             {p.serial: float(p.config.clock_offset_s) for p in lab.phones}))
         kw.setdefault("ap_state", Path(lab.ap.state_path))
-        owners = {}
-        for p in lab.phones:  # each lab phone's owner is a contact on the others
-            owner = getattr(p.config, "owner", None) or getattr(p, "owner", None)  # TEMP h14b
-            if owner:
-                for name in (p.serial, p.name, f"lab:{p.name}"):
-                    owners[name] = str(owner)
-        kw.setdefault("contact_names", owners)
+        # each lab phone's owner is a contact on the others: a paired lab phone's name there
+        kw.setdefault("contact_names", {name: p.owner for p in lab.phones if p.owner
+                                        for name in (p.serial, p.name, f"lab:{p.name}")})
         return cls(runs_root=runs, client=adb_client(int(lab.adb_port)), capture=cap,
                    serials=serials, ips={p.serial: p.ip for p in lab.phones}, **kw)
 

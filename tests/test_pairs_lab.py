@@ -53,7 +53,7 @@ def test_a_pair_places_and_answers_an_audio_call_both_verified(pl: Any, tmp_path
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     runs = {p.name.split("_", 1)[1]: p for p in (tmp_path / "runs").glob("*_signal_audio_call_r1")}
     assert set(runs) == {"phone1_signal_audio_call_r1", "phone2_signal_audio_call_r1"}
-    owners = {p.name: p.config.owner for p in lab.phones}
+    owners = {p.name: p.owner for p in lab.phones}
     truth = read_truth(lab.truth_path)
     for me, peer, role in (("phone1", "phone2", "caller"), ("phone2", "phone1", "callee")):
         run = runs[f"{me}_signal_audio_call_r1"]
@@ -87,7 +87,7 @@ def test_a_call_nobody_answers_fails_verification_and_keeps_the_artifacts(
     phone1, phone2 = lab.phones
     spec = SessionSpec(serial=phone1.serial, app="signal", activity="audio_call",
                        device_name="phone1", role="caller", peer="phone2", wait_scale=0.2,
-                       params={"contact": phone2.config.owner, "call_seconds": "10"})
+                       params={"contact": phone2.owner, "call_seconds": "10"})
     # the callee's session is not running: nobody answers phone1's call
     res = run_session(spec, AdbDeviceLink(env.client, phone1.serial), env, ev.null_sink)
     assert res.outcome == "failed"
