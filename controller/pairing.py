@@ -2,9 +2,11 @@
 cannot meet its peer is told.
 
 A plan's pair (``pairs: [[phone1, phone2]]``) runs the same app and activity on both
-phones at the same time. Each session meets its peer's twice: before it starts
-(``start``) and once both have their tracers running, right before the scenario
-(``scenario``); after the scenario they wait for each other once more (``done``), so
+phones at the same time. Each session meets its peer's before it starts (``start``), once
+both have their tracers running, right before the scenario (``scenario``), and once both
+scenarios got their app to its first screen, before the first action (``ready``: the
+caller does not dial while the callee is still relaunching its app, which would drop the
+ringing call); after the scenario they wait for each other once more (``done``), so
 neither stops its capture while the other is still in the call. A side whose session
 fails or ends tells the other (:meth:`PairLink.leave`), which then fails at once with
 that reason instead of waiting; a peer that never comes fails the waiting side after the
@@ -24,7 +26,7 @@ import time
 
 from controller.errors import ControllerError
 
-STAGES = ("start", "scenario", "done")
+STAGES = ("start", "scenario", "ready", "done")
 
 
 class PeerFailed(ControllerError):

@@ -98,6 +98,8 @@ MANIFEST_SCHEMA_VERSION = 1
 STEPS = ("Preflight", "StartCapture", "PushScripts", "StartTracers", "RunScenario",
          "StopTracers", "StopCapture", "PullArtifacts", "Label", "Export")
 TRACERS = ("strace", "frida", "both", "none")
+NAVIGATION_STEPS = ("launch", "goto")
+"""Scenario steps that only get the app to a screen: a pair meets after them."""
 
 
 # --------------------------------------------------------------------------- capture
@@ -836,8 +838,15 @@ class Session:
 
     def run_scenario(self) -> str:
         last = [0.0]
+        # a pair's sides get to their screens first (goto may relaunch the app, which would
+        # drop a call already ringing) and meet before their first action
+        ready_at = next((i for i, st in enumerate(self.steps_)
+                         if st.kind not in NAVIGATION_STEPS), None)
 
         def on_step(i: int, n: int, text: str) -> None:
+            if self.pair is not None and i == ready_at:
+                waited = self.pair.meet("ready", self.cancel)
+                self.m["scenario"].setdefault("pair", {})["ready_wait_s"] = round(waited, 3)
             self.emit(ev.ScenarioStepStarted(self.session_id, i, n, text))
             self._progress_capture()
             if time.monotonic() - last[0] > 5:  # a round trip: not on every step

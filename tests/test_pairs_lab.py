@@ -71,6 +71,9 @@ def test_a_pair_places_and_answers_an_audio_call_both_verified(pl: Any, tmp_path
         mine = [x for x in meta if x["BF_label"] == SIGNAL]
         assert mine and all(x["BF_sublabel"].endswith(f":{role}") for x in mine)
         assert {x["BF_activity"] for x in meta} == {"audio_call"}
+        # the sides met before the session, the scenario, the first action and the end
+        assert set(sc["pair"]) == {"start_wait_s", "scenario_wait_s", "ready_wait_s",
+                                   "done_wait_s"}, sc["pair"]
     # lockstep: both scenarios started together
     w = [_manifest(runs[f"{p}_signal_audio_call_r1"])["scenario"]["log"][0]["at"]
          for p in ("phone1", "phone2")]
