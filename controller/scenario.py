@@ -571,8 +571,9 @@ class Scenario:
                   "role": role}
         if not values.get("token"):
             values["token"] = secrets.token_hex(3)
-        for k, v in list(values.items()):
-            if "{" in v or "}" in v:
+        given = {str(k) for k in (params or {})}
+        for k, v in list(values.items()):  # the scenario's defaults; a given value is no template
+            if k not in given and k in self.params and ("{" in v or "}" in v):
                 values[k] = fill_text(v, values, f"{self.path}: params.{k}")
         return values
 
