@@ -15,6 +15,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -442,9 +443,79 @@ def test_cli_probe_and_try_through_the_real_adb_server(adb_phone, tmp_path: Path
     assert ("text", ["hello from flowtruth e2e"]) in [(e.get("kind"), e.get("args"))
                                                         for e in events]
     # a step that cannot be verified: exit 1, one line, the last screen kept
-    r = _cli("scenario", "try", adbd.address, "whatsapp", "audio_call", "--role", "callee",
-             "-p", "answer_timeout=0.5", "--run-dir", str(tmp_path / "run"),
+    r = _cli("scenario", "try", adbd.address, "whatsapp", "chat", "--role", "callee",
+             "-p", "token=other", "-p", "reply_timeout=0.5", "--peer", "phone1",
+             "--run-dir", str(tmp_path / "run"), "--adb-port", str(port), env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().endswith("no message 'hello from flowtruth other' from phone1 "
+                                     "within 0.5 s (screen: conversation)")
+    assert "message_text" in (tmp_path / "run" / LAST_SCREEN_FILE).read_text()
+    # a screen the app cannot leave: goto gives up after relaunching, in one line
+    r = _cli("scenario", "try", adbd.address, "whatsapp", "idle", "--wait-scale", "0.01",
              "--adb-port", str(port), env=env)
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert "the incoming_call screen did not come within 0.5 s" in r.stderr
-    assert (tmp_path / "run" / LAST_SCREEN_FILE).exists()
+    assert "cannot reach the chat_list screen (last screen: conversation; tried:" in r.stderr
+    assert "relaunch" in r.stderr
+
+
+# ----------------------------------------------------------------------------- sessions
+
+
+def session_phone(fake: FakeWhatsApp) -> FakeWhatsApp:
+    """The fake WhatsApp answering everything else a session asks (root, packages, clock)."""
+    from tests.test_session import make_fake_phone
+
+    base = make_fake_phone()
+    fake.link.on(r"^pm list packages", "package:com.whatsapp versionCode:2262070 uid:10123\n")
+    fake.link.responses.extend((p, r) for p, r in base.responses
+                               if not p.startswith(("^am start", "^pm list")))
+    return fake
+
+
+def session(tmp_path: Path, fake: FakeWhatsApp, **params: str) -> tuple[Any, dict[str, Any]]:
+    from controller import events as ev
+    from controller.session import Environment, SessionSpec, run_session
+
+    spec = SessionSpec(serial=fake.link.serial, app="whatsapp", activity="chat",
+                       params={"token": "s1", **params}, wait_scale=FAST,
+                       scenario=scenario_for("whatsapp"))
+    res = run_session(spec, session_phone(fake).link, Environment(runs_root=tmp_path, label=False),
+                      ev.RecordingSink())
+    return res, json.loads((res.run_dir / "manifest.json").read_text())
+
+
+def test_session_manifest_records_the_verified_scenario(tmp_path: Path) -> None:
+    res, m = session(tmp_path, FakeWhatsApp(interruptions=["permission"]))
+    assert res.outcome == "completed", res.error
+    sc = m["scenario"]
+    assert sc["verified"] is True and sc["role"] == "solo" and sc["peer"] is None
+    assert sc["app_version"] == "2.26.2.70" and sc["locale"] == "en-US"
+    assert [s["n"] for s in sc["steps"]] == list(range(1, 11))
+    assert sc["steps"][4] == {"n": 5, "step": "sent 'hello from flowtruth s1'",
+                              "screen": "conversation", "matched": sc["steps"][4]["matched"],
+                              "ok": True}
+    assert sc["interruptions"] == ["permission prompt"] and sc["log"]
+
+
+def test_session_with_an_unverified_message_fails_and_keeps_the_screen(tmp_path: Path) -> None:
+    res, m = session(tmp_path, FakeWhatsApp(never_sent=True), sent_timeout="0.5")
+    assert res.outcome == "failed"
+    assert "did not reach the sent state within 0.5 s" in (res.error or "")
+    assert m["scenario"]["verified"] is False
+    assert "did not reach the sent state" in m["scenario"]["reason"]
+    assert (res.run_dir / LAST_SCREEN_FILE).exists()
+
+
+def test_session_preflight_refuses_a_language_the_table_lacks(tmp_path: Path) -> None:
+    res, m = session(tmp_path, FakeWhatsApp(locale="pt-BR"))
+    assert res.outcome == "failed"
+    assert "the phone's language is 'pt-BR'" in (res.error or "")
+    assert "add 'pt' texts to" in (res.error or "")
+    assert "\n" not in (res.error or "")
+
+
+def test_session_preflight_warns_about_another_app_version(tmp_path: Path) -> None:
+    res, m = session(tmp_path, FakeWhatsApp(version="2.25.9.1"))
+    assert res.outcome == "completed", res.error
+    w = [p for p in m["preflight"] if p["check"] == "app_version"]
+    assert w and "verified on 2.26" in w[0]["message"]
