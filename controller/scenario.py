@@ -49,6 +49,7 @@ the last screen's dump is saved as ``scenario_last_screen.xml`` in ``run_dir``.
 from __future__ import annotations
 
 import functools
+import os
 import random
 import re
 import secrets
@@ -813,8 +814,10 @@ def scenario_files(directory: Path | None = None) -> list[Path]:
 
 
 def scenario_for(app: str, directory: Path | None = None) -> Scenario:
-    """The shipped (or ``directory``'s) scenario of an app by name or package."""
-    d = directory or SCENARIO_DIR
+    """The shipped (or ``directory``'s, or ``$FLOWTRUTH_SCENARIO_DIR``'s) scenario of an app
+    by name or package."""
+    env = os.environ.get("FLOWTRUTH_SCENARIO_DIR")
+    d = directory or (Path(env) if env else SCENARIO_DIR)
     name = next((k for k, v in APPS.items() if v == app), app)
     if not NAME_RE.fullmatch(name) and not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ConfigError(f"no scenario for app {app!r}: not an app name")

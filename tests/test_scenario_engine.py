@@ -88,8 +88,8 @@ def test_every_selector_of_every_scenario_is_in_the_table() -> None:
                     "android.widget.Button",), f"{f.name}: {where}: literal text {v!r}"
         assert checked > 40, f
     raw = (REPO / "controller/scenarios/selectors.yaml").read_text(encoding="utf-8")
-    for sec in ("signal", "telegram", "whatsapp", "system"):
-        assert f"\n  {sec}:\n" in raw
+    for name in ("signal", "telegram", "whatsapp", "system"):
+        assert f"\n  {name}:\n" in raw
 
 
 def test_signal_scenario_follows_the_real_layouts() -> None:
@@ -122,6 +122,7 @@ def test_context_tells_the_right_chat_from_another() -> None:
     nodes = parse_screen((SCREENS / "signal__conversation__en.xml").read_text())
     res = Resolver(load_table(), "signal", "en")
     ctx = sc.screens["conversation"].context
+    assert ctx is not None
     from controller.scenario import fill_selector
 
     assert res.find(nodes, fill_selector(ctx, {"contact": "Alice"})) is not None
