@@ -49,9 +49,10 @@ the last screen's dump is saved as ``scenario_last_screen.xml`` in ``run_dir``.
 from __future__ import annotations
 
 import functools
+import os
 import random
-import secrets
 import re
+import secrets
 import shlex
 import threading
 import time
@@ -571,8 +572,9 @@ class Scenario:
                   "role": role}
         if not values.get("token"):
             values["token"] = secrets.token_hex(3)
-        for k, v in list(values.items()):
-            if "{" in v or "}" in v:
+        given = {str(k) for k in (params or {})}
+        for k, v in list(values.items()):  # the scenario's defaults; a given value is no template
+            if k not in given and k in self.params and ("{" in v or "}" in v):
                 values[k] = fill_text(v, values, f"{self.path}: params.{k}")
         return values
 
@@ -688,8 +690,8 @@ def _selectors_of(sc: Scenario) -> Iterable[tuple[str, Selector]]:
             yield f"screens.{name}.absent[{i}]", a
         if s.context:
             yield f"screens.{name}.context", s.context
-    for i, (_f, _t, steps) in enumerate(sc.moves):
-        for j, st in enumerate(steps):
+    for i, (_f, _t, mv) in enumerate(sc.moves):
+        for j, st in enumerate(mv):
             if isinstance(st.args, Selector):
                 yield f"moves[{i}].do[{j}]", st.args
     for i, it in enumerate(sc.interruptions):
@@ -701,8 +703,8 @@ def _selectors_of(sc: Scenario) -> Iterable[tuple[str, Selector]]:
         if v is not None:
             yield f"verify.{f}", v
     for act, roles in sc.activities.items():
-        for role, steps in roles.items():
-            for i, st in enumerate(steps):
+        for role, rsteps in roles.items():
+            for i, st in enumerate(rsteps):
                 if isinstance(st.args, Selector):
                     yield f"activities.{act}.{role}[{i}]", st.args
 
@@ -767,9 +769,9 @@ def load_scenario(path: str | Path, table: Table | None = None) -> Scenario:
             raise ConfigError(f"{p}: field screens.{name}.parent: no screen {s.parent!r}")
     sc = Scenario(p, f.app, f.package, f.activity, dict(f.params), acts, dict(f.screens),
                   tuple(moves), f.interruptions, f.verify, f.table or f.app)
-    for act, roles in acts.items():  # screens named by steps exist
-        for role, steps in roles.items():
-            for i, st in enumerate(steps):
+    for act, by_role in acts.items():  # screens named by steps exist
+        for role, rsteps in by_role.items():
+            for i, st in enumerate(rsteps):
                 names = (st.args.screen,) if isinstance(st.args, Goto) else \
                     st.args.screens if isinstance(st.args, Await) else ()
                 for n in names:
@@ -812,8 +814,10 @@ def scenario_files(directory: Path | None = None) -> list[Path]:
 
 
 def scenario_for(app: str, directory: Path | None = None) -> Scenario:
-    """The shipped (or ``directory``'s) scenario of an app by name or package."""
-    d = directory or SCENARIO_DIR
+    """The shipped (or ``directory``'s, or ``$FLOWTRUTH_SCENARIO_DIR``'s) scenario of an app
+    by name or package."""
+    env = os.environ.get("FLOWTRUTH_SCENARIO_DIR")
+    d = directory or (Path(env) if env else SCENARIO_DIR)
     name = next((k for k, v in APPS.items() if v == app), app)
     if not NAME_RE.fullmatch(name) and not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ConfigError(f"no scenario for app {app!r}: not an app name")
@@ -1395,8 +1399,9 @@ class ScenarioRunner:
         deadline = time.monotonic() + timeout
         failed: set[int] = set()
         way: list[str] = []
-        unknown = relaunches = 0
+        unknown = relaunches = stuck = 0
         edges = self._edges()
+        last: tuple[str | None, str] | None = None
         while time.monotonic() < deadline and len(way) < 24:
             nodes, cur = self._observe()
             if nodes is None:
@@ -1404,6 +1409,17 @@ class ScenarioRunner:
                 continue
             if cur == target and self._context_ok(target, nodes):
                 return " > ".join(way) or "already there"
+            sig = (cur, self.last_xml)
+            stuck = stuck + 1 if sig == last else 0
+            last = sig
+            if stuck >= 2:  # the last moves changed nothing: start the app afresh
+                if relaunches >= 3:
+                    break
+                self._relaunch(force=True)
+                way.append("relaunch")
+                relaunches += 1
+                stuck, last = 0, None
+                continue
             in_app = any(n.package == self.sc.package for n in nodes)
             if cur is None:
                 if not in_app or unknown >= 2:
