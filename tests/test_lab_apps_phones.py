@@ -30,6 +30,7 @@ SIGNAL, TELEGRAM, WHATSAPP = "org.thoughtcrime.securesms", "org.telegram.messeng
 ACTIVITY = {SIGNAL: ".RoutingActivity", WHATSAPP: ".home.ui.HomeActivity",
             TELEGRAM: "org.telegram.ui.LaunchActivity"}  # fmt: skip
 RING_S = 6.0
+INTERRUPTED: list[Phone] = []  # phone 3: a dialog after every action
 NAMES = {"resource_id": "resource-id", "content_desc": "content-desc", "cls": "class"}
 
 
@@ -105,12 +106,16 @@ def two_phones() -> Iterator[tuple[Lab, Phone, Phone]]:
                    capture_output=True, timeout=30)  # fmt: skip
     lab = None
     try:
-        lab = Lab.up(phones=2, adb_port=port, workdir=d / "lab", state_dir=d / "state",
-                     mgmt_base=200, ring_timeout_s=RING_S,
-                     phone_options={1: {"interruption_rate": 0},
-                                    2: {"interruption_rate": 0, "locale": "de-DE"}})  # fmt: skip
+        lab = Lab.up(
+            phones=3, adb_port=port, workdir=d / "lab", state_dir=d / "state", mgmt_base=200,
+            ring_timeout_s=RING_S,
+            phone_options={1: {"interruption_rate": 0},
+                           2: {"interruption_rate": 0, "locale": "de-DE"},
+                           3: {"interruption_rate": 1.0}},
+        )  # fmt: skip
         client = adbutils.AdbClient(host="127.0.0.1", port=port)
-        p1, p2 = (Phone(client.device(p.serial), p) for p in lab.phones)
+        p1, p2, p3 = (Phone(client.device(p.serial), p) for p in lab.phones)
+        INTERRUPTED.append(p3)
         yield lab, p1, p2
     finally:
         if lab is not None:
@@ -123,7 +128,8 @@ def two_phones() -> Iterator[tuple[Lab, Phone, Phone]]:
 def test_owners_contacts_and_locale(two_phones) -> None:  # type: ignore[no-untyped-def]
     lab, p1, p2 = two_phones
     assert (p1.lab.owner, p2.lab.owner) == ("Alice", "Bob")
-    assert p1.lab.contacts == ["Bob", "Zoe"] and p2.lab.contacts == ["Alice", "Zoe"]
+    assert p1.lab.contacts == ["Bob", "Carol", "Zoe"]
+    assert p2.lab.contacts == ["Alice", "Carol", "Zoe"]
     assert type(p2.lab).from_json(p2.lab.to_json()).owner == "Bob"
     assert p2.sh("getprop persist.sys.locale").strip() == "de-DE"
     assert p1.sh("getprop persist.sys.locale").strip() == "en-US"
@@ -236,3 +242,23 @@ def test_state_kept_back_and_relaunch(two_phones) -> None:  # type: ignore[no-un
     p1.sh(f"am force-stop {TELEGRAM}")
     p1.launch(TELEGRAM)
     p1.wait_for(content_desc="New Message")  # a cold start shows the main screen
+
+
+def test_interruptions_block_taps_until_dismissed(two_phones) -> None:  # type: ignore[no-untyped-def]
+    _lab, _p1, _p2 = two_phones
+    p3 = INTERRUPTED[0]
+    assert "versionName=12.0.1" in p3.sh(f"dumpsys package {TELEGRAM}")
+    p3.launch(SIGNAL)
+    row = dict(resource_id=f"{SIGNAL}:id/conversation_list_item_name", text="Alice")
+    dialog = "~^(com.android.permissioncontroller:id/permission_allow_button|android:id/button2)$"
+    p3.wait_for(resource_id=dialog)
+    p3.tap(**row)  # behind the dialog: nothing happens
+    time.sleep(0.5)
+    assert p3.find(resource_id=f"{SIGNAL}:id/conversation_title_view") is None
+    root = p3.dump()
+    assert p3.find(root, **row) is not None  # still on the chat list, under the dialog
+    p3.tap(resource_id=dialog)  # dismiss it (Allow or No thanks)
+    eventually(lambda: p3.find(resource_id=dialog) is None, timeout=5)
+    p3.tap(**row)
+    p3.wait_for(resource_id=f"{SIGNAL}:id/conversation_title_view")
+    p3.wait_for(resource_id=dialog)  # the next one, after the move
