@@ -250,14 +250,17 @@ def test_interruptions_block_taps_until_dismissed(two_phones) -> None:  # type: 
     assert "versionName=12.0.1" in p3.sh(f"dumpsys package {TELEGRAM}")
     p3.launch(SIGNAL)
     row = dict(resource_id=f"{SIGNAL}:id/conversation_list_item_name", text="Alice")
-    dialog = "~^(com.android.permissioncontroller:id/permission_allow_button|android:id/button2)$"
+    dialog = (
+        "~^(com.android.permissioncontroller:id/permission_allow(_foreground_only)?_button"
+        "|android:id/button1)$"
+    )
     p3.wait_for(resource_id=dialog)
     p3.tap(**row)  # behind the dialog: nothing happens
     time.sleep(0.5)
     assert p3.find(resource_id=f"{SIGNAL}:id/conversation_title_view") is None
     root = p3.dump()
     assert p3.find(root, **row) is not None  # still on the chat list, under the dialog
-    p3.tap(resource_id=dialog)  # dismiss it (Allow or No thanks)
+    p3.tap(resource_id=dialog)  # dismiss it (Allow, Got it, Rate now)
     eventually(lambda: p3.find(resource_id=dialog) is None, timeout=5)
     p3.tap(**row)
     p3.wait_for(resource_id=f"{SIGNAL}:id/conversation_title_view")

@@ -106,7 +106,7 @@ STEPS = {
         {"resource_id": "com.whatsapp:id/input_attach_button"},
         {"resource_id": "com.whatsapp:id/pickfiletype_gallery_holder"},
         {"class": "android.widget.ImageView", "text": ""},
-        {"resource_id": "com.whatsapp:id/send"},
+        {"resource_id": "com.whatsapp:id/send_media_btn"},
         {"resource_id": "com.whatsapp:id/menuitem_voice_call"},
         1.5,
         {"content_desc": "Leave call"},

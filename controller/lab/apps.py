@@ -724,6 +724,8 @@ class Manager:
         self.ui: dict[str, dict[str, Any]] = {
             p: ui.cold_start(saved.get(p) or {}) for p in ui.MESSENGERS
         }
+        if SIGNAL not in saved and self.opt.interruption_rate > 0:
+            self.ui[SIGNAL]["media_allowed"] = False  # a fresh phone: Signal asks for photos
         self.relay = Relay(self.opt.relay, self.opt.owner)
         seed = self.opt.seed if self.opt.seed is not None else zlib.crc32(self.serial.encode())
         self.rng = random.Random(seed)
@@ -886,7 +888,11 @@ class Manager:
         state = self.ui[package]
         if rate <= 0 or state.get("dialog") or self.rng.random() >= rate:
             return
-        state["dialog"] = {"kind": self.rng.choice(("permission", "permission", "rating"))}
+        what = self.rng.choice(ui.INTERRUPTIONS)
+        if what in ("notifications", "microphone"):
+            state["dialog"] = {"kind": "permission", "what": what}
+        else:
+            state["dialog"] = {"kind": what}
 
     # ---- actions
 
