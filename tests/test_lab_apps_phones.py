@@ -127,24 +127,24 @@ def two_phones() -> Iterator[tuple[Lab, Phone, Phone]]:
 
 def test_owners_contacts_and_locale(two_phones) -> None:  # type: ignore[no-untyped-def]
     lab, p1, p2 = two_phones
-    assert (p1.lab.owner, p2.lab.owner) == ("Alice", "Bob")
-    assert p1.lab.contacts == ["Bob", "Carol", "Zoe"]
-    assert p2.lab.contacts == ["Alice", "Carol", "Zoe"]
-    assert type(p2.lab).from_json(p2.lab.to_json()).owner == "Bob"
+    assert (p1.lab.owner, p2.lab.owner) == ("Bob", "Carol")
+    assert p1.lab.contacts == ["Carol", "Dave", "Alice"]  # Alice: not a lab phone
+    assert p2.lab.contacts == ["Bob", "Dave", "Alice"]
+    assert type(p2.lab).from_json(p2.lab.to_json()).owner == "Carol"
     assert p2.sh("getprop persist.sys.locale").strip() == "de-DE"
     assert p1.sh("getprop persist.sys.locale").strip() == "en-US"
-    assert p2.sh("getprop ro.flowtruth.lab.owner").strip() == "Bob"
+    assert p2.sh("getprop ro.flowtruth.lab.owner").strip() == "Carol"
 
 
 def test_signal_chat_between_phones_goes_delivered(two_phones) -> None:  # type: ignore[no-untyped-def]
     lab, p1, p2 = two_phones
     p1.launch(SIGNAL)
-    p1.tap(resource_id=f"{SIGNAL}:id/conversation_list_item_name", text="Bob")
+    p1.tap(resource_id=f"{SIGNAL}:id/conversation_list_item_name", text="Carol")
     title = p1.wait_for(resource_id=f"{SIGNAL}:id/conversation_title_view")
     assert title.get("text") == ""  # a container: the name is in its child
     assert [
         c.get("text") for c in title.iter("node") if c.get("resource-id", "").endswith(":id/title")
-    ] == ["Bob"]
+    ] == ["Carol"]
     root = p1.dump()
     assert p1.find(root, resource_id=f"{SIGNAL}:id/attach_button") is not None
     assert p1.find(root, resource_id=f"{SIGNAL}:id/send_button") is None  # one toggle
@@ -156,9 +156,9 @@ def test_signal_chat_between_phones_goes_delivered(two_phones) -> None:  # type:
         resource_id=f"{SIGNAL}:id/footer_delivery_status", content_desc="~^(Delivered|Read)$"
     )
     assert p1.find(resource_id=f"{SIGNAL}:id/attach_button") is not None  # the editor emptied
-    # phone 2 (German) has the message from Alice; opening the chat marks it read
+    # phone 2 (German) has the message from Bob; opening the chat marks it read
     p2.launch(SIGNAL)
-    p2.tap(resource_id=f"{SIGNAL}:id/conversation_list_item_name", text="Alice")
+    p2.tap(resource_id=f"{SIGNAL}:id/conversation_list_item_name", text="Bob")
     p2.wait_for(resource_id=f"{SIGNAL}:id/conversation_item_body", text="hello Bob")
     assert (
         p2.find(resource_id=f"{SIGNAL}:id/attach_button", content_desc="Anhang hinzufügen")
@@ -170,7 +170,7 @@ def test_signal_chat_between_phones_goes_delivered(two_phones) -> None:  # type:
 def test_call_rings_the_peer_and_media_flows_only_after_answer(two_phones) -> None:  # type: ignore[no-untyped-def]
     lab, p1, p2 = two_phones
     p2.sh("input keyevent HOME")
-    p1.launch(SIGNAL)  # still in the conversation with Bob (the app keeps its screen)
+    p1.launch(SIGNAL)  # still in the conversation with Carol (the app keeps its screen)
     t0 = time.time()
     p1.tap(resource_id=f"{SIGNAL}:id/menu_call_secure")
     p1.wait_for(resource_id=f"{SIGNAL}:id/call_screen_status", text="~^(Calling|Ringing)")
@@ -198,10 +198,10 @@ def test_unanswered_call_rings_out_without_media(two_phones) -> None:  # type: i
     p1.launch(WHATSAPP)
     p1.tap(resource_id="com.whatsapp:id/navigation_bar_item_small_label_view", text="Calls")
     p1.tap(content_desc="Search")
-    p1.tap(resource_id="com.whatsapp:id/search_view_edit_text")
-    p1.sh("input text Zoe")
-    p1.wait_for(resource_id="com.whatsapp:id/chat_able_contacts_row_name", text="Zoe")
-    assert p1.find(resource_id="com.whatsapp:id/chat_able_contacts_row_name", text="Bob") is None
+    p1.wait_for(resource_id="com.whatsapp:id/search_view_edit_text", focused="true")
+    p1.sh("input text Alice")  # the search field has the focus
+    p1.wait_for(resource_id="com.whatsapp:id/chat_able_contacts_row_name", text="Alice")
+    assert p1.find(resource_id="com.whatsapp:id/chat_able_contacts_row_name", text="Carol") is None
     t0 = time.time()
     p1.tap(resource_id="com.whatsapp:id/voice_call")
     p1.tap(resource_id="android:id/button1", text="Call")  # the confirmation dialog
@@ -216,8 +216,8 @@ def test_telegram_video_call_from_profile_and_decline(two_phones) -> None:  # ty
     lab, p1, p2 = two_phones
     p1.launch(TELEGRAM)
     t0 = time.time()
-    p1.tap(text="~^Bob, ")  # the chat row: "Name, last message"
-    p1.tap(content_desc="~^Bob\n")  # the header opens the profile
+    p1.tap(text="~^Carol, ")  # the chat row: "Name, last message"
+    p1.tap(content_desc="~^Carol\n")  # the header opens the profile
     p1.tap(text="Video Call")
     p1.wait_for(text="End Call", cls="android.widget.Button")
     p2.wait_for(text="Telegram-Videoanruf")  # the German incoming call screen
@@ -234,7 +234,7 @@ def test_state_kept_back_and_relaunch(two_phones) -> None:  # type: ignore[no-un
     p1.wait_for(content_desc="Attach media")  # BACK: the conversation
     p1.sh("input keyevent BACK")
     p1.wait_for(content_desc="New Message")  # the chat list
-    p1.tap(text="~^Bob, ")
+    p1.tap(text="~^Carol, ")
     p1.wait_for(content_desc="Attach media")
     p1.sh("input keyevent HOME")
     p1.launch(TELEGRAM)

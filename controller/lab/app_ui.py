@@ -367,6 +367,7 @@ PARENT = {
     "profile": "conversation",
 }
 ENDED_LINGER_S = 2.5
+AUTOFOCUS = ("call_search",)  # screens that open with their text field focused
 
 
 def language(locale: str | None) -> str:

@@ -405,12 +405,14 @@ LAB_APP_VERSIONS = {
     "org.telegram.messenger": (61201, "12.0.1"),
     "com.whatsapp": (260270001, "2.26.2.70"),
 }
-OWNERS = ("Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan")
-OUTSIDE_CONTACT = "Zoe"  # in every phone's contacts, not a lab phone: her phone never answers
+OWNERS = ("Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy")
+# In every phone's contacts but not a lab phone (her phone never answers): the scenarios'
+# default contact, so a solo session reaches a conversation on every lab phone.
+OUTSIDE_CONTACT = "Alice"
 
 
 def phone_owner(index: int) -> str:
-    """Phone N's owner: Alice, Bob, ... (what the other phones' messengers call it)."""
+    """Phone N's owner: Bob, Carol, ... (what the other phones' messengers call it)."""
     return OWNERS[(index - 1) % len(OWNERS)]
 
 
