@@ -30,6 +30,7 @@ SIGNAL, TELEGRAM, WHATSAPP = "org.thoughtcrime.securesms", "org.telegram.messeng
 ACTIVITY = {SIGNAL: ".RoutingActivity", WHATSAPP: ".home.ui.HomeActivity",
             TELEGRAM: "org.telegram.ui.LaunchActivity"}  # fmt: skip
 RING_S = 6.0
+INTERRUPTED: list[Phone] = []  # phone 3: a dialog after every action
 NAMES = {"resource_id": "resource-id", "content_desc": "content-desc", "cls": "class"}
 
 
@@ -105,12 +106,16 @@ def two_phones() -> Iterator[tuple[Lab, Phone, Phone]]:
                    capture_output=True, timeout=30)  # fmt: skip
     lab = None
     try:
-        lab = Lab.up(phones=2, adb_port=port, workdir=d / "lab", state_dir=d / "state",
-                     mgmt_base=200, ring_timeout_s=RING_S,
-                     phone_options={1: {"interruption_rate": 0},
-                                    2: {"interruption_rate": 0, "locale": "de-DE"}})  # fmt: skip
+        lab = Lab.up(
+            phones=3, adb_port=port, workdir=d / "lab", state_dir=d / "state", mgmt_base=200,
+            ring_timeout_s=RING_S,
+            phone_options={1: {"interruption_rate": 0},
+                           2: {"interruption_rate": 0, "locale": "de-DE"},
+                           3: {"interruption_rate": 1.0}},
+        )  # fmt: skip
         client = adbutils.AdbClient(host="127.0.0.1", port=port)
-        p1, p2 = (Phone(client.device(p.serial), p) for p in lab.phones)
+        p1, p2, p3 = (Phone(client.device(p.serial), p) for p in lab.phones)
+        INTERRUPTED.append(p3)
         yield lab, p1, p2
     finally:
         if lab is not None:
@@ -122,23 +127,24 @@ def two_phones() -> Iterator[tuple[Lab, Phone, Phone]]:
 
 def test_owners_contacts_and_locale(two_phones) -> None:  # type: ignore[no-untyped-def]
     lab, p1, p2 = two_phones
-    assert (p1.lab.owner, p2.lab.owner) == ("Alice", "Bob")
-    assert p1.lab.contacts == ["Bob", "Zoe"] and p2.lab.contacts == ["Alice", "Zoe"]
-    assert type(p2.lab).from_json(p2.lab.to_json()).owner == "Bob"
+    assert (p1.lab.owner, p2.lab.owner) == ("Bob", "Carol")
+    assert p1.lab.contacts == ["Carol", "Dave", "Alice"]  # Alice: not a lab phone
+    assert p2.lab.contacts == ["Bob", "Dave", "Alice"]
+    assert type(p2.lab).from_json(p2.lab.to_json()).owner == "Carol"
     assert p2.sh("getprop persist.sys.locale").strip() == "de-DE"
     assert p1.sh("getprop persist.sys.locale").strip() == "en-US"
-    assert p2.sh("getprop ro.flowtruth.lab.owner").strip() == "Bob"
+    assert p2.sh("getprop ro.flowtruth.lab.owner").strip() == "Carol"
 
 
 def test_signal_chat_between_phones_goes_delivered(two_phones) -> None:  # type: ignore[no-untyped-def]
     lab, p1, p2 = two_phones
     p1.launch(SIGNAL)
-    p1.tap(resource_id=f"{SIGNAL}:id/conversation_list_item_name", text="Bob")
+    p1.tap(resource_id=f"{SIGNAL}:id/conversation_list_item_name", text="Carol")
     title = p1.wait_for(resource_id=f"{SIGNAL}:id/conversation_title_view")
     assert title.get("text") == ""  # a container: the name is in its child
     assert [
         c.get("text") for c in title.iter("node") if c.get("resource-id", "").endswith(":id/title")
-    ] == ["Bob"]
+    ] == ["Carol"]
     root = p1.dump()
     assert p1.find(root, resource_id=f"{SIGNAL}:id/attach_button") is not None
     assert p1.find(root, resource_id=f"{SIGNAL}:id/send_button") is None  # one toggle
@@ -150,9 +156,9 @@ def test_signal_chat_between_phones_goes_delivered(two_phones) -> None:  # type:
         resource_id=f"{SIGNAL}:id/footer_delivery_status", content_desc="~^(Delivered|Read)$"
     )
     assert p1.find(resource_id=f"{SIGNAL}:id/attach_button") is not None  # the editor emptied
-    # phone 2 (German) has the message from Alice; opening the chat marks it read
+    # phone 2 (German) has the message from Bob; opening the chat marks it read
     p2.launch(SIGNAL)
-    p2.tap(resource_id=f"{SIGNAL}:id/conversation_list_item_name", text="Alice")
+    p2.tap(resource_id=f"{SIGNAL}:id/conversation_list_item_name", text="Bob")
     p2.wait_for(resource_id=f"{SIGNAL}:id/conversation_item_body", text="hello Bob")
     assert (
         p2.find(resource_id=f"{SIGNAL}:id/attach_button", content_desc="Anhang hinzufügen")
@@ -164,7 +170,7 @@ def test_signal_chat_between_phones_goes_delivered(two_phones) -> None:  # type:
 def test_call_rings_the_peer_and_media_flows_only_after_answer(two_phones) -> None:  # type: ignore[no-untyped-def]
     lab, p1, p2 = two_phones
     p2.sh("input keyevent HOME")
-    p1.launch(SIGNAL)  # still in the conversation with Bob (the app keeps its screen)
+    p1.launch(SIGNAL)  # still in the conversation with Carol (the app keeps its screen)
     t0 = time.time()
     p1.tap(resource_id=f"{SIGNAL}:id/menu_call_secure")
     p1.wait_for(resource_id=f"{SIGNAL}:id/call_screen_status", text="~^(Calling|Ringing)")
@@ -192,10 +198,10 @@ def test_unanswered_call_rings_out_without_media(two_phones) -> None:  # type: i
     p1.launch(WHATSAPP)
     p1.tap(resource_id="com.whatsapp:id/navigation_bar_item_small_label_view", text="Calls")
     p1.tap(content_desc="Search")
-    p1.tap(resource_id="com.whatsapp:id/search_view_edit_text")
-    p1.sh("input text Zoe")
-    p1.wait_for(resource_id="com.whatsapp:id/chat_able_contacts_row_name", text="Zoe")
-    assert p1.find(resource_id="com.whatsapp:id/chat_able_contacts_row_name", text="Bob") is None
+    p1.wait_for(resource_id="com.whatsapp:id/search_view_edit_text", focused="true")
+    p1.sh("input text Alice")  # the search field has the focus
+    p1.wait_for(resource_id="com.whatsapp:id/chat_able_contacts_row_name", text="Alice")
+    assert p1.find(resource_id="com.whatsapp:id/chat_able_contacts_row_name", text="Carol") is None
     t0 = time.time()
     p1.tap(resource_id="com.whatsapp:id/voice_call")
     p1.tap(resource_id="android:id/button1", text="Call")  # the confirmation dialog
@@ -210,8 +216,8 @@ def test_telegram_video_call_from_profile_and_decline(two_phones) -> None:  # ty
     lab, p1, p2 = two_phones
     p1.launch(TELEGRAM)
     t0 = time.time()
-    p1.tap(text="~^Bob, ")  # the chat row: "Name, last message"
-    p1.tap(content_desc="~^Bob\n")  # the header opens the profile
+    p1.tap(text="~^Carol, ")  # the chat row: "Name, last message"
+    p1.tap(content_desc="~^Carol\n")  # the header opens the profile
     p1.tap(text="Video Call")
     p1.wait_for(text="End Call", cls="android.widget.Button")
     p2.wait_for(text="Telegram-Videoanruf")  # the German incoming call screen
@@ -228,7 +234,7 @@ def test_state_kept_back_and_relaunch(two_phones) -> None:  # type: ignore[no-un
     p1.wait_for(content_desc="Attach media")  # BACK: the conversation
     p1.sh("input keyevent BACK")
     p1.wait_for(content_desc="New Message")  # the chat list
-    p1.tap(text="~^Bob, ")
+    p1.tap(text="~^Carol, ")
     p1.wait_for(content_desc="Attach media")
     p1.sh("input keyevent HOME")
     p1.launch(TELEGRAM)
@@ -236,3 +242,26 @@ def test_state_kept_back_and_relaunch(two_phones) -> None:  # type: ignore[no-un
     p1.sh(f"am force-stop {TELEGRAM}")
     p1.launch(TELEGRAM)
     p1.wait_for(content_desc="New Message")  # a cold start shows the main screen
+
+
+def test_interruptions_block_taps_until_dismissed(two_phones) -> None:  # type: ignore[no-untyped-def]
+    _lab, _p1, _p2 = two_phones
+    p3 = INTERRUPTED[0]
+    assert "versionName=12.0.1" in p3.sh(f"dumpsys package {TELEGRAM}")
+    p3.launch(SIGNAL)
+    row = dict(resource_id=f"{SIGNAL}:id/conversation_list_item_name", text="Alice")
+    dialog = (
+        "~^(com.android.permissioncontroller:id/permission_allow(_foreground_only)?_button"
+        "|android:id/button1)$"
+    )
+    p3.wait_for(resource_id=dialog)
+    p3.tap(**row)  # behind the dialog: nothing happens
+    time.sleep(0.5)
+    assert p3.find(resource_id=f"{SIGNAL}:id/conversation_title_view") is None
+    root = p3.dump()
+    assert p3.find(root, **row) is not None  # still on the chat list, under the dialog
+    p3.tap(resource_id=dialog)  # dismiss it (Allow, Got it, Rate now)
+    eventually(lambda: p3.find(resource_id=dialog) is None, timeout=5)
+    p3.tap(**row)
+    p3.wait_for(resource_id=f"{SIGNAL}:id/conversation_title_view")
+    p3.wait_for(resource_id=dialog)  # the next one, after the move

@@ -83,11 +83,14 @@ def _tap(device, package: str, **want: str) -> None:  # type: ignore[no-untyped-
         time.sleep(0.2)
 
 
-# Per app: open the chat with Zoe (outside the lab), send a message and a photo, call her
+# Per app: open the chat with Alice (outside the lab), send a message and a photo, call her
 # (nobody answers: ringing and signalling only), hang up.
 STEPS = {
     "org.thoughtcrime.securesms": [
-        {"resource_id": "org.thoughtcrime.securesms:id/conversation_list_item_name", "text": "Zoe"},
+        {
+            "resource_id": "org.thoughtcrime.securesms:id/conversation_list_item_name",
+            "text": "Alice",
+        },
         {"resource_id": "org.thoughtcrime.securesms:id/embedded_text_editor"},
         "hi",
         {"resource_id": "org.thoughtcrime.securesms:id/send_button"},
@@ -99,20 +102,20 @@ STEPS = {
         {"content_desc": "End call"},
     ],
     "com.whatsapp": [
-        {"resource_id": "com.whatsapp:id/conversations_row_contact_name", "text": "Zoe"},
+        {"resource_id": "com.whatsapp:id/conversations_row_contact_name", "text": "Alice"},
         {"resource_id": "com.whatsapp:id/entry"},
         "hi",
         {"resource_id": "com.whatsapp:id/send"},
         {"resource_id": "com.whatsapp:id/input_attach_button"},
         {"resource_id": "com.whatsapp:id/pickfiletype_gallery_holder"},
         {"class": "android.widget.ImageView", "text": ""},
-        {"resource_id": "com.whatsapp:id/send"},
+        {"resource_id": "com.whatsapp:id/send_media_btn"},
         {"resource_id": "com.whatsapp:id/menuitem_voice_call"},
         1.5,
         {"content_desc": "Leave call"},
     ],
     "org.telegram.messenger": [
-        {"text": "Zoe, "},
+        {"text": "Alice, "},
         {"text": "Message"},
         "hi",
         {"content_desc": "Send"},
@@ -191,7 +194,7 @@ def test_demo_session_scored_against_the_truth(demo_lab) -> None:  # type: ignor
         )
     )
     for app, s in scores.items():
-        assert s.truth >= 1, (app, report)  # the chat connection (Zoe's call is not answered)
+        assert s.truth >= 1, (app, report)  # the chat connection (Alice's call is not answered)
         assert s.precision is not None and s.precision >= 0.95, (app, report)
         assert s.recall == 1.0, (app, report)
         assert every[app].labelled == s.labelled and every[app].truth >= 2  # + the photo upload

@@ -74,6 +74,7 @@ STRINGS: dict[str, dict[str, dict[str, str]]] = {
             "video_call": "Signal video call",
             "gallery": "Gallery",
             "file": "File",
+            "allow_access": "Allow access",
             "add_message": "Add a message",
             "media": "Photo",
             "pending": "Pending",
@@ -109,6 +110,7 @@ STRINGS: dict[str, dict[str, dict[str, str]]] = {
             "video_call": "Signal-Videoanruf",
             "gallery": "Galerie",
             "file": "Datei",
+            "allow_access": "Zugriff erlauben",
             "add_message": "Nachricht hinzufügen",
             "media": "Foto",
             "pending": "Ausstehend",
@@ -325,16 +327,31 @@ STRINGS: dict[str, dict[str, dict[str, str]]] = {
 # The runtime permission prompt (the permission controller's window, not the app's).
 PERMISSION_STRINGS: dict[str, dict[str, str]] = {
     "en": {
-        "message": "Allow {app} to send you notifications?",
+        "notifications": "Allow {app} to send you notifications?",
+        "microphone": "Allow {app} to record audio?",
+        "photos": "Allow {app} to access photos and videos on this device?",
         "allow": "Allow",
+        "foreground": "While using the app",
+        "one_time": "Only this time",
         "deny": "Don’t allow",
     },
     "de": {
-        "message": "{app} erlauben, dir Benachrichtigungen zu senden?",
+        "notifications": "{app} erlauben, dir Benachrichtigungen zu senden?",
+        "microphone": "{app} erlauben, Audioaufnahmen zu machen?",
+        "photos": "{app} Zugriff auf Fotos und Videos auf diesem Gerät erlauben?",
         "allow": "Zulassen",
+        "foreground": "Während der App-Nutzung",
+        "one_time": "Nur dieses Mal",
         "deny": "Nicht zulassen",
     },
 }
+# An app's "what's new" sheet (an AlertDialog acknowledged with button1).
+WHATS_NEW_STRINGS: dict[str, dict[str, str]] = {
+    "en": {"title": "What’s new", "message": "Calls and chats got faster.", "ok": "Got it"},
+    "de": {"title": "Neuigkeiten", "message": "Anrufe und Chats sind schneller.",
+           "ok": "Verstanden"},
+}  # fmt: skip
+INTERRUPTIONS = ("notifications", "microphone", "rating", "whats_new")
 LABELS = {SIGNAL: "Signal", TELEGRAM: "Telegram", WHATSAPP: "WhatsApp"}
 
 # Screens and where BACK leads from them ("" = out of the app, to the launcher).
@@ -350,6 +367,7 @@ PARENT = {
     "profile": "conversation",
 }
 ENDED_LINGER_S = 2.5
+AUTOFOCUS = ("call_search",)  # screens that open with their text field focused
 
 
 def language(locale: str | None) -> str:
@@ -374,6 +392,8 @@ def cold_start(ui: dict[str, Any], keep_call: bool = False) -> dict[str, Any]:
     fresh = new_state()
     fresh["convs"] = ui.get("convs", {})
     fresh["call_log"] = ui.get("call_log", [])
+    if "media_allowed" in ui:  # a permission outlives the process
+        fresh["media_allowed"] = ui["media_allowed"]
     call = ui.get("call")
     if keep_call and call and call.get("state") == "incoming":
         fresh["call"] = {**call, "return_to": HOME_SCREEN}
@@ -522,23 +542,35 @@ def _dialog(dialog: dict[str, Any], v: View) -> tuple[Node, str]:
     top, bottom = h // 2 - 330, h // 2 + 330
     if kind == "permission":
         p = PERMISSION_STRINGS[v.lang if v.lang in PERMISSION_STRINGS else "en"]
-        kids = [
-            Node("android.widget.TextView", (90, top + 60, w - 90, top + 260), "permission_message",
-                 text=p["message"].format(app=LABELS[v.package])),
-            Node("android.widget.Button", (90, top + 330, w - 90, top + 450),
-                 "permission_allow_button", text=p["allow"], action="dialog", arg="allow"),
-            Node("android.widget.Button", (90, top + 470, w - 90, top + 590),
-                 "permission_deny_button", text=p["deny"], action="dialog", arg="deny"),
-        ]  # fmt: skip
+        what = str(dialog.get("what") or "notifications")
+        buttons = (
+            [("permission_allow_foreground_only_button", p["foreground"], "allow"),
+             ("permission_allow_one_time_button", p["one_time"], "allow"),
+             ("permission_deny_button", p["deny"], "deny")]
+            if what == "microphone" else
+            [("permission_allow_button", p["allow"], "allow"),
+             ("permission_deny_button", p["deny"], "deny")]
+        )  # fmt: skip
+        kids = [Node("android.widget.TextView", (90, top + 60, w - 90, top + 260),
+                     "permission_message", text=p[what].format(app=LABELS[v.package]))]  # fmt: skip
+        for i, (rid, label, arg) in enumerate(buttons):
+            y = top + 300 + i * 130
+            kids.append(Node("android.widget.Button", (90, y, w - 90, y + 120), rid, text=label,
+                             action="dialog", arg=arg))  # fmt: skip
         panel = Node("android.widget.LinearLayout", (60, top, w - 60, bottom), "grant_dialog",
                      children=kids)  # fmt: skip
         root = Node("android.widget.FrameLayout", (0, 0, w, h), children=[panel])
         return root, PERMISSION_PACKAGE
     s = v.s
+    message = s.get("rate_message", "")
     if kind == "call_confirm":
         title = s["confirm_video"] if dialog.get("video") else s["confirm_audio"]
         buttons = [("android:id/button2", s["cancel"], "cancel"),
                    ("android:id/button1", s["confirm_call"], "confirm_call")]  # fmt: skip
+    elif kind == "whats_new":
+        news = WHATS_NEW_STRINGS[v.lang if v.lang in WHATS_NEW_STRINGS else "en"]
+        title, message = news["title"], news["message"]
+        buttons = [("android:id/button1", news["ok"], "dialog")]
     else:  # rating
         title = s["rate_title"]
         buttons = [("android:id/button3", s["rate_later"], "dialog"),
@@ -549,7 +581,7 @@ def _dialog(dialog: dict[str, Any], v: View) -> tuple[Node, str]:
                  text=title)]  # fmt: skip
     if kind != "call_confirm":
         kids.append(Node("android.widget.TextView", (110, top + 170, w - 110, top + 400),
-                         "android:id/message", text=s["rate_message"]))  # fmt: skip
+                         "android:id/message", text=message))  # fmt: skip
     bw = (w - 200) // len(buttons)
     row = [
         Node("android.widget.Button", (100 + i * bw, bottom - 150, 100 + (i + 1) * bw, bottom - 40),
@@ -593,7 +625,8 @@ def _call_screen(ui: dict[str, Any], v: View, ids: dict[str, str]) -> list[Node]
     call = ui["call"]
     state = call.get("state")
     if state == "connected":
-        status = clock(v.now - float(call.get("connected_at") or v.now))
+        since = call.get("connected_at")
+        status = clock(v.now - float(v.now if since is None else since))
     elif state == "incoming":
         status = s["incoming_video"] if call.get("video") else s["incoming_audio"]
     elif state == "ended":
@@ -644,7 +677,8 @@ def _call_screen(ui: dict[str, Any], v: View, ids: dict[str, str]) -> list[Node]
                              "call_controls", children=[
                                  Node("android.widget.ImageButton",
                                       (w // 2 - 110, h - 420, w // 2 + 110, h - 200),
-                                      "end_call_button", desc=s["end_call"], action="hangup")]))  # fmt: skip
+                                      "footer_end_call_btn" if call.get("video") else "end_call_button",
+                                      desc=s["end_call"], action="hangup")]))  # fmt: skip
         else:
             kids.append(Node("android.widget.ImageView",
                              (w // 2 - 110, h - 420, w // 2 + 110, h - 200), "call_screen_end_call",
@@ -725,6 +759,10 @@ def _signal(ui: dict[str, Any], v: View, screen: str) -> list[Node]:
     if screen == "attach":
         media = [Node("android.widget.FrameLayout", (20 + i * 265, h - 780, 265 + i * 265, h - 520),
                       "attachment_keyboard_item_image", action="media_item") for i in range(4)]  # fmt: skip
+        if ui.get("media_allowed") is False:  # photos not allowed yet: "Allow access" instead
+            media = [Node("android.widget.Button", (200, h - 740, w - 200, h - 560),
+                          "attachment_keyboard_permission_button", text=s["allow_access"],
+                          action="ask_media")]  # fmt: skip
         buttons = [Node("android.widget.TextView", (20 + i * 265, h - 480, 265 + i * 265, h - 330),
                         "attachment_keyboard_button", text=t, action="noop")
                    for i, t in enumerate((s["gallery"], s["file"]))]  # fmt: skip
@@ -925,8 +963,8 @@ def _whatsapp(ui: dict[str, Any], v: View, screen: str) -> list[Node]:
             Node("android.widget.ImageView", (0, 96, w, h - 400), "media_preview", action="noop"),
             Node("android.widget.EditText", (40, h - 330, w - 250, h - 200), "caption",
                  text=s["caption"], action="noop"),
-            Node("android.widget.ImageButton", (w - 220, h - 340, w - 40, h - 180), "send",
-                 desc=s["send"], action="send_media"),
+            Node("android.widget.ImageButton", (w - 220, h - 340, w - 40, h - 180),
+                 "send_media_btn", desc=s["send"], action="send_media"),
         ]  # fmt: skip
     if screen == "gallery":
         thumbs = [Node("android.widget.ImageView", (20 + i * 265, 400, 265 + i * 265, 660),
@@ -1011,6 +1049,8 @@ def apply(
                      "video" if dialog.get("video") else "audio")]  # fmt: skip
         if action in ("cancel", "dialog"):
             ui["dialog"] = None
+            if dialog.get("what") == "photos" and arg == "allow":
+                ui["media_allowed"] = True
             return [("dialog", arg)]
         return []
     call = ui.get("call")
@@ -1034,6 +1074,8 @@ def apply(
         ui["screen"] = "profile"
     elif action == "attach" and screen == "conversation":
         ui.update(screen="attach", selected=False)
+    elif action == "ask_media":
+        ui["dialog"] = {"kind": "permission", "what": "photos"}
     elif action == "gallery" and screen == "attach":
         ui["screen"] = "gallery"
     elif action == "media_item":

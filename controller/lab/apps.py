@@ -724,6 +724,8 @@ class Manager:
         self.ui: dict[str, dict[str, Any]] = {
             p: ui.cold_start(saved.get(p) or {}) for p in ui.MESSENGERS
         }
+        if SIGNAL not in saved and self.opt.interruption_rate > 0:
+            self.ui[SIGNAL]["media_allowed"] = False  # a fresh phone: Signal asks for photos
         self.relay = Relay(self.opt.relay, self.opt.owner)
         seed = self.opt.seed if self.opt.seed is not None else zlib.crc32(self.serial.encode())
         self.rng = random.Random(seed)
@@ -886,7 +888,11 @@ class Manager:
         state = self.ui[package]
         if rate <= 0 or state.get("dialog") or self.rng.random() >= rate:
             return
-        state["dialog"] = {"kind": self.rng.choice(("permission", "permission", "rating"))}
+        what = self.rng.choice(ui.INTERRUPTIONS)
+        if what in ("notifications", "microphone"):
+            state["dialog"] = {"kind": "permission", "what": what}
+        else:
+            state["dialog"] = {"kind": what}
 
     # ---- actions
 
@@ -1039,8 +1045,11 @@ class Manager:
             if not action:
                 return
             dismissing = bool(u.get("dialog"))
+            before = u.get("screen")
             text = ui.typed_text(u, self.view(fg, state))
             self.do(fg, ui.apply(u, fg, action, arg, text), state)
+            if u.get("screen") in ui.AUTOFOCUS and u.get("screen") != before:
+                self.focus_search(fg, state)
             if not dismissing and action not in ("noop", "focus"):
                 self.maybe_interrupt(fg)
         elif kind == "text" and args:
@@ -1056,6 +1065,22 @@ class Manager:
                 text = ui.typed_text(u, self.view(fg, state))
                 if text and not u.get("dialog") and not u.get("call"):
                     self.send_text(fg, text, state)
+
+    def focus_search(self, package: str, state: dict[str, Any]) -> None:
+        """A search screen opens with its field focused (the keyboard up): typing goes there."""
+        for root, _pkg in self.windows(package, state)[:1]:
+            for node in root.walk():
+                if "EditText" in node.cls:
+                    x1, y1, x2, y2 = node.bounds
+                    rid = node.rid if ":" in node.rid else f"{package}:id/{node.rid}"
+                    field_ = {"resource_id": rid if node.rid else "", "text": "",
+                              "bounds": f"[{x1},{y1}][{x2},{y2}]"}  # fmt: skip
+
+                    def focus(s: dict[str, Any], f: dict[str, Any] = field_) -> None:
+                        s.setdefault("text_fields", {})[package] = f
+
+                    rt.update_state(self.state_dir, focus)
+                    return
 
     def to_background(self, package: str) -> None:
         def leave(s: dict[str, Any]) -> None:

@@ -400,12 +400,19 @@ def skip_reason() -> str | None:
     return None
 
 
-OWNERS = ("Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan")
-OUTSIDE_CONTACT = "Zoe"  # in every phone's contacts, not a lab phone: her phone never answers
+LAB_APP_VERSIONS = {
+    "org.thoughtcrime.securesms": (1413, "7.8.1"),
+    "org.telegram.messenger": (61201, "12.0.1"),
+    "com.whatsapp": (260270001, "2.26.2.70"),
+}
+OWNERS = ("Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy")
+# In every phone's contacts but not a lab phone (her phone never answers): the scenarios'
+# default contact, so a solo session reaches a conversation on every lab phone.
+OUTSIDE_CONTACT = "Alice"
 
 
 def phone_owner(index: int) -> str:
-    """Phone N's owner: Alice, Bob, ... (what the other phones' messengers call it)."""
+    """Phone N's owner: Bob, Carol, ... (what the other phones' messengers call it)."""
     return OWNERS[(index - 1) % len(OWNERS)]
 
 
@@ -425,9 +432,17 @@ def lab_phone_config(index: int) -> PhoneConfig:
         "ro.flowtruth.lab": "1",
         "ro.flowtruth.lab.owner": phone_owner(index),
     }
+    # the simulated messengers imitate these versions' screens (controller.lab.app_ui)
+    packages = dict(base.packages)
+    for name, (code, version) in LAB_APP_VERSIONS.items():
+        if name in packages:
+            packages[name] = packages[name].model_copy(
+                update={"version_code": code, "version_name": version}
+            )
     return base.model_copy(
-        update={"abi": "x86_64", "serial": serial, "extra_props": {**base.extra_props, **abi}}
-    )
+        update={"abi": "x86_64", "serial": serial, "extra_props": {**base.extra_props, **abi},
+                "packages": packages}
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the lab
