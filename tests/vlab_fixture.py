@@ -301,6 +301,9 @@ def private_lab(tmp_path: Path, phones: int, mgmt_base: int) -> Any:
         env = dict(os.environ, HOME=str(home), ANDROID_USER_HOME=str(home / ".android"),
                    TMPDIR=str(home), FLOWTRUTH_LAB_STATE_DIR=str(tmp_path / "state"),
                    COLUMNS="200")
+        # the real lab runs the shipped scenarios, not the static test lab's (a module's
+        # vlab fixture may still have FLOWTRUTH_SCENARIO_DIR set)
+        env.pop("FLOWTRUTH_SCENARIO_DIR", None)
         pl = PrivateLab(None, free_port(), env)
         pl.adb("start-server")
         try:
