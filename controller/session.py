@@ -29,6 +29,16 @@ API (what the CLI, the TUI and the demo call)::
     res = run_session(SessionSpec(serial, "signal", "chat"), AdbDeviceLink(client, serial),
                       env, sink, cancel)                         # -> SessionResult
     res = run_plan(load_plan("PLAN.yaml"), env, sink, cancel, resume=False)  # -> PlanResult
+    res = run_session(SessionSpec(serial, "signal", "audio_call", role="caller", peer="phone2",
+                                  params={"contact": "Bob"}), link, env, sink, cancel,
+                      pair=PairSync(("phone1", "phone2")).link("phone1", "signal_audio_call_r1"))
+
+A paired session (``role`` caller/callee, ``peer``) meets its peer's at barriers
+(:mod:`controller.pairing`: before Preflight, before the scenario, before its first
+action, after it); a peer that fails or does not come fails it with the reason. Its
+manifest's ``scenario`` is the runner's report: ``{verified, role, peer, app_version,
+locale, steps, reason?}``; a session that fails before verifying has ``verified: false``
+and the reason.
 
 Tracers (``SessionSpec.tracer``): ``strace`` runs ``strace_launcher.sh`` on the phone;
 ``frida`` runs :class:`device_scripts.frida_loader.FridaPackageTracer` here, on the

@@ -230,3 +230,36 @@ def test_role_goes_into_bf_sublabel_of_the_apps_flows_in_the_2022_layout(tmp_pat
     for role in ("solo", None):  # unpaired sessions: as before
         assert sublabels(role)["40001"]["BF_sublabel"] == f"{pkg}:remote"
     assert "BF_sublabel" not in sublabels("caller", "mirage2019")["40001"]
+
+
+def test_resume_reruns_a_pair_unless_both_sides_completed(tmp_path: Path) -> None:
+    import json
+
+    from controller import events as ev
+    from controller.errors import DeviceError
+    from controller.plan import run_plan
+    from controller.session import Environment
+
+    plan = load_plan(write_plan(tmp_path, devices=[
+        {"serial": "A1", "contact_name": "Alice"},
+        {"serial": "A2", "peer": "A1", "contact_name": "Bob"}],
+        apps=["signal"], activities=["chat"]))
+    runs = tmp_path / "runs"
+
+    def done(key: str) -> None:
+        d = runs / f"20260101T000000Z_{key}"
+        d.mkdir(parents=True)
+        (d / "manifest.json").write_text(json.dumps({"session_id": key,
+                                                     "outcome": "completed"}))
+
+    def links(serial: str) -> object:
+        raise DeviceError(f"{serial}: device offline")
+
+    done("A1_signal_chat_r1")
+    res = run_plan(plan, Environment(runs_root=runs), ev.null_sink, links=links, resume=True)
+    assert res.skipped == []  # A2's session failed before: both run again, together
+    assert sorted(r.session_id for r in res.results) == ["A1_signal_chat_r1",
+                                                          "A2_signal_chat_r1"]
+    done("A2_signal_chat_r1")
+    res = run_plan(plan, Environment(runs_root=runs), ev.null_sink, links=links, resume=True)
+    assert sorted(res.skipped) == ["A1_signal_chat_r1", "A2_signal_chat_r1"] and not res.results
