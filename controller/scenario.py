@@ -1447,8 +1447,9 @@ class ScenarioRunner:
                 continue
             unknown = 0
             src = cur
-            if cur == target:  # the right screen with the wrong chat: leave it
-                parent = self.sc.screens[target].parent
+            if cur == target or not self._context_ok(cur, nodes):
+                # the right screen with the wrong chat, or a way through the wrong chat: leave it
+                parent = self.sc.screens[cur].parent
                 if parent is None:
                     self._relaunch(force=True)
                     way.append("relaunch")
