@@ -482,7 +482,7 @@ class Step:
         if isinstance(a, View):
             return f"view {a.uri}"
         if isinstance(a, (Sent, Received)):
-            return f"{self.kind} {a.text!r}"
+            return f"{self.kind} {a.text!r}" if a.text else f"{self.kind} (the newest message)"
         return self.kind
 
 
