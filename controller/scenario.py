@@ -482,7 +482,7 @@ class Step:
         if isinstance(a, View):
             return f"view {a.uri}"
         if isinstance(a, (Sent, Received)):
-            return f"{self.kind} {a.text!r}"
+            return f"{self.kind} {a.text!r}" if a.text else f"{self.kind} (the newest message)"
         return self.kind
 
 
@@ -1033,7 +1033,13 @@ _SYSTEM_INTERRUPTIONS: tuple[Interruption, ...] = tuple(Interruption.model_valid
      "tap": {"id": "dialog_positive", "package": "com.android.settings"}},
     {"name": "not-now dialog", "when": [{"text": "@not_now", "class_name": "~Button|TextView"}],
      "tap": {"text": "@not_now", "class_name": "~Button|TextView"}},
+    {"name": "what's-new dialog",
+     "when": [{"id": "dialog_title"}, {"id": "dialog_positive", "text": "@got_it"}],
+     "tap": {"id": "dialog_positive", "text": "@got_it"}},
 ))
+MAX_DISMISSALS = 4
+"""How often one kind of interruption is tapped away before the runner stops treating it as
+one (a dialog that does not go away is a screen the scenario must know)."""
 
 
 # --------------------------------------------------------------------------- runner
@@ -1086,6 +1092,7 @@ class ScenarioRunner:
         self.last_xml: str = ""
         self.last_screen: str | None = None
         self.interruptions: list[str] = []
+        self._dismissed: dict[str, int] = {}
         self._resolver: Resolver | None = None
         self._state: str = "not run"
         self._reason: str | None = None
@@ -1227,6 +1234,8 @@ class ScenarioRunner:
     def _dismiss(self, nodes: list[Node]) -> str | None:
         """Tap away one known interruption on screen; its name, or None."""
         for it in (*self.sc.interruptions, *_SYSTEM_INTERRUPTIONS):
+            if self._dismissed.get(it.name, 0) >= MAX_DISMISSALS:
+                continue
             try:
                 if not all(self.resolver.find(nodes, w) for w in it.when):
                     continue
@@ -1238,6 +1247,7 @@ class ScenarioRunner:
             x, y = n.center
             self._sh(f"input tap {x} {y}", f"dismiss {it.name}")
             self.interruptions.append(it.name)
+            self._dismissed[it.name] = self._dismissed.get(it.name, 0) + 1
             if self.on_event:
                 self.on_event(f"dismissed {it.name}")
             return it.name
@@ -1252,7 +1262,10 @@ class ScenarioRunner:
             if dismiss and self._dismiss(nodes):
                 self._sleep(self.retry_delay)
                 continue
-            return nodes, self.screen_name(nodes)
+            name = self.screen_name(nodes)
+            if name is not None:  # the app is back: interruptions may come again
+                self._dismissed.clear()
+            return nodes, name
         return None, None
 
     def _locate(self, sel: Selector, retries: int) -> Node | None:
@@ -1352,9 +1365,6 @@ class ScenarioRunner:
     def _where(self) -> str:
         return f"screen: {self.last_screen or 'unknown'}"
 
-    def _timeout(self, v: float | str) -> float:
-        return float(v) * max(self.wait_scale, 0.05)
-
     # -- screens -----------------------------------------------------------------------------
     def _context_ok(self, screen: str, nodes: list[Node]) -> bool:
         ctx = self.sc.screens[screen].context
@@ -1399,12 +1409,13 @@ class ScenarioRunner:
         deadline = time.monotonic() + timeout
         failed: set[int] = set()
         way: list[str] = []
-        unknown = relaunches = stuck = 0
+        unknown = relaunches = stuck = busy = 0
         edges = self._edges()
         last: tuple[str | None, str] | None = None
         while time.monotonic() < deadline and len(way) < 24:
             nodes, cur = self._observe()
             if nodes is None:
+                busy += 1
                 self._sleep(self.retry_delay)
                 continue
             if cur == target and self._context_ok(target, nodes):
@@ -1436,8 +1447,9 @@ class ScenarioRunner:
                 continue
             unknown = 0
             src = cur
-            if cur == target:  # the right screen with the wrong chat: leave it
-                parent = self.sc.screens[target].parent
+            if cur == target or not self._context_ok(cur, nodes):
+                # the right screen with the wrong chat, or a way through the wrong chat: leave it
+                parent = self.sc.screens[cur].parent
                 if parent is None:
                     self._relaunch(force=True)
                     way.append("relaunch")
@@ -1476,11 +1488,13 @@ class ScenarioRunner:
                 way.append(f"{cur}->{t} failed")
         raise ScenarioFailed(f"{self.link.serial}: cannot reach the {target} screen "
                              f"(last screen: {self.last_screen or 'unknown'}; tried: "
-                             f"{' > '.join(way[-8:]) or 'nothing'})",
+                             f"{' > '.join(way[-8:]) or 'nothing'}"
+                             + (f"; uiautomator found no idle screen {busy} times" if busy else "")
+                             + f"; {timeout:g} s)",
                              hint="look at the screen with `flowtruth scenario probe`")
 
     def _do_goto(self, a: Goto) -> str:
-        return self.goto(a.screen, self._timeout(a.timeout) if self.wait_scale < 1 else float(a.timeout))
+        return self.goto(a.screen, float(a.timeout))
 
     def _poll(self, what: str, timeout: float, check: Callable[[Screen, str | None], str | None],
               fail: Callable[[], str]) -> str:

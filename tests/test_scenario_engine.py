@@ -104,7 +104,8 @@ def test_signal_scenario_follows_the_real_layouts() -> None:
     wa = scenario_for("whatsapp")
     assert [s.args.screen for s in wa.steps("audio_call", role="caller") if s.kind == "goto"] == ["calls"]
     tg = scenario_for("telegram")
-    assert [s.args.screen for s in tg.steps("video_call", role="caller") if s.kind == "goto"] == ["profile"]
+    assert [s.args.screen for s in tg.steps("video_call", role="caller")
+            if s.kind == "goto"] == ["conversation", "profile"]
     assert tg.verify.hangup is not None and tg.verify.hangup.class_name == "android.widget.Button"
 
 
@@ -520,3 +521,11 @@ def test_session_preflight_warns_about_another_app_version(tmp_path: Path) -> No
     assert res.outcome == "completed", res.error
     w = [p for p in m["preflight"] if p["check"] == "app_version"]
     assert w and "verified on 2.26" in w[0]["message"]
+
+
+def test_goto_leaves_the_wrong_chat_on_the_way_to_a_screen_below_it() -> None:
+    fake = FakeWhatsApp(start="media_picker")
+    fake.chat = "Bob"  # a picker opened in Bob's chat must not send Alice's photo to Bob
+    r = run(fake, "media")
+    assert r.report()["verified"]
+    assert fake.chat == "Alice" and fake.messages[-1]["text"] == ""

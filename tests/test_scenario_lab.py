@@ -124,3 +124,11 @@ def test_a_call_nobody_answers_is_not_verified(lab_env: dict[str, str], tmp_path
     assert code == 1 and "Traceback" not in err
     assert "the call was not connected within 8 s" in err
     assert (tmp_path / "scenario_last_screen.xml").exists()
+
+
+@pytest.mark.parametrize("app", ["signal", "telegram", "whatsapp"])
+def test_media_through_picker_and_review_on_the_german_phone(lab_env: dict[str, str],
+                                                             app: str) -> None:
+    code, out, err = done(cli(lab_env, "try", "lab:phone2", app, "media", "--wait-scale", "0.1"))
+    assert code == 0 and out.strip().endswith("verified"), out + err
+    assert '"locale": "de-DE"' in out

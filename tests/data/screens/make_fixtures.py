@@ -90,7 +90,8 @@ def telegram(lang: str) -> dict[str, list[Node]]:
             n("android.widget.FrameLayout", desc=s["new_message"])])],
         "conversation": [n("android.widget.FrameLayout", kids=[
             back, header, n("android.widget.ImageButton", desc=s["call"]),
-            n("android.view.ViewGroup", f"hello from flowtruth abc123, {s['message_sent_state']}"),
+            n("android.view.ViewGroup", "hello from flowtruth abc123\n"
+              + ("Sent at 12:00, Unread" if lang == "en" else "Gesendet um 12:00, Ungelesen")),
             n("android.widget.EditText", "Message"),
             n("android.widget.ImageView", desc=s["attach_media"])])],
         "profile": [n("android.widget.FrameLayout", kids=[
