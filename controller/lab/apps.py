@@ -8,12 +8,22 @@ shims ``am``, ``input`` ...) and
 - starts one process per package that ``am start`` marked running, and the always-on
   background apps (``com.google.android.gms``, ``com.android.chrome``); stops a process
   on ``am force-stop``;
-- publishes each messenger's screens (uiautomator XML) in the state, so scenario steps
-  find the elements by resource-id, text or content-desc, and turns taps on them into
-  actions: send a chat message, upload media, start or end a voice or video call;
-  ``input text`` (or text ADBKeyBoard commits) is typing, sending empties the text
-  field, ``keyevent HOME`` sends the app to the background,
-  ``keyevent ENDCALL`` ends a call;
+- keeps each messenger's UI state (:mod:`controller.lab.app_ui`: the screens rebuilt from
+  the real apps' layouts, in the phone's language from ``persist.sys.locale``) across
+  sessions, publishes its screens (uiautomator XML) in the state and turns taps into
+  moves and actions: open a chat, send a message (pending -> sent once the server took
+  it -> delivered once the peer got it -> read), send a photo, place, answer, decline or
+  end a call; ``input text`` (or text ADBKeyBoard commits) is typing, ``keyevent BACK``
+  moves back (out of the app from its main screen), ``HOME`` sends the app to the
+  background, ``am start`` returns to the last screen (a cold start after
+  ``am force-stop`` to the main screen), ``keyevent ENDCALL`` ends a call;
+- signals calls and messages to the other lab phones through the lab's relay directory
+  (one inbox per phone owner): a call to another lab phone's owner rings that phone
+  (its app comes to the front with the incoming-call screen), call media flows on both
+  phones only once the callee answers, a hang-up on either side ends both, an unanswered
+  call gives up after the ring timeout ("No answer"); a call to anybody else only rings;
+- now and then (seeded, ``--interruptions`` per action) opens a permission prompt, a
+  "what's new" sheet or a rating dialog on top; no other tap works until it is dismissed;
 - writes each app's real pid into ``state.json`` so ``pidof`` reports it.
 
 Each app process has ``argv[0]`` = the package name (``pidof`` and the strace launcher
@@ -31,11 +41,8 @@ Every socket an app opens is recorded in the lab's truth file (JSON lines, one
 right after ``connect()`` -- never from strace or netstat.  Times are host clock
 (``time.time()``), the clock of the AP capture.
 
-The screens' resource ids follow the real apps where they are known (Signal's
-``embedded_text_editor``, ``send_button``, ``attach_button``; WhatsApp's ``entry``,
-``send``, ``input_attach_button``); the call buttons' ids and Telegram's (which has
-almost none: it builds its views in code, so scenarios should use content-desc) are
-assumptions.
+The screens' ids and strings are the real apps' (see :mod:`controller.lab.app_ui` and
+``controller/scenarios/selectors.yaml``).
 """
 
 from __future__ import annotations
