@@ -740,6 +740,7 @@ class Manager:
         self.later: list[tuple[float, str, str, str]] = []  # (due, package, contact, mid)
         self.published: dict[str, str] = {}
         self.saved_ui = ""
+        self.rendered_for: tuple[Any, ...] = ()
         self.foreground_seen: tuple[Any, Any] | None = None
         self.mid = 0
         self.lang = "en"
@@ -767,12 +768,18 @@ class Manager:
         """Publish every messenger's screen (and the UI states) when something changed."""
         props = state.get("props") or {}
         self.lang = ui.language(props.get("persist.sys.locale") or props.get("ro.product.locale"))
+        saved = json.dumps(self.ui, sort_keys=True)
+        timer = any((u.get("call") or {}).get("state") == "connected" for u in self.ui.values())
+        key = (saved, json.dumps(state.get("text_fields"), sort_keys=True), self.lang,
+               int(time.time()) if timer else 0)  # fmt: skip
+        if key == self.rendered_for:  # nothing a screen shows has changed
+            return
+        self.rendered_for = key
         changed = {}
         for package in ui.MESSENGERS:
             xml = ui.document(self.windows(package, state))
             if self.published.get(package) != xml:
                 changed[package] = xml
-        saved = json.dumps(self.ui, sort_keys=True)
         if not changed and saved == self.saved_ui:
             return
 
