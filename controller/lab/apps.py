@@ -245,6 +245,8 @@ class SimulatedApp:
         self.stop = threading.Event()
         self.call_stop = threading.Event()
         self.call_thread: threading.Thread | None = None
+        self.ice_stop = threading.Event()
+        self.ice_thread: threading.Thread | None = None
         self.chat: socket.socket | None = None
         self.chat_lock = threading.Lock()
         self.open: dict[int, tuple[socket.socket, dict[str, Any]]] = {}
@@ -450,6 +452,34 @@ class SimulatedApp:
         if mid:
             self.send_messages(1, mid)  # the message carrying the attachment's pointer
 
+    def ice(self) -> None:
+        """A call being set up: STUN bindings to the relay (candidate gathering, consent
+        checks) every 2 s while it rings -- no media until the callee answers."""
+        ep = self.profile.relay
+        if ep is None:
+            return
+        try:
+            ip = self.resolve(ep.host)
+        except OSError:
+            return
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.connect((ip, ep.port))
+            self._opened(sock, "udp", ep.host, "ice")
+            sock.settimeout(0.5)
+            while not self.ice_stop.is_set() and not self.stop.is_set():
+                txid = os.urandom(12)
+                sock.send(struct.pack("!HHI", 0x0001, 0, STUN_MAGIC) + txid)
+                try:
+                    sock.recv(2048)
+                except (TimeoutError, OSError):
+                    pass
+                self.ice_stop.wait(2.0)
+        except OSError:
+            pass
+        finally:
+            self._close(sock)
+
     def call(self, video: bool) -> None:
         """A call over UDP: STUN binding to the relay, then RTP-like packets both ways."""
         ep = self.profile.relay
@@ -557,7 +587,14 @@ class SimulatedApp:
             total = int(words[1]) if len(words) > 1 else MEDIA_BYTES
             mid = words[2] if len(words) > 2 else ""
             threading.Thread(target=self.upload, args=(total, mid), daemon=True).start()
+        elif verb == "ice":
+            if self.ice_thread is not None and self.ice_thread.is_alive():
+                return
+            self.ice_stop.clear()
+            self.ice_thread = threading.Thread(target=self.ice, daemon=True)
+            self.ice_thread.start()
         elif verb == "call":
+            self.ice_stop.set()
             if self.call_thread is not None and self.call_thread.is_alive():
                 return
             self.call_stop.clear()
@@ -566,6 +603,7 @@ class SimulatedApp:
             self.call_thread.start()
         elif verb == "hangup":
             self.call_stop.set()
+            self.ice_stop.set()
         elif verb == "browse":
             threading.Thread(target=self.browse_once, daemon=True).start()
         elif verb == "quit":
@@ -987,6 +1025,7 @@ class Manager:
         u["dialog"] = None
         u["call_log"] = [c for c in u.get("call_log", []) if c != contact] + [contact]
         self.send(package, "signal 2")
+        self.send(package, "ice")
         if not self.relay.post(contact, {"kind": "call", "app": package, "id": call_id,
                                          "video": kind == "video"}):  # fmt: skip
             u["call"]["ring_at"] = time.monotonic() + 1.0  # somebody's phone rings, unanswered
@@ -1007,8 +1046,7 @@ class Manager:
         call = u.get("call")
         if not call or call.get("state") == "ended":
             return
-        if call.get("state") == "connected":
-            self.send(package, "hangup")
+        self.send(package, "hangup")  # media, or the set-up's STUN checks
         self.send(package, "signal 1")
         if notify:
             self.relay.post(str(call.get("peer")), {"kind": "hangup", "app": package,
