@@ -283,3 +283,30 @@ def test_call_screens_per_state() -> None:
     ns = nodes(state(call={"state": "incoming", "peer": "Bob"}), ui.SIGNAL, "de")
     assert find(ns, rid=f"{ui.SIGNAL}:id/call_screen_answer_call", desc="Annehmen") is not None
     assert find(ns, rid=f"{ui.SIGNAL}:id/call_screen_end_call") is None
+
+
+def test_lab_up_locale_options_and_bad_input() -> None:
+    import subprocess
+    import sys
+
+    from controller.commands.lab import phone_options
+    from controller.errors import ConfigError
+
+    assert phone_options(3, ["phone2=de-DE"], None) == {2: {"locale": "de-DE"}}
+    assert phone_options(2, ["de-DE"], 0.0) == {
+        1: {"interruption_rate": 0.0, "locale": "de-DE"},
+        2: {"interruption_rate": 0.0, "locale": "de-DE"},
+    }
+    for bad in ("phone3=de-DE", "phone2=German", "tablet=de-DE"):
+        with pytest.raises(ConfigError):
+            phone_options(2, [bad], None)
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run(
+        [sys.executable, "-m", "controller.cli", "lab", "up", "-n", "2", "--locale", "phone7=de-DE"],
+        capture_output=True, text=True, cwd=root, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 2
+    assert (
+        res.stderr.strip().splitlines()[-1].startswith("flowtruth: error: --locale 'phone7=de-DE'")
+    )
+    assert "Traceback" not in res.stderr

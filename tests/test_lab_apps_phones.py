@@ -208,7 +208,12 @@ def test_unanswered_call_rings_out_without_media(two_phones) -> None:  # type: i
     p1.wait_for(resource_id="com.whatsapp:id/end_call_button", content_desc="Leave call")
     p1.wait_for(resource_id="com.whatsapp:id/call_status", text="Ringing")
     p1.wait_for(resource_id="com.whatsapp:id/call_status", text="Not answered", timeout=RING_S + 5)
-    assert calls(lab, p1.lab, t0) == []
+    assert calls(lab, p1.lab, t0) == []  # no call media: only the set-up's STUN checks
+    ice = [t for t in read_truth(lab.truth_path) if t.phone == p1.lab.config.serial
+           and t.role == "ice" and t.start >= t0]  # fmt: skip
+    assert len(ice) == 1 and ice[0].app == WHATSAPP and ice[0].proto == "udp"
+    eventually(lambda: all(t.end is not None for t in read_truth(lab.truth_path)
+                           if t.role == "ice" and t.start >= t0))  # fmt: skip
     p1.wait_for(resource_id="com.whatsapp:id/search_view_edit_text", timeout=8)
 
 

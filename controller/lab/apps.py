@@ -8,12 +8,22 @@ shims ``am``, ``input`` ...) and
 - starts one process per package that ``am start`` marked running, and the always-on
   background apps (``com.google.android.gms``, ``com.android.chrome``); stops a process
   on ``am force-stop``;
-- publishes each messenger's screens (uiautomator XML) in the state, so scenario steps
-  find the elements by resource-id, text or content-desc, and turns taps on them into
-  actions: send a chat message, upload media, start or end a voice or video call;
-  ``input text`` (or text ADBKeyBoard commits) is typing, sending empties the text
-  field, ``keyevent HOME`` sends the app to the background,
-  ``keyevent ENDCALL`` ends a call;
+- keeps each messenger's UI state (:mod:`controller.lab.app_ui`: the screens rebuilt from
+  the real apps' layouts, in the phone's language from ``persist.sys.locale``) across
+  sessions, publishes its screens (uiautomator XML) in the state and turns taps into
+  moves and actions: open a chat, send a message (pending -> sent once the server took
+  it -> delivered once the peer got it -> read), send a photo, place, answer, decline or
+  end a call; ``input text`` (or text ADBKeyBoard commits) is typing, ``keyevent BACK``
+  moves back (out of the app from its main screen), ``HOME`` sends the app to the
+  background, ``am start`` returns to the last screen (a cold start after
+  ``am force-stop`` to the main screen), ``keyevent ENDCALL`` ends a call;
+- signals calls and messages to the other lab phones through the lab's relay directory
+  (one inbox per phone owner): a call to another lab phone's owner rings that phone
+  (its app comes to the front with the incoming-call screen), call media flows on both
+  phones only once the callee answers, a hang-up on either side ends both, an unanswered
+  call gives up after the ring timeout ("No answer"); a call to anybody else only rings;
+- now and then (seeded, ``--interruptions`` per action) opens a permission prompt, a
+  "what's new" sheet or a rating dialog on top; no other tap works until it is dismissed;
 - writes each app's real pid into ``state.json`` so ``pidof`` reports it.
 
 Each app process has ``argv[0]`` = the package name (``pidof`` and the strace launcher
@@ -31,11 +41,8 @@ Every socket an app opens is recorded in the lab's truth file (JSON lines, one
 right after ``connect()`` -- never from strace or netstat.  Times are host clock
 (``time.time()``), the clock of the AP capture.
 
-The screens' resource ids follow the real apps where they are known (Signal's
-``embedded_text_editor``, ``send_button``, ``attach_button``; WhatsApp's ``entry``,
-``send``, ``input_attach_button``); the call buttons' ids and Telegram's (which has
-almost none: it builds its views in code, so scenarios should use content-desc) are
-assumptions.
+The screens' ids and strings are the real apps' (see :mod:`controller.lab.app_ui` and
+``controller/scenarios/selectors.yaml``).
 """
 
 from __future__ import annotations
@@ -238,6 +245,8 @@ class SimulatedApp:
         self.stop = threading.Event()
         self.call_stop = threading.Event()
         self.call_thread: threading.Thread | None = None
+        self.ice_stop = threading.Event()
+        self.ice_thread: threading.Thread | None = None
         self.chat: socket.socket | None = None
         self.chat_lock = threading.Lock()
         self.open: dict[int, tuple[socket.socket, dict[str, Any]]] = {}
@@ -443,6 +452,34 @@ class SimulatedApp:
         if mid:
             self.send_messages(1, mid)  # the message carrying the attachment's pointer
 
+    def ice(self) -> None:
+        """A call being set up: STUN bindings to the relay (candidate gathering, consent
+        checks) every 2 s while it rings -- no media until the callee answers."""
+        ep = self.profile.relay
+        if ep is None:
+            return
+        try:
+            ip = self.resolve(ep.host)
+        except OSError:
+            return
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.connect((ip, ep.port))
+            self._opened(sock, "udp", ep.host, "ice")
+            sock.settimeout(0.5)
+            while not self.ice_stop.is_set() and not self.stop.is_set():
+                txid = os.urandom(12)
+                sock.send(struct.pack("!HHI", 0x0001, 0, STUN_MAGIC) + txid)
+                try:
+                    sock.recv(2048)
+                except (TimeoutError, OSError):
+                    pass
+                self.ice_stop.wait(2.0)
+        except OSError:
+            pass
+        finally:
+            self._close(sock)
+
     def call(self, video: bool) -> None:
         """A call over UDP: STUN binding to the relay, then RTP-like packets both ways."""
         ep = self.profile.relay
@@ -550,7 +587,14 @@ class SimulatedApp:
             total = int(words[1]) if len(words) > 1 else MEDIA_BYTES
             mid = words[2] if len(words) > 2 else ""
             threading.Thread(target=self.upload, args=(total, mid), daemon=True).start()
+        elif verb == "ice":
+            if self.ice_thread is not None and self.ice_thread.is_alive():
+                return
+            self.ice_stop.clear()
+            self.ice_thread = threading.Thread(target=self.ice, daemon=True)
+            self.ice_thread.start()
         elif verb == "call":
+            self.ice_stop.set()
             if self.call_thread is not None and self.call_thread.is_alive():
                 return
             self.call_stop.clear()
@@ -559,6 +603,7 @@ class SimulatedApp:
             self.call_thread.start()
         elif verb == "hangup":
             self.call_stop.set()
+            self.ice_stop.set()
         elif verb == "browse":
             threading.Thread(target=self.browse_once, daemon=True).start()
         elif verb == "quit":
@@ -733,6 +778,7 @@ class Manager:
         self.later: list[tuple[float, str, str, str]] = []  # (due, package, contact, mid)
         self.published: dict[str, str] = {}
         self.saved_ui = ""
+        self.rendered_for: tuple[Any, ...] = ()
         self.foreground_seen: tuple[Any, Any] | None = None
         self.mid = 0
         self.lang = "en"
@@ -760,12 +806,18 @@ class Manager:
         """Publish every messenger's screen (and the UI states) when something changed."""
         props = state.get("props") or {}
         self.lang = ui.language(props.get("persist.sys.locale") or props.get("ro.product.locale"))
+        saved = json.dumps(self.ui, sort_keys=True)
+        timer = any((u.get("call") or {}).get("state") == "connected" for u in self.ui.values())
+        key = (saved, json.dumps(state.get("text_fields"), sort_keys=True), self.lang,
+               int(time.time()) if timer else 0)  # fmt: skip
+        if key == self.rendered_for:  # nothing a screen shows has changed
+            return
+        self.rendered_for = key
         changed = {}
         for package in ui.MESSENGERS:
             xml = ui.document(self.windows(package, state))
             if self.published.get(package) != xml:
                 changed[package] = xml
-        saved = json.dumps(self.ui, sort_keys=True)
         if not changed and saved == self.saved_ui:
             return
 
@@ -973,6 +1025,7 @@ class Manager:
         u["dialog"] = None
         u["call_log"] = [c for c in u.get("call_log", []) if c != contact] + [contact]
         self.send(package, "signal 2")
+        self.send(package, "ice")
         if not self.relay.post(contact, {"kind": "call", "app": package, "id": call_id,
                                          "video": kind == "video"}):  # fmt: skip
             u["call"]["ring_at"] = time.monotonic() + 1.0  # somebody's phone rings, unanswered
@@ -993,8 +1046,7 @@ class Manager:
         call = u.get("call")
         if not call or call.get("state") == "ended":
             return
-        if call.get("state") == "connected":
-            self.send(package, "hangup")
+        self.send(package, "hangup")  # media, or the set-up's STUN checks
         self.send(package, "signal 1")
         if notify:
             self.relay.post(str(call.get("peer")), {"kind": "hangup", "app": package,

@@ -856,7 +856,8 @@ class Lab:
                 running, fg = {}, None
             phones.append({"name": p.name, "serial": p.serial, "model": p.config.model,
                            "ip": p.ip, "netns": p.netns, "adb": adb.get(p.serial, "offline"),
-                           "running": running, "foreground": fg})  # fmt: skip
+                           "running": running, "foreground": fg, "owner": p.owner,
+                           "contacts": p.contacts, "locale": p.config.locale})  # fmt: skip
         capture = None
         if self.state.ap is not None:
             from ap_setup.lifecycle import ap_status  # noqa: F401  (status from the state file)
