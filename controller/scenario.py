@@ -728,8 +728,6 @@ def load_scenario(path: str | Path, table: Table | None = None) -> Scenario:
         raise ConfigError(f"{p}: not valid YAML: {str(err).splitlines()[0][:120]}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML: {err}".splitlines()[0]) from None
-    except (UnicodeDecodeError, RecursionError) as err:
-        raise ConfigError(f"{p}: not a readable YAML text file: {type(err).__name__}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: a scenario must be a mapping (app, package, activities)")
     try:
