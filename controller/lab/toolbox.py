@@ -205,6 +205,8 @@ class PhoneConfig(BaseModel):
             "wifi.interface": "wlan0",
         }
         props.update(self.extra_props)
+        # the phone's language is the lab's setting (the apps' texts follow it), not the dump's
+        props["persist.sys.locale"] = self.locale
         return props
 
     def banner(self, features: list[str]) -> str:
