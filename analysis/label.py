@@ -272,6 +272,7 @@ def label_capture(
     device_model: str | None = None,
     device_mac: str | None = None,
     activity: str | None = None,
+    role: str | None = None,
     date: str | _dt.date | None = None,
     flow_options: FlowOptions | None = None,
     tolerance: float = 1.0,
@@ -281,7 +282,8 @@ def label_capture(
 
     ``strace`` maps a package to its log files or launcher directories; ``targets``
     (default: those packages) are the apps whose flows ``filtered.pcap`` keeps.
-    ``clock_offset`` is phone minus AP seconds.
+    ``clock_offset`` is phone minus AP seconds. ``role`` (a paired session's
+    ``caller``/``callee``) goes into ``BF_sublabel`` of the MIRAGE 2022 layout.
     """
     from analysis.correlate import correlate, flowkeys_from_table
     from analysis.quality import quality_report
@@ -359,13 +361,14 @@ def label_capture(
                          device_ips=ips)
     if out_dir is not None:
         write_outputs(result, pcaps, out_dir, fmt=fmt, device_model=device_model,
-                      device_mac=device_mac, activity=activity)
+                      device_mac=device_mac, activity=activity, role=role)
     return result
 
 
 def write_outputs(result: LabelResult, pcaps: Sequence[PathLike], out_dir: PathLike, *,
                   fmt: str = "mirage2019", device_model: str | None = None,
-                  device_mac: str | None = None, activity: str | None = None) -> None:
+                  device_mac: str | None = None, activity: str | None = None,
+                  role: str | None = None) -> None:
     """MIRAGE JSON, filtered.pcap, labelled.pcapng, labels.csv and quality.json, written
     as one set: into a directory beside ``out_dir`` that then takes its place atomically
     (:func:`analysis.atomic.atomic_dir`), so ``out_dir`` holds the complete old set or the
@@ -384,7 +387,7 @@ def write_outputs(result: LabelResult, pcaps: Sequence[PathLike], out_dir: PathL
     with atomic_dir(out) as tmp:
         mirage = write_mirage_dir(
             table, tmp, package, device_model or "flowtruth",
-            device_mac or "00:00:00:00:00:00", epoch, fmt, activity=activity)
+            device_mac or "00:00:00:00:00:00", epoch, fmt, activity=activity, role=role)
         result.outputs["mirage"] = [out / p.relative_to(tmp) for p in mirage]
         keep = target_mask(table, result.targets)
         fst = write_filtered_pcap(pcaps, table, keep, tmp / "filtered.pcap")
@@ -469,6 +472,7 @@ def label_run(
         device_model=m.device.model,
         device_mac=m.device.mac,
         activity=m.activity,
+        role=m.scenario.role if m.scenario is not None else None,
         date=started.astimezone(_dt.UTC).date() if started is not None else None,
         flow_options=flow_options,
     )

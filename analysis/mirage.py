@@ -117,7 +117,8 @@ def _series_index(table: FlowTable, limit: int | None) -> tuple[np.ndarray, np.n
 
 
 def _records(table: FlowTable, layout: str, payload: bool, device: str | None,
-             activity: str | None) -> list[dict[str, Any]]:
+             activity: str | None, role: tuple[str, str] | None = None
+             ) -> list[dict[str, Any]]:
     """The MIRAGE record of every flow, in table order."""
     _check_layout(layout)
     n = len(table)
@@ -187,6 +188,10 @@ def _records(table: FlowTable, layout: str, payload: bool, device: str | None,
         meta["BF_sublabel"] = (list(meta["BF_label"]) if sub is None else
                                [b if s is None else s for s, b in
                                 zip(sub.tolist(), meta["BF_label"], strict=True)])
+        if role is not None:  # the session's role on its app's flows: "<sublabel>:<role>"
+            pkg, r = role
+            meta["BF_sublabel"] = [f"{s}:{r}" if b == pkg else s for s, b in
+                                   zip(meta["BF_sublabel"], meta["BF_label"], strict=True)]
         meta["BF_label_version_code"] = [None] * n
         meta["BF_label_version_name"] = [None] * n
         for p, pre in (("UF", "uf"), ("DF", "df")):
@@ -215,10 +220,12 @@ def _records(table: FlowTable, layout: str, payload: bool, device: str | None,
 
 
 def to_mirage_parts(table: FlowTable, layout: str = "mirage2019", payload: bool = False,
-                    device: str | None = None, activity: str | None = None
-                    ) -> list[dict[str, Any]]:
+                    device: str | None = None, activity: str | None = None,
+                    role: tuple[str, str] | None = None) -> list[dict[str, Any]]:
     """MIRAGE objects for one capture: part 0 holds every flow's first occurrence of a
-    key, part k the k-th repeat of a 5-tuple (see the module docstring)."""
+    key, part k the k-th repeat of a 5-tuple (see the module docstring). ``role``
+    (package, role) appends ``:<role>`` to ``BF_sublabel`` (2022 layout) of the flows
+    labelled with that package (see :func:`write_mirage_dir`)."""
     keys = flow_keys(table)
     rank = duplicate_rank(keys, table.flows["first_ts_ns"]).tolist()
     # Millions of small lists and dicts, none of them cyclic: the cyclic collector
@@ -226,7 +233,7 @@ def to_mirage_parts(table: FlowTable, layout: str = "mirage2019", payload: bool 
     enabled = gc.isenabled()
     gc.disable()
     try:
-        recs = _records(table, layout, payload, device, activity)
+        recs = _records(table, layout, payload, device, activity, role)
     finally:
         if enabled:
             gc.enable()
@@ -294,16 +301,21 @@ def mirage_file_name(capture_epoch: int, package: str, layout: str = "mirage2019
 def write_mirage_dir(table: FlowTable, out_dir: str | os.PathLike[str], package: str,
                      device_model: str, device_mac: str, capture_epoch: int,
                      layout: str = "mirage2019", payload: bool = False,
-                     activity: str | None = None) -> list[Path]:
+                     activity: str | None = None, role: str | None = None) -> list[Path]:
     """Write one capture as ``<out_dir>/<Model>_<mac>/<epoch>_<package>_...json``.
 
     Returns the files written: the capture's file, then any ``_dup<k>`` siblings.
     ``BF_device`` (2022 layout) defaults to ``device_mac`` written ``aa:bb:cc:dd:ee:ff``.
+    ``role`` (a paired session's ``caller``/``callee``; ``solo`` or None: nothing) goes
+    into ``BF_sublabel`` of the flows labelled ``package`` as its last ``:`` part,
+    ``<package>[:<process>]:<role>``: tcbench still takes the package as the part before
+    the first ``:``, and ``BF_activity`` keeps the activity.
     """
     folder = Path(out_dir) / device_folder(device_model, device_mac)
     names = [mirage_file_name(capture_epoch, package, layout)]  # validates first
     parts = to_mirage_parts(table, layout, payload, device=":".join(_mac_octets(device_mac)),
-                            activity=activity)
+                            activity=activity,
+                            role=(package, role) if role and role != "solo" else None)
     written = []
     for k, part in enumerate(parts):
         name = names[0] if k == 0 else mirage_file_name(capture_epoch, package, layout, k)

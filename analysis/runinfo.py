@@ -20,6 +20,8 @@ labelling, e.g. tool versions and artifact checksums)::
       "apps": [{"package": "org.thoughtcrime.securesms", "uid": 10123,
                 "version": "7.1.2"}],
       "activity": "chat",                      # or null
+      "scenario": {"role": "caller",           # solo | caller | callee (optional)
+                   "peer": "phone2"},          # the paired phone (or null)
       "clock": {"offset_s": 0.0123,            # phone minus AP, seconds
                 "uncertainty_s": 0.002},       # or null
       "capture": {"files": ["capture.pcap"],   # in capture order (rotation)
@@ -112,6 +114,12 @@ class TraceFiles(_Model):
     """``pm list packages -U`` output (the uid map)."""
 
 
+class ScenarioInfo(_Model):
+    role: str | None = None
+    """``solo``, or in a pair ``caller``/``callee`` (MIRAGE 2022's ``BF_sublabel``)."""
+    peer: str | None = None
+
+
 class RunManifest(_Model):
     """The manifest fields labelling needs (see the module docstring)."""
 
@@ -119,6 +127,7 @@ class RunManifest(_Model):
     device: DeviceInfo = Field(default_factory=DeviceInfo)
     apps: list[AppInfo] = Field(default_factory=list)
     activity: str | None = None
+    scenario: ScenarioInfo | None = None
     clock: ClockInfo = Field(default_factory=ClockInfo)
     capture: CaptureInfo
     traces: TraceFiles = Field(default_factory=TraceFiles)

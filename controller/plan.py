@@ -7,7 +7,8 @@
     apps: [signal, telegram, whatsapp]
     activities: [chat, idle]
     repetitions: 2
-    parallelism: 2              # phones at once (sessions on one phone run in order)
+    parallelism: 2              # phones at once (sessions on one phone run in order;
+                                # a pair's two phones take one slot)
     output: runs                # relative to the plan file
     tracer: strace              # strace | frida | both | none
     params: {contact: Alice}
@@ -24,6 +25,19 @@
       mtu: 1500                 # the AP link's MTU: the capture QA flags larger frames
       bpf: null                 # a further BPF filter, e.g. "not port 22"
     adb: {host: 127.0.0.1, port: 5037}
+
+Two phones can be paired: their sessions run in lockstep (the same app and activity at
+the same time, meeting before each session and before its scenario; a side whose peer
+fails or does not come within ``pair_timeout`` seconds fails naming the peer). The first
+of a pair is the ``caller`` (places calls, starts chats), the other the ``callee``
+(answers, replies); each side's ``{contact}`` is its peer's ``contact_name`` (a lab
+phone's default: its owner's name)::
+
+    devices:
+      - {serial: R5CR10ABCDE, name: alice, contact_name: "Alice Rossi"}
+      - {serial: "192.168.77.12:5555", name: bob, contact_name: "Bob"}
+    pairs: [[alice, bob]]       # or `peer: bob` on alice's entry
+    pair_timeout: 300
 
 ``capture`` takes every setting of ap_setup's :class:`~ap_setup.config.CaptureConfig`
 (also ``buffer_mb``, ``immediate``, ``nano`` and the device filter ``macs``/``ips``) plus
@@ -42,6 +56,7 @@ flagged check is a warning.
 from __future__ import annotations
 
 import json
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -59,6 +74,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from analysis.atomic import atomic_write
@@ -67,6 +83,7 @@ from ap_setup.config import CaptureConfig
 from controller import events as ev
 from controller.device import FRIDA_SERVER, DeviceLink, sha256_file
 from controller.errors import ConfigError, ControllerError
+from controller.pairing import PairLink, PairSync
 from controller.scenario import APPS
 from controller.session import (
     Environment,
@@ -98,6 +115,21 @@ class DeviceEntry(_M):
     """Short name for run directories."""
     ip: str | None = None
     """The phone's address at the AP (default: read from the phone)."""
+    peer: str | None = None
+    """The device of this plan this phone is paired with (as in ``pairs``; naming it on
+    one of the two entries is enough). The one listed first under ``devices`` calls."""
+    contact_name: str | None = Field(default=None, min_length=1)
+    """How this phone appears in its peer's contacts: the peer's ``{contact}``. Lab
+    phones default to their owner's name; a paired real phone needs it."""
+
+    @property
+    def label(self) -> str:
+        """The device's short name (run directories, ``peer`` in manifests)."""
+        return self.name or self.serial.replace("lab:", "")
+
+    def names(self) -> set[str]:
+        """The names ``pairs``/``peer`` may use for this device."""
+        return {n for n in (self.name, self.serial, self.serial.removeprefix("lab:")) if n}
 
 
 def frida_server_path(value: str) -> str:
@@ -182,6 +214,15 @@ class Plan(_M):
     label: LabelOptions = Field(default_factory=LabelOptions)
     adb: AdbOptions = Field(default_factory=AdbOptions)
 
+    pairs: list[list[str]] = Field(default_factory=list)
+    """Paired phones ``[[caller, callee], ...]`` by device name (``name``, serial, or a
+    lab phone's name): their sessions run in lockstep (same app and activity at the same
+    time); the first of a pair places calls and starts chats, the other answers and
+    replies. ``peer:`` on a device entry says the same."""
+    pair_timeout: float = Field(default=300.0, gt=0)
+    """Seconds a paired session waits for its peer (before the session and before the
+    scenario) before it fails, naming the peer."""
+
     only_keys: list[str] | None = None
     """Run only the sessions with these keys (``<device>_<app>_<activity>_r<N>``)."""
 
@@ -192,6 +233,59 @@ class Plan(_M):
     def _entries(cls, v: list[DeviceEntry | str]) -> list[DeviceEntry | str]:
         return [DeviceEntry(serial=d) if isinstance(d, str) else d for d in v]
 
+    @field_validator("pairs")
+    @classmethod
+    def _two(cls, v: list[list[str]]) -> list[list[str]]:
+        for k, p in enumerate(v):
+            if len(p) != 2:
+                raise ValueError(f"pairs[{k}] names {len(p)} device(s); a pair is two: "
+                                 "[caller, callee]")
+        return v
+
+    @model_validator(mode="after")
+    def _pairing(self) -> Plan:
+        self.pair_roles()  # every pairing error, with its one-line message
+        return self
+
+    def pair_roles(self) -> dict[int, tuple[int, str]]:
+        """Device index -> (its peer's index, ``caller`` | ``callee``) of paired devices.
+        Errors (ValueError) start with ``field <where>:``."""
+        devs = self.device_entries
+        pairs: list[tuple[int, int, str]] = []  # (caller, callee, where it was said)
+        for k, (a, b) in enumerate(self.pairs):
+            where = f"pairs[{k}]"
+            ia = _device_index(devs, a, where)
+            ib = _device_index(devs, b, where)
+            if ia == ib:
+                raise ValueError(f"field {where}: [{a}, {b}] pairs {devs[ia].label} with itself")
+            pairs.append((ia, ib, where))
+        for i, d in enumerate(devs):
+            if d.peer is None:
+                continue
+            where = f"devices[{i}].peer"
+            j = _device_index(devs, d.peer, where)
+            if i == j:
+                raise ValueError(f"field {where}: {d.label}'s peer is {d.label} itself")
+            if any({a, b} == {i, j} for a, b, _w in pairs):
+                continue  # the same pair said twice
+            pairs.append((min(i, j), max(i, j), where))  # symmetric: the first listed calls
+        roles: dict[int, tuple[int, str]] = {}
+        said: dict[int, str] = {}
+        for a, b, where in pairs:
+            for x in (a, b):
+                if x in roles:
+                    raise ValueError(f"field {where}: {devs[x].label} is in two pairs "
+                                     f"({said[x]} and {where}); a phone has one peer")
+                said[x] = where
+            roles[a] = (b, "caller")
+            roles[b] = (a, "callee")
+        for i, (j, _role) in sorted(roles.items()):
+            d = devs[j]
+            if d.contact_name is None and not d.serial.startswith("lab:"):
+                raise ValueError(f"field devices[{j}].contact_name: {d.label} is paired with "
+                                 f"{devs[i].label} but has no contact_name: set how {d.label} "
+                                 f"appears in {devs[i].label}'s contacts")
+        return roles
 
     @property
     def device_entries(self) -> list[DeviceEntry]:
@@ -218,30 +312,70 @@ class Plan(_M):
         """The same plan restricted to the sessions with these keys."""
         return self.model_copy(update={"only_keys": list(keys)})
 
-    def session_specs(self, serials: dict[str, str] | None = None) -> list[SessionSpec]:
-        """Every session, grouped by device in plan order."""
+    def session_specs(self, serials: dict[str, str] | None = None,
+                      contact_names: dict[str, str] | None = None) -> list[SessionSpec]:
+        """Every session, grouped by device in plan order. ``contact_names`` maps a
+        device's serial (as the plan or adb names it) to how it appears in its peer's
+        contacts when its entry has no ``contact_name`` (the lab phones' owners)."""
         sdir = None
         if self.scenario_dir:
             sdir = Path(self.scenario_dir)
             sdir = sdir if sdir.is_absolute() else self.base_dir() / sdir
+        devs = self.device_entries
+        roles = self.pair_roles()
+        tokens: dict[tuple[Any, ...], str] = {}  # one per pair and session: both sides' messages
         out = []
-        for di, d in enumerate(self.device_entries):
+        for di, d in enumerate(devs):
             serial = (serials or {}).get(d.serial, d.serial)
+            role, peer, contact = "solo", None, None
+            if di in roles:
+                pi, role = roles[di]
+                peer = devs[pi]
+                # (a lab phone's owner comes with the lab: without it, params' contact)
+                contact = peer.contact_name or _contact_of(peer, serials, contact_names)
             n = 0
             for rep in range(1, self.repetitions + 1):
                 for app in self.apps:
                     for act in self.activities:
                         n += 1
+                        params = {**self.params, **self.scenario_overrides.get(app, {})}
+                        if contact is not None:
+                            params["contact"] = contact
+                        if peer is not None and not params.get("token"):
+                            # the messages one side sends are the ones the other awaits
+                            params["token"] = tokens.setdefault(
+                                (min(di, pi), app, act, rep), secrets.token_hex(3))
                         out.append(SessionSpec(
                             serial=serial, app=app, activity=act, repetition=rep,
-                            params={**self.params, **self.scenario_overrides.get(app, {})},
+                            params=params,
                             tracer=self.tracer, netstat=self.netstat,
                             seed=self.seed * 1000003 + di * 10007 + n, wait_scale=self.wait_scale,
-                            device_name=d.name or d.serial.replace("lab:", ""), ip=d.ip,
-                            scenario_dir=sdir))
+                            device_name=d.label, ip=d.ip,
+                            scenario_dir=sdir, role=role,
+                            peer=peer.label if peer is not None else None))
         if self.only_keys is not None:
-            out = [s for s in out if s.key in set(self.only_keys)]
+            keys = set(self.only_keys)
+            # a paired session runs only with its peer's: keep both when either is asked for
+            keys |= {s.peer_key for s in out if s.key in keys and s.peer_key}
+            out = [s for s in out if s.key in keys]
         return out
+
+
+def _contact_of(d: DeviceEntry, serials: dict[str, str] | None,
+                contact_names: dict[str, str] | None) -> str | None:
+    names = contact_names or {}
+    for k in (d.serial, (serials or {}).get(d.serial), d.serial.removeprefix("lab:")):
+        if k and k in names:
+            return names[k]
+    return None
+
+
+def _device_index(devs: list[DeviceEntry], name: str, where: str) -> int:
+    for i, d in enumerate(devs):
+        if name in d.names():
+            return i
+    raise ValueError(f"field {where}: {name!r} is not a device of the plan (devices: "
+                     f"{', '.join(d.label for d in devs)})")
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -274,6 +408,8 @@ def load_plan(path: str | Path) -> Plan:
         e = err.errors()[0]
         more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
         msg = str(e["msg"]).removeprefix("Value error, ")
+        if not e["loc"] and msg.startswith("field "):  # the plan's checks name their field
+            raise ConfigError(f"{p}: {msg}{more}") from None
         raise ConfigError(f"{p}: field {_loc(e['loc'])}: {msg}{more}") from None
     total = len(plan.devices) * len(plan.apps) * len(plan.activities) * plan.repetitions
     if total > MAX_SESSIONS:
@@ -286,13 +422,19 @@ def load_plan(path: str | Path) -> Plan:
     if plan.scenario_dir:
         sdir = Path(plan.scenario_dir)
         sdir = sdir if sdir.is_absolute() else plan.base_dir() / sdir
+    roles = plan.pair_roles()
+    used = {r for _i, r in roles.values()}
+    if len(roles) < len(plan.device_entries):
+        used.add("solo")
     for app in plan.apps:  # activities must exist and parameters be given, before any run
         sc = scenario_for(app, sdir)
         for act in plan.activities:
             if act not in sc.activities:
                 raise ConfigError(f"{p}: field activities: {sc.app} has no activity {act!r}",
                                   hint="has: " + ", ".join(sc.activities))
-            sc.steps(act, {**plan.params, **plan.scenario_overrides.get(app, {})})
+            for role in sorted(used):  # the steps of each role the plan's phones play
+                sc.steps(act, {**plan.params, **plan.scenario_overrides.get(app, {})},
+                         role=role)
     return plan
 
 
@@ -344,7 +486,8 @@ def run_plan(plan: Plan, env: Environment, sink: ev.Sink, cancel: threading.Even
     One AP capture (``env.capture``) is started for the batch and stopped at the end.
     """
     cancel = cancel or threading.Event()
-    specs = plan.session_specs(serials if serials is not None else env.serials)
+    specs = plan.session_specs(serials if serials is not None else env.serials,
+                               env.contact_names)
     result = PlanResult()
     for s in specs:
         if s.serial.startswith("lab:"):
@@ -353,8 +496,8 @@ def run_plan(plan: Plan, env: Environment, sink: ev.Sink, cancel: threading.Even
     if resume:
         done = completed_keys(Path(env.runs_root))
         todo = []
-        for s in specs:
-            if s.key in done:
+        for s in specs:  # a pair's sessions run again together unless both completed
+            if s.key in done and (s.peer_key is None or s.peer_key in done):
                 result.skipped.append(s.key)
             else:
                 todo.append(s)
@@ -387,12 +530,40 @@ def run_plan(plan: Plan, env: Environment, sink: ev.Sink, cancel: threading.Even
     for s in specs:
         by_device.setdefault(s.serial, []).append(s)
 
+    # a pair's two phones run as one unit (one slot of ``parallelism``), in lockstep
+    syncs: dict[str, tuple[PairSync, str]] = {}  # serial -> (its pair, its side)
+    units: list[list[str]] = []
+    for serial, queue in by_device.items():
+        peer = queue[0].peer
+        if peer is None:
+            units.append([serial])
+            continue
+        if serial in syncs:
+            continue
+        other = next((x for x, q in by_device.items() if q[0].device_name == peer), None)
+        if other is None:  # the peer has no session left to run (resume/only)
+            units.append([serial])
+            continue
+        me = queue[0].device_name or serial
+        sync = PairSync((me, peer), timeout=plan.pair_timeout)
+        syncs[serial], syncs[other] = (sync, me), (sync, peer)
+        units.append([serial, other])
+
+    def pair_link(serial: str, spec: SessionSpec) -> PairLink | None:
+        if serial not in syncs:
+            return None
+        sync, side = syncs[serial]
+        return sync.link(side, spec.pair_key)
+
     def worker(serial: str, queue: list[SessionSpec]) -> None:
         try:
             link = links(serial)
         except Exception as err:  # the phone cannot even be opened: each session fails
             msg = err.one_line() if isinstance(err, FlowtruthError) else str(err)
             for spec in queue:
+                pl = pair_link(serial, spec)
+                if pl is not None:  # its peer stops waiting for it
+                    pl.leave(f"failed ({serial}: {msg})")
                 sink(ev.SessionFailed(spec.key, "", f"{serial}: {msg}"))
                 with lock:
                     result.results.append(SessionResult(spec.key, Path(env.runs_root),
@@ -403,20 +574,35 @@ def run_plan(plan: Plan, env: Environment, sink: ev.Sink, cancel: threading.Even
         for spec in queue:
             if cancel.is_set():
                 return
+            pl = pair_link(serial, spec)
             try:
-                r = run_session(spec, link, env, sink, cancel)
+                r = run_session(spec, link, env, sink, cancel, pair=pl)
             except Exception as err:  # never lose the other phones to one bug
                 sink(ev.LogRecorded("error", f"{serial}: {type(err).__name__}: {err}"))
+                if pl is not None and not pl.left:
+                    pl.leave(f"failed (internal error: {type(err).__name__})")
                 continue
             with lock:
                 result.results.append(r)
                 counts["done" if r.ok else "failed"] += 1
                 progressed()
 
+    def run_unit(serials_: list[str]) -> None:
+        if len(serials_) == 1:
+            worker(serials_[0], by_device[serials_[0]])
+            return
+        other = threading.Thread(target=worker, args=(serials_[1], by_device[serials_[1]]),
+                                 name=f"session-{serials_[1]}", daemon=True)
+        other.start()
+        try:
+            worker(serials_[0], by_device[serials_[0]])
+        finally:
+            other.join()
+
     try:
         with ThreadPoolExecutor(max_workers=plan.parallelism,
                                 thread_name_prefix="session") as pool:
-            futs = [pool.submit(worker, s, q) for s, q in by_device.items()]
+            futs = [pool.submit(run_unit, u) for u in units]
             for f in futs:
                 while not f.done():
                     time.sleep(0.1)

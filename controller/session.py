@@ -30,6 +30,16 @@ API (what the CLI, the TUI and the demo call)::
     res = run_session(SessionSpec(serial, "signal", "chat"), AdbDeviceLink(client, serial),
                       env, sink, cancel)                         # -> SessionResult
     res = run_plan(load_plan("PLAN.yaml"), env, sink, cancel, resume=False)  # -> PlanResult
+    res = run_session(SessionSpec(serial, "signal", "audio_call", role="caller", peer="phone2",
+                                  params={"contact": "Bob"}), link, env, sink, cancel,
+                      pair=PairSync(("phone1", "phone2")).link("phone1", "signal_audio_call_r1"))
+
+A paired session (``role`` caller/callee, ``peer``) meets its peer's at barriers
+(:mod:`controller.pairing`: before Preflight, before the scenario, before its first
+action, after it); a peer that fails or does not come fails it with the reason. Its
+manifest's ``scenario`` is the runner's report: ``{verified, role, peer, app_version,
+locale, steps, reason?}``; a session that fails before verifying has ``verified: false``
+and the reason.
 
 Tracers (``SessionSpec.tracer``): ``strace`` runs ``strace_launcher.sh`` on the phone;
 ``frida`` runs :class:`device_scripts.frida_loader.FridaPackageTracer` here, on the
@@ -78,6 +88,7 @@ from controller.device import (
     DeviceFacts,
     DeviceLink,
     FridaEndpoint,
+    PreflightWarning,
     bounded,
     local_frida,
     phone_frida,
@@ -91,12 +102,23 @@ from controller.device import (
 from controller.device import preflight as preflight_checks
 from controller.device import probe_clock as probe_clock_
 from controller.errors import CaptureError, ConfigError, ControllerError, DeviceError
-from controller.scenario import Scenario, ScenarioCancelled, ScenarioRunner, scenario_for
+from controller.pairing import PairLink, PeerFailed
+from controller.scenario import (
+    Scenario,
+    ScenarioCancelled,
+    ScenarioRunner,
+    check_locale,
+    check_version,
+    read_locale,
+    scenario_for,
+)
 
 MANIFEST_SCHEMA_VERSION = 1
 STEPS = ("Preflight", "StartCapture", "PushScripts", "StartTracers", "RunScenario",
          "StopTracers", "StopCapture", "PullArtifacts", "Label", "Export")
 TRACERS = ("strace", "frida", "both", "none")
+NAVIGATION_STEPS = ("launch", "goto")
+"""Scenario steps that only get the app to a screen: a pair meets after them."""
 
 
 # --------------------------------------------------------------------------- capture
@@ -336,6 +358,11 @@ class SessionSpec:
     """The phone's address at the AP (default: read from the phone)."""
     scenario: Scenario | None = None
     scenario_dir: Path | None = None
+    role: str = "solo"
+    """``solo``, or in a pair ``caller`` (places the call, starts the chat) or ``callee``
+    (answers, replies)."""
+    peer: str | None = None
+    """The paired phone's device name (its sessions run in lockstep with this one's)."""
 
     @property
     def session_id(self) -> str:
@@ -351,14 +378,28 @@ class SessionSpec:
     @property
     def key(self) -> str:
         """``<device>_<package-or-app>_<activity>_r<N>``: names the run dir (without its stamp)."""
-        from controller.safety import safe_name
-
         # every part is an untrusted string (a phone's serial, a scenario's activity):
         # one harmless path component each (controller.safety.safe_name)
-        dev = safe_name(re.sub(r"[^A-Za-z0-9.-]+", "-", self.device_name or self.serial),
-                        limit=64)
-        return (f"{dev}_{safe_name(self.app, limit=64)}_{safe_name(self.activity, limit=64)}"
+        return f"{_key_part(self.device_name or self.serial)}_{self.pair_key}"
+
+    @property
+    def pair_key(self) -> str:
+        """``<app>_<activity>_r<N>``: the same on both phones of a pair."""
+        from controller.safety import safe_name
+
+        return (f"{safe_name(self.app, limit=64)}_{safe_name(self.activity, limit=64)}"
                 f"_r{int(self.repetition)}")
+
+    @property
+    def peer_key(self) -> str | None:
+        """The key of the peer's session this one runs with (None: not paired)."""
+        return None if self.peer is None else f"{_key_part(self.peer)}_{self.pair_key}"
+
+
+def _key_part(name: str) -> str:
+    from controller.safety import safe_name
+
+    return safe_name(re.sub(r"[^A-Za-z0-9.-]+", "-", name).strip("-"), limit=64)
 
 
 @dataclass
@@ -393,6 +434,9 @@ class Environment:
     """Where frida-server lives on the phones (the default ``frida_device`` starts it)."""
     frida_stop_timeout_s: float = 20.0
     """How long StopTracers waits for frida to detach before it gives up on it."""
+    contact_names: dict[str, str] = field(default_factory=dict)
+    """adb serial (or plan device name) to how that phone appears in its peers' contacts
+    (the lab phones' owners); a plan's ``contact_name:`` takes precedence."""
     ap_state: Path | None = None
     """The AP's state file (``flowtruth ap up``, the lab's AP): the supervisor's restarts of
     hostapd/dnsmasq during a session go into its manifest (``ap.restarts``)."""
@@ -429,6 +473,9 @@ class Environment:
             {p.serial: p.netns for p in lab.phones},
             {p.serial: float(p.config.clock_offset_s) for p in lab.phones}))
         kw.setdefault("ap_state", Path(lab.ap.state_path))
+        # each lab phone's owner is a contact on the others: a paired lab phone's name there
+        kw.setdefault("contact_names", {name: p.owner for p in lab.phones if p.owner
+                                        for name in (p.serial, p.name, f"lab:{p.name}")})
         return cls(runs_root=runs, client=adb_client(int(lab.adb_port)), capture=cap,
                    serials=serials, ips={p.serial: p.ip for p in lab.phones}, **kw)
 
@@ -478,6 +525,10 @@ def strace_for_abi(abi: str) -> Path:
     return p
 
 
+def _why(err: BaseException) -> str:
+    return err.message if isinstance(err, FlowtruthError) else f"{type(err).__name__}: {err}"
+
+
 def _utc(t: float) -> str:
     return _dt.datetime.fromtimestamp(t, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -524,8 +575,9 @@ class Session:
     """The state of one running session (the engine's internals; use :func:`run_session`)."""
 
     def __init__(self, spec: SessionSpec, link: DeviceLink, env: Environment, sink: ev.Sink,
-                 cancel: threading.Event) -> None:
+                 cancel: threading.Event, pair: PairLink | None = None) -> None:
         self.spec, self.link, self.env, self.sink, self.cancel = spec, link, env, sink, cancel
+        self.pair = pair
         self.t_start = time.time()
         stamp = _dt.datetime.fromtimestamp(self.t_start, _dt.UTC).strftime("%Y%m%dT%H%M%SZ")
         self.session_id = spec.key
@@ -556,7 +608,7 @@ class Session:
             "errors": [],
             "steps": [],
             "artifacts": {},
-            "scenario": {},
+            "scenario": {"verified": None, "role": spec.role, "peer": spec.peer},
             "params": dict(spec.params),
             "tracer": spec.tracer,
             "tool_versions": {},
@@ -619,11 +671,14 @@ class Session:
         if spec.activity not in sc.activities:
             raise ConfigError(f"{sc.path}: no activity {spec.activity!r}",
                               hint="has: " + ", ".join(sc.activities))
-        self.steps_ = sc.steps(spec.activity, spec.params)
+        self.steps_ = sc.steps(spec.activity, spec.params, role=spec.role)
         if spec.tracer not in TRACERS:
             raise ConfigError(f"tracer must be one of {', '.join(TRACERS)}, not {spec.tracer!r}")
-        self.m["scenario"] = {"file": str(sc.path), "app": sc.app, "package": sc.package,
-                              "steps": [s.describe() for s in self.steps_]}
+        self.m["scenario"].update({"file": str(sc.path), "app": sc.app, "package": sc.package,
+                                   "steps": [s.describe() for s in self.steps_]})
+        if self.pair is not None:  # both phones start the session together
+            waited = self.pair.meet("start", self.cancel)
+            self.m["scenario"]["pair"] = {"start_wait_s": round(waited, 3)}
         subnet, leases = self._ap_network()
         facts = read_facts(link, subnet=subnet, leases=leases)
         self.facts = facts
@@ -647,10 +702,19 @@ class Session:
             raise ControllerError(f"{link.serial}: {sc.package} is not installed",
                                   hint=f"install {sc.app} on the phone")
         self.m["apps"] = [apps[sc.package].to_manifest()]
+        self.locale = read_locale(link)  # the scenario's texts are in the phone's language
+        bad = check_locale(self.locale, sc.app)
+        if bad:
+            raise ConfigError(f"{link.serial}: {bad}")
+        self.app_version = apps[sc.package].version
         clock = probe_clock_(link)
         self.m["clock"] = clock.to_manifest()
         self.emit(ev.ClockMeasured(link.serial, clock.offset_s, clock.uncertainty_s))
         warns = preflight_checks(link, facts)
+        vw = check_version(self.app_version, sc.app)
+        if vw:
+            warns.append(PreflightWarning("app_version", vw,
+                                          f"flowtruth scenario probe {link.serial} --app {sc.app}"))
         for w in warns:
             self.emit(ev.PreflightWarned(link.serial, w.check, w.message, w.fix))
         self.m["preflight"] = [{"check": w.check, "message": w.message, "fix": w.fix}
@@ -835,8 +899,15 @@ class Session:
 
     def run_scenario(self) -> str:
         last = [0.0]
+        # a pair's sides get to their screens first (goto may relaunch the app, which would
+        # drop a call already ringing) and meet before their first action
+        ready_at = next((i for i, st in enumerate(self.steps_)
+                         if st.kind not in NAVIGATION_STEPS), None)
 
         def on_step(i: int, n: int, text: str) -> None:
+            if self.pair is not None and i == ready_at:
+                waited = self.pair.meet("ready", self.cancel)
+                self.m["scenario"].setdefault("pair", {})["ready_wait_s"] = round(waited, 3)
             self.emit(ev.ScenarioStepStarted(self.session_id, i, n, text))
             self._progress_capture()
             if time.monotonic() - last[0] > 5:  # a round trip: not on every step
@@ -845,8 +916,13 @@ class Session:
 
         runner = ScenarioRunner(self.link, self.scenario, seed=self.spec.seed,
                                 cancel=self.cancel, wait_scale=self.spec.wait_scale,
-                                on_step=on_step)
+                                on_step=on_step, role=self.spec.role, peer=self.spec.peer,
+                                locale=getattr(self, "locale", None), run_dir=self.run_dir,
+                                app_version=getattr(self, "app_version", None))
         self.scenario_runner = runner
+        if self.pair is not None:  # both phones' tracers run: the scenarios start together
+            waited = self.pair.meet("scenario", self.cancel)
+            self.m["scenario"].setdefault("pair", {})["scenario_wait_s"] = round(waited, 3)
         done = threading.Event()
 
         def tick() -> None:  # live capture counters also during long waits (calls)
@@ -861,8 +937,29 @@ class Session:
             done.set()
             ticker.join()
             self.m["scenario"]["log"] = runner.log
+            self._scenario_report(runner)
         self._progress_tracers()
-        return f"{len(self.steps_)} steps"
+        if self.pair is not None:  # neither stops its capture while the other is in the call
+            try:
+                waited = self.pair.meet("done", self.cancel, timeout=min(
+                    60.0, self.pair.sync.timeout))
+                self.m["scenario"]["pair"]["done_wait_s"] = round(waited, 3)
+            except PeerFailed as err:  # this side's own actions were verified
+                self.emit(ev.LogRecorded("warning", f"{self.session_id}: {err.message}"))
+        s = self.m["scenario"]
+        return (f"{len(self.steps_)} steps; verified {s.get('verified')}" +
+                (f" as {s['role']} with {s['peer']}" if s.get("peer") else ""))
+
+    def _scenario_report(self, runner: Any) -> None:
+        """The runner's account of the scenario (verified, role, peer, app version, steps)
+        into the manifest's ``scenario``; a failure's reason is kept."""
+        try:
+            rep = runner.report()
+        except Exception as err:  # never lose the session's own failure to this
+            self.m["scenario"].update(verified=False,
+                                      report_error=f"{type(err).__name__}: {err}")
+            return
+        self.m["scenario"].update(rep)
 
     def _progress_capture(self) -> None:
         counters = getattr(self.env.capture, "counters", None)
@@ -1269,6 +1366,7 @@ class Session:
             self.step("RunScenario", self.run_scenario)
         except BaseException as err:  # noqa: BLE001 - recorded, then teardown
             failure = err
+            self._leave_pair(err)  # the peer stops waiting now, not after our teardown
             if isinstance(err, DeviceError):
                 self._lost(err)
         # teardown always runs; each part on its own
@@ -1291,6 +1389,11 @@ class Session:
             except BaseException as err:  # noqa: BLE001
                 failure = err
         return self._finish(failure)
+
+    def _leave_pair(self, failure: BaseException | None) -> None:
+        """Tell the peer's session this one will not come to a later barrier."""
+        if self.pair is not None and not self.pair.left:
+            self.pair.leave("finished" if failure is None else f"failed ({_why(failure)})")
 
     def _close_frida(self) -> None:
         ep, self.frida_ep = self.frida_ep, None
@@ -1338,6 +1441,10 @@ class Session:
                                                 f"restarted during the session ({r['at']})"))
 
     def _finish(self, failure: BaseException | None) -> SessionResult:
+        if failure is not None and self.m["scenario"].get("verified") is None:
+            # it never got to verify: say why
+            self.m["scenario"].update(verified=False, reason=_why(failure))
+        self._leave_pair(failure)
         self._record_ap_health()
         self.m["finished_at"] = _utc(time.time())
         self.m["timings"] = {"duration_s": round(time.time() - self.t_start, 3)}
@@ -1373,9 +1480,12 @@ class Session:
 
 
 def run_session(spec: SessionSpec, link: DeviceLink, env: Environment, sink: ev.Sink,
-                cancel: threading.Event | None = None) -> SessionResult:
-    """Run one session; never raises for a known failure (see the module docstring)."""
-    return Session(spec, link, env, sink, cancel or threading.Event()).run()
+                cancel: threading.Event | None = None, *,
+                pair: PairLink | None = None) -> SessionResult:
+    """Run one session; never raises for a known failure (see the module docstring).
+    ``pair``: this session's end of a pair (:mod:`controller.pairing`), whose peer session
+    runs at the same time on the other phone."""
+    return Session(spec, link, env, sink, cancel or threading.Event(), pair).run()
 
 
 def run_plan(plan: Any, env: Environment, sink: ev.Sink, cancel: threading.Event | None = None,

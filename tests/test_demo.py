@@ -30,6 +30,16 @@ def test_demo_labels_every_flow_right_and_leaves_nothing_behind(tmp_path):
     score = json.loads((out / "score.json").read_text())
     assert not score["failed_sessions"]
     assert len(score["sessions"]) == 12
+    # the two phones are a pair: every session verified, with its role and peer
+    assert score["unverified_sessions"] == []
+    assert sorted((v["session"].split("_")[0], v["role"], v["peer"]) for v in
+                  score["verification"]) == sorted(
+        [("phone1", "caller", "phone2")] * 6 + [("phone2", "callee", "phone1")] * 6)
+    assert "every session verified (12), each with its role and peer" in r.stdout.replace(
+        "\n", " ")
+    for m in (out / "runs").glob("*_audio_call_r1/manifest.json"):
+        sc = json.loads(m.read_text())["scenario"]
+        assert sc["verified"] is True and sc["role"] in ("caller", "callee"), sc
     total = score["total"]
     assert total["labelled"] > 0 and total["precision"] == 1.0
     assert total["recall"] >= 0.99

@@ -55,7 +55,7 @@ def demo_lab() -> Iterator[tuple[Lab, object, Path]]:
     lab = None
     try:
         lab = Lab.up(phones=1, adb_port=port, workdir=d / "lab", state_dir=d / "state",
-                     mgmt_base=220)  # fmt: skip
+                     mgmt_base=220, phone_options={1: {"interruption_rate": 0}})  # fmt: skip
         device = adbutils.AdbClient(host="127.0.0.1", port=port).device(lab.phones[0].serial)
         yield lab, device, d
     finally:
@@ -66,14 +66,67 @@ def demo_lab() -> Iterator[tuple[Lab, object, Path]]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _tap(device, package: str, desc: str) -> None:  # type: ignore[no-untyped-def]
-    xml = device.shell("uiautomator dump /dev/tty").split("UI hierchary dumped")[0]
-    for node in ET.fromstring(xml).iter("node"):
-        if node.get("content-desc") == desc and node.get("package") == package:
-            x1, y1, x2, y2 = map(int, re.findall(r"\d+", node.get("bounds", "")))
-            device.shell(f"input tap {(x1 + x2) // 2} {(y1 + y2) // 2}")
-            return
-    raise AssertionError(f"{desc!r} not on {package}'s screen")
+def _tap(device, package: str, **want: str) -> None:  # type: ignore[no-untyped-def]
+    names = {"resource_id": "resource-id", "content_desc": "content-desc"}
+    deadline = time.monotonic() + 10
+    while True:
+        xml = device.shell("uiautomator dump /dev/tty").split("UI hierchary dumped")[0]
+        for node in ET.fromstring(xml).iter("node"):
+            if node.get("package") == package and all(
+                (node.get(names.get(k, k), "") or "").startswith(v) for k, v in want.items()
+            ):
+                x1, y1, x2, y2 = map(int, re.findall(r"\d+", node.get("bounds", "")))
+                device.shell(f"input tap {(x1 + x2) // 2} {(y1 + y2) // 2}")
+                return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{want!r} not on {package}'s screen")
+        time.sleep(0.2)
+
+
+# Per app: open the chat with Alice (outside the lab), send a message and a photo, call her
+# (nobody answers: ringing and signalling only), hang up.
+STEPS = {
+    "org.thoughtcrime.securesms": [
+        {
+            "resource_id": "org.thoughtcrime.securesms:id/conversation_list_item_name",
+            "text": "Alice",
+        },
+        {"resource_id": "org.thoughtcrime.securesms:id/embedded_text_editor"},
+        "hi",
+        {"resource_id": "org.thoughtcrime.securesms:id/send_button"},
+        {"resource_id": "org.thoughtcrime.securesms:id/attach_button"},
+        {"resource_id": "org.thoughtcrime.securesms:id/attachment_keyboard_item_image"},
+        {"resource_id": "org.thoughtcrime.securesms:id/send"},
+        {"resource_id": "org.thoughtcrime.securesms:id/menu_call_secure"},
+        1.5,
+        {"content_desc": "End call"},
+    ],
+    "com.whatsapp": [
+        {"resource_id": "com.whatsapp:id/conversations_row_contact_name", "text": "Alice"},
+        {"resource_id": "com.whatsapp:id/entry"},
+        "hi",
+        {"resource_id": "com.whatsapp:id/send"},
+        {"resource_id": "com.whatsapp:id/input_attach_button"},
+        {"resource_id": "com.whatsapp:id/pickfiletype_gallery_holder"},
+        {"class": "android.widget.ImageView", "text": ""},
+        {"resource_id": "com.whatsapp:id/send_media_btn"},
+        {"resource_id": "com.whatsapp:id/menuitem_voice_call"},
+        1.5,
+        {"content_desc": "Leave call"},
+    ],
+    "org.telegram.messenger": [
+        {"text": "Alice, "},
+        {"text": "Message"},
+        "hi",
+        {"content_desc": "Send"},
+        {"content_desc": "Attach media"},
+        {"text": "Photo"},
+        {"content_desc": "Send"},
+        {"content_desc": "Call"},
+        1.5,
+        {"text": "End Call"},
+    ],
+}
 
 
 def test_demo_session_scored_against_the_truth(demo_lab) -> None:  # type: ignore[no-untyped-def]
@@ -92,13 +145,13 @@ def test_demo_session_scored_against_the_truth(demo_lab) -> None:  # type: ignor
         for package, activity in MESSENGERS.items():
             device.shell(f"am start -W -n {package}/{activity}")
             time.sleep(1.0)
-            device.shell("input text hi")
-            _tap(device, package, "Send")
-            _tap(device, package, "Attach media" if package == "org.telegram.messenger"
-                 else "Add attachment" if package.startswith("org.thought") else "Attach")  # fmt: skip
-            _tap(device, package, "Call" if package == "org.telegram.messenger" else "Voice call")
-            time.sleep(1.5)
-            _tap(device, package, "End call")
+            for step in STEPS[package]:
+                if isinstance(step, str):
+                    device.shell(f"input text {step}")
+                elif isinstance(step, float):
+                    time.sleep(step)
+                else:
+                    _tap(device, package, **step)
             device.shell("input keyevent KEYCODE_HOME")
         time.sleep(1.0)
         for package in MESSENGERS:
@@ -141,7 +194,7 @@ def test_demo_session_scored_against_the_truth(demo_lab) -> None:  # type: ignor
         )
     )
     for app, s in scores.items():
-        assert s.truth >= 2, (app, report)  # the chat connection and the call
+        assert s.truth >= 1, (app, report)  # the chat connection (Alice's call is not answered)
         assert s.precision is not None and s.precision >= 0.95, (app, report)
         assert s.recall == 1.0, (app, report)
-        assert every[app].labelled == s.labelled and every[app].truth >= 3
+        assert every[app].labelled == s.labelled and every[app].truth >= 2  # + the photo upload

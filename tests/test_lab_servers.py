@@ -51,15 +51,3 @@ def test_dns_query_and_answer_parsing() -> None:
     )  # fmt: skip
     assert apps.parse_a_records(answer, 0x1234) == ["76.223.92.165"]
     assert apps.parse_a_records(answer, 0x9999) == []
-
-
-def test_screens_map_taps_to_actions() -> None:
-    xml = apps.screen_xml(apps.SIGNAL, "chat")
-    assert 'resource-id="org.thoughtcrime.securesms:id/send_button"' in xml
-    assert 'resource-id="org.thoughtcrime.securesms:id/embedded_text_editor"' in xml
-    assert 'resource-id="com.whatsapp:id/entry"' in apps.screen_xml(apps.WHATSAPP, "chat")
-    assert apps.action_at(apps.SIGNAL, "chat", 1000, 2260) == "chat"
-    assert apps.action_at(apps.SIGNAL, "chat", 80, 2260) == "media"
-    assert apps.action_at(apps.SIGNAL, "chat", 1015, 160) == "call audio"
-    assert apps.action_at(apps.SIGNAL, "call", 540, 2090) == "hangup"
-    assert apps.action_at(apps.SIGNAL, "chat", 540, 1200) == ""

@@ -110,7 +110,8 @@ def server(workdir: Path) -> Iterator[AdbServer]:
 def lab(server: AdbServer, workdir: Path) -> Iterator[Lab]:
     started = time.monotonic()
     lab = Lab.up(phones=2, adb_port=server.port, workdir=workdir / "lab",
-                 state_dir=workdir / "state", mgmt_base=200)  # fmt: skip
+                 state_dir=workdir / "state", mgmt_base=200,
+                 phone_options={1: {"interruption_rate": 0}, 2: {"interruption_rate": 0}})  # fmt: skip
     up_s = time.monotonic() - started
     print(f"\nlab up: {up_s:.2f} s")
     try:
@@ -190,17 +191,22 @@ def test_background_apps_run_under_their_uids(lab: Lab, devices) -> None:  # typ
     assert any(r[7] == "10141" for r in rows), rows
 
 
-def _tap(d, resource_id: str = "", desc: str = "") -> None:  # type: ignore[no-untyped-def]
-    xml = d.shell("uiautomator dump /dev/tty").split("UI hierchary dumped")[0]
-    root = ET.fromstring(xml)
-    for node in root.iter("node"):
-        if (resource_id and node.get("resource-id") == resource_id) or (
-            desc and node.get("content-desc") == desc
-        ):
-            x1, y1, x2, y2 = map(int, re.findall(r"\d+", node.get("bounds", "")))
-            d.shell(f"input tap {(x1 + x2) // 2} {(y1 + y2) // 2}")
-            return
-    raise AssertionError(f"no element {resource_id or desc} on screen: {xml[:300]}")
+def _tap(d, resource_id: str = "", desc: str = "", text: str = "") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + 10
+    while True:
+        xml = d.shell("uiautomator dump /dev/tty").split("UI hierchary dumped")[0]
+        for node in ET.fromstring(xml).iter("node"):
+            if (
+                (not resource_id or node.get("resource-id") == resource_id)
+                and (not desc or node.get("content-desc") == desc)
+                and (not text or node.get("text") == text)
+            ):
+                x1, y1, x2, y2 = map(int, re.findall(r"\d+", node.get("bounds", "")))
+                d.shell(f"input tap {(x1 + x2) // 2} {(y1 + y2) // 2}")
+                return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no element {resource_id or desc or text} on screen: {xml[:300]}")
+        time.sleep(0.2)
 
 
 def test_signal_end_to_end(lab: Lab, devices, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -228,10 +234,16 @@ def test_signal_end_to_end(lab: Lab, devices, tmp_path: Path) -> None:  # type: 
         tcp = wait_until(lambda: (t := d.shell("cat /proc/net/tcp")) and "A55CDF4C:01BB" in t
                          and t, timeout=10)  # fmt: skip
         assert any(r.split()[7] == "10263" for r in tcp.splitlines() if "A55CDF4C:01BB" in r)
+        # a message and a photo to phone 2's owner, then a call that phone 2 answers
+        _tap(d, f"{SIGNAL}:id/conversation_list_item_name", text=lab.phones[1].owner)
+        _tap(d, f"{SIGNAL}:id/embedded_text_editor")
         d.shell("input text hello")
         _tap(d, f"{SIGNAL}:id/send_button")
         _tap(d, f"{SIGNAL}:id/attach_button")
-        _tap(d, desc="Voice call")
+        _tap(d, f"{SIGNAL}:id/attachment_keyboard_item_image")
+        _tap(d, f"{SIGNAL}:id/send")
+        _tap(d, f"{SIGNAL}:id/menu_call_secure")
+        _tap(devices[1], f"{SIGNAL}:id/call_screen_answer_call")
         time.sleep(2.5)
         assert "End call" in d.shell("uiautomator dump /dev/tty")
         _tap(d, desc="End call")

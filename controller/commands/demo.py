@@ -1,11 +1,14 @@
 """``flowtruth demo [--out DIR]``: the whole collection path in the virtual lab, scored.
 
 Brings the virtual lab up (two phones, a Samsung SM-S936B and a Xiaomi 24069PC21I, with
-their own clock offsets), runs the same session engine used with real phones — device
-scripts pushed over adb, strace attached, netstat polling, AP capture — for Signal,
-Telegram and WhatsApp (chat and audio call), labels every flow, exports MIRAGE JSON,
-scores the labels against the simulated apps' own socket truth, prints the summary and
-tears the lab down. DIR keeps the run directories, ``truth.csv`` and ``score.json``.
+their own clock offsets), pairs them (phone1 calls and starts the chats, phone2 answers
+and replies; each has the other's owner as a contact), runs the same session engine used
+with real phones — device scripts pushed over adb, strace attached, netstat polling, AP
+capture — for Signal, Telegram and WhatsApp (a chat both ways and an audio call the other
+phone answers, both phones' sessions in lockstep), labels every flow, exports MIRAGE
+JSON, scores the labels against the simulated apps' own socket truth, prints the summary
+with every session's verification (role and peer) and tears the lab down. DIR keeps the
+run directories, ``truth.csv`` and ``score.json``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,29 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def demo_pairs(names: list[str]) -> list[list[str]]:
+    """The demo's pairs: consecutive phones (phone1 with phone2, phone3 with phone4, ...);
+    an odd last phone runs alone."""
+    return [names[i:i + 2] for i in range(0, len(names) - 1, 2)]
+
+
+def verification(runs: list[Any]) -> list[dict[str, Any]]:
+    """Each session's ``scenario`` verdict from its manifest: verified, role, peer."""
+    out = []
+    for r in runs:
+        m = r.manifest
+        if not m:
+            try:
+                m = json.loads((Path(r.run_dir) / "manifest.json").read_text())
+            except (OSError, ValueError):
+                m = {}
+        sc = m.get("scenario") or {}
+        out.append({"session": r.session_id, "outcome": r.outcome,
+                    "verified": sc.get("verified"), "role": sc.get("role"),
+                    "peer": sc.get("peer"), "reason": sc.get("reason") or r.error})
+    return out
 
 
 def score_runs(runs: list[Any], lab: Any, truth: list[Any]) -> dict[str, Any]:
@@ -142,9 +168,13 @@ def register(app: typer.Typer) -> None:
                 console.print(plain(f"  {p.name}: {p.config.manufacturer} {p.config.model} "
                                     f"(adb {p.serial}, {p.ip}, clock "
                                     f"{p.config.clock_offset_s:+.3f} s)"), markup=False)
-            plan = Plan(name="demo", devices=[f"lab:{p.name}" for p in lab.phones],
-                        apps=list(APPS), activities=list(ACTIVITIES), wait_scale=wait_scale,
-                        output=str(out / "runs"))
+            names = [p.name for p in lab.phones]
+            plan = Plan(name="demo", devices=[f"lab:{n}" for n in names],
+                        pairs=demo_pairs(names), apps=list(APPS), activities=list(ACTIVITIES),
+                        wait_scale=wait_scale, output=str(out / "runs"))
+            for a, b in plan.pairs:
+                console.print(f"  pair: {a} calls and starts the chats, {b} answers and "
+                              "replies")
             env = Environment.for_lab(lab, runs_root=out / "runs")
             sink = RichSink(console)
             if cancel.reason:  # while the lab came up: run nothing
@@ -160,6 +190,10 @@ def register(app: typer.Typer) -> None:
             result = score_runs(res.results, lab, truth)
             result["elapsed_s"] = round(time.monotonic() - t0, 1)
             result["failed_sessions"] = [r.session_id for r in res.failed]
+            checks = verification(res.results)
+            result["verification"] = checks
+            unverified = [c["session"] for c in checks if c["verified"] is not True]
+            result["unverified_sessions"] = unverified
             (out / "score.json").write_text(json.dumps(result, indent=2))
             table = Table(title="labels scored against the simulated apps' own socket truth")
             for c in ("app", "flows labelled", "correct", "precision", "truth sockets",
@@ -176,6 +210,20 @@ def register(app: typer.Typer) -> None:
             table.add_row("[bold]all", str(tot["labelled"]), str(tot["correct"]),
                           pct(tot["precision"]), str(tot["truth"]), pct(tot["recall"]))
             console.print(table)
+            vt = Table(title="scenario verification (manifest scenario.verified)")
+            for c in ("session", "role", "peer", "verified"):
+                vt.add_column(c)
+            for c in checks:
+                ok = c["verified"] is True
+                vt.add_row(c["session"], c["role"] or "-", c["peer"] or "-",
+                           "[green]yes[/]" if ok else f"[red]no[/] {c['reason'] or ''}")
+            console.print(vt)
+            if unverified:
+                console.print(f"[red]{len(unverified)} of {len(checks)} sessions not "
+                              f"verified:[/] {', '.join(unverified)}")
+            else:
+                console.print(f"every session verified ({len(checks)}), each with its role "
+                              "and peer")
             console.print(f"{len(res.results)} sessions, {len(res.failed)} failed; runs in "
                           f"{out / 'runs'}; truth in {out / 'truth.csv'}")
         finally:
@@ -185,9 +233,11 @@ def register(app: typer.Typer) -> None:
             adb("kill-server")
             guard.close()
         console.print(f"demo finished in {time.monotonic() - t0:.0f} s")
-        if res.failed:
+        if res.failed or unverified:
             from controller.errors import ControllerError
 
-            raise ControllerError(f"{len(res.failed)} of {len(res.results)} demo sessions "
-                                  f"failed: {', '.join(r.session_id for r in res.failed)}",
+            bad = [r.session_id for r in res.failed] + [u for u in unverified
+                                                        if u not in {r.session_id for r in res.failed}]
+            raise ControllerError(f"{len(bad)} of {len(res.results)} demo sessions failed or "
+                                  f"were not verified: {', '.join(bad)}",
                                   hint=f"their run directories under {out / 'runs'} say why")

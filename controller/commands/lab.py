@@ -48,6 +48,27 @@ def up(
                      "mode seen on real phones: 1:strace_fault=selinux (or ptrace), "
                      "2:crlf_output=true, 1:hostile_process=long (or newline). Repeatable."),
     ] = [],  # noqa: B006
+    locale: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(
+            "--locale",
+            help="The phones' language: LOCALE (every phone) or "
+            "phoneN=LOCALE, e.g. phone2=de-DE (repeatable).",
+        ),
+    ] = None,
+    interruptions: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(
+            "--interruptions",
+            min=0.0,
+            max=1.0,
+            help="Chance per action of a "
+            "permission prompt or rating dialog in the apps (default 0.03; 0: never).",
+        ),
+    ] = None,
+    ring_timeout: Annotated[
+        float, typer.Option("--ring-timeout", min=1.0, help="Seconds an unanswered call rings.")
+    ] = 45.0,
 ) -> None:
     """Bring the virtual lab up: internet, access point and phones in network namespaces."""
     import time
@@ -65,11 +86,42 @@ def up(
         updates.setdefault(int(n), {})[field] = value
     started = time.monotonic()
     lab = Lab.up(phones=phones, adb_port=None if no_adb else adb_port, state_dir=state_dir,
-                 capture_dir=capture, sink=_print_step, phone_updates=updates)  # fmt: skip
+                 capture_dir=capture, sink=_print_step, phone_updates=updates,
+                 phone_options=phone_options(phones, locale or [], interruptions),
+                 ring_timeout_s=ring_timeout)  # fmt: skip
     for p in lab.phones:
-        typer.echo(f"{p.name}: {p.config.model} {p.serial} ip {p.ip} ({p.netns})")
+        typer.echo(f"{p.name}: {p.config.model} {p.serial} ip {p.ip} ({p.netns}); "
+                   f"owner {p.owner}, {p.config.locale}")  # fmt: skip
     typer.echo(f"lab {lab.lab_id} up in {time.monotonic() - started:.1f} s; "
                f"capture interface {lab.ap.interface} in {lab.ap.netns}; truth {lab.truth_path}")  # fmt: skip
+
+
+def phone_options(
+    phones: int, locales: list[str], interruptions: float | None
+) -> dict[int, dict[str, object]]:
+    """``Lab.up``'s phone_options from ``--locale`` values and ``--interruptions``."""
+    import re
+
+    from controller.errors import ConfigError
+
+    out: dict[int, dict[str, object]] = {}
+    for i in range(1, phones + 1):
+        if interruptions is not None:
+            out.setdefault(i, {})["interruption_rate"] = interruptions
+    for value in locales:
+        name, _, loc = value.rpartition("=")
+        if not re.fullmatch(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*", loc):
+            raise ConfigError(f"--locale {value!r}: not a locale like de-DE")
+        if not name:
+            targets = list(range(1, phones + 1))
+        elif (m := re.fullmatch(r"phone([1-9])", name)) and int(m.group(1)) <= phones:
+            targets = [int(m.group(1))]
+        else:
+            raise ConfigError(f"--locale {value!r}: no {name} in a lab of {phones} phones",
+                              hint="e.g. --locale phone2=de-DE")  # fmt: skip
+        for i in targets:
+            out.setdefault(i, {})["locale"] = loc
+    return out
 
 
 def status(

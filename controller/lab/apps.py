@@ -8,12 +8,22 @@ shims ``am``, ``input`` ...) and
 - starts one process per package that ``am start`` marked running, and the always-on
   background apps (``com.google.android.gms``, ``com.android.chrome``); stops a process
   on ``am force-stop``;
-- publishes each messenger's screens (uiautomator XML) in the state, so scenario steps
-  find the elements by resource-id, text or content-desc, and turns taps on them into
-  actions: send a chat message, upload media, start or end a voice or video call;
-  ``input text`` (or text ADBKeyBoard commits) is typing, sending empties the text
-  field, ``keyevent HOME`` sends the app to the background,
-  ``keyevent ENDCALL`` ends a call;
+- keeps each messenger's UI state (:mod:`controller.lab.app_ui`: the screens rebuilt from
+  the real apps' layouts, in the phone's language from ``persist.sys.locale``) across
+  sessions, publishes its screens (uiautomator XML) in the state and turns taps into
+  moves and actions: open a chat, send a message (pending -> sent once the server took
+  it -> delivered once the peer got it -> read), send a photo, place, answer, decline or
+  end a call; ``input text`` (or text ADBKeyBoard commits) is typing, ``keyevent BACK``
+  moves back (out of the app from its main screen), ``HOME`` sends the app to the
+  background, ``am start`` returns to the last screen (a cold start after
+  ``am force-stop`` to the main screen), ``keyevent ENDCALL`` ends a call;
+- signals calls and messages to the other lab phones through the lab's relay directory
+  (one inbox per phone owner): a call to another lab phone's owner rings that phone
+  (its app comes to the front with the incoming-call screen), call media flows on both
+  phones only once the callee answers, a hang-up on either side ends both, an unanswered
+  call gives up after the ring timeout ("No answer"); a call to anybody else only rings;
+- now and then (seeded, ``--interruptions`` per action) opens a permission prompt, a
+  "what's new" sheet or a rating dialog on top; no other tap works until it is dismissed;
 - writes each app's real pid into ``state.json`` so ``pidof`` reports it.
 
 Each app process has ``argv[0]`` = the package name (``pidof`` and the strace launcher
@@ -31,11 +41,8 @@ Every socket an app opens is recorded in the lab's truth file (JSON lines, one
 right after ``connect()`` -- never from strace or netstat.  Times are host clock
 (``time.time()``), the clock of the AP capture.
 
-The screens' resource ids follow the real apps where they are known (Signal's
-``embedded_text_editor``, ``send_button``, ``attach_button``; WhatsApp's ``entry``,
-``send``, ``input_attach_button``); the call buttons' ids and Telegram's (which has
-almost none: it builds its views in code, so scenarios should use content-desc) are
-assumptions.
+The screens' ids and strings are the real apps' (see :mod:`controller.lab.app_ui` and
+``controller/scenarios/selectors.yaml``).
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ import ctypes
 import encodings.idna  # noqa: F401  (ssl needs it for server_hostname; loaded before setuid)
 import json
 import os
+import queue
 import random
 import signal
 import socket
@@ -54,10 +62,12 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from controller.lab import app_ui as ui
 from controller.lab import toolbox_runtime as rt
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -127,133 +137,8 @@ PROFILES: dict[str, Profile] = {
 MEDIA_BYTES = 600_000
 UPLOAD_PACING_S = 0.005
 CALL_PPS = 50
-
-
-# --------------------------------------------------------------------------- screens
-
-
-@dataclass(frozen=True)
-class Widget:
-    """One tappable element of a simulated screen and the action a tap on it triggers."""
-
-    cls: str
-    bounds: tuple[int, int, int, int]
-    action: str
-    resource_id: str = ""
-    text: str = ""
-    content_desc: str = ""
-
-
-def _widgets(package: str, screen: str, w: int, h: int) -> list[Widget]:
-    p = package
-    if screen == "call":
-        ids = {SIGNAL: f"{p}:id/call_screen_end_call", WHATSAPP: f"{p}:id/end_call_button"}
-        return [
-            Widget("android.widget.TextView", (80, 300, w - 80, 420), "", text="Alice"),
-            Widget(
-                "android.widget.ImageView",
-                (w // 2 - 110, h - 420, w // 2 + 110, h - 200),
-                "hangup",
-                resource_id=ids.get(p, ""),
-                content_desc="End call",
-            ),
-        ]
-    ids = {
-        SIGNAL: {
-            "title": f"{p}:id/conversation_title_view",
-            "voice": f"{p}:id/menu_call_secure",
-            "video": f"{p}:id/menu_video_secure",
-            "editor": f"{p}:id/embedded_text_editor",
-            "attach": f"{p}:id/attach_button",
-            "send": f"{p}:id/send_button",
-        },
-        WHATSAPP: {
-            "title": f"{p}:id/conversation_contact_name",
-            "voice": f"{p}:id/menuitem_voice_call",
-            "video": f"{p}:id/menuitem_video_call",
-            "editor": f"{p}:id/entry",
-            "attach": f"{p}:id/input_attach_button",
-            "send": f"{p}:id/send",
-        },
-    }.get(p, {})
-    editor_text = {SIGNAL: "Signal message", WHATSAPP: "Message", TELEGRAM: "Message"}
-    return [
-        Widget("android.widget.TextView", (160, 110, 620, 210), "", ids.get("title", ""), "Alice"),
-        Widget(
-            "android.widget.Button",
-            (w - 300, 100, w - 170, 220),
-            "call video",
-            ids.get("video", ""),
-            content_desc="Video call",
-        ),
-        Widget(
-            "android.widget.Button",
-            (w - 160, 100, w - 30, 220),
-            "call audio",
-            ids.get("voice", ""),
-            content_desc="Voice call" if p != TELEGRAM else "Call",
-        ),
-        Widget(
-            "android.widget.ImageButton",
-            (20, h - 200, 140, h - 80),
-            "media",
-            ids.get("attach", ""),
-            content_desc="Attach media"
-            if p == TELEGRAM
-            else "Add attachment"
-            if p == SIGNAL
-            else "Attach",
-        ),
-        Widget(
-            "android.widget.EditText",
-            (150, h - 200, w - 160, h - 80),
-            "focus",
-            ids.get("editor", ""),
-            text=editor_text.get(p, "Message"),
-        ),
-        Widget(
-            "android.widget.ImageButton",
-            (w - 150, h - 200, w - 30, h - 80),
-            "chat",
-            ids.get("send", ""),
-            content_desc="Send",
-        ),
-    ]
-
-
-def screen_xml(package: str, screen: str, w: int = 1080, h: int = 2400) -> str:
-    """The uiautomator dump of ``package``'s ``screen`` ("chat" or "call")."""
-    nodes = [
-        rt.make_node(
-            x.cls,
-            package,
-            x.bounds,
-            text=x.text,
-            resource_id=x.resource_id,
-            content_desc=x.content_desc,
-            clickable=bool(x.action),
-            index=i,
-        )
-        for i, x in enumerate(_widgets(package, screen, w, h))
-    ]
-    content = rt.make_node(
-        "android.widget.FrameLayout",
-        package,
-        (0, 96, w, h),
-        resource_id="android:id/content",
-        children=nodes,
-    )
-    root = rt.make_node("android.widget.FrameLayout", package, (0, 0, w, h), children=[content])
-    return rt.make_hierarchy([root])
-
-
-def action_at(package: str, screen: str, x: float, y: float, w: int = 1080, h: int = 2400) -> str:
-    """The action a tap at (x, y) triggers on ``package``'s ``screen`` ('' for none)."""
-    for widget in _widgets(package, screen, w, h):
-        x1, y1, x2, y2 = widget.bounds
-        if widget.action and x1 <= x <= x2 and y1 <= y <= y2:
-            return widget.action
-    return ""
+RING_TIMEOUT_S = 45.0  # how long an unanswered call rings before the caller gives up
+ENDED_LINGER_S = ui.ENDED_LINGER_S
 
 
 # --------------------------------------------------------------------------- app process
@@ -360,6 +245,8 @@ class SimulatedApp:
         self.stop = threading.Event()
         self.call_stop = threading.Event()
         self.call_thread: threading.Thread | None = None
+        self.ice_stop = threading.Event()
+        self.ice_thread: threading.Thread | None = None
         self.chat: socket.socket | None = None
         self.chat_lock = threading.Lock()
         self.open: dict[int, tuple[socket.socket, dict[str, Any]]] = {}
@@ -367,6 +254,7 @@ class SimulatedApp:
         self.dns_cache: dict[str, tuple[str, float]] = {}
         self.rng = random.Random(os.getpid())
         self.typed = 0
+        self.out_lock = threading.Lock()
 
     # ---- sockets with truth
 
@@ -481,21 +369,55 @@ class SimulatedApp:
                 self.chat = None
             self.stop.wait(1.0)
 
-    def send_messages(self, count: int) -> None:
-        """A chat burst: each message, its server ack, and a delivery receipt."""
+    def report(self, line: str) -> None:
+        """Tell the manager (our stdout) what happened: ``sent MID`` once the server took it."""
+        with self.out_lock:
+            try:
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+            except (OSError, ValueError):
+                pass
+
+    def send_messages(self, count: int, mid: str = "", extra: int = 0) -> None:
+        """A chat burst: each message, its server ack, and a delivery receipt.
+
+        Without a chat connection the message waits (pending) and is retried for 30 s.
+        """
         lo, hi = self.profile.message_bytes
-        for _ in range(count):
+        deadline = time.monotonic() + 30
+        sent = 0
+        while sent < count and not self.stop.is_set():
+            with self.chat_lock:
+                chat = self.chat
+                if chat is not None:
+                    try:
+                        size = self.rng.randint(lo, hi) + self.typed + extra
+                        self.exchange(chat, size, self.rng.randint(60, 120))
+                        self.exchange(chat, self.rng.randint(60, 90), self.rng.randint(90, 200))
+                        sent += 1
+                        self.typed = 0
+                    except OSError:
+                        chat = None
+            if chat is None:
+                if time.monotonic() > deadline:
+                    return
+                self.stop.wait(0.5)
+                continue
+            time.sleep(self.rng.uniform(0.05, 0.3))
+        if mid and sent == count:
+            self.report(f"sent {mid}")
+
+    def chat_exchange(self, up: tuple[int, int], down: tuple[int, int], times: int = 1) -> None:
+        """Small exchanges on the chat connection (call signalling, an incoming message)."""
+        for _ in range(times):
             with self.chat_lock:
                 if self.chat is None:
                     return
                 try:
-                    size = self.rng.randint(lo, hi) + self.typed
-                    self.exchange(self.chat, size, self.rng.randint(60, 120))
-                    self.exchange(self.chat, self.rng.randint(60, 90), self.rng.randint(90, 200))
+                    self.exchange(self.chat, self.rng.randint(*up), self.rng.randint(*down))
                 except OSError:
                     return
-            self.typed = 0
-            time.sleep(self.rng.uniform(0.05, 0.3))
+            time.sleep(self.rng.uniform(0.05, 0.2))
 
     def typing(self) -> None:
         with self.chat_lock:
@@ -505,7 +427,7 @@ class SimulatedApp:
                 except OSError:
                     pass
 
-    def upload(self, total: int) -> None:
+    def upload(self, total: int, mid: str = "") -> None:
         """A media upload on its own connection, in 16 KiB frames."""
         ep = self.profile.media
         if ep is None:
@@ -523,6 +445,36 @@ class SimulatedApp:
                 sent += n
                 time.sleep(UPLOAD_PACING_S)  # a phone's uplink, not a veth's: ~3 MB/s
             self.exchange(sock, 64, self.rng.randint(200, 400))
+        except OSError:
+            return
+        finally:
+            self._close(sock)
+        if mid:
+            self.send_messages(1, mid)  # the message carrying the attachment's pointer
+
+    def ice(self) -> None:
+        """A call being set up: STUN bindings to the relay (candidate gathering, consent
+        checks) every 2 s while it rings -- no media until the callee answers."""
+        ep = self.profile.relay
+        if ep is None:
+            return
+        try:
+            ip = self.resolve(ep.host)
+        except OSError:
+            return
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.connect((ip, ep.port))
+            self._opened(sock, "udp", ep.host, "ice")
+            sock.settimeout(0.5)
+            while not self.ice_stop.is_set() and not self.stop.is_set():
+                txid = os.urandom(12)
+                sock.send(struct.pack("!HHI", 0x0001, 0, STUN_MAGIC) + txid)
+                try:
+                    sock.recv(2048)
+                except (TimeoutError, OSError):
+                    pass
+                self.ice_stop.wait(2.0)
         except OSError:
             pass
         finally:
@@ -616,14 +568,33 @@ class SimulatedApp:
         verb = words[0]
         if verb == "chat":
             count = int(words[1]) if len(words) > 1 else 1
-            threading.Thread(target=self.send_messages, args=(count,), daemon=True).start()
+            mid = words[2] if len(words) > 2 else ""
+            extra = int(words[3]) if len(words) > 3 else 0
+            threading.Thread(target=self.send_messages, args=(count, mid, extra),
+                             daemon=True).start()  # fmt: skip
+        elif verb == "signal":  # call set-up, ringing, answer, hang-up: a few small frames
+            times = int(words[1]) if len(words) > 1 else 2
+            threading.Thread(target=self.chat_exchange, args=((120, 400), (80, 300), times),
+                             daemon=True).start()  # fmt: skip
+        elif verb == "recv":  # an incoming message pushed down the chat connection
+            size = int(words[1]) if len(words) > 1 else 400
+            threading.Thread(target=self.chat_exchange, args=((40, 80), (size, size + 200)),
+                             daemon=True).start()  # fmt: skip
         elif verb == "typing":
             self.typed += int(words[1]) if len(words) > 1 else 0
             threading.Thread(target=self.typing, daemon=True).start()
         elif verb == "media":
             total = int(words[1]) if len(words) > 1 else MEDIA_BYTES
-            threading.Thread(target=self.upload, args=(total,), daemon=True).start()
+            mid = words[2] if len(words) > 2 else ""
+            threading.Thread(target=self.upload, args=(total, mid), daemon=True).start()
+        elif verb == "ice":
+            if self.ice_thread is not None and self.ice_thread.is_alive():
+                return
+            self.ice_stop.clear()
+            self.ice_thread = threading.Thread(target=self.ice, daemon=True)
+            self.ice_thread.start()
         elif verb == "call":
+            self.ice_stop.set()
             if self.call_thread is not None and self.call_thread.is_alive():
                 return
             self.call_stop.clear()
@@ -632,6 +603,7 @@ class SimulatedApp:
             self.call_thread.start()
         elif verb == "hangup":
             self.call_stop.set()
+            self.ice_stop.set()
         elif verb == "browse":
             threading.Thread(target=self.browse_once, daemon=True).start()
         elif verb == "quit":
@@ -699,7 +671,6 @@ def run_app(package: str, uid: int, truth_fd: int, ca: str, phone: str) -> int:
 @dataclass
 class _Running:
     proc: subprocess.Popen[bytes]
-    screen: str = "chat"
     stopping_since: float | None = None
     started: float = field(default_factory=time.monotonic)
     sidecar: subprocess.Popen[bytes] | None = None
@@ -716,39 +687,161 @@ def hostile_name(package: str, kind: str) -> str:
     return f"{package}:" + ("x" * 300 if kind == "long" else "evil\nname")
 
 
-class Manager:
-    """Starts, steers and stops one phone's simulated apps from its state and input log."""
+@dataclass
+class ManagerOptions:
+    """One phone's app manager: who owns the phone, whom it knows, how its apps behave."""
 
-    def __init__(self, state_dir: Path, truth_path: Path, ca: Path, interval: float = 0.05) -> None:
+    owner: str = ""
+    contacts: list[str] = field(default_factory=list)
+    relay: Path | None = None  # the lab's relay directory: one inbox per phone owner
+    ring_timeout_s: float = RING_TIMEOUT_S
+    interruption_rate: float = 0.0
+    seed: int | None = None
+
+
+class Relay:
+    """The lab's call and message signalling between phones: one inbox directory per owner.
+
+    A post is one JSON file, written aside and renamed into the peer's inbox; every
+    manager polls its own inbox.  A contact is a lab phone when it has an inbox.
+    """
+
+    def __init__(self, root: Path | None, owner: str) -> None:
+        self.root = root
+        self.owner = owner
+        self.n = 0
+        if root is not None and owner:
+            (root / owner).mkdir(parents=True, exist_ok=True)
+            (root / ".tmp").mkdir(parents=True, exist_ok=True)
+
+    def is_phone(self, name: str) -> bool:
+        return bool(self.root is not None and name and name != self.owner
+                    and (self.root / name).is_dir())  # fmt: skip
+
+    def post(self, to: str, message: dict[str, Any]) -> bool:
+        if not self.is_phone(to) or self.root is None:
+            return False
+        self.n += 1
+        name = f"{time.time_ns()}-{os.getpid()}-{self.n}.json"
+        tmp = self.root / ".tmp" / name
+        tmp.write_text(json.dumps({**message, "from": self.owner}))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, self.root / to / name)
+        return True
+
+    def receive(self) -> list[dict[str, Any]]:
+        if self.root is None or not self.owner:
+            return []
+        inbox = self.root / self.owner
+        out = []
+        try:
+            names = sorted(os.listdir(inbox))
+        except OSError:
+            return []
+        for name in names:
+            path = inbox / name
+            try:
+                out.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                pass
+            try:
+                path.unlink()
+            except OSError:
+                pass
+        return out
+
+
+class Manager:
+    """Starts, steers and stops one phone's simulated apps from its state and input log.
+
+    It keeps each messenger's UI state (:mod:`controller.lab.app_ui`) across sessions,
+    publishes its screens, turns taps into moves and actions, signals calls and messages
+    to the other lab phones through the :class:`Relay`, and now and then opens an
+    interruption (a permission prompt or a rating dialog) on top.
+    """
+
+    def __init__(self, state_dir: Path, truth_path: Path, ca: Path, interval: float = 0.05,
+                 options: ManagerOptions | None = None) -> None:  # fmt: skip
         self.state_dir = state_dir
         self.truth_path = truth_path
         self.ca = ca
         self.interval = interval
+        self.opt = options or ManagerOptions()
         self.apps: dict[str, _Running] = {}
         self.crashes: dict[str, int] = {}
         self.stop = threading.Event()
         self.input_offset = 0
-        self.foreground: str | None = None
         state = rt.read_state(state_dir)
         self.serial = str(state.get("serial", ""))
         self.display = state.get("display", {"width": 1080, "height": 2400})
         self.truth_fd = os.open(truth_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         log = state_dir / rt.INPUT_LOG
         self.input_offset = log.stat().st_size if log.exists() else 0
+        saved = state.get("app_ui") or {}
+        self.ui: dict[str, dict[str, Any]] = {
+            p: ui.cold_start(saved.get(p) or {}) for p in ui.MESSENGERS
+        }
+        if SIGNAL not in saved and self.opt.interruption_rate > 0:
+            self.ui[SIGNAL]["media_allowed"] = False  # a fresh phone: Signal asks for photos
+        self.relay = Relay(self.opt.relay, self.opt.owner)
+        seed = self.opt.seed if self.opt.seed is not None else zlib.crc32(self.serial.encode())
+        self.rng = random.Random(seed)
+        self.outbox: queue.Queue[tuple[str, str]] = queue.Queue()
+        self.later: list[tuple[float, str, str, str]] = []  # (due, package, contact, mid)
+        self.published: dict[str, str] = {}
+        self.saved_ui = ""
+        self.rendered_for: tuple[Any, ...] = ()
+        self.foreground_seen: tuple[Any, Any] | None = None
+        self.mid = 0
+        self.lang = "en"
+
+        def contacts_of(s: dict[str, Any]) -> None:
+            s["owner"] = self.opt.owner
+            s["contacts"] = list(self.opt.contacts)
+
+        rt.update_state(state_dir, contacts_of)
 
     def _wh(self) -> tuple[int, int]:
         return int(self.display.get("width", 1080)), int(self.display.get("height", 2400))
 
-    def publish_screens(self, packages: list[str]) -> None:
+    # ---- screens
+
+    def view(self, package: str, state: dict[str, Any]) -> ui.View:
         w, h = self._wh()
+        field_ = (state.get("text_fields") or {}).get(package)
+        return ui.View(package, self.lang, list(self.opt.contacts), w, h, time.time(), field_)
+
+    def windows(self, package: str, state: dict[str, Any]) -> list[tuple[ui.Node, str]]:
+        return ui.render(self.ui[package], self.view(package, state))
+
+    def publish(self, state: dict[str, Any]) -> None:
+        """Publish every messenger's screen (and the UI states) when something changed."""
+        props = state.get("props") or {}
+        self.lang = ui.language(props.get("persist.sys.locale") or props.get("ro.product.locale"))
+        saved = json.dumps(self.ui, sort_keys=True)
+        timer = any((u.get("call") or {}).get("state") == "connected" for u in self.ui.values())
+        key = (saved, json.dumps(state.get("text_fields"), sort_keys=True), self.lang,
+               int(time.time()) if timer else 0)  # fmt: skip
+        if key == self.rendered_for:  # nothing a screen shows has changed
+            return
+        self.rendered_for = key
+        changed = {}
+        for package in ui.MESSENGERS:
+            xml = ui.document(self.windows(package, state))
+            if self.published.get(package) != xml:
+                changed[package] = xml
+        if not changed and saved == self.saved_ui:
+            return
 
         def put(s: dict[str, Any]) -> None:
-            screens = s.setdefault("screens", {})
-            for pkg in packages:
-                running = self.apps.get(pkg)
-                screens[pkg] = screen_xml(pkg, running.screen if running else "chat", w, h)
+            s.setdefault("screens", {}).update(changed)
+            s["app_ui"] = json.loads(saved)
 
         rt.update_state(self.state_dir, put)
+        self.published.update(changed)
+        self.saved_ui = saved
+
+    # ---- processes
 
     def start_app(self, package: str, uid: int) -> None:
         argv = [
@@ -775,7 +868,7 @@ class Manager:
             "LANG": "C.UTF-8",
         }
         proc = subprocess.Popen(
-            argv, executable=sys.executable, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            argv, executable=sys.executable, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=open(self.state_dir / f"app-{package}.log", "ab"), pass_fds=(self.truth_fd,),
             env=env, cwd="/", start_new_session=True,
         )  # fmt: skip
@@ -791,6 +884,9 @@ class Manager:
                 executable=sys.executable, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, env=env, cwd="/", start_new_session=True,
             )  # fmt: skip
+        if package in self.ui:
+            self.ui[package] = ui.cold_start(self.ui[package], keep_call=True)
+        threading.Thread(target=self._read_reports, args=(package, proc), daemon=True).start()
 
         def record_pid(s: dict[str, Any]) -> None:
             entry = s.get("running", {}).get(package)
@@ -798,6 +894,11 @@ class Manager:
                 entry["pid"] = proc.pid
 
         rt.update_state(self.state_dir, record_pid)
+
+    def _read_reports(self, package: str, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            self.outbox.put((package, raw.decode(errors="replace").strip()))
 
     def send(self, package: str, line: str) -> None:
         running = self.apps.get(package)
@@ -813,6 +914,10 @@ class Manager:
         running = self.apps.get(package)
         if running is None or running.stopping_since is not None:
             return
+        if package in self.ui:  # force-stop: a call ends, the next start is a cold one
+            if self.ui[package].get("call"):
+                self.end_call(package, "call_ended", linger=False)
+            self.ui[package] = ui.cold_start(self.ui[package])
         running.stopping_since = time.monotonic()
         try:
             running.proc.terminate()
@@ -833,40 +938,296 @@ class Manager:
             ):
                 running.proc.kill()
 
+    def bring_to_front(self, package: str) -> None:
+        """An incoming call: the app starts if needed and its call screen comes to the front."""
+
+        def front(s: dict[str, Any]) -> None:
+            info = s.get("packages", {}).get(package)
+            if info is None:
+                return
+            running = s.setdefault("running", {})
+            now = rt.device_time(s)
+            if package not in running:
+                pid = int(s.get("next_pid", 20000))
+                s["next_pid"] = pid + 7
+                running[package] = {"pid": pid, "started_at": now}
+            activity = str(info.get("activity") or f"{package}.MainActivity")
+            running[package]["activity"] = activity
+            s["foreground"] = {"package": package, "activity": activity, "since": now}
+
+        rt.update_state(self.state_dir, front)
+
+    # ---- interruptions
+
+    def maybe_interrupt(self, package: str) -> None:
+        rate = self.opt.interruption_rate
+        state = self.ui[package]
+        if rate <= 0 or state.get("dialog") or self.rng.random() >= rate:
+            return
+        what = self.rng.choice(ui.INTERRUPTIONS)
+        if what in ("notifications", "microphone"):
+            state["dialog"] = {"kind": "permission", "what": what}
+        else:
+            state["dialog"] = {"kind": what}
+
+    # ---- actions
+
+    def new_id(self) -> str:
+        self.mid += 1
+        return f"{self.opt.owner or self.serial}-{time.time_ns() % 10**12}-{self.mid}"
+
+    def send_text(self, package: str, text: str, state: dict[str, Any]) -> None:
+        contact = str(self.ui[package].get("contact") or "")
+        if not contact:
+            return
+        mid = self.new_id()
+        self.ui[package].setdefault("convs", {}).setdefault(contact, []).append(
+            {"id": mid, "text": text, "out": True, "status": "pending", "t": time.time()}
+        )
+        self.send(package, f"chat 1 {mid} {len(text.encode())}")
+        if (state.get("foreground") or {}).get("package") == package:
+            rt.edit_focused(str(self.state_dir), lambda _old: "")  # the composer empties
+
+    def send_media(self, package: str) -> None:
+        contact = str(self.ui[package].get("contact") or "")
+        if not contact:
+            return
+        mid = self.new_id()
+        self.ui[package].setdefault("convs", {}).setdefault(contact, []).append(
+            {
+                "id": mid,
+                "text": "",
+                "media": True,
+                "out": True,
+                "status": "pending",
+                "t": time.time(),
+            }  # fmt: skip
+        )
+        self.send(package, f"media {MEDIA_BYTES} {mid}")
+
+    def message_sent(self, package: str, mid: str) -> None:
+        """The server took message ``mid``: sent; then to the peer (a lab phone) or delivered."""
+        for contact, msgs in self.ui[package].get("convs", {}).items():
+            for m in msgs:
+                if m.get("id") == mid and m.get("out"):
+                    if m.get("status") == "pending":
+                        m["status"] = "sent"
+                    post = {"kind": "msg", "app": package, "id": mid, "text": m.get("text", ""),
+                            "media": bool(m.get("media"))}  # fmt: skip
+                    if not self.relay.post(contact, post):  # someone else's phone, online
+                        due = time.monotonic() + self.rng.uniform(0.4, 1.2)
+                        self.later.append((due, package, contact, mid))
+                    return
+
+    def set_status(self, package: str, contact: str, mid: str, status: str) -> None:
+        order = ["pending", "sent", "delivered", "read"]
+        for m in self.ui[package].get("convs", {}).get(contact, []):
+            if m.get("id") == mid and order.index(status) > order.index(m.get("status", "pending")):
+                m["status"] = status
+
+    def read_open_conversation(self, package: str, state: dict[str, Any]) -> None:
+        """Messages on screen count as read (the sender's bubble shows it)."""
+        u = self.ui[package]
+        if (state.get("foreground") or {}).get("package") != package:
+            return
+        if u.get("screen") != "conversation" or u.get("call") or u.get("dialog"):
+            return
+        contact = str(u.get("contact") or "")
+        for m in u.get("convs", {}).get(contact, []):
+            if not m.get("out") and not m.get("read"):
+                m["read"] = True
+                self.relay.post(contact, {"kind": "read", "app": package, "id": m.get("id")})
+
+    def place_call(self, package: str, contact: str, kind: str) -> None:
+        if not contact:
+            return
+        u = self.ui[package]
+        call_id = self.new_id()
+        u["call"] = {"id": call_id, "peer": contact, "video": kind == "video", "dir": "out",
+                     "state": "calling", "since": time.time(), "mono": time.monotonic(),
+                     "return_to": u.get("screen")}  # fmt: skip
+        u["dialog"] = None
+        u["call_log"] = [c for c in u.get("call_log", []) if c != contact] + [contact]
+        self.send(package, "signal 2")
+        self.send(package, "ice")
+        if not self.relay.post(contact, {"kind": "call", "app": package, "id": call_id,
+                                         "video": kind == "video"}):  # fmt: skip
+            u["call"]["ring_at"] = time.monotonic() + 1.0  # somebody's phone rings, unanswered
+
+    def answer(self, package: str) -> None:
+        call = self.ui[package].get("call")
+        if not call or call.get("state") != "incoming":
+            return
+        call.update(state="connected", connected_at=time.time())
+        self.send(package, "signal 1")
+        self.send(package, "call video" if call.get("video") else "call audio")
+        self.relay.post(str(call.get("peer")), {"kind": "answer", "app": package,
+                                                "id": call.get("id")})  # fmt: skip
+
+    def end_call(self, package: str, reason: str, notify: bool = True, linger: bool = True,
+                 peer_reason: str = "call_ended") -> None:  # fmt: skip
+        u = self.ui[package]
+        call = u.get("call")
+        if not call or call.get("state") == "ended":
+            return
+        self.send(package, "hangup")  # media, or the set-up's STUN checks
+        self.send(package, "signal 1")
+        if notify:
+            self.relay.post(str(call.get("peer")), {"kind": "hangup", "app": package,
+                                                    "id": call.get("id"), "reason": peer_reason})  # fmt: skip
+        call.update(state="ended", reason=reason, ended_mono=time.monotonic())
+        if not linger:
+            self.close_call(package)
+
+    def close_call(self, package: str) -> None:
+        u = self.ui[package]
+        call = u.get("call") or {}
+        back_to = call.get("return_to") or ui.HOME_SCREEN
+        u["call"] = None
+        u["screen"] = back_to if back_to in ui.PARENT else ui.HOME_SCREEN
+        if u["screen"] in ("chat_list", "calls_tab"):
+            u["contact"] = None
+
+    def do(self, package: str, effects: list[tuple[str, ...]], state: dict[str, Any]) -> None:
+        for effect in effects:
+            what = effect[0]
+            if what == "send_text":
+                self.send_text(package, effect[1], state)
+            elif what == "send_media":
+                self.send_media(package)
+            elif what == "call":
+                self.place_call(package, effect[1], effect[2])
+            elif what == "hangup":
+                call = self.ui[package].get("call") or {}
+                if call.get("dir") == "out" and call.get("state") in ("calling", "ringing"):
+                    self.end_call(package, "call_ended", peer_reason="no_answer")
+                else:
+                    self.end_call(package, "call_ended")
+            elif what == "answer":
+                self.answer(package)
+            elif what == "decline":
+                self.end_call(package, "call_ended", peer_reason="declined")
+
+    # ---- events
+
     def on_input(self, event: dict[str, Any], state: dict[str, Any]) -> None:
         fg = (state.get("foreground") or {}).get("package")
-        if fg not in self.apps:
+        if fg not in self.ui or fg not in self.apps:
             return
-        running = self.apps[fg]
+        u = self.ui[fg]
         kind, args = event.get("kind"), event.get("args", [])
-        w, h = self._wh()
         if kind == "tap" and len(args) >= 2:
-            action = action_at(fg, running.screen, float(args[0]), float(args[1]), w, h)
-            if action == "chat":
-                self.send(fg, "chat 1")
-                rt.edit_focused(str(self.state_dir), lambda _text: "")  # the message is sent
-            elif action == "media":
-                self.send(fg, f"media {MEDIA_BYTES}")
-            elif action.startswith("call"):
-                self.send(fg, action)
-                running.screen = "call"
-                self.publish_screens([fg])
-            elif action == "hangup":
-                self.hangup(fg)
+            action, arg = ui.hit(self.windows(fg, state), float(args[0]), float(args[1]))
+            if not action:
+                return
+            dismissing = bool(u.get("dialog"))
+            before = u.get("screen")
+            text = ui.typed_text(u, self.view(fg, state))
+            self.do(fg, ui.apply(u, fg, action, arg, text), state)
+            if u.get("screen") in ui.AUTOFOCUS and u.get("screen") != before:
+                self.focus_search(fg, state)
+            if not dismissing and action not in ("noop", "focus"):
+                self.maybe_interrupt(fg)
         elif kind == "text" and args:
             self.send(fg, f"typing {len(args[0])}")
-        elif kind == "keyevent" and args and args[-1] in ("KEYCODE_ENDCALL", "6"):
-            self.hangup(fg)
-        elif kind == "keyevent" and args and args[-1] in ("KEYCODE_ENTER", "66"):
-            self.send(fg, "chat 1")
-            rt.edit_focused(str(self.state_dir), lambda _text: "")
+        elif kind == "keyevent" and args:
+            key = args[-1]
+            if key in ("KEYCODE_BACK", "4"):
+                if not ui.back(u, fg):
+                    self.to_background(fg)
+            elif key in ("KEYCODE_ENDCALL", "6") and u.get("call"):
+                self.do(fg, [("hangup",)], state)
+            elif key in ("KEYCODE_ENTER", "66") and u.get("screen") == "conversation":
+                text = ui.typed_text(u, self.view(fg, state))
+                if text and not u.get("dialog") and not u.get("call"):
+                    self.send_text(fg, text, state)
 
-    def hangup(self, package: str) -> None:
-        self.send(package, "hangup")
-        running = self.apps.get(package)
-        if running is not None and running.screen != "chat":
-            running.screen = "chat"
-            self.publish_screens([package])
+    def focus_search(self, package: str, state: dict[str, Any]) -> None:
+        """A search screen opens with its field focused (the keyboard up): typing goes there."""
+        for root, _pkg in self.windows(package, state)[:1]:
+            for node in root.walk():
+                if "EditText" in node.cls:
+                    x1, y1, x2, y2 = node.bounds
+                    rid = node.rid if ":" in node.rid else f"{package}:id/{node.rid}"
+                    field_ = {"resource_id": rid if node.rid else "", "text": "",
+                              "bounds": f"[{x1},{y1}][{x2},{y2}]"}  # fmt: skip
+
+                    def focus(s: dict[str, Any], f: dict[str, Any] = field_) -> None:
+                        s.setdefault("text_fields", {})[package] = f
+
+                    rt.update_state(self.state_dir, focus)
+                    return
+
+    def to_background(self, package: str) -> None:
+        def leave(s: dict[str, Any]) -> None:
+            if (s.get("foreground") or {}).get("package") == package:
+                s["foreground"] = None
+
+        rt.update_state(self.state_dir, leave)
+
+    def on_post(self, post: dict[str, Any], state: dict[str, Any]) -> None:
+        package = str(post.get("app") or "")
+        if package not in self.ui:
+            return
+        u = self.ui[package]
+        kind, peer, pid = post.get("kind"), str(post.get("from") or ""), post.get("id")
+        call = u.get("call") or {}
+        same = call.get("id") == pid and call.get("peer") == peer
+        if kind == "msg":
+            msgs = u.setdefault("convs", {}).setdefault(peer, [])
+            if not any(m.get("id") == pid for m in msgs):
+                msgs.append({"id": pid, "text": post.get("text", ""), "media": post.get("media"),
+                             "out": False, "t": time.time()})  # fmt: skip
+                self.send(package, f"recv {MEDIA_BYTES // 20 if post.get('media') else 500}")
+            self.relay.post(peer, {"kind": "delivered", "app": package, "id": pid})
+        elif kind in ("delivered", "read"):
+            self.set_status(package, peer, str(pid), str(kind))
+        elif kind == "call":
+            if call and call.get("state") != "ended":
+                self.relay.post(peer, {"kind": "busy", "app": package, "id": pid})
+                return
+            if call:
+                self.close_call(package)
+            u["call"] = {"id": pid, "peer": peer, "video": bool(post.get("video")), "dir": "in",
+                         "state": "incoming", "since": time.time(), "mono": time.monotonic(),
+                         "return_to": u.get("screen")}  # fmt: skip
+            u["dialog"] = None
+            u["call_log"] = [c for c in u.get("call_log", []) if c != peer] + [peer]
+            self.bring_to_front(package)
+            self.relay.post(peer, {"kind": "ringing", "app": package, "id": pid})
+        elif kind == "ringing" and same and call.get("state") == "calling":
+            call["state"] = "ringing"
+        elif kind == "answer" and same and call.get("state") in ("calling", "ringing"):
+            call.update(state="connected", connected_at=time.time())
+            self.send(package, "call video" if call.get("video") else "call audio")
+        elif kind in ("busy", "hangup") and same:
+            reason = "busy" if kind == "busy" else str(post.get("reason") or "call_ended")
+            if call.get("dir") == "in" or reason not in ui.STRINGS[package]["en"]:
+                reason = "call_ended"
+            self.end_call(package, reason, notify=False)
+
+    def timers(self) -> None:
+        now = time.monotonic()
+        for package, u in self.ui.items():
+            call = u.get("call")
+            if not call:
+                continue
+            state = call.get("state")
+            if state == "calling" and call.get("ring_at") and now >= call["ring_at"]:
+                call["state"] = "ringing"
+            if call.get("dir") == "out" and state in ("calling", "ringing"):
+                if now - float(call.get("mono") or now) > self.opt.ring_timeout_s:
+                    self.end_call(package, "no_answer", peer_reason="call_ended")
+            elif state == "incoming" and now - float(call.get("mono") or now) > (
+                self.opt.ring_timeout_s + 5
+            ):  # the caller vanished
+                self.end_call(package, "call_ended", notify=False)
+            elif state == "ended" and now - float(call.get("ended_mono") or now) > ENDED_LINGER_S:
+                self.close_call(package)
+        due = [x for x in self.later if x[0] <= now]
+        self.later = [x for x in self.later if x[0] > now]
+        for _, package, contact, mid in due:
+            self.set_status(package, contact, mid, "delivered")
 
     def tick(self) -> None:
         state = rt.read_state(self.state_dir)
@@ -877,8 +1238,6 @@ class Manager:
             if package not in self.apps:
                 if self.crashes.get(package, 0) < 5:
                     self.start_app(package, int(packages[package]["uid"]))
-                    if package not in BACKGROUND:
-                        self.publish_screens([package])
                 continue
             pid = self.apps[package].proc.pid
             if state.get("running", {}).get(package, {}).get("pid") not in (None, pid):
@@ -891,6 +1250,12 @@ class Manager:
         for package in list(self.apps):
             if package not in wanted:
                 self.stop_app(package)
+        fg = state.get("foreground") or {}
+        seen = (fg.get("package"), fg.get("since"))
+        if seen != self.foreground_seen:
+            if self.foreground_seen is not None and fg.get("package") in self.ui:
+                self.maybe_interrupt(str(fg.get("package")))  # a launch: "what's new", prompts
+            self.foreground_seen = seen
         log = self.state_dir / rt.INPUT_LOG
         try:
             with open(log, "rb") as f:
@@ -906,11 +1271,26 @@ class Manager:
                     self.on_input(json.loads(raw), state)
                 except (ValueError, TypeError):
                     continue
+                state = rt.read_state(self.state_dir)
+        for post in self.relay.receive():
+            self.on_post(post, state)
+        while True:
+            try:
+                package, line = self.outbox.get_nowait()
+            except queue.Empty:
+                break
+            words = line.split()
+            if len(words) == 2 and words[0] == "sent" and package in self.ui:
+                self.message_sent(package, words[1])
+        self.timers()
+        state = rt.read_state(self.state_dir)
+        for package in ui.MESSENGERS:
+            self.read_open_conversation(package, state)
+        self.publish(state)
         self.reap()
 
     def run(self) -> None:
-        launchable = [p for p in (SIGNAL, TELEGRAM, WHATSAPP)]
-        self.publish_screens(launchable)
+        self.publish(rt.read_state(self.state_dir))
         while not self.stop.is_set():
             try:
                 self.tick()
@@ -937,6 +1317,16 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--state-dir", required=True, type=Path)
     m.add_argument("--truth", required=True, type=Path)
     m.add_argument("--ca", required=True, type=Path)
+    m.add_argument("--owner", default="", help="the phone owner's display name")
+    m.add_argument("--contact", action="append", default=[], help="a contact's name (repeat)")
+    m.add_argument("--relay", type=Path, help="the lab's relay directory (calls, messages)")
+    m.add_argument("--ring-timeout", type=float, default=RING_TIMEOUT_S)
+    m.add_argument(
+        "--interruptions",
+        type=float,
+        default=0.0,
+        help="chance of a permission prompt or rating dialog per action",
+    )
     a = sub.add_parser("app", help="one app process (started by the manager)")
     a.add_argument("package")
     a.add_argument("--uid", type=int, default=0)
@@ -946,7 +1336,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.what == "app":
         return run_app(args.package, args.uid, args.truth_fd, args.ca, args.phone)
-    manager = Manager(args.state_dir, args.truth, args.ca)
+    options = ManagerOptions(owner=args.owner, contacts=args.contact, relay=args.relay,
+                             ring_timeout_s=args.ring_timeout,
+                             interruption_rate=args.interruptions)  # fmt: skip
+    manager = Manager(args.state_dir, args.truth, args.ca, options=options)
     for signo in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signo, lambda *_: manager.stop.set())
     print("managing", flush=True)

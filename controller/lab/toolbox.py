@@ -116,6 +116,11 @@ class PhoneConfig(BaseModel):
     display_width: int = Field(default=1080, description="Screen width in pixels.")
     display_height: int = Field(default=2400, description="Screen height in pixels.")
     timezone: str = Field(default="Europe/Rome", description="persist.sys.timezone.")
+    locale: str = Field(default="en-US", description="persist.sys.locale: the apps' language.")
+    interruption_rate: float = Field(
+        default=0.03, ge=0, le=1, description="Lab apps: chance per action of a permission "
+        "prompt or rating dialog on top (0: never).",
+    )  # fmt: skip
     extra_props: dict[str, str] = Field(default_factory=dict, description="More getprop values.")
     adb_keyboard: bool = Field(
         default=True,
@@ -189,6 +194,8 @@ class PhoneConfig(BaseModel):
             "ro.boot.verifiedbootstate": "orange",
             "ro.hardware": self.device,
             "persist.sys.timezone": self.timezone,
+            "persist.sys.locale": self.locale,
+            "ro.product.locale": "en-US",
             "persist.sys.usb.config": "mtp,adb",
             "sys.boot_completed": "1",
             "dev.bootcomplete": "1",
@@ -198,6 +205,8 @@ class PhoneConfig(BaseModel):
             "wifi.interface": "wlan0",
         }
         props.update(self.extra_props)
+        # the phone's language is the lab's setting (the apps' texts follow it), not the dump's
+        props["persist.sys.locale"] = self.locale
         return props
 
     def banner(self, features: list[str]) -> str:

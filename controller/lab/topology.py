@@ -128,6 +128,8 @@ class LabPhone:
     state_dir: str
     config: PhoneConfig
     ip6: str = ""
+    owner: str = ""  # the phone owner's display name: the other lab phones' contact name
+    contacts: list[str] = field(default_factory=list)  # the names its messengers list
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -400,6 +402,27 @@ def skip_reason() -> str | None:
     return None
 
 
+LAB_APP_VERSIONS = {
+    "org.thoughtcrime.securesms": (1413, "7.8.1"),
+    "org.telegram.messenger": (61201, "12.0.1"),
+    "com.whatsapp": (260270001, "2.26.2.70"),
+}
+OWNERS = ("Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy")
+# In every phone's contacts but not a lab phone (her phone never answers): the scenarios'
+# default contact, so a solo session reaches a conversation on every lab phone.
+OUTSIDE_CONTACT = "Alice"
+
+
+def phone_owner(index: int) -> str:
+    """Phone N's owner: Bob, Carol, ... (what the other phones' messengers call it)."""
+    return OWNERS[(index - 1) % len(OWNERS)]
+
+
+def phone_contacts(index: int, phones: int) -> list[str]:
+    """Phone N's contacts: the other lab phones' owners, then someone outside the lab."""
+    return [phone_owner(i) for i in range(1, phones + 1) if i != index] + [OUTSIDE_CONTACT]
+
+
 def lab_phone_config(index: int, updates: dict[str, Any] | None = None) -> PhoneConfig:
     """Phone N's identity: the Samsung and Xiaomi presets, reporting x86_64 (host binaries);
     ``updates`` sets more PhoneConfig fields (e.g. a failure mode: ``strace_fault``)."""
@@ -423,10 +446,19 @@ def lab_phone_config(index: int, updates: dict[str, Any] | None = None) -> Phone
         "ro.product.cpu.abilist64": "x86_64,arm64-v8a",
         "ro.kernel.qemu": "0",
         "ro.flowtruth.lab": "1",
+        "ro.flowtruth.lab.owner": phone_owner(index),
     }
+    # the simulated messengers imitate these versions' screens (controller.lab.app_ui)
+    packages = dict(base.packages)
+    for name, (code, version) in LAB_APP_VERSIONS.items():
+        if name in packages:
+            packages[name] = packages[name].model_copy(
+                update={"version_code": code, "version_name": version}
+            )
     return base.model_copy(
-        update={"abi": "x86_64", "serial": serial, "extra_props": {**base.extra_props, **abi}}
-    )
+        update={"abi": "x86_64", "serial": serial, "extra_props": {**base.extra_props, **abi},
+                "packages": packages}
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the lab
@@ -440,6 +472,7 @@ class Lab:
         self.state_path = state_path
         self.phone_updates: dict[int, dict[str, Any]] = {}
         """PhoneConfig fields per phone index for ``up`` (failure modes)."""
+        self._ring_timeout_s = 45.0
 
     # ---- views
 
@@ -491,12 +524,18 @@ class Lab:
         capture_dir: str | os.PathLike[str] | None = None,
         sink: Sink = _quiet,
         phone_updates: dict[int, dict[str, Any]] | None = None,
+        phone_options: dict[int, dict[str, Any]] | None = None,
+        ring_timeout_s: float = 45.0,
     ) -> Lab:
         """Create namespaces, servers, AP and phones; attach the phones to the adb server.
 
         ``adb_port=None`` leaves adb alone.  Phone N's management subnet is the first free
         10.254.X.0/30 on the host (X > ``mgmt_base`` when given), so labs can coexist.  On failure everything made
         so far is removed and :class:`LabError` is raised.
+
+        ``phone_options`` changes phone N's :class:`PhoneConfig` fields (``{2: {"locale":
+        "de-DE", "interruption_rate": 0}}``); ``ring_timeout_s`` is how long an unanswered
+        call rings before the caller's app gives up.
         """
         if sys.platform != "linux":
             raise LabError("the virtual lab needs Linux network namespaces")
@@ -509,6 +548,11 @@ class Lab:
             raise LabError(f"--phones must be 1 to 9, not {phones}")
         if mgmt_base is not None and not 0 <= mgmt_base <= 240:
             raise LabError("mgmt_base must be 0 to 240")
+        merged: dict[int, dict[str, Any]] = {}
+        for extra in (phone_options or {}, phone_updates or {}):
+            for k, v in extra.items():
+                merged.setdefault(int(k), {}).update(v)
+        phone_updates = merged
         for index, updates in (phone_updates or {}).items():  # bad settings fail before anything
             if not 1 <= index <= phones:
                 raise ConfigError(f"phone{index}: the lab has phones 1 to {phones}")
@@ -539,6 +583,7 @@ class Lab:
                          adb_port=adb_port)  # fmt: skip
         lab = cls(state, path)
         lab.phone_updates = dict(phone_updates or {})
+        lab._ring_timeout_s = float(ring_timeout_s)
         lab._save()
         _register(lab_id, path)
         try:
@@ -737,7 +782,8 @@ class Lab:
             phone = LabPhone(name=f"phone{i}", index=i, serial=f"{mgmt_ip}:{ADBD_PORT}",
                              netns=pns, ip=str(lease.ip), mac=lease.mac, mgmt_ip=mgmt_ip,
                              host_ip=host_ip, host_link=host_link, state_dir=str(pdir),
-                             config=config)  # fmt: skip
+                             config=config, owner=phone_owner(i),
+                             contacts=phone_contacts(i, phones))  # fmt: skip
             self.state.phones.append(phone)
             self._save()
             self._spawn(f"adbd-phone{i}", pns, [sys.executable, "-m", "controller.lab.adbd",
@@ -745,7 +791,12 @@ class Lab:
                         "--state-dir", str(pdir)], ready="listening on")  # fmt: skip
             self._spawn(f"apps-phone{i}", pns, [sys.executable, "-m", "controller.lab.apps",
                         "manager", "--state-dir", str(pdir), "--truth", str(self.truth_path),
-                        "--ca", str(ca)], ready="managing")  # fmt: skip
+                        "--ca", str(ca), "--owner", phone.owner,
+                        *[a for c in phone.contacts for a in ("--contact", c)],
+                        "--relay", str(wd / "relay"), "--interruptions",
+                        str(config.interruption_rate), "--ring-timeout",
+                        str(self._ring_timeout_s)],
+                        ready="managing")  # fmt: skip
             sink(f"phone{i}", f"{config.model} at {lease.ip}, adb {phone.serial}")
 
         for phone in self.phones:  # router advertisements: all phones at once
@@ -836,7 +887,8 @@ class Lab:
                 running, fg = {}, None
             phones.append({"name": p.name, "serial": p.serial, "model": p.config.model,
                            "ip": p.ip, "netns": p.netns, "adb": adb.get(p.serial, "offline"),
-                           "running": running, "foreground": fg})  # fmt: skip
+                           "running": running, "foreground": fg, "owner": p.owner,
+                           "contacts": p.contacts, "locale": p.config.locale})  # fmt: skip
         capture = None
         if self.state.ap is not None:
             from ap_setup.lifecycle import ap_status  # noqa: F401  (status from the state file)
