@@ -96,8 +96,8 @@ def main() -> None:
     print(f"capture: {args.pcap} ({os.path.getsize(args.pcap) / 1e6:.0f} MB, "
           f"{args.packets:,} packets); median of {args.repeat} runs on {os.cpu_count()} cores")
     print(f"flowtruth: {ft_out}")
-    print(f"| tool | wall s | packets/s | peak RSS MB |")
-    print(f"|---|---|---|---|")
+    print("| tool | wall s | packets/s | peak RSS MB |")
+    print("|---|---|---|---|")
     for name, (wall, rss, _) in results.items():
         print(f"| {name} | {wall:.2f} | {args.packets / wall:,.0f} | {rss / 1024:.0f} |")
     print(f"speed-up over NFStream: {nf_wall / ft_wall:.1f}x; "
