@@ -69,6 +69,7 @@ from controller.device import (
     DeviceFacts,
     DeviceLink,
     FridaEndpoint,
+    PreflightWarning,
     bounded,
     local_frida,
     phone_frida,
@@ -82,7 +83,15 @@ from controller.device import (
 from controller.device import preflight as preflight_checks
 from controller.device import probe_clock as probe_clock_
 from controller.errors import CaptureError, ConfigError, ControllerError, DeviceError
-from controller.scenario import Scenario, ScenarioCancelled, ScenarioRunner, scenario_for
+from controller.scenario import (
+    Scenario,
+    ScenarioCancelled,
+    ScenarioRunner,
+    check_locale,
+    check_version,
+    read_locale,
+    scenario_for,
+)
 
 MANIFEST_SCHEMA_VERSION = 1
 STEPS = ("Preflight", "StartCapture", "PushScripts", "StartTracers", "RunScenario",
@@ -602,7 +611,7 @@ class Session:
         if spec.activity not in sc.activities:
             raise ConfigError(f"{sc.path}: no activity {spec.activity!r}",
                               hint="has: " + ", ".join(sc.activities))
-        self.steps_ = sc.steps(spec.activity, spec.params)
+        self.steps_ = sc.steps(spec.activity, spec.params, role=getattr(spec, "role", "solo"))
         if spec.tracer not in TRACERS:
             raise ConfigError(f"tracer must be one of {', '.join(TRACERS)}, not {spec.tracer!r}")
         self.m["scenario"] = {"file": str(sc.path), "app": sc.app, "package": sc.package,
@@ -629,10 +638,19 @@ class Session:
             raise ControllerError(f"{link.serial}: {sc.package} is not installed",
                                   hint=f"install {sc.app} on the phone")
         self.m["apps"] = [apps[sc.package].to_manifest()]
+        self.locale = read_locale(link)  # the scenario's texts are in the phone's language
+        bad = check_locale(self.locale, sc.app)
+        if bad:
+            raise ConfigError(f"{link.serial}: {bad}")
+        self.app_version = apps[sc.package].version
         clock = probe_clock_(link)
         self.m["clock"] = clock.to_manifest()
         self.emit(ev.ClockMeasured(link.serial, clock.offset_s, clock.uncertainty_s))
         warns = preflight_checks(link, facts)
+        vw = check_version(self.app_version, sc.app)
+        if vw:
+            warns.append(PreflightWarning("app_version", vw,
+                                          f"flowtruth scenario probe {link.serial} --app {sc.app}"))
         for w in warns:
             self.emit(ev.PreflightWarned(link.serial, w.check, w.message, w.fix))
         self.m["preflight"] = [{"check": w.check, "message": w.message, "fix": w.fix}
@@ -795,7 +813,10 @@ class Session:
 
         runner = ScenarioRunner(self.link, self.scenario, seed=self.spec.seed,
                                 cancel=self.cancel, wait_scale=self.spec.wait_scale,
-                                on_step=on_step)
+                                on_step=on_step, role=getattr(self.spec, "role", "solo"),
+                                peer=getattr(self.spec, "peer", None),
+                                locale=getattr(self, "locale", None), run_dir=self.run_dir,
+                                app_version=getattr(self, "app_version", None))
         self.scenario_runner = runner
         done = threading.Event()
 
@@ -811,6 +832,7 @@ class Session:
             done.set()
             ticker.join()
             self.m["scenario"]["log"] = runner.log
+            self.m["scenario"].update(runner.report())
         self._progress_tracers()
         return f"{len(self.steps_)} steps"
 

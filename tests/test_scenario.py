@@ -1,21 +1,15 @@
 """Scenarios: the shipped files, the schema's errors, the runner over a recording fake, the
-``flowtruth scenario`` command, and a scenario played on an emulated phone through the
-real adb server (its input log shows the taps and text)."""
+``flowtruth scenario`` command (the engine's screens, verified actions and the scenarios on a
+phone behind a real adb server: tests/test_scenario_engine.py)."""
 
 from __future__ import annotations
 
 import base64
-import json
-import os
 import shlex
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,12 +19,12 @@ from controller.errors import ConfigError, DeviceError
 from controller.lab import toolbox_runtime as rt
 from controller.scenario import (
     ACTIVITIES,
-    SCENARIO_DIR,
     ScenarioCancelled,
     ScenarioFailed,
     ScenarioRunner,
     load_scenario,
     parse_screen,
+    scenario_files,
     scenario_for,
 )
 
@@ -86,11 +80,18 @@ def test_shipped_scenarios_cover_every_app_and_activity() -> None:
         assert sc.package == package
         assert set(ACTIVITIES) <= set(sc.activities)
         assert scenario_for(package).path == sc.path
-        steps = sc.steps("chat", {"contact": "Bob", "message": "ciao"})
-        assert steps[0].kind == "launch"
-        texts = [s.args.text for s in steps if s.kind == "type"]
-        assert texts[0] == "ciao"
-        assert any(getattr(s.args, "text", None) == "Bob" for s in steps if s.kind == "tap")
+        for role in ("solo", "caller", "callee"):
+            assert set(sc.roles("chat")) == {"solo", "caller", "callee"}
+            steps = sc.steps("chat", {"contact": "Bob", "message": "ciao", "reply": "ok"}, role=role)
+            assert steps[0].kind == "goto" and steps[0].args.screen == "conversation"
+            assert steps[0].params["contact"] == "Bob"
+            texts = [s.args.text for s in steps if s.kind == "type"]
+            assert texts[0] == ("ok" if role == "callee" else "ciao")
+            assert "sent" in [s.kind for s in steps]
+        for act in ("audio_call", "video_call"):
+            assert "connected" in [s.kind for s in sc.steps(act, role="caller")]
+            callee = [s.kind for s in sc.steps(act, role="callee")]
+            assert "await" in callee and "connected" in callee and callee[-2] == "hangup"
 
 
 @pytest.mark.parametrize(("body", "match"), [
@@ -259,7 +260,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_scenario_check(tmp_path: Path) -> None:
-    ok = _cli("scenario", "check", *map(str, sorted(SCENARIO_DIR.glob("*.yaml"))))
+    ok = _cli("scenario", "check", *map(str, scenario_files()))
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.count(": ok: ") == 3
     bad = write(tmp_path, BASE + "activities:\n  chat:\n    - tap: {txt: Alice}\n")
@@ -268,54 +269,3 @@ def test_cli_scenario_check(tmp_path: Path) -> None:
     assert r.stderr.strip() == (f"flowtruth: error: {bad}: field activities.chat[0].tap.txt: "
                                 "Extra inputs are not permitted")
     assert "Traceback" not in r.stderr
-
-
-# ----------------------------------------------------------------------------- end to end
-
-
-@pytest.fixture(scope="module")
-def phone() -> Iterator[tuple]:
-    adb = shutil.which("adb")
-    if adb is None:
-        pytest.skip("the Debian adb package is not installed")
-    from controller.device import AdbDeviceLink, adb_client, connect
-    from controller.lab.adbd import EmulatedAdbd
-    from controller.lab.toolbox import xiaomi_poco_x3_pro
-    from tests.vlab_fixture import seed_screens
-
-    with tempfile.TemporaryDirectory(prefix="flowtruth-sctest-") as d:
-        home = Path(d) / "home"
-        home.mkdir()
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env = dict(os.environ, HOME=str(home), ANDROID_USER_HOME=str(home / ".android"),
-                   TMPDIR=str(home))
-        run = lambda *a: subprocess.run([adb, "-P", str(port), *a], env=env, timeout=30,  # noqa: E731
-                                        capture_output=True, text=True, stdin=subprocess.DEVNULL)
-        assert run("start-server").returncode == 0
-        adbd = EmulatedAdbd(xiaomi_poco_x3_pro(), "127.0.0.1", 0, Path(d) / "phone").start()
-        try:
-            seed_screens(adbd.state_dir, contact="Zoë")
-            client = adb_client(port)
-            yield adbd, AdbDeviceLink(client, connect(client, adbd.address))
-        finally:
-            run("disconnect", adbd.address)
-            adbd.stop()
-            run("kill-server")
-
-
-def test_e2e_chat_scenario_on_an_emulated_phone(phone) -> None:  # type: ignore[no-untyped-def]
-    adbd, link = phone
-    sc = scenario_for("whatsapp")
-    steps = sc.steps("chat", {"contact": "Zoë", "message": "hi there"})
-    seen = []
-    ScenarioRunner(link, sc, wait_scale=0.01,
-                   on_step=lambda i, n, d: seen.append((i, n))).run(steps)
-    assert seen == [(i, len(steps)) for i in range(len(steps))]
-    state = rt.read_state(adbd.state_dir)
-    assert state["foreground"]["package"] == "com.whatsapp"
-    events = [json.loads(x) for x in (adbd.state_dir / rt.INPUT_LOG).read_text().splitlines()]
-    kinds = [(e.get("kind"), e.get("args")) for e in events]
-    assert ("text", ["hi there"]) in kinds and ("text", ["hi there (2)"]) in kinds
-    assert sum(k == "tap" for k, _ in kinds) == 3  # editor, send, send (no contact list)

@@ -34,6 +34,7 @@ CLIENT_PY = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3")
 APP_PORTS = {"org.thoughtcrime.securesms": 7101, "org.telegram.messenger": 7102,
              "com.whatsapp": 7103}
 AP_V4 = "10.78.0.1"
+VLAB_SCENARIOS = Path(__file__).resolve().parent / "data" / "vlab_scenarios"
 
 
 def skip_reason() -> str | None:
@@ -168,7 +169,13 @@ class VLab:
                               capture_output=True, text=True, timeout=60,
                               stdin=subprocess.DEVNULL)
 
+    saved_scenario_dir: str | None = None
+
     def close(self) -> None:
+        if self.saved_scenario_dir is None:
+            os.environ.pop("FLOWTRUTH_SCENARIO_DIR", None)
+        else:
+            os.environ["FLOWTRUTH_SCENARIO_DIR"] = self.saved_scenario_dir
         for p in self.phones:
             if p.address:
                 self.adb("disconnect", p.address)
@@ -189,6 +196,9 @@ def start_vlab(n_phones: int = 2, clock_offsets: tuple[float, ...] = (0.0, 0.25)
     tmp = Path(tempfile.mkdtemp(prefix="flowtruth-vlab-"))
     lab = NetnsLab("ftv")
     vl = VLab(tmp, lab, lab.add("ap"))
+    # static screens: sessions here run the simple scenarios of tests/data/vlab_scenarios
+    vl.saved_scenario_dir = os.environ.get("FLOWTRUTH_SCENARIO_DIR")
+    os.environ["FLOWTRUTH_SCENARIO_DIR"] = str(VLAB_SCENARIOS)
     try:
         vl.ap.run(["ip", "link", "add", "br0", "type", "bridge"])
         vl.ap.run(["ip", "addr", "add", f"{AP_V4}/24", "dev", "br0"])
