@@ -31,6 +31,7 @@ ACTIVITY = {SIGNAL: ".RoutingActivity", WHATSAPP: ".home.ui.HomeActivity",
             TELEGRAM: "org.telegram.ui.LaunchActivity"}  # fmt: skip
 RING_S = 6.0
 INTERRUPTED: list[Phone] = []  # phone 3: a dialog after every action
+CLI_ENV: dict[str, str] = {}
 NAMES = {"resource_id": "resource-id", "content_desc": "content-desc", "cls": "class"}
 
 
@@ -116,6 +117,7 @@ def two_phones() -> Iterator[tuple[Lab, Phone, Phone]]:
         client = adbutils.AdbClient(host="127.0.0.1", port=port)
         p1, p2, p3 = (Phone(client.device(p.serial), p) for p in lab.phones)
         INTERRUPTED.append(p3)
+        CLI_ENV.update(env, FLOWTRUTH_LAB_STATE_DIR=str(d / "state"), ADB_PORT=str(port))
         yield lab, p1, p2
     finally:
         if lab is not None:
@@ -270,3 +272,19 @@ def test_interruptions_block_taps_until_dismissed(two_phones) -> None:  # type: 
     p3.tap(**row)
     p3.wait_for(resource_id=f"{SIGNAL}:id/conversation_title_view")
     p3.wait_for(resource_id=dialog)  # the next one, after the move
+
+
+def test_scenario_completes_through_the_interruptions(two_phones) -> None:  # type: ignore[no-untyped-def]
+    """The shipped scenario on the phone where every action is followed by a dialog."""
+    import json
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    res = subprocess.run(
+        [sys.executable, "-m", "controller.cli", "scenario", "try", "lab:phone3", "whatsapp",
+         "chat", "--adb-port", CLI_ENV["ADB_PORT"]],
+        cwd=repo, env=CLI_ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    report = json.loads(next(x for x in res.stdout.splitlines() if x.startswith("{")))
+    assert report["verified"] is True and report["interruptions"], report
