@@ -27,8 +27,9 @@
     adb: {host: 127.0.0.1, port: 5037}
 
 Two phones can be paired: their sessions run in lockstep (the same app and activity at
-the same time, meeting before each session and before its scenario; a side whose peer
-fails or does not come within ``pair_timeout`` seconds fails naming the peer). The first
+the same time, meeting before each session, its scenario and the scenario's first action;
+a side whose peer fails or does not come within ``pair_timeout`` seconds fails naming the
+peer; see :mod:`controller.pairing`). The first
 of a pair is the ``caller`` (places calls, starts chats), the other the ``callee``
 (answers, replies); each side's ``{contact}`` is its peer's ``contact_name`` (a lab
 phone's default: its owner's name)::
@@ -216,8 +217,8 @@ class Plan(_M):
     time); the first of a pair places calls and starts chats, the other answers and
     replies. ``peer:`` on a device entry says the same."""
     pair_timeout: float = Field(default=300.0, gt=0)
-    """Seconds a paired session waits for its peer (before the session and before the
-    scenario) before it fails, naming the peer."""
+    """Seconds a paired session waits for its peer at a barrier (before the session, the
+    scenario and its first action) before it fails, naming the peer."""
 
     only_keys: list[str] | None = None
     """Run only the sessions with these keys (``<device>_<app>_<activity>_r<N>``)."""
