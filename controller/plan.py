@@ -263,19 +263,19 @@ class Plan(_M):
             j = _device_index(devs, d.peer, where)
             if i == j:
                 raise ValueError(f"field {where}: {d.label}'s peer is {d.label} itself")
-            if any({a, b} == {i, j} for a, b, _w in pairs):
+            if any({x, y} == {i, j} for x, y, _w in pairs):
                 continue  # the same pair said twice
             pairs.append((min(i, j), max(i, j), where))  # symmetric: the first listed calls
         roles: dict[int, tuple[int, str]] = {}
         said: dict[int, str] = {}
-        for a, b, where in pairs:
-            for x in (a, b):
+        for caller, callee, where in pairs:
+            for x in (caller, callee):
                 if x in roles:
                     raise ValueError(f"field {where}: {devs[x].label} is in two pairs "
                                      f"({said[x]} and {where}); a phone has one peer")
                 said[x] = where
-            roles[a] = (b, "caller")
-            roles[b] = (a, "callee")
+            roles[caller] = (callee, "caller")
+            roles[callee] = (caller, "callee")
         for i, (j, _role) in sorted(roles.items()):
             d = devs[j]
             if d.contact_name is None and not d.serial.startswith("lab:"):
