@@ -27,8 +27,9 @@
     adb: {host: 127.0.0.1, port: 5037}
 
 Two phones can be paired: their sessions run in lockstep (the same app and activity at
-the same time, meeting before each session and before its scenario; a side whose peer
-fails or does not come within ``pair_timeout`` seconds fails naming the peer). The first
+the same time, meeting before each session, its scenario and the scenario's first action;
+a side whose peer fails or does not come within ``pair_timeout`` seconds fails naming the
+peer; see :mod:`controller.pairing`). The first
 of a pair is the ``caller`` (places calls, starts chats), the other the ``callee``
 (answers, replies); each side's ``{contact}`` is its peer's ``contact_name`` (a lab
 phone's default: its owner's name)::
@@ -220,8 +221,8 @@ class Plan(_M):
     time); the first of a pair places calls and starts chats, the other answers and
     replies. ``peer:`` on a device entry says the same."""
     pair_timeout: float = Field(default=300.0, gt=0)
-    """Seconds a paired session waits for its peer (before the session and before the
-    scenario) before it fails, naming the peer."""
+    """Seconds a paired session waits for its peer at a barrier (before the session, the
+    scenario and its first action) before it fails, naming the peer."""
 
     only_keys: list[str] | None = None
     """Run only the sessions with these keys (``<device>_<app>_<activity>_r<N>``)."""
@@ -266,19 +267,19 @@ class Plan(_M):
             j = _device_index(devs, d.peer, where)
             if i == j:
                 raise ValueError(f"field {where}: {d.label}'s peer is {d.label} itself")
-            if any({a, b} == {i, j} for a, b, _w in pairs):
+            if any({x, y} == {i, j} for x, y, _w in pairs):
                 continue  # the same pair said twice
             pairs.append((min(i, j), max(i, j), where))  # symmetric: the first listed calls
         roles: dict[int, tuple[int, str]] = {}
         said: dict[int, str] = {}
-        for a, b, where in pairs:
-            for x in (a, b):
+        for caller, callee, where in pairs:
+            for x in (caller, callee):
                 if x in roles:
                     raise ValueError(f"field {where}: {devs[x].label} is in two pairs "
                                      f"({said[x]} and {where}); a phone has one peer")
                 said[x] = where
-            roles[a] = (b, "caller")
-            roles[b] = (a, "callee")
+            roles[caller] = (callee, "caller")
+            roles[callee] = (caller, "callee")
         for i, (j, _role) in sorted(roles.items()):
             d = devs[j]
             if d.contact_name is None and not d.serial.startswith("lab:"):

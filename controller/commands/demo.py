@@ -213,10 +213,10 @@ def register(app: typer.Typer) -> None:
             vt = Table(title="scenario verification (manifest scenario.verified)")
             for c in ("session", "role", "peer", "verified"):
                 vt.add_column(c)
-            for c in checks:
-                ok = c["verified"] is True
-                vt.add_row(c["session"], c["role"] or "-", c["peer"] or "-",
-                           "[green]yes[/]" if ok else f"[red]no[/] {c['reason'] or ''}")
+            for chk in checks:
+                ok = chk["verified"] is True
+                vt.add_row(chk["session"], chk["role"] or "-", chk["peer"] or "-",
+                           "[green]yes[/]" if ok else f"[red]no[/] {chk['reason'] or ''}")
             console.print(vt)
             if unverified:
                 console.print(f"[red]{len(unverified)} of {len(checks)} sessions not "
