@@ -97,8 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         _interrupted()
     except OSError as err:  # disk full, permission denied, ... on a path we were given
-        where = f"{err.filename}: " if getattr(err, "filename", None) else ""
-        sys.stderr.write(f"flowtruth: error: {where}{err.strerror or err}\n")
+        from analysis.errors import short
+
+        where = f"{short(err.filename)}: " if getattr(err, "filename", None) else ""
+        sys.stderr.write(f"flowtruth: error: {where}{short(err.strerror or err, 300)}\n")
         sys.exit(1)
     except SystemExit:
         raise
