@@ -18,7 +18,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -115,11 +115,18 @@ def register(app: typer.Typer) -> None:
         phones: Annotated[int, typer.Option(help="virtual phones")] = 2,
         wait_scale: Annotated[float, typer.Option(help="scale of the scenarios' waits (1 = as written)")] = 0.5,
         quiet: Annotated[bool, typer.Option("-q", "--quiet", help="no live display")] = False,
+        locale: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+            "--locale", help="the phones' language: LOCALE (every phone) or phoneN=LOCALE, "
+            "e.g. phone2=de-DE (repeatable)")] = None,
+        interruptions: Annotated[Optional[float], typer.Option(  # noqa: UP045
+            "--interruptions", min=0.0, max=1.0,
+            help="chance per action of a permission prompt or rating dialog (default 0.03)")] = None,
     ) -> None:
         """Run the virtual-lab demo: 2 phones × Signal/Telegram/WhatsApp, labelled and scored."""
         from rich.console import Console
         from rich.table import Table
 
+        from controller.commands.lab import phone_options
         from controller.commands.run import RichSink, drive
         from controller.errors import LabError
         from controller.lab.topology import Lab, skip_reason
@@ -163,7 +170,8 @@ def register(app: typer.Typer) -> None:
         try:
             console.print(f"[bold]bringing up the virtual lab[/] ({phones} phones, adb server "
                           f"on port {port})")
-            lab = Lab.up(phones=phones, adb_port=port, workdir=out / "lab", state_dir=state_dir)
+            lab = Lab.up(phones=phones, adb_port=port, workdir=out / "lab", state_dir=state_dir,
+                         phone_options=phone_options(phones, locale or [], interruptions))
             for p in lab.phones:
                 console.print(plain(f"  {p.name}: {p.config.manufacturer} {p.config.model} "
                                     f"(adb {p.serial}, {p.ip}, clock "
