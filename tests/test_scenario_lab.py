@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,7 +72,8 @@ def lab_env() -> Iterator[dict[str, str]]:
 
 def cli(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "controller.cli", "scenario", *args],
-                            cwd=REPO, env={**env, "PYTHONPATH": str(REPO)}, text=True,
+                            cwd=REPO, env={**env, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
+                            text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -90,16 +92,35 @@ def test_solo_chat_then_probe_names_the_screen(lab_env: dict[str, str]) -> None:
     assert "verify.sent:" in out and "footer_delivery_status" in out
 
 
+def until_waiting(p: subprocess.Popen[str], marker: str, timeout: float = 120) -> str:
+    """Read ``p``'s output until a line holds ``marker`` (the callee waits for the call):
+    as a plan's pair meeting does, the caller dials only once the callee is on its screen
+    (an app the callee relaunches after the call arrived drops the ringing call)."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    assert p.stdout is not None
+    while time.monotonic() < deadline:
+        line = p.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    raise AssertionError(f"the callee never reached {marker!r}: {''.join(seen)}")
+
+
 @pytest.mark.parametrize("app", ["signal", "telegram", "whatsapp"])
 def test_a_call_the_other_phone_answers_is_verified_on_both(lab_env: dict[str, str],
                                                             app: str) -> None:
     common = ["-p", "call_seconds=3", "-p", "answer_timeout=60", "--wait-scale", "0.2"]
     callee = cli(lab_env, "try", "lab:phone2", app, "audio_call", "--role", "callee",
                  "--peer", "lab:phone1", "-p", "contact=Bob", *common)
+    head = {"callee": until_waiting(callee, "await"), "caller": ""}
     caller = cli(lab_env, "try", "lab:phone1", app, "audio_call", "--role", "caller",
                  "--peer", "lab:phone2", "-p", "contact=Carol", *common)
     for name, p in (("caller", caller), ("callee", callee)):
         code, out, err = done(p)
+        out = head[name] + out
         assert code == 0 and out.strip().endswith("verified"), f"{name}: {out}{err}"
         assert "connected" in out
 

@@ -99,10 +99,42 @@ _RE_LAUNCHER_NAME = re.compile(r"^strace\.(\d+)\.(.+)\.log$")
 NAN = float("nan")
 
 
+_RE_PID_ONLY_NAME = re.compile(r"strace\.(\d{1,10})\.log\Z")
+_RE_PROCS_LINE = re.compile(r"(\d{1,10}) ([A-Za-z0-9_:-][A-Za-z0-9._:-]{0,99})\Z")
+
+
+def launcher_procs(directory: str | os.PathLike[str]) -> dict[int, str]:
+    """pid -> process name from the launcher's ``strace_launcher.procs`` ("<pid> <name>"
+    lines) in ``directory``; lines that are not one safe name are left out."""
+    out: dict[int, str] = {}
+    try:
+        with open(Path(directory) / "strace_launcher.procs", encoding="utf-8",
+                  errors="replace") as f:
+            for n, line in enumerate(f):
+                if n >= 100_000:
+                    break
+                m = _RE_PROCS_LINE.match(line.rstrip("\r\n"))
+                if m:
+                    out.setdefault(int(m.group(1)), m.group(2))
+    except OSError:
+        pass
+    return out
+
+
 def process_from_filename(path: str | os.PathLike[str]) -> tuple[int, str] | None:
-    """(pid, process name) from our launcher's ``strace.<pid>.<procname>.log``, else None."""
-    m = _RE_LAUNCHER_NAME.match(Path(path).name)
-    return (int(m.group(1)), m.group(2)) if m else None
+    """(pid, process name) from our launcher's log names: ``strace.<pid>.<procname>.log``,
+    or ``strace.<pid>.log`` (what the launcher writes on the phone) with the name from the
+    ``strace_launcher.procs`` file beside it; else None."""
+    p = Path(path)
+    m = _RE_LAUNCHER_NAME.match(p.name)
+    if m:
+        return int(m.group(1)), m.group(2)
+    m = _RE_PID_ONLY_NAME.match(p.name)
+    if m:
+        name = launcher_procs(p.parent).get(int(m.group(1)))
+        if name is not None:
+            return int(m.group(1)), name
+    return None
 
 
 class _Clock:

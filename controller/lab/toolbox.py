@@ -397,6 +397,7 @@ def samsung_s936b(serial: str = "R5CY743GDFY", clock_offset_s: float = 2.375) ->
         display_height=2400,
         timezone="Europe/Madrid",
         extra_props=dict(SAMSUNG_S936B_PROPS),
+        locale=SAMSUNG_S936B_PROPS["persist.sys.locale"],
         packages=_messengers(
             {
                 "signal": 10263,
@@ -432,6 +433,7 @@ def xiaomi_24069pc21i(serial: str = "f89a5ec6", clock_offset_s: float = -1.625) 
         display_height=2400,
         timezone="Asia/Kolkata",
         extra_props=dict(XIAOMI_PERIDOT_PROPS),
+        locale=XIAOMI_PERIDOT_PROPS["persist.sys.locale"],
         packages=_messengers(
             {
                 "signal": 10288,

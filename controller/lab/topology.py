@@ -427,6 +427,9 @@ def lab_phone_config(index: int, updates: dict[str, Any] | None = None) -> Phone
     """Phone N's identity: the Samsung and Xiaomi presets, reporting x86_64 (host binaries);
     ``updates`` sets more PhoneConfig fields (e.g. a failure mode: ``strace_fault``)."""
     base = samsung_s21() if index % 2 == 1 else xiaomi_poco_x3_pro()
+    # the real dumps' phones speak Spanish and Indian English; lab phones speak the language
+    # every scenario's table has, unless ``updates`` (``--locale``) say otherwise
+    base = base.model_copy(update={"locale": "en-US"})
     if updates:
         from pydantic import ValidationError
 
