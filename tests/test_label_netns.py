@@ -675,6 +675,9 @@ def test_netns_undecorated_strace_gives_the_same_labels_as_yy(lab_run, labelled)
                     text = "".join(ln for ln in text.splitlines(keepends=True)
                                    if "getsockname" not in ln)
                 (nd / f.name).write_text(text)
+            procs = d / "strace_launcher.procs"  # names the launcher's pid-only logs
+            if procs.exists():
+                (nd / procs.name).write_bytes(procs.read_bytes())
             dirs[pkg] = nd
         got = label_capture(
             [lab_run.pcap], strace={p: [d] for p, d in dirs.items()},
