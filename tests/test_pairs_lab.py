@@ -90,7 +90,8 @@ def test_a_call_nobody_answers_fails_verification_and_keeps_the_artifacts(
     phone1, phone2 = lab.phones
     spec = SessionSpec(serial=phone1.serial, app="signal", activity="audio_call",
                        device_name="phone1", role="caller", peer="phone2", wait_scale=0.2,
-                       params={"contact": phone2.owner, "call_seconds": "10"})
+                       params={"contact": phone2.owner, "call_seconds": "10",
+                               "answer_timeout": "15"})
     # the callee's session is not running: nobody answers phone1's call
     res = run_session(spec, AdbDeviceLink(env.client, phone1.serial), env, ev.null_sink)
     assert res.outcome == "failed"

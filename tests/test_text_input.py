@@ -98,7 +98,8 @@ class ToolboxLink:
 
 def make_lab_phone(root: Path, config: PhoneConfig | None = None) -> ToolboxLink:
     """A lab phone (no adbd) showing WhatsApp's chat with the text field focused."""
-    tb = Toolbox(config or samsung_s21(serial="TYPE0001"), root, use_mount_namespace=False)
+    tb = Toolbox(config or samsung_s21(serial="TYPE0001", locale="en-US"), root,
+                 use_mount_namespace=False)
     tb.prepare(reset=True)
     publish_chat_screen(tb.state_dir)
     link = ToolboxLink(tb)
@@ -234,7 +235,7 @@ def test_lab_am_broadcast_and_ime_answer_like_android(tmp_path: Path) -> None:
 
 
 def test_a_phone_without_adbkeyboard_is_one_clear_error(tmp_path: Path) -> None:
-    cfg = samsung_s21(serial="NOKB0001").model_copy(update={"adb_keyboard": False})
+    cfg = samsung_s21(serial="NOKB0001", locale="en-US").model_copy(update={"adb_keyboard": False})
     link = make_lab_phone(tmp_path / "p", cfg)
     assert type_text(link, "plain ascii") == "input text"
     with pytest.raises(DeviceError) as err:
@@ -248,7 +249,7 @@ def test_a_phone_without_adbkeyboard_is_one_clear_error(tmp_path: Path) -> None:
 
 def test_without_a_focused_field_adbkeyboard_times_out_and_the_keyboard_is_restored(
         tmp_path: Path) -> None:
-    tb = Toolbox(samsung_s21(serial="NOFOCUS1"), tmp_path / "p", use_mount_namespace=False)
+    tb = Toolbox(samsung_s21(serial="NOFOCUS1", locale="en-US"), tmp_path / "p", use_mount_namespace=False)
     tb.prepare(reset=True)
     link = ToolboxLink(tb)
     with pytest.raises(DeviceError, match="did not take the text field within 0.3 s") as err:
@@ -359,7 +360,7 @@ def no_keyboard_phone(tmp_path: Path) -> Iterator[Any]:
                               capture_output=True, text=True, stdin=subprocess.DEVNULL)
 
     assert run("start-server").returncode == 0
-    cfg = samsung_s21(serial="NOKB0002").model_copy(update={"adb_keyboard": False})
+    cfg = samsung_s21(serial="NOKB0002", locale="en-US").model_copy(update={"adb_keyboard": False})
     adbd = EmulatedAdbd(cfg, "127.0.0.1", 0, tmp_path / "phone").start()
     try:
         client = adb_client(port)

@@ -213,7 +213,10 @@ def start_vlab(n_phones: int = 2, clock_offsets: tuple[float, ...] = (0.0, 0.25)
             vl.ap.run(["ip", "link", "set", f"a{i}", "master", "br0"])
             cfg = presets[i % 2](serial=f"VLAB{i:04d}",
                                  clock_offset_s=clock_offsets[i % len(clock_offsets)])
-            cfg = cfg.model_copy(update={"abi": "x86_64", **(phone_updates or {})})
+            # the presets speak their real dumps' languages (es-ES, en-IN); the scenarios' table
+            # has en and de
+            cfg = cfg.model_copy(update={"abi": "x86_64", "locale": "en-US",
+                                         **(phone_updates or {})})
             vl.phones.append(Phone(f"phone{i}", ns, cfg, ip, tmp / f"phone{i}"))
         srv = vl.ap.popen([sys.executable, "-c", SERVER, *map(str, APP_PORTS.values())],
                           stdout=subprocess.PIPE, text=True)

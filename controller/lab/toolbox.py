@@ -376,7 +376,8 @@ XIAOMI_PERIDOT_PROPS = {
 }
 
 
-def samsung_s936b(serial: str = "R5CY743GDFY", clock_offset_s: float = 2.375) -> PhoneConfig:
+def samsung_s936b(serial: str = "R5CY743GDFY", clock_offset_s: float = 2.375,
+                  locale: str | None = None) -> PhoneConfig:
     """A Samsung Galaxy S25+ (SM-S936B, Android 16, arm64-v8a) as its real getprop dump
     shows it, with the three messengers."""
     return PhoneConfig(
@@ -397,7 +398,7 @@ def samsung_s936b(serial: str = "R5CY743GDFY", clock_offset_s: float = 2.375) ->
         display_height=2400,
         timezone="Europe/Madrid",
         extra_props=dict(SAMSUNG_S936B_PROPS),
-        locale=SAMSUNG_S936B_PROPS["persist.sys.locale"],
+        locale=locale or SAMSUNG_S936B_PROPS["persist.sys.locale"],
         packages=_messengers(
             {
                 "signal": 10263,
@@ -412,7 +413,8 @@ def samsung_s936b(serial: str = "R5CY743GDFY", clock_offset_s: float = 2.375) ->
     )
 
 
-def xiaomi_24069pc21i(serial: str = "f89a5ec6", clock_offset_s: float = -1.625) -> PhoneConfig:
+def xiaomi_24069pc21i(serial: str = "f89a5ec6", clock_offset_s: float = -1.625,
+                      locale: str | None = None) -> PhoneConfig:
     """A Xiaomi POCO F6 (24069PC21I "peridot", Android 15, arm64-v8a) as its real getprop
     dump shows it, with the three messengers."""
     return PhoneConfig(
@@ -433,7 +435,7 @@ def xiaomi_24069pc21i(serial: str = "f89a5ec6", clock_offset_s: float = -1.625) 
         display_height=2400,
         timezone="Asia/Kolkata",
         extra_props=dict(XIAOMI_PERIDOT_PROPS),
-        locale=XIAOMI_PERIDOT_PROPS["persist.sys.locale"],
+        locale=locale or XIAOMI_PERIDOT_PROPS["persist.sys.locale"],
         packages=_messengers(
             {
                 "signal": 10288,
