@@ -694,5 +694,7 @@ def test_netns_undecorated_strace_gives_the_same_labels_as_yy(lab_run, labelled)
         if not hide_port:
             assert diff == [], f"{form}: {len(diff)} flows differ, e.g. {diff[:5]}"
             assert sc.recall >= 0.99, form
-        else:  # flows lose their label (ambiguous), never get a wrong one
-            assert sc.recall >= 0.3, form
+        else:  # flows lose their label (ambiguous), never get a wrong one; how many keep
+            # theirs depends on which sockets outlive a netstat poll (0.22-0.82 seen), so
+            # the claim is only "some, and none wrong" (wrong == [] is asserted above)
+            assert sc.traced_right > 0, form
