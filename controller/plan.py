@@ -66,7 +66,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -85,7 +84,7 @@ from controller import events as ev
 from controller.device import FRIDA_SERVER, DeviceLink, sha256_file
 from controller.errors import ConfigError, ControllerError
 from controller.pairing import PairLink, PairSync
-from controller.scenario import APPS
+from controller.scenario import APPS, read_yaml
 from controller.session import (
     Environment,
     SessionResult,
@@ -389,18 +388,7 @@ def _loc(loc: tuple[Any, ...]) -> str:
 def load_plan(path: str | Path) -> Plan:
     """Read and check a plan; :class:`ConfigError` (exit 2) names the file and field."""
     p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise ConfigError(f"{p}: cannot read: {err.strerror}") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{p}: not UTF-8 text (byte offset {err.start})") from None
-    except RecursionError:
-        raise ConfigError(f"{p}: not valid YAML: nested too deeply") from None
-    except ValueError as err:  # e.g. an integer of more digits than Python converts
-        raise ConfigError(f"{p}: not valid YAML: {str(err).splitlines()[0][:120]}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: not valid YAML: {str(err).splitlines()[0]}") from None
+    raw = read_yaml(p)
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: a plan must be a mapping (devices, apps, activities, ...)")
     try:

@@ -713,11 +713,11 @@ def scenario_selectors(sc: Scenario) -> list[tuple[str, Selector]]:
     return list(_selectors_of(sc))
 
 
-def load_scenario(path: str | Path, table: Table | None = None) -> Scenario:
-    """Read and check a scenario file; :class:`ConfigError` names the file and field."""
-    p = Path(path)
+def read_yaml(p: Path) -> Any:
+    """A YAML file's content; every way it can be unreadable is one :class:`ConfigError`
+    line naming the file (plans and scenarios read theirs with it)."""
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
     except OSError as err:
         raise ConfigError(f"{p}: cannot read: {err.strerror}") from None
     except UnicodeDecodeError as err:
@@ -727,7 +727,13 @@ def load_scenario(path: str | Path, table: Table | None = None) -> Scenario:
     except ValueError as err:  # e.g. an integer of more digits than Python converts
         raise ConfigError(f"{p}: not valid YAML: {str(err).splitlines()[0][:120]}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: not valid YAML: {err}".splitlines()[0]) from None
+        raise ConfigError(f"{p}: not valid YAML: {str(err).splitlines()[0]}") from None
+
+
+def load_scenario(path: str | Path, table: Table | None = None) -> Scenario:
+    """Read and check a scenario file; :class:`ConfigError` names the file and field."""
+    p = Path(path)
+    raw = read_yaml(p)
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: a scenario must be a mapping (app, package, activities)")
     try:
