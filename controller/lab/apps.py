@@ -452,20 +452,33 @@ class SimulatedApp:
         if mid:
             self.send_messages(1, mid)  # the message carrying the attachment's pointer
 
-    def ice(self) -> None:
-        """A call being set up: STUN bindings to the relay (candidate gathering, consent
-        checks) every 2 s while it rings -- no media until the callee answers."""
+    def _relay_socket(self) -> tuple[socket.socket, str] | None:
+        """A UDP socket connected to the app's call relay (and the relay's name), or None
+        when the app has no relay or it cannot be resolved or reached."""
         ep = self.profile.relay
         if ep is None:
-            return
+            return None
         try:
             ip = self.resolve(ep.host)
         except OSError:
-            return
+            return None
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.connect((ip, ep.port))
-            self._opened(sock, "udp", ep.host, "ice")
+        except OSError:
+            sock.close()
+            return None
+        return sock, ep.host
+
+    def ice(self) -> None:
+        """A call being set up: STUN bindings to the relay (candidate gathering, consent
+        checks) every 2 s while it rings -- no media until the callee answers."""
+        got = self._relay_socket()
+        if got is None:
+            return
+        sock, host = got
+        try:
+            self._opened(sock, "udp", host, "ice")
             sock.settimeout(0.5)
             while not self.ice_stop.is_set() and not self.stop.is_set():
                 txid = os.urandom(12)
@@ -482,20 +495,15 @@ class SimulatedApp:
 
     def call(self, video: bool) -> None:
         """A call over UDP: STUN binding to the relay, then RTP-like packets both ways."""
-        ep = self.profile.relay
-        if ep is None:
+        got = self._relay_socket()
+        if got is None:
             return
+        sock, host = got
         try:
-            ip = self.resolve(ep.host)
-        except OSError:
-            return
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            sock.connect((ip, ep.port))
             txid = os.urandom(12)
             stun = struct.pack("!HHI", 0x0001, 0, STUN_MAGIC) + txid
             sock.send(stun)
-            self._opened(sock, "udp", ep.host, "call-video" if video else "call-audio")
+            self._opened(sock, "udp", host, "call-video" if video else "call-audio")
             sock.settimeout(0.5)
             for _ in range(3):
                 try:
